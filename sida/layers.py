@@ -1,0 +1,272 @@
+"""Building blocks of the EDM-family UNets (SongUNet: DDPM++/NCSN++, DhariwalUNet: ADM).
+
+Parameter and buffer names and shapes follow NVlabs' EDM ``training/networks.py`` so that
+published EDM weights load with ``load_state_dict(strict=True)``; the code is our own.
+
+Conventions kept from EDM because the published weights depend on them:
+- ``Linear.weight`` is ``[out, in]``, ``Conv2d.weight`` is ``[out, in, k, k]``; a conv with
+  ``kernel=0`` has no weight/bias and only resamples.
+- ``Conv2d`` registers the (normalised, outer-product) FIR ``resample_filter`` as a persistent buffer
+  when it up- or downsamples, so those buffers appear in the state dict.
+- Weights are cast to the activation dtype inside ``forward`` (the fp16 path keeps fp32 masters).
+- ``UNetBlock`` stores q, k, v interleaved per channel in the ``qkv`` conv output
+  (layout ``[B, heads, C/heads, 3, H*W]``), and attention scales logits by ``1/sqrt(C/heads)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "weight_init", "Linear", "Conv2d", "GroupNorm", "attention", "UNetBlock",
+    "PositionalEmbedding", "FourierEmbedding",
+]
+
+
+def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
+    """EDM's unified initialiser.
+
+    xavier_uniform: U(-a, a), a = sqrt(6 / (fan_in + fan_out));  xavier_normal: N(0, 2/(fan_in+fan_out));
+    kaiming_uniform: U(-a, a), a = sqrt(3 / fan_in);             kaiming_normal: N(0, 1/fan_in).
+    """
+    if mode == "xavier_uniform":
+        return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
+    if mode == "xavier_normal":
+        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
+    if mode == "kaiming_uniform":
+        return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
+    if mode == "kaiming_normal":
+        return math.sqrt(1 / fan_in) * torch.randn(*shape)
+    raise ValueError(f"Invalid init mode {mode!r}")
+
+
+class Linear(torch.nn.Module):
+    """Fully connected layer y = x W^T + b with EDM initialisation (weight scaled by init_weight,
+    bias drawn from the same law scaled by init_bias)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 init_mode: str = "kaiming_normal", init_weight: float = 1, init_bias: float = 0):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        kw = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
+        self.weight = torch.nn.Parameter(weight_init([out_features, in_features], **kw) * init_weight)
+        if bias:
+            self.bias = torch.nn.Parameter(weight_init([out_features], **kw) * init_bias)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Cast weights to the activation dtype (fp16 path keeps fp32 master weights, as in EDM).
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.weight.to(x.dtype), b)
+
+
+def _is_box2(resample_filter: Sequence[float]) -> bool:
+    """True for the 2-tap box filter [a, a]: resampling is then exactly 2x2 average pooling /
+    nearest-neighbour upsampling, which we run with the cheaper native ops."""
+    f = [float(v) for v in resample_filter]
+    return len(f) == 2 and f[0] == f[1] and f[0] != 0
+
+
+class Conv2d(torch.nn.Module):
+    """2D convolution with optional FIR up/downsampling (EDM's ``Conv2d``).
+
+    Downsampling: depthwise conv with the normalised filter f f^T / (sum f)^2, stride 2.
+    Upsampling: depthwise transposed conv with 4 f f^T / (sum f)^2, stride 2.
+    ``fused_resample`` applies the 3x3 weight before (down) / after (up) the resampling with
+    the padding EDM uses (only NCSN++'s ``aux_residual`` uses it).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True,
+                 up: bool = False, down: bool = False, resample_filter: Sequence[float] = (1, 1),
+                 fused_resample: bool = False, init_mode: str = "kaiming_normal",
+                 init_weight: float = 1, init_bias: float = 0):
+        assert not (up and down)
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.up = up
+        self.down = down
+        self.fused_resample = fused_resample
+        kw = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
+        if kernel:
+            self.weight = torch.nn.Parameter(
+                weight_init([out_channels, in_channels, kernel, kernel], **kw) * init_weight)
+        else:
+            self.register_parameter("weight", None)
+        if kernel and bias:
+            self.bias = torch.nn.Parameter(weight_init([out_channels], **kw) * init_bias)
+        else:
+            self.register_parameter("bias", None)
+        f = torch.as_tensor([float(v) for v in resample_filter], dtype=torch.float32)
+        f = torch.outer(f, f).unsqueeze(0).unsqueeze(1) / f.sum().square()  # [1, 1, k, k], sums to 1
+        self.register_buffer("resample_filter", f if (up or down) else None)
+        self._box2 = _is_box2(resample_filter)
+
+    def _down(self, x: torch.Tensor, f: torch.Tensor, pad: int) -> torch.Tensor:
+        if self._box2:
+            return F.avg_pool2d(x, 2)  # == depthwise conv with [[.25,.25],[.25,.25]], stride 2
+        c = x.shape[1]
+        return F.conv2d(x, f.expand(c, 1, -1, -1), groups=c, stride=2, padding=pad)
+
+    def _up(self, x: torch.Tensor, f: torch.Tensor, pad: int) -> torch.Tensor:
+        if self._box2:
+            return F.interpolate(x, scale_factor=2, mode="nearest")  # == conv_transpose with 4*box/4
+        c = x.shape[1]
+        return F.conv_transpose2d(x, (f * 4).expand(c, 1, -1, -1), groups=c, stride=2, padding=pad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
+        w_pad = w.shape[-1] // 2 if w is not None else 0
+        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
+
+        if self.fused_resample and self.up and w is not None:
+            c = x.shape[1]
+            x = F.conv_transpose2d(x, (f * 4).expand(c, 1, -1, -1), groups=c, stride=2, padding=w_pad + f_pad)
+            x = F.conv2d(x, w, b)
+        elif self.fused_resample and self.down and w is not None:
+            x = F.conv2d(x, w, padding=w_pad + f_pad)
+            c = x.shape[1]
+            x = F.conv2d(x, f.expand(c, 1, -1, -1), groups=c, stride=2)
+            if b is not None:
+                x = x + b.reshape(1, -1, 1, 1)
+        else:
+            if self.up:
+                x = self._up(x, f, f_pad)
+            if self.down:
+                x = self._down(x, f, f_pad)
+            if w is not None:
+                x = F.conv2d(x, w, b, padding=w_pad)  # bias fused into the conv
+        return x
+
+
+class GroupNorm(torch.nn.Module):
+    """Group normalisation with num_groups = min(num_groups, C // min_channels_per_group)."""
+
+    def __init__(self, num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4,
+                 eps: float = 1e-5):
+        super().__init__()
+        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(num_channels))
+        self.bias = torch.nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Self-attention in EDM's channel-first layout.
+
+    q, k, v: [N, heads, c, L]. Returns a[n,h,:,i] = sum_j softmax_j(q_i . k_j / sqrt(c)) v_j,
+    shape [N, heads, c, L]. SDPA's default scale is 1/sqrt(c) (c = last dim of its inputs), which
+    is exactly EDM's einsum formulation.
+    """
+    a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+    return a.transpose(-1, -2)
+
+
+class UNetBlock(torch.nn.Module):
+    """Residual block with optional up/downsampling and self-attention (union of DDPM++, NCSN++
+    and ADM blocks, as EDM's ``UNetBlock``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, up: bool = False,
+                 down: bool = False, attention: bool = False, num_heads: Optional[int] = None,
+                 channels_per_head: int = 64, dropout: float = 0, skip_scale: float = 1,
+                 eps: float = 1e-5, resample_filter: Sequence[float] = (1, 1),
+                 resample_proj: bool = False, adaptive_scale: bool = True,
+                 init: Optional[dict] = None, init_zero: Optional[dict] = None,
+                 init_attn: Optional[dict] = None):
+        super().__init__()
+        init = dict(init or {})
+        init_zero = dict(init_zero) if init_zero is not None else dict(init_weight=0)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.emb_channels = emb_channels
+        if not attention:
+            self.num_heads = 0
+        else:
+            self.num_heads = num_heads if num_heads is not None else out_channels // channels_per_head
+        self.dropout = dropout
+        self.skip_scale = skip_scale
+        self.adaptive_scale = adaptive_scale
+
+        self.norm0 = GroupNorm(in_channels, eps=eps)
+        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down,
+                            resample_filter=resample_filter, **init)
+        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
+        self.norm1 = GroupNorm(out_channels, eps=eps)
+        self.conv1 = Conv2d(out_channels, out_channels, kernel=3, **init_zero)
+
+        self.skip = None
+        if out_channels != in_channels or up or down:
+            # 1x1 projection when channels change or when asked to; otherwise a pure resampler.
+            kernel = 1 if (resample_proj or out_channels != in_channels) else 0
+            self.skip = Conv2d(in_channels, out_channels, kernel=kernel, up=up, down=down,
+                               resample_filter=resample_filter, **init)
+
+        if self.num_heads:
+            self.norm2 = GroupNorm(out_channels, eps=eps)
+            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1,
+                              **(init_attn if init_attn is not None else init))
+            self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        orig = x
+        x = self.conv0(F.silu(self.norm0(x)))
+        params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
+        if self.adaptive_scale:
+            scale, shift = params.chunk(chunks=2, dim=1)
+            x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+        else:
+            x = F.silu(self.norm1(x + params))
+        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
+        x = x + (self.skip(orig) if self.skip is not None else orig)
+        x = x * self.skip_scale
+
+        if self.num_heads:
+            B, C, H, W = x.shape
+            # EDM layout: qkv channels are [heads, C/heads, 3] (q, k, v interleaved per channel).
+            qkv = self.qkv(self.norm2(x)).reshape(B, self.num_heads, C // self.num_heads, 3, H * W)
+            q, k, v = qkv.unbind(3)
+            a = attention(q, k, v).reshape(B, C, H, W)
+            if x.is_contiguous(memory_format=torch.channels_last):
+                a = a.contiguous(memory_format=torch.channels_last)
+            x = (self.proj(a) + x) * self.skip_scale
+        return x
+
+
+class PositionalEmbedding(torch.nn.Module):
+    """Sinusoidal embedding [cos(x w_j), sin(x w_j)], w_j = (1/max_positions)^(j / (n/2 - endpoint))."""
+
+    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
+        super().__init__()
+        self.num_channels = num_channels
+        self.max_positions = max_positions
+        self.endpoint = endpoint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = self.num_channels // 2
+        freqs = torch.arange(half, dtype=torch.float32, device=x.device)
+        freqs = (1 / self.max_positions) ** (freqs / (half - (1 if self.endpoint else 0)))
+        x = torch.outer(x, freqs.to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+class FourierEmbedding(torch.nn.Module):
+    """Random Fourier features [cos(2 pi x f), sin(2 pi x f)], f ~ N(0, scale^2) (buffer ``freqs``)."""
+
+    def __init__(self, num_channels: int, scale: float = 16):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
