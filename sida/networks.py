@@ -45,6 +45,14 @@ def _drop_labels(labels: torch.Tensor, p: float, training: bool) -> torch.Tensor
     return labels
 
 
+def _decoder_inputs(x: torch.Tensor, emb: torch.Tensor, skips: list, decode_first: Optional[int]):
+    """(encoder output, embedding, skip list) for the decoder, cut to the first samples if asked."""
+    if decode_first is None:
+        return x, emb, list(skips)
+    b = decode_first
+    return x[:b], emb[:b], [t[:b] for t in skips]
+
+
 def _finish(x_enc: torch.Tensor, run_decoder, return_flag: str) -> Output:
     """Shared tail: logits are the channel mean of the encoder output (SiDA's discriminator)."""
     logits = x_enc.mean(dim=1, keepdim=True) if return_flag != "decoder" else None
@@ -167,10 +175,10 @@ class SongUNet(torch.nn.Module):
         return F.silu(self.map_layer1(emb))
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: Optional[torch.Tensor],
-                augment_labels: Optional[torch.Tensor] = None, return_flag: str = "decoder") -> Output:
+                augment_labels: Optional[torch.Tensor] = None, return_flag: str = "decoder",
+                decode_first: Optional[int] = None) -> Output:
         _check_flag(return_flag)
         emb = self._embed(noise_labels, class_labels, augment_labels, x.shape[0])
-        need_skips = return_flag != "encoder"
 
         # Encoder: blocks, plus the auxiliary input pyramid for the 'skip'/'residual' encoders.
         skips = []
@@ -179,19 +187,17 @@ class SongUNet(torch.nn.Module):
             if "aux_down" in name:
                 aux = block(aux)
             elif "aux_skip" in name:
-                x = x + block(aux)
-                if need_skips:
-                    skips[-1] = x
+                x = skips[-1] = x + block(aux)
             elif "aux_residual" in name:
-                x = aux = (x + block(aux)) / math.sqrt(2)
-                if need_skips:
-                    skips[-1] = x
+                x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
             else:
                 x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
-                skips.append(x)  # cheap (a reference); also needed by aux_skip/aux_residual above
+                skips.append(x)  # a reference only; aux_skip/aux_residual overwrite the last one
 
         def decoder() -> torch.Tensor:
-            h = x
+            # decode_first: decode only the first samples (SiDA's discriminator batches real
+            # images through the encoder alongside the fakes but needs no denoised reals).
+            h, emb_d, skips_d = _decoder_inputs(x, emb, skips, decode_first)
             out = None
             tmp = None
             for name, block in self.dec.items():
@@ -204,8 +210,8 @@ class SongUNet(torch.nn.Module):
                     out = tmp if out is None else tmp + out
                 else:
                     if h.shape[1] != block.in_channels:
-                        h = torch.cat([h, skips.pop()], dim=1)
-                    h = block(h, emb)
+                        h = torch.cat([h, skips_d.pop()], dim=1)
+                    h = block(h, emb_d)
             return out
 
         return _finish(x, decoder, return_flag)
@@ -292,7 +298,8 @@ class DhariwalUNet(torch.nn.Module):
         return F.silu(emb)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: Optional[torch.Tensor],
-                augment_labels: Optional[torch.Tensor] = None, return_flag: str = "decoder") -> Output:
+                augment_labels: Optional[torch.Tensor] = None, return_flag: str = "decoder",
+                decode_first: Optional[int] = None) -> Output:
         _check_flag(return_flag)
         emb = self._embed(noise_labels, class_labels, augment_labels, x.shape[0])
         need_skips = return_flag != "encoder"
@@ -304,11 +311,11 @@ class DhariwalUNet(torch.nn.Module):
                 skips.append(x)
 
         def decoder() -> torch.Tensor:
-            h = x
+            h, emb_d, skips_d = _decoder_inputs(x, emb, skips, decode_first)
             for block in self.dec.values():
                 if h.shape[1] != block.in_channels:
-                    h = torch.cat([h, skips.pop()], dim=1)
-                h = block(h, emb)
+                    h = torch.cat([h, skips_d.pop()], dim=1)
+                h = block(h, emb_d)
             return self.out_conv(F.silu(self.out_norm(h)))
 
         return _finish(x, decoder, return_flag)
