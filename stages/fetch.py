@@ -1,0 +1,326 @@
+"""Stage `fetch`: obtain, verify and convert the external assets an experiment needs.
+
+    python -m stages.fetch --config FILE [--out DIR] [--set key=value ...]
+
+For each entry of ``fetch.assets`` (``{name, kind, url, path, sha256}``, kind one of teacher,
+dataset, refstats, inception, sid_generator):
+1. resolve it: ``path`` (a local file or folder) wins over ``url``; else a cached copy in
+   ``fetch.cache_dir`` (checked against sha256 when given); else download it with urllib,
+   resuming an interrupted download from ``<cache_dir>/<name>.part`` via an HTTP Range request;
+2. verify its sha256 when the config gives one;
+3. convert it: EDM / SiD pickles are imported without executing their code and saved in our
+   network format (``teacher.pt``, ``<name>.pt`` for SiD generators), reference statistics are
+   validated and copied to ``refstats.npz``, Inception weights are placed at
+   ``inception-2015-12-05.pt``, datasets are opened (checked) with the ``data:`` settings;
+4. write ``manifest.json`` (what came from where, with hashes) last.
+Outputs are staged in a temporary folder and moved into place only when every asset succeeded,
+so a failed run leaves the previous outputs (or none) and never half of a new set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from sida.atomic import atomic_write_json
+from sida.cli import run_stage, stage_parser
+from sida.errors import AssetError, ConfigError
+
+ASSET_KINDS = ("teacher", "dataset", "refstats", "inception", "sid_generator")
+CHUNK = 1 << 20
+PROGRESS_EVERY_S = 2.0
+
+
+def _log(msg: str) -> None:
+    print(f"fetch: {msg}", file=sys.stderr, flush=True)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks (teachers are hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_assets(fetch_cfg: dict) -> list[dict]:
+    """Validate `fetch.assets` (names, kinds, url/path, sha256 format); return normalized copies."""
+    unknown = set(fetch_cfg) - {"cache_dir", "timeout_s", "assets"}
+    if unknown:
+        raise ConfigError(f"fetch: unknown key(s) {', '.join(sorted(unknown))} (known: cache_dir, timeout_s, assets)")
+    assets = fetch_cfg.get("assets") or []
+    if not isinstance(assets, list):
+        raise ConfigError("fetch.assets must be a list of {name, kind, url, path, sha256}")
+    out, names = [], set()
+    for i, a in enumerate(assets):
+        where = f"fetch.assets[{i}]"
+        if not isinstance(a, dict):
+            raise ConfigError(f"{where} must be a mapping with name, kind and url or path")
+        unknown = set(a) - {"name", "kind", "url", "path", "sha256"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        name, kind = a.get("name"), a.get("kind")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ConfigError(f"{where}.name must be a simple name (letters, digits, _.-), not {name!r}")
+        if name in names:
+            raise ConfigError(f"{where}.name: asset '{name}' is listed twice")
+        names.add(name)
+        if kind not in ASSET_KINDS:
+            raise ConfigError(f"{where}.kind must be one of {', '.join(ASSET_KINDS)}, not {kind!r}")
+        if not a.get("url") and not a.get("path"):
+            raise ConfigError(f"{where} ('{name}') needs a url or a path")
+        if kind == "sid_generator" and name == "teacher":  # its output would overwrite teacher.pt
+            raise ConfigError(f"{where}.name: a sid_generator cannot be called 'teacher'")
+        sha = a.get("sha256")
+        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
+            raise ConfigError(f"{where}.sha256 must be 64 hex digits")
+        out.append(dict(a, sha256=sha.lower() if sha else None, index=i))
+    for kind in ("teacher", "refstats", "dataset"):
+        if sum(a["kind"] == kind for a in out) > 1:
+            raise ConfigError(f"fetch.assets: at most one asset of kind '{kind}'")
+    return out
+
+
+def _cache_path(cache_dir: Path, asset: dict) -> Path:
+    """Where a downloaded asset lives: `<cache_dir>/<name><extension of the url>`."""
+    suffix = Path(urllib.parse.urlparse(asset.get("url") or "").path).suffix
+    return cache_dir / f"{asset['name']}{suffix}"
+
+
+def _hint(asset: dict, cache_path: Path) -> str:
+    return (f"download it elsewhere and set fetch.assets[{asset['index']}].path: /path/to/file "
+            f"(or place it at {cache_path})")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    reason = getattr(exc, "reason", None) or exc
+    text = str(reason).strip() or type(reason).__name__
+    return text.splitlines()[0][:160]
+
+
+def download(url: str, dest: Path, part: Path, asset: dict, timeout: float) -> None:
+    """Download `url` to `dest`, resuming from `part` with an HTTP Range request when it exists.
+
+    The partial file is kept on failure so the next run continues where this one stopped;
+    `dest` appears (by rename) only once the transfer is complete.
+    """
+    name, hint = asset["name"], _hint(asset, dest)
+    have = part.stat().st_size if part.is_file() else 0
+    headers = {"User-Agent": "sida-pipeline-fetch"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # the partial file already holds everything
+            os.replace(part, dest)
+            return
+        raise AssetError(f"asset '{name}' not available: {url} could not be reached ({_reason(exc)}); {hint}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise AssetError(f"asset '{name}' not available: {url} could not be reached ({_reason(exc)}); {hint}") from None
+    with resp:
+        length = resp.headers.get("Content-Length")
+        resumed = have > 0 and resp.status == 206
+        if have and not resumed:
+            _log(f"{name}: server ignored the resume request; starting over")
+            have = 0
+        total = have + int(length) if length is not None and length.isdigit() else None
+        if resumed:
+            _log(f"{name}: resuming at {have / 1e6:.1f} MB")
+        done, last = have, 0.0
+        part.parent.mkdir(parents=True, exist_ok=True)  # only now: an unreachable url leaves no trace
+        try:
+            with open(part, "ab" if resumed else "wb") as f:
+                while True:
+                    block = resp.read(CHUNK)
+                    if not block:
+                        break
+                    f.write(block)
+                    done += len(block)
+                    now = time.monotonic()
+                    if now - last >= PROGRESS_EVERY_S:
+                        last = now
+                        pct = f" ({100 * done / total:.0f}%)" if total else ""
+                        _log(f"{name}: {done / 1e6:.1f}" + (f" / {total / 1e6:.1f}" if total else "") + f" MB{pct}")
+        except (OSError, ValueError, EOFError) as exc:  # includes IncompleteRead, resets, timeouts
+            raise AssetError(f"asset '{name}': download of {url} was interrupted after {done / 1e6:.1f} MB "
+                             f"({_reason(exc)}); rerun to resume from {part}") from None
+    if total is not None and done != total:
+        raise AssetError(f"asset '{name}': download of {url} stopped at {done} of {total} bytes; rerun to "
+                         f"resume from {part}")
+    _log(f"{name}: downloaded {done / 1e6:.1f} MB")
+    os.replace(part, dest)
+
+
+def resolve_asset(asset: dict, cache_dir: Path, timeout: float) -> tuple[Path, str | None]:
+    """Local path of an asset (local file, cache hit or fresh download) and its sha256 if computed."""
+    name, want = asset["name"], asset["sha256"]
+    cache = _cache_path(cache_dir, asset)
+    if asset.get("path"):
+        p = Path(os.path.expandvars(str(asset["path"]))).expanduser()
+        if not p.exists():
+            raise AssetError(f"asset '{name}' not available: {p} does not exist; {_hint(asset, cache)}")
+        return p, None
+    if cache.is_file():
+        digest = sha256_file(cache) if want else None
+        if digest == want:
+            _log(f"{name}: using cached {cache}")
+            return cache, digest
+        _log(f"{name}: cached {cache} has the wrong sha256; downloading again")
+        cache.unlink()
+    download(asset["url"], cache, cache_dir / f"{name}.part", asset, timeout)
+    return cache, None
+
+
+def verify_asset(asset: dict, path: Path, digest: str | None) -> str | None:
+    """Check the sha256 the config gives (files only); return the file's sha256."""
+    if path.is_dir():
+        if asset["sha256"]:
+            raise ConfigError(f"fetch.assets[{asset['index']}].sha256: {path} is a folder; sha256 applies "
+                              f"to files only, remove it")
+        return None
+    digest = digest or sha256_file(path)
+    want = asset["sha256"]
+    if want and digest != want:
+        if asset.get("path"):
+            fix = f"the file is corrupt or a different version: replace it or fix fetch.assets[{asset['index']}].sha256"
+        else:
+            path.unlink(missing_ok=True)  # a bad download must not be picked up as a cache hit
+            fix = "the download was corrupt or the url serves a different file (deleted; rerun to retry)"
+        raise AssetError(f"asset '{asset['name']}': sha256 mismatch for {path}: got {digest}, expected {want}; {fix}")
+    return digest
+
+
+def _import_network(path: Path) -> Any:
+    """Our network from an EDM/SiD pickle (no code executed) or from a file we wrote."""
+    from sida.edm_pickle import load_edm_pickle, load_edm_state
+
+    if zipfile.is_zipfile(path):  # torch.save output: our network format or an EDM-style export
+        import torch
+
+        rec = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(rec, dict) and rec.get("format") == "sida-network":
+            from sida.checkpoints import load_network
+
+            return load_network(path)
+        return load_edm_state(path)
+    return load_edm_pickle(path)
+
+
+def _warn_shape_mismatch(name: str, kwargs: dict, data: dict) -> None:
+    # A warning, not an error: fetching may precede fixing `data:`, but the mismatch would
+    # otherwise surface much later as a shape error inside the distillation loop.
+    have = (kwargs.get("img_resolution"), kwargs.get("img_channels"), kwargs.get("label_dim", 0))
+    want = (data.get("resolution"), data.get("channels"), data.get("label_dim"))
+    if None not in want and have != want:
+        print(f"warning: {name} is a {have[0]}x{have[0]}x{have[1]} network with label_dim={have[2]} but "
+              f"data: says {want[0]}x{want[0]}x{want[1]} with label_dim={want[2]}: set data.resolution, "
+              f"data.channels and data.label_dim to match", file=sys.stderr, flush=True)
+
+
+def convert_asset(asset: dict, path: Path, digest: str | None, stage: Path, cfg: dict) -> dict:
+    """Write the asset's converted output into `stage`; return its manifest entry."""
+    from sida.checkpoints import save_network
+
+    kind, name = asset["kind"], asset["name"]
+    entry: dict[str, Any] = {"name": name, "kind": kind, "source": asset.get("path") or asset.get("url"),
+                             "sha256": digest, "size": path.stat().st_size if path.is_file() else None,
+                             "local_path": str(path.resolve()), "output": None}
+    meta = {"source": entry["source"], "sha256": digest, "asset": name}
+    if kind in ("teacher", "sid_generator"):
+        net = _import_network(path)
+        out = "teacher.pt" if kind == "teacher" else f"{name}.pt"
+        save_network(stage / out, net, meta=meta)
+        entry.update(output=out, network={"class": type(net).__name__, "kwargs": net.init_kwargs})
+        _warn_shape_mismatch(name, net.init_kwargs, cfg.get("data") or {})
+    elif kind == "refstats":
+        from sida.refstats import load_ref_stats, save_ref_stats
+
+        mu, sigma = load_ref_stats(path)
+        save_ref_stats(stage / "refstats.npz", mu, sigma)
+        entry.update(output="refstats.npz", dims=int(mu.shape[0]))
+    elif kind == "inception":
+        # Evaluation looks for the weights beside the other fetched assets (evaluate.inception_weights
+        # null = <fetch dir>/inception-2015-12-05.pt). A hard link avoids copying ~100 MB when possible.
+        out = "inception-2015-12-05.pt"
+        if path.is_dir():
+            raise AssetError(f"asset '{name}': {path} is a folder, expected the Inception weights file")
+        try:
+            os.link(path, stage / out)
+        except OSError:
+            shutil.copyfile(path, stage / out)
+        entry.update(output=out)
+    elif kind == "dataset":
+        from sida.data import open_dataset
+
+        data_cfg = dict(cfg.get("data") or {})
+        data_cfg.update(kind="folder" if path.is_dir() else "edm_zip", path=str(path.resolve()))
+        ds = open_dataset(data_cfg)
+        entry.update(data={k: data_cfg[k] for k in ("kind", "path")}, images=len(ds),
+                     shape=[ds.resolution, ds.resolution, ds.channels])
+    _log(f"{name}: ok ({kind}{', -> ' + entry['output'] if entry['output'] else ''})")
+    return entry
+
+
+def fetch(cfg: dict, out_dir: Path) -> dict:
+    """Resolve, verify and convert every asset of `cfg['fetch']`; write outputs and the manifest."""
+    fcfg = cfg.get("fetch") or {}
+    assets = check_assets(fcfg)
+    cache_dir = Path(fcfg.get("cache_dir") or "results/cache")
+    timeout = float(fcfg.get("timeout_s", 30))
+    # Resolve and verify everything before writing any output: a missing asset fails fast.
+    resolved = []
+    for a in assets:
+        path, digest = resolve_asset(a, cache_dir, timeout)
+        resolved.append((a, path, verify_asset(a, path, digest)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = out_dir / f".fetch-staging-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        entries = [convert_asset(a, p, d, stage, cfg) for a, p, d in resolved]
+        # The old manifest goes first, so an interruption while moving leaves no manifest that
+        # vouches for a mix of old and new outputs.
+        (out_dir / "manifest.json").unlink(missing_ok=True)
+        for e in entries:  # all conversions succeeded: move them into place
+            if e["output"]:
+                os.replace(stage / e["output"], out_dir / e["output"])
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    manifest = {"experiment": cfg.get("experiment"), "assets": entries}
+    atomic_write_json(out_dir / "manifest.json", manifest)  # last: its presence means "all done"
+    _log(f"wrote {out_dir / 'manifest.json'} ({len(entries)} asset(s))")
+    return manifest
+
+
+def _load_config(path: str, overrides: Sequence[str]) -> dict:
+    from sida.config import load_config
+
+    return load_config(path, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: parse flags, load the config, fetch."""
+    parser = stage_parser("python -m stages.fetch", "Download, verify and convert teacher/data/statistics assets.")
+    parser.add_argument("--out", default=None, help="output folder (default: <results_dir>/<experiment>/fetch)")
+    args = parser.parse_args(argv)
+    cfg = _load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path(cfg.get("results_dir", "results")) / cfg["experiment"] / "fetch"
+    fetch(cfg, out)
+
+
+if __name__ == "__main__":
+    run_stage(main)
