@@ -1,0 +1,129 @@
+"""Losses of EDM, SiD and SiDA as pure functions of tensors (no networks inside).
+
+Notation as in the papers: x_g generator output, y_real = f_phi(x_t) the teacher's denoised
+estimate, y_fake = f_psi(x_t) the fake score's, sigma the noise level, sd = sigma_data.
+Every function returns per-sample or per-pixel terms; the loop sums them and divides by the
+batch, so gradient accumulation and several processes give the same gradient as one big batch.
+
+References: EDM (Karras et al. 2022, eq. 2 and Table 1 "loss weighting"), SiD (Zhou et al.
+2024, "Score identity Distillation", eq. 8-10 and Algorithm 1), SiDA (Zhou et al. 2025,
+"Adversarial Score identity Distillation", eq. 6-8).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+WEIGHT_FACTOR_MIN = 1e-5
+ADV_LOGIT_CLAMP = 10.0
+
+
+def edm_loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """EDM's loss weight lambda(sigma) = (sigma^2 + sd^2) / (sigma * sd)^2 (EDM Table 1)."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
+
+def edm_denoising_loss(denoised: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor,
+                       sigma_data: float = 0.5) -> torch.Tensor:
+    """Per-pixel EDM denoising loss lambda(sigma) * ||D(x + n; sigma) - x||^2 (EDM eq. 2).
+
+    Used to train the teacher (x = data) and the fake score f_psi (x = x_g, SiD Algorithm 1
+    line "update psi"). `sigma` broadcasts against `clean` ([B,1,1,1] or a scalar).
+    Returns a tensor shaped like `clean`.
+    """
+    return edm_loss_weight(sigma, sigma_data) * (denoised - clean) ** 2
+
+
+def sid_weight_factor(x_g: torch.Tensor, y_real: torch.Tensor) -> torch.Tensor:
+    """SiD's per-sample normaliser mean_pixels |x_g - y_real|, without gradient, clipped at 1e-5.
+
+    Dividing by it makes the loss scale invariant across noise levels (SiD Section 4,
+    "loss normalisation"); no gradient flows through it.
+    """
+    with torch.no_grad():
+        dims = tuple(range(1, x_g.ndim))
+        return (x_g - y_real).abs().float().mean(dim=dims, keepdim=True).clamp(min=WEIGHT_FACTOR_MIN)
+
+
+def sid_generator_loss(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor,
+                       alpha: float) -> torch.Tensor:
+    """Per-pixel SiD generator loss (SiD eq. 10, the alpha-weighted fused loss):
+
+        L_sid = (y_real - y_fake) * ((y_real - x_g) - alpha * (y_real - y_fake)) / weight_factor
+
+    with weight_factor = mean_pixels |x_g - y_real| (no grad, clipped at 1e-5). Gradients reach
+    the generator through x_g and through x_t = x_g + sigma_t * eps inside y_real and y_fake;
+    the networks' own parameters must be frozen by the caller. Returns a tensor shaped like x_g.
+    The loss is negative in normal operation (alpha > 1/2 subtracts more than it adds).
+    """
+    wf = sid_weight_factor(x_g, y_real)
+    diff = y_real - y_fake
+    return diff * ((y_real - x_g) - alpha * diff) / wf
+
+
+def _bce_mean(logits: torch.Tensor, target: float) -> torch.Tensor:
+    """Binary cross-entropy with logits, averaged over the batch and the logit map.
+
+    The average over the whole per-process batch is SiDA's "per-GPU batch fakeness": the
+    discriminator judges how fake a batch is, not each image on its own.
+    """
+    return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits.float(), target))
+
+
+def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor,
+                       weight: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """SiDA discriminator loss (SiDA eq. 7), returned per sample as weight * (BCE_r + BCE_f) / 2.
+
+    BCE_r = mean BCE(D(y0 + n), 1) over the per-process batch and map, BCE_f = mean
+    BCE(D(x_g + n), 0) likewise; `weight` is EDM's lambda(sigma) per sample ([B,1,1,1]), as in
+    the fake-score loss, so the discriminator sees the same noise-level weighting. With the
+    default weight 1 the result is the scalar (BCE_r + BCE_f) / 2.
+    """
+    return weight * (_bce_mean(logits_real, 1.0) + _bce_mean(logits_fake, 0.0)) / 2
+
+
+def adversarial_generator_loss(logits_fake: torch.Tensor, weight_factor: torch.Tensor,
+                               image_shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """SiDA generator adversarial loss (SiDA eq. 8), per sample, on the pixel-loss scale:
+
+        L_adv = BCE(clamp(D(x_t), -10, 10), 1) / weight_factor * (C * H * W)
+
+    The BCE is averaged over the per-process batch and the logit map, divided by SiD's
+    per-sample weight_factor ([B,1,1,1]) and multiplied by the pixel count C*H*W so that
+    summing it over the batch is commensurate with summing the per-pixel SiD loss.
+    `image_shape` is (C, H, W) or a full (B, C, H, W). Returns [B,1,1,1].
+    """
+    chw = 1
+    for s in tuple(image_shape)[-3:]:
+        chw *= int(s)
+    bce = _bce_mean(logits_fake.clamp(-ADV_LOGIT_CLAMP, ADV_LOGIT_CLAMP), 1.0)
+    return bce / weight_factor * chw
+
+
+def generator_objective(l_sid: torch.Tensor, l_adv: torch.Tensor | None, lambda_sid: float,
+                        lambda_adv: float, batch_total: int, adversarial: bool) -> torch.Tensor:
+    """The scalar the generator step minimises for one micro-batch (DESIGN.md step 2).
+
+    SiD phase: lambda_sid * sum(L_sid) / batch. Adversarial phase:
+    0.5 * lambda_sid * sum(L_sid) / batch + 0.5 * lambda_adv * sum(L_adv) / batch.
+    `batch_total` is the per-process batch times accumulation rounds, so that after the
+    cross-process gradient average the result equals the global-batch mean.
+    """
+    sid = l_sid.sum() * (lambda_sid / batch_total)
+    if not adversarial:
+        return sid
+    adv = l_adv.sum() * (lambda_adv / batch_total)
+    return 0.5 * sid + 0.5 * adv
+
+
+def fake_score_objective(l_fake: torch.Tensor, l_d: torch.Tensor | None, batch_total: int,
+                         lambda_d: float = 1.0) -> torch.Tensor:
+    """The scalar the fake-score (+discriminator) step minimises for one micro-batch.
+
+    sum(L_psi) / batch, plus lambda_d * sum(L_D) / batch when the discriminator is trained.
+    """
+    out = l_fake.sum() / batch_total
+    if l_d is not None:
+        out = out + l_d.sum() * (lambda_d / batch_total)
+    return out

@@ -1,0 +1,67 @@
+"""What a training stage sets up before its loop: config, processes, seeds, output dirs, tracker.
+
+Kept here so the stage modules stay thin and no two stages repeat the same set-up.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import dist
+from .config import config_hash, load_config
+from .loop import make_generators
+from .tracking import Tracker
+
+
+@dataclass
+class StageContext:
+    """Everything a stage needs that is not its algorithm."""
+
+    cfg: dict
+    cfg_hash: str
+    info: dist.DistInfo
+    out: Path
+    work: Path
+    gens: dict[str, torch.Generator]
+
+    def log(self, msg: str) -> None:
+        """A progress line on stderr from the main process."""
+        if self.info.is_main:
+            print(msg, file=sys.stderr, flush=True)
+
+    def tracker(self, stage: str, run_name: str = "", resume_kimg: float | None = None) -> Tracker:
+        """The stage's tracker: JSONL in the work dir (copied to the outputs at the end) + W&B."""
+        return Tracker(self.work / "metrics.jsonl", enabled=self.info.is_main, cfg=self.cfg, stage=stage,
+                       run_name=run_name, resume_step=resume_kimg)
+
+    def publish_metrics(self) -> None:
+        """Copy the work dir's metrics JSONL to the declared output (atomic)."""
+        if self.info.is_main:
+            src, dst = self.work / "metrics.jsonl", self.out / "metrics.jsonl"
+            tmp = dst.with_name(".metrics.jsonl.tmp")
+            shutil.copyfile(src, tmp) if src.exists() else tmp.write_text("")
+            tmp.replace(dst)
+
+
+def start_stage(config: str, overrides: Sequence[str], out: str | Path, salt: str = "") -> StageContext:
+    """Load and validate the config, join the process group, seed, make the output dirs.
+
+    `salt` (e.g. the run name) makes the per-stage config hash and random streams distinct.
+    """
+    cfg = load_config(config, overrides)
+    info = dist.init(cfg["device"], cfg["threads"])
+    out = Path(out)
+    work = out / "work"
+    if info.is_main:
+        work.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    seed = cfg["seed"] + (int(config_hash({"salt": salt}), 16) % 10_000 if salt else 0)
+    torch.manual_seed(seed * 1000 + info.rank)
+    return StageContext(cfg=cfg, cfg_hash=config_hash({"cfg": cfg, "salt": salt}), info=info, out=out,
+                        work=work, gens=make_generators(seed, info.rank, info.device))

@@ -1,0 +1,100 @@
+"""Stage `distill`: one distillation run (warmup / SiD / SiDA / SiD2A) as configured in
+`distill.runs.<name>`.
+
+    python -m stages.distill --config C --run sid --teacher results/E/teacher/network.pt \
+        [--init results/E/warmup/state.pt] [--init-generator results/E/sid/network.pt] [--out DIR]
+    torchrun --standalone --nproc-per-node N -m stages.distill ...
+
+Outputs (in --out, default <results_dir>/<experiment>/<run>): network.pt (the EMA one-step
+generator), state.pt (G, G_ema and the fake score, for runs that start from this one),
+samples.png, metrics.jsonl. A killed run resumes from --out/work/state.pt.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from sida import checkpoints
+from sida.cli import run_stage, stage_parser
+from sida.config import load_config, run_config
+from sida.data import open_dataset
+from sida.distill import DistillLoop, init_nets
+from sida.errors import CheckpointError, ConfigError
+from sida.images import save_grid
+from sida.loop import Checkpointer, run
+from sida.runtime import start_stage
+from sida.sampling import grid_samples
+
+
+def check_teacher(teacher, cfg: dict, path: str) -> None:
+    """The teacher must produce images of the configured dataset's shape and labels."""
+    d = cfg["data"]
+    got = (teacher.img_resolution, teacher.img_channels, teacher.label_dim)
+    want = (d["resolution"], d["channels"], d["label_dim"])
+    if got != want:
+        raise CheckpointError(f"teacher {path} is {got[0]}x{got[0]}x{got[1]} with label_dim {got[2]}, but the "
+                              f"config's data is {want[0]}x{want[0]}x{want[1]} with label_dim {want[2]}: "
+                              f"fix data.* or pass the matching teacher")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = stage_parser("python -m stages.distill", "Run one distillation run of the config.")
+    parser.add_argument("--run", required=True, help="name of the run in distill.runs (e.g. warmup, sid, sida, sid2a)")
+    parser.add_argument("--teacher", required=True, help="teacher network file (ours: from the teacher or fetch stage)")
+    parser.add_argument("--init", help="state.pt of the run this one starts from (when its init is not 'teacher')")
+    parser.add_argument("--init-generator", help="network.pt whose EMA generator initialises G (SiD2A)")
+    parser.add_argument("--out", help="output directory (default: <results_dir>/<experiment>/<run>)")
+    args = parser.parse_args(argv)
+    cfg0 = load_config(args.config, args.overrides)
+    rc = run_config(cfg0, args.run)
+    if rc["init"] != "teacher" and not args.init:
+        raise ConfigError(f"run '{args.run}' starts from run '{rc['init']}': pass --init "
+                          f"{cfg0['results_dir']}/{cfg0['experiment']}/{rc['init']}/state.pt")
+    if rc["init_generator"] and not args.init_generator:
+        raise ConfigError(f"run '{args.run}' takes its generator from run '{rc['init_generator']}': pass "
+                          f"--init-generator {cfg0['results_dir']}/{cfg0['experiment']}/{rc['init_generator']}/network.pt")
+    out = args.out or f"{cfg0['results_dir']}/{cfg0['experiment']}/{args.run}"
+    ctx = start_stage(args.config, args.overrides, out, salt=f"distill/{args.run}")
+    cfg, info = ctx.cfg, ctx.info
+
+    teacher = checkpoints.load_network(args.teacher, info.device)
+    check_teacher(teacher, cfg, args.teacher)
+    init_state = checkpoints.load_state(args.init) if args.init else None
+    init_gen = checkpoints.load_network(args.init_generator, info.device) if args.init_generator else None
+    nets = init_nets(teacher, rc["dropout"], init_state, init_gen)
+    dataset = open_dataset(cfg["data"]) if rc["discriminator"] else None
+    loop = DistillLoop(rc, nets, dataset, info, ctx.gens, sigma_data=getattr(teacher, "sigma_data", 0.5))
+    ckpt = Checkpointer(ctx.work, info, ctx.cfg_hash, f"distill/{args.run}")
+    if ckpt.load_if_any(loop, ctx.gens):
+        ctx.log(f"{args.run}: resuming from {ckpt.path} at {loop.nimg / 1000:.2f} kimg")
+    else:
+        phases = ", ".join(f"{p['kind']} {p['kimg']:g} kimg" for p in rc["phases"])
+        ctx.log(f"{args.run}: {phases}; batch {rc['batch']} ({loop.micro} x {loop.rounds} rounds x "
+                f"{info.world_size} processes) on {info.device}")
+    tracker = ctx.tracker("distill", run_name=args.run, resume_kimg=loop.nimg / 1000 if loop.nimg else None)
+    grid = rc["grid_size"]
+
+    def snapshot() -> None:
+        if info.is_main:
+            save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"]),
+                      ctx.work / "samples.png", grid)
+
+    run(loop, loop.total_nimg, rc["tick_kimg"], rc["snapshot_kimg"], ckpt, ctx.gens, info,
+        on_tick=lambda row: tracker.log(row, loop.nimg / 1000), on_snapshot=snapshot, label=f"{args.run}: ")
+    if info.is_main:
+        meta = {"stage": "distill", "run": args.run, "kimg": loop.nimg / 1000, "config_hash": ctx.cfg_hash,
+                "experiment": cfg["experiment"], "sigma_init": rc["sigma_init"], "one_step": True}
+        checkpoints.save_state(ctx.out / "state.pt", {
+            "G": checkpoints.network_record(nets.G), "G_ema": checkpoints.network_record(nets.G_ema),
+            "fake": checkpoints.network_record(nets.fake), "meta": meta})
+        save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"]),
+                  ctx.out / "samples.png", grid)
+        checkpoints.save_network(ctx.out / "network.pt", nets.G_ema, meta=meta)
+        tracker.close()
+        ctx.publish_metrics()
+        ctx.log(f"{args.run}: wrote {ctx.out / 'network.pt'}")
+    ckpt.clear()
+
+
+if __name__ == "__main__":
+    run_stage(main)
