@@ -12,6 +12,7 @@ samples.png, metrics.jsonl. A killed run resumes from --out/work/state.pt.
 
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 from sida import checkpoints
@@ -22,7 +23,11 @@ from sida.distill import DistillLoop, init_nets
 from sida.errors import CheckpointError, ConfigError
 from sida.images import save_grid
 from sida.loop import Checkpointer, run
+from sida.evaluation import TrainingMonitor
+from sida.provenance import write_provenance
 from sida.runtime import start_stage
+from sida.sampler import one_step_generate
+from sida.atomic import atomic_write_json
 from sida.sampling import grid_samples
 
 
@@ -35,6 +40,40 @@ def check_teacher(teacher, cfg: dict, path: str) -> None:
         raise CheckpointError(f"teacher {path} is {got[0]}x{got[0]}x{got[1]} with label_dim {got[2]}, but the "
                               f"config's data is {want[0]}x{want[0]}x{want[1]} with label_dim {want[2]}: "
                               f"fix data.* or pass the matching teacher")
+
+
+class BestKeeper:
+    """Evaluate the EMA generator every `evaluate.during_training.every_kimg` and keep the best
+    one as best.pt (the papers report their lowest-FID snapshot). Its record lives in the work
+    dir, so a resumed run keeps comparing against the best seen before the interruption."""
+
+    def __init__(self, monitor: TrainingMonitor, ctx, nets, sigma_init: float) -> None:
+        self.monitor, self.ctx, self.nets, self.sigma_init = monitor, ctx, nets, sigma_init
+        self.record_path = ctx.work / "best.json"
+        self.record = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
+
+    def maybe_evaluate(self, nimg: int) -> dict[str, float]:
+        """{metric: value} when an evaluation is due at `nimg` (called on every rank), else {}."""
+        if not self.monitor.enabled:
+            return {}
+        every = int(self.monitor.every_kimg * 1000)
+        if nimg // every == self.record.get("last_nimg", 0) // every:
+            return {}
+        G = self.nets.G_ema
+        value = self.monitor(lambda z, labels: one_step_generate(G, z, labels, sigma_init=self.sigma_init))
+        key, v = self.monitor.key, value[self.monitor.key]
+        best = self.record.get("best")
+        self.record["last_nimg"] = nimg
+        if best is None or v < best:
+            self.record.update(best=v, best_kimg=nimg / 1000, key=key)
+            if self.ctx.info.is_main:
+                checkpoints.save_network(self.ctx.out / "best.pt", G, meta={"kimg": nimg / 1000, key: v,
+                                                                             "one_step": True,
+                                                                             "sigma_init": self.sigma_init})
+        if self.ctx.info.is_main:
+            atomic_write_json(self.record_path, self.record)
+        self.ctx.log(f"  {key} {v:.4f} (best {self.record['best']:.4f} at {self.record['best_kimg']:.2f} kimg)")
+        return {key: v, f"best_{key}": self.record["best"]}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -73,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{info.world_size} processes) on {info.device}")
     tracker = ctx.tracker("distill", run_name=args.run, resume_kimg=loop.nimg / 1000 if loop.nimg else None)
     grid = rc["grid_size"]
+    keeper = BestKeeper(TrainingMonitor(cfg, info.device, info), ctx, nets, rc["sigma_init"])
 
     def snapshot() -> None:
         if info.is_main:
@@ -80,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                       ctx.work / "samples.png", grid)
 
     run(loop, loop.total_nimg, rc["tick_kimg"], rc["snapshot_kimg"], ckpt, ctx.gens, info,
-        on_tick=lambda row: tracker.log(row, loop.nimg / 1000), on_snapshot=snapshot, label=f"{args.run}: ")
+        on_tick=lambda row: tracker.log({**row, **keeper.maybe_evaluate(loop.nimg)}, loop.nimg / 1000),
+        on_snapshot=snapshot, label=f"{args.run}: ")
     if info.is_main:
         meta = {"stage": "distill", "run": args.run, "kimg": loop.nimg / 1000, "config_hash": ctx.cfg_hash,
                 "experiment": cfg["experiment"], "sigma_init": rc["sigma_init"], "one_step": True}
@@ -92,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         checkpoints.save_network(ctx.out / "network.pt", nets.G_ema, meta=meta)
         tracker.close()
         ctx.publish_metrics()
+        write_provenance(ctx.out, cfg)
         ctx.log(f"{args.run}: wrote {ctx.out / 'network.pt'}")
     ckpt.clear()
 

@@ -18,6 +18,7 @@ from sida.data import open_dataset
 from sida.factory import network_from_config
 from sida.images import save_grid
 from sida.loop import Checkpointer, run
+from sida.provenance import write_provenance
 from sida.runtime import start_stage
 from sida.sampling import grid_samples
 from sida.teacher import TeacherLoop
@@ -59,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                        "experiment": cfg["experiment"]})
         tracker.close()
         ctx.publish_metrics()
+        write_provenance(ctx.out, cfg)
         ctx.log(f"teacher: wrote {ctx.out / 'network.pt'}")
     ckpt.clear()
 
