@@ -65,9 +65,10 @@ def _torch_load(path: Path, what: str) -> Any:
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{what} {path} is corrupt or truncated ({reason}): delete it and rerun "
                               f"the stage that writes it") from None
-    except Exception as exc:  # pickle.UnpicklingError from the weights-only loader, among others
-        reason = str(exc).strip().splitlines()[0][:160]
-        raise CheckpointError(f"{what} {path} cannot be read safely ({reason}): it is not a sida file") from None
+    except Exception:  # pickle.UnpicklingError from the weights-only loader, among others
+        # torch's own message suggests weights_only=False, which would run code from the file: not passed on.
+        raise CheckpointError(f"{what} {path} holds objects other than tensors and plain containers, so it is "
+                              f"not a sida file (published EDM pickles go through the fetch stage)") from None
 
 
 def save_network(path: str | Path, net: torch.nn.Module, meta: dict | None = None) -> None:

@@ -178,7 +178,11 @@ class Checkpointer:
         """Resume from the checkpoint if one exists; False when starting fresh."""
         if not self.path.exists():
             return False
-        state = checkpoints.load_state(self.path)
+        try:
+            state = checkpoints.load_state(self.path)
+        except CheckpointError as exc:  # say what this file is and how to get going again
+            raise CheckpointError(f"{exc}; it is this stage's resume checkpoint: delete {self.path} to "
+                                  f"start the stage over") from None
         meta = state["meta"]
         if meta.get("config_hash") != self.cfg_hash:
             raise CheckpointError(f"checkpoint {self.path} was written with another config (hash "
@@ -215,6 +219,7 @@ def run(loop: Loop, total_nimg: int, tick_kimg: float, snapshot_kimg: float,
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     while loop.nimg < total_nimg:
+        phase = loop.phase_name()  # before the step: the counter moves on during it
         stats = loop.step()
         loop.nimg += loop.batch
         for k, v in stats.items():
@@ -227,7 +232,7 @@ def run(loop: Loop, total_nimg: int, tick_kimg: float, snapshot_kimg: float,
             row = {k: float(sums[k]) / counts[k] for k in sums}
             row["images_per_sec"] = (loop.nimg - tick_start) / max(now - tick_time, 1e-9)
             rate = (loop.nimg - start_nimg) / max(now - start_time, 1e-9)
-            row["phase"] = loop.phase_name()
+            row["phase"] = phase
             if info.is_main:
                 parts = [f"{label}kimg {loop.nimg / 1000:8.2f}/{total_nimg / 1000:.1f}",
                          f"phase {row['phase']:<6}", f"img/s {row['images_per_sec']:7.1f}"]

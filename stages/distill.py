@@ -3,7 +3,9 @@
 
     python -m stages.distill --config C --run sid --teacher results/E/teacher/network.pt \
         [--init results/E/warmup/state.pt] [--init-generator results/E/sid/network.pt] [--out DIR]
-    torchrun --standalone --nproc-per-node N -m stages.distill ...
+    torchrun --standalone --nproc-per-node N -m -- stages.distill --config C --run sid ...
+    (the `--` ends torchrun's options: it matches them by prefix, so a bare `--run` would be
+    rejected as "ambiguous: --run-path, --run_path")
 
 Outputs (in --out, default <results_dir>/<experiment>/<run>): network.pt (the EMA one-step
 generator), state.pt (G, G_ema and the fake score, for runs that start from this one),
@@ -93,13 +95,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise ConfigError(f"run '{args.run}' takes its generator from run '{rc['init_generator']}': pass "
                           f"--init-generator {cfg0['results_dir']}/{cfg0['experiment']}/{rc['init_generator']}/network.pt")
     out = args.out or f"{cfg0['results_dir']}/{cfg0['experiment']}/{args.run}"
+    # Inputs are read and checked before anything is created under --out.
+    teacher = checkpoints.load_network(args.teacher)
+    check_teacher(teacher, cfg0, args.teacher)
+    init_state = checkpoints.load_state(args.init) if args.init else None
+    init_gen = checkpoints.load_network(args.init_generator) if args.init_generator else None
     ctx = start_stage(args.config, args.overrides, out, salt=f"distill/{args.run}")
     cfg, info = ctx.cfg, ctx.info
-
-    teacher = checkpoints.load_network(args.teacher, info.device)
-    check_teacher(teacher, cfg, args.teacher)
-    init_state = checkpoints.load_state(args.init) if args.init else None
-    init_gen = checkpoints.load_network(args.init_generator, info.device) if args.init_generator else None
+    teacher = teacher.to(info.device)
+    init_gen = init_gen.to(info.device) if init_gen is not None else None
     nets = init_nets(teacher, rc["dropout"], init_state, init_gen)
     dataset = open_dataset(cfg["data"]) if rc["discriminator"] else None
     loop = DistillLoop(rc, nets, dataset, info, ctx.gens, sigma_data=getattr(teacher, "sigma_data", 0.5))

@@ -1,0 +1,108 @@
+"""Tiny configs, teachers and subprocess runners shared by the loop / stage tests.
+
+Everything here is sized for a 2-core CPU shared with other jobs: an 8x8x1 digits SongUNet
+with 8 channels, batches of 16 and runs of a few dozen iterations.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def tiny_config(**distill_overrides) -> dict:
+    """A raw (not yet validated) config: digits 8x8x1, 10 labels, a very small SongUNet."""
+    cfg = {
+        "experiment": "tiny",
+        "seed": 3,
+        "device": "cpu",
+        "num_procs": 1,
+        "threads": 1,
+        "data": {"kind": "digits", "resolution": 8, "channels": 1, "label_dim": 10},
+        "network": {
+            "precond": "EDMPrecond",
+            "model_type": "SongUNet",
+            "kwargs": {"model_channels": 8, "channel_mult": [1, 2], "channel_mult_emb": 1, "num_blocks": 1,
+                       "attn_resolutions": [], "dropout": 0.0, "embedding_type": "positional",
+                       "channel_mult_noise": 1, "encoder_type": "standard", "decoder_type": "standard",
+                       "resample_filter": [1, 1]},
+        },
+        "teacher": {"kimg": 0.128, "batch": 16, "lr": 0.002, "lr_rampup_kimg": 0.032, "ema_halflife_kimg": 0.05,
+                    "tick_kimg": 0.032, "snapshot_kimg": 0.032},
+        "distill": {
+            "batch": 16, "lr_g": 1.0e-4, "lr_fake": 1.0e-4, "ema_halflife_kimg": 0.05, "tick_kimg": 0.032,
+            "snapshot_kimg": 0.032, "grid_size": 2,
+            "runs": {
+                "warmup": {"init": "teacher", "phases": [{"kind": "warmup", "kimg": 0.032}]},
+                "sid": {"init": "warmup", "phases": [{"kind": "sid", "kimg": 0.064}]},
+                # Every phase kind in one run that starts from the teacher: the resume test's run.
+                "mixed": {"init": "teacher", "discriminator": True,
+                          "phases": [{"kind": "warmup", "kimg": 0.032}, {"kind": "sid", "kimg": 0.032},
+                                     {"kind": "sida", "kimg": 0.064}]},
+            },
+        },
+        "wandb": {"mode": "disabled"},
+    }
+    cfg["distill"].update(distill_overrides)
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def write_teacher(path: Path, cfg: dict | None = None, seed: int = 0) -> Path:
+    """An untrained teacher of the config's architecture in our network-file format."""
+    import torch
+
+    from sida import checkpoints
+    from sida.config import validate
+    from sida.factory import network_from_config
+
+    import copy
+    cfg = validate(copy.deepcopy(cfg or tiny_config()))
+    torch.manual_seed(seed)
+    net = network_from_config(cfg)
+    checkpoints.save_network(path, net, meta={"stage": "test"})
+    return path
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e.update(PYTHONPATH=str(REPO), WANDB_MODE="disabled", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+             PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+def run_module(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m <module> args...` from the repo root, output captured."""
+    return subprocess.run([PYTHON, "-m", module, *args], cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    """Relative path -> bytes of every file under `root`."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_state_dicts_equal(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]), f"tensor {k} differs"
