@@ -1,0 +1,399 @@
+"""Evaluation: sample with per-seed noise, extract features in batches on the device, score.
+
+- `seed_ranges`: the disjoint seed ranges of N runs of M samples (recorded in metrics.json).
+- `latents_for_seeds`: noise and class label of every sample from its own seed (EDM-style), so a
+  sample does not depend on the batch size, the process count or which rank drew it.
+- `extract_generated` / `dataset_features`: features of generated / real images, sharded over
+  ranks (rank r takes every world_size-th item) and gathered back in seed order.
+- `get_reference`: reference statistics from an EDM fid-refs file or computed from the dataset
+  once and cached (keyed by the dataset config and the extractor's hash).
+- `evaluate_network`: the whole evaluation behind `stages.evaluate`.
+- `TrainingMonitor`: a quick FD/FID during distillation, for keeping the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import dist
+from .atomic import atomic_write
+from .errors import AssetError, DataError
+from .features import Extractor, build_extractor, cache_dir, file_sha256, quantize
+from .metrics import feature_stats, frechet_distance, inception_score, mean_std, precision_recall
+
+__all__ = ["seed_ranges", "latents_for_seeds", "extract_generated", "dataset_features", "Reference",
+           "get_reference", "score_run", "make_generate", "evaluate_network", "TrainingMonitor", "Progress"]
+
+GenerateFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+class Progress:
+    """Lines on stderr (main process only): items done, rate; at most one every `every_s` seconds."""
+
+    def __init__(self, desc: str, total: int, enabled: bool = True, every_s: float = 10.0) -> None:
+        self.desc, self.total, self.enabled, self.every_s = desc, total, enabled, every_s
+        self.t0 = self.last = time.time()
+
+    def update(self, done: int, force: bool = False) -> None:
+        now = time.time()
+        if self.enabled and (force or now - self.last >= self.every_s):
+            self.last = now
+            rate = done / max(now - self.t0, 1e-9)
+            print(f"[evaluate] {self.desc}: {done}/{self.total} ({rate:.1f}/s)", file=sys.stderr, flush=True)
+
+
+def seed_ranges(seed: int, num_runs: int, num_samples: int) -> list[range]:
+    """Run r uses seeds [seed + r*M, seed + (r+1)*M): disjoint, reproducible, recorded."""
+    return [range(seed + r * num_samples, seed + (r + 1) * num_samples) for r in range(num_runs)]
+
+
+def latents_for_seeds(seeds: Sequence[int], shape: Sequence[int], label_dim: int,
+                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """z ~ N(0, I) of `shape` and a uniform class label (one-hot) per sample, each from its own seed."""
+    zs, labels = [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        zs.append(torch.randn(list(shape), generator=g))
+        if label_dim > 0:
+            labels.append(int(torch.randint(label_dim, (1,), generator=g)))
+    z = torch.stack(zs).to(device)
+    if label_dim == 0:
+        return z, None
+    onehot = torch.nn.functional.one_hot(torch.tensor(labels), label_dim).to(torch.float32).to(device)
+    return z, onehot
+
+
+def _gather_in_order(positions: list[int], feats: np.ndarray, probs: np.ndarray | None,
+                     total: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every rank's (positions, features, probs) reassembled in position order (on every rank)."""
+    parts = dist.gather_objects((positions, feats, probs))
+    # Widths from a rank that had items: a rank without seeds sends placeholders.
+    full = [pt for pt in parts if len(pt[0])] or parts
+    f_out = np.zeros([total, full[0][1].shape[1]], dtype=np.float32)
+    p_out = None if full[0][2] is None else np.zeros([total, full[0][2].shape[1]], dtype=np.float32)
+    for pos, f, p in parts:
+        if len(pos):
+            f_out[pos] = f
+            if p_out is not None:
+                p_out[pos] = p
+    return f_out, p_out
+
+
+def _run_extractor(extractor: Extractor, images_u8: torch.Tensor, want_probs: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    f, p = extractor(images_u8)
+    return f.float().cpu().numpy(), (p.float().cpu().numpy() if (want_probs and p is not None) else None)
+
+
+@torch.no_grad()
+def extract_generated(extractor: Extractor, generate: GenerateFn, seeds: Sequence[int], shape: Sequence[int],
+                      label_dim: int, batch: int, info: dist.DistInfo, desc: str = "samples",
+                      want_probs: bool = True, keep_images: int = 0
+                      ) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor | None]:
+    """Features (and class probabilities) of `generate(z, labels)` for every seed, in seed order.
+
+    Images are quantised to uint8 exactly as saved PNGs would be, then go through the extractor
+    in batches on the device (no per-image numpy round trip). Returns (features [N, D],
+    probs [N, K] or None, the first `keep_images` uint8 images NCHW of rank 0 or None).
+    """
+    seeds = list(seeds)
+    mine = list(range(info.rank, len(seeds), info.world_size))
+    feats, probs, kept = [], [], []
+    prog = Progress(desc, len(seeds), info.is_main)
+    for i in range(0, len(mine), batch):
+        pos = mine[i:i + batch]
+        z, labels = latents_for_seeds([seeds[j] for j in pos], shape, label_dim, info.device)
+        u8 = quantize(generate(z, labels))
+        if keep_images and sum(len(k) for k in kept) < keep_images:
+            kept.append(u8.cpu())
+        f, p = _run_extractor(extractor, u8, want_probs)
+        feats.append(f)
+        if p is not None:
+            probs.append(p)
+        prog.update(min(len(seeds), (i + len(pos)) * info.world_size))
+    d = extractor.feature_dim
+    f_all = np.concatenate(feats) if feats else np.zeros([0, d], np.float32)
+    p_all = np.concatenate(probs) if probs else None
+    if p_all is None and want_probs and extractor.has_probs and not feats:
+        p_all = np.zeros([0, 1], np.float32)  # a rank with no seeds still answers the gather
+    f_all, p_all = _gather_in_order(mine, f_all, p_all, len(seeds))
+    prog.update(len(seeds), force=True)
+    images = torch.cat(kept)[:keep_images] if kept else None
+    return f_all, p_all, images
+
+
+@torch.no_grad()
+def dataset_features(extractor: Extractor, ds, indices: Sequence[int], batch: int, info: dist.DistInfo,
+                     desc: str = "reference images") -> np.ndarray:
+    """Features of the dataset images `indices` (uint8, as stored), sharded over ranks, in order."""
+    indices = list(indices)
+    mine = list(range(info.rank, len(indices), info.world_size))
+    feats = []
+    prog = Progress(desc, len(indices), info.is_main)
+    for i in range(0, len(mine), batch):
+        pos = mine[i:i + batch]
+        arr = ds.uint8_images([indices[j] for j in pos])  # NHWC
+        u8 = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).to(info.device)
+        feats.append(_run_extractor(extractor, u8, False)[0])
+        prog.update(min(len(indices), (i + len(pos)) * info.world_size))
+    f_all = np.concatenate(feats) if feats else np.zeros([0, extractor.feature_dim], np.float32)
+    f_all, _ = _gather_in_order(mine, f_all, None, len(indices))
+    prog.update(len(indices), force=True)
+    return f_all
+
+
+@dataclass
+class Reference:
+    """Reference statistics (and, for precision/recall, a subset of real features)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    source: str                      # "file" | "dataset"
+    path: str
+    sha256: str
+    num_images: int | None
+    resolution: int | None
+    features: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def info(self) -> dict:
+        """JSON-able description for metrics.json."""
+        return {"source": self.source, "path": self.path, "sha256": self.sha256, "num_images": self.num_images,
+                "resolution": self.resolution, "feature_dim": int(self.mu.shape[0]),
+                "pr_real_features": None if self.features is None else int(self.features.shape[0])}
+
+
+def _ref_cache_key(cfg: dict, extractor: Extractor) -> str:
+    ev = cfg["evaluate"]
+    key = {"data": {k: cfg["data"].get(k) for k in ("kind", "path", "resolution", "channels", "xflip")},
+           "extractor": extractor.sha256, "mode": extractor.mode, "max_images": ev["reference_max_images"],
+           "pr_max": ev["pr_max_samples"]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _dataset_reference(cfg: dict, extractor: Extractor, info: dist.DistInfo) -> Reference:
+    """Statistics of the dataset under `extractor`, computed once and cached atomically."""
+    from .data import open_dataset
+
+    ev = cfg["evaluate"]
+    path = cache_dir(cfg) / f"refstats-{extractor.name}-{_ref_cache_key(cfg, extractor)}.npz"
+    if not path.is_file():
+        ds = open_dataset(cfg["data"])
+        extractor.check_images(ds.resolution, ds.channels, f"dataset {cfg['data']['kind']}")
+        n = len(ds) if ev["reference_max_images"] is None else min(len(ds), ev["reference_max_images"])
+        # A fixed random subset when capped (the first n could be sorted by class).
+        idx = np.arange(len(ds)) if n == len(ds) else np.sort(np.random.default_rng(0).permutation(len(ds))[:n])
+        feats = dataset_features(extractor, ds, idx.tolist(), ev["batch"], info)
+        mu, sigma = feature_stats(feats)
+        keep = np.random.default_rng(1).permutation(len(feats))[:ev["pr_max_samples"]]
+        if info.is_main:
+            with atomic_write(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, mu=mu, sigma=sigma, features=feats[np.sort(keep)], num_images=n,
+                         resolution=ds.resolution, channels=ds.channels, extractor_sha256=extractor.sha256)
+        dist.barrier()
+    with np.load(path, allow_pickle=False) as z:
+        ref = Reference(z["mu"].astype(np.float64), z["sigma"].astype(np.float64), "dataset", str(path), "",
+                        int(z["num_images"]), int(z["resolution"]), z["features"].astype(np.float32))
+    ref.sha256 = file_sha256(path)
+    return ref
+
+
+def resolve_reference(cfg: dict) -> str:
+    """'dataset' or the path of a statistics file, from `evaluate.reference` ('auto' looks at fetch)."""
+    ref = cfg["evaluate"]["reference"]
+    if ref != "auto":
+        return ref
+    assets = (cfg.get("fetch") or {}).get("assets") or []
+    if any(isinstance(a, dict) and a.get("kind") == "refstats" for a in assets):
+        return str(Path(cfg["results_dir"]) / cfg["experiment"] / "fetch" / "refstats.npz")
+    return "dataset"
+
+
+def get_reference(cfg: dict, extractor: Extractor, info: dist.DistInfo, resolution: int,
+                  need_features: bool = False) -> Reference:
+    """The reference statistics the config names, checked against the extractor and resolution.
+
+    A file (EDM fid-refs `.npz` with `mu`, `sigma`; optional `resolution`) or the dataset. With
+    `need_features` (precision/recall) real features come from the dataset cache; when the dataset
+    cannot be opened, PR is skipped with a note instead of failing the whole evaluation.
+    """
+    which = resolve_reference(cfg)
+    if which == "dataset":
+        ref = _dataset_reference(cfg, extractor, info)
+    else:
+        from .refstats import load_ref_stats
+
+        mu, sigma = load_ref_stats(which)
+        with np.load(which, allow_pickle=False) as z:
+            res = int(z["resolution"]) if "resolution" in z.files else None
+        ref = Reference(mu, sigma, "file", str(which), file_sha256(which), None, res)
+    if ref.mu.shape[0] != extractor.feature_dim:
+        raise DataError(f"reference statistics {ref.path} hold {ref.mu.shape[0]}-dimensional features but the "
+                        f"{extractor.name} extractor gives {extractor.feature_dim}: use statistics made with the "
+                        f"same extractor (evaluate.reference / evaluate.extractor)")
+    if ref.resolution is not None and ref.resolution != resolution:
+        raise DataError(f"reference statistics {ref.path} were computed at resolution {ref.resolution} but the "
+                        f"images evaluated are {resolution}x{resolution}: use the reference of this dataset")
+    if need_features and ref.features is None:
+        try:
+            ref.features = _dataset_reference(cfg, extractor, info).features
+        except (DataError, AssetError) as exc:
+            ref.notes.append(f"precision/recall skipped: {exc}")
+    return ref
+
+
+def score_run(ref: Reference, feats: np.ndarray, probs: np.ndarray | None, cfg: dict, key: str,
+              device: torch.device | str = "cpu") -> dict:
+    """FD/FID against the reference, IS (when probs), precision/recall (when real features)."""
+    ev = cfg["evaluate"]
+    mu, sigma = feature_stats(feats)
+    out = {key: frechet_distance(mu, sigma, ref.mu, ref.sigma)}
+    if ev["inception_score"] and probs is not None:
+        out["is"], out["is_std"] = inception_score(probs, ev["is_splits"])
+    if ev["precision_recall"] and ref.features is not None:
+        n = ev["pr_max_samples"]
+        out["precision"], out["recall"] = precision_recall(ref.features[:n], feats[:n], ev["pr_k"], device=device)
+    return out
+
+
+def make_generate(net: torch.nn.Module, kind: str, cfg: dict) -> tuple[GenerateFn, int]:
+    """(generate(z, labels) -> images in [-1, 1], NFE) for a one-step generator or the Heun teacher."""
+    from .sampler import heun_sampler, one_step_generate
+
+    if kind == "generator":
+        sigma_init = float(cfg["distill"]["sigma_init"])
+        return (lambda z, c: one_step_generate(net, z, c, sigma_init)), 1
+    if kind == "teacher":
+        steps = int(cfg["evaluate"]["teacher_steps"])
+        return (lambda z, c: heun_sampler(net, z, c, num_steps=steps)), 2 * steps - 1
+    raise ValueError(f"unknown kind {kind!r} (generator or teacher)")
+
+
+def _check_network(net: torch.nn.Module, cfg: dict, path: str) -> tuple[int, int, int]:
+    d = cfg["data"]
+    res, ch, ld = int(net.img_resolution), int(net.img_channels), int(net.label_dim)
+    if (res, ch) != (d["resolution"], d["channels"]):
+        raise DataError(f"network {path} makes {res}x{res}x{ch} images but the config's data is "
+                        f"{d['resolution']}x{d['resolution']}x{d['channels']}: evaluate it with its own config")
+    if ld != d["label_dim"]:
+        raise DataError(f"network {path} has label_dim {ld} but the config's data has {d['label_dim']}: "
+                        f"evaluate it with its own config")
+    return res, ch, ld
+
+
+def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info: dist.DistInfo
+                     ) -> tuple[dict, torch.Tensor | None]:
+    """Evaluate a network file over `num_runs` runs of `num_samples` samples.
+
+    Returns (metrics dict for metrics.json, the first grid_size² uint8 samples of run 0). All
+    ranks take part; the result is complete on every rank.
+    """
+    from .checkpoints import load_network
+    from .config import config_hash
+
+    t0 = time.time()
+    ev = cfg["evaluate"]
+    net = load_network(network, info.device)
+    res, ch, label_dim = _check_network(net, cfg, str(network))
+    extractor = build_extractor(cfg, info.device)
+    extractor.check_images(res, ch, f"network {network}")
+    ref = get_reference(cfg, extractor, info, res, need_features=ev["precision_recall"])
+    for note in ref.notes:
+        if info.is_main:
+            print(f"[evaluate] {note}", file=sys.stderr, flush=True)
+    generate, nfe = make_generate(net, kind, cfg)
+    key = extractor.metric_key
+    ranges = seed_ranges(ev["seed"], ev["num_runs"], ev["num_samples"])
+    runs, grid = [], None
+    for r, seeds in enumerate(ranges):
+        feats, probs, imgs = extract_generated(
+            extractor, generate, seeds, (ch, res, res), label_dim, ev["batch"], info,
+            desc=f"{name} run {r + 1}/{len(ranges)}", want_probs=ev["inception_score"],
+            keep_images=ev["grid_size"] ** 2 if r == 0 else 0)
+        if r == 0:
+            grid = imgs
+        scores = score_run(ref, feats, probs, cfg, key, info.device) if info.is_main else {}
+        scores = dist.broadcast_object(scores)
+        runs.append({"run": r, "seeds": [seeds.start, seeds.stop - 1], **scores})
+        if info.is_main:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+            print(f"[evaluate] {name} run {r + 1}/{len(ranges)}: {shown}", file=sys.stderr, flush=True)
+    summary = {k: mean_std([run[k] for run in runs]) for k in runs[0] if k not in ("run", "seeds")}
+    metrics = {
+        "name": name, "kind": kind, "network": str(network), "network_sha256": file_sha256(network),
+        "nfe": nfe, "teacher_steps": ev["teacher_steps"] if kind == "teacher" else None,
+        "sigma_init": cfg["distill"]["sigma_init"] if kind == "generator" else None,
+        "metric": key, "metric_label": extractor.label, "mode": extractor.mode,
+        "extractor": extractor.info, "reference": ref.info, "notes": ref.notes,
+        "num_runs": ev["num_runs"], "num_samples": ev["num_samples"],
+        "seeds": [[s.start, s.stop - 1] for s in ranges], "seed_note": "inclusive ranges; z and label from each seed",
+        "class_conditional": label_dim > 0, "label_dim": label_dim,
+        "runs": runs, "summary": summary, "std_ddof": 1,
+        "config_hash": config_hash(cfg), "experiment": cfg["experiment"], "world_size": info.world_size,
+        "device": str(info.device), "elapsed_s": round(time.time() - t0, 2),
+    }
+    return metrics, grid
+
+
+class TrainingMonitor:
+    """A quick FD/FID of the generator during distillation (fixed seeds, few samples).
+
+    `TrainingMonitor(cfg, device, dist_info)`; `monitor(generate)` with
+    `generate(z [B,C,H,W], labels [B,label_dim] | None) -> images in [-1, 1]` returns
+    `{monitor.key: value}` (key 'fd' for the digits classifier, 'fid' for Inception), the same on
+    every rank. Lower is better. The extractor and the reference are loaded on first use.
+    """
+
+    def __init__(self, cfg: dict, device: torch.device, dist_info: dist.DistInfo) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.info = dist_info
+        self.settings = cfg["evaluate"]["during_training"]
+        self._extractor: Extractor | None = None
+        self._ref: Reference | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """True when `evaluate.during_training.every_kimg` > 0."""
+        return float(self.settings["every_kimg"]) > 0
+
+    @property
+    def every_kimg(self) -> float:
+        """Evaluate every this many kimg (0 = never)."""
+        return float(self.settings["every_kimg"])
+
+    @property
+    def key(self) -> str:
+        """The metric name in the returned dict ('fd' or 'fid')."""
+        from .features import resolve_extractor_name
+
+        return "fid" if resolve_extractor_name(self.cfg) == "inception" else "fd"
+
+    def _setup(self) -> None:
+        if self._extractor is None:
+            d = self.cfg["data"]
+            self._extractor = build_extractor(self.cfg, self.device)
+            self._extractor.check_images(d["resolution"], d["channels"], "the generator's images")
+            self._ref = get_reference(self.cfg, self._extractor, self.info, d["resolution"])
+
+    @torch.no_grad()
+    def __call__(self, generate: GenerateFn) -> dict[str, float]:
+        """FD/FID of `generate` on `during_training.num_samples` fixed seeds."""
+        self._setup()
+        d, s = self.cfg["data"], self.settings
+        seeds = range(s["seed"], s["seed"] + s["num_samples"])
+        info = dist.DistInfo(self.info.rank, self.info.world_size, self.info.local_rank, self.device)
+        feats, _, _ = extract_generated(self._extractor, generate, seeds, (d["channels"], d["resolution"], d["resolution"]),
+                                        d["label_dim"], self.cfg["evaluate"]["batch"], info, desc="monitor",
+                                        want_probs=False)
+        value = frechet_distance(*feature_stats(feats), self._ref.mu, self._ref.sigma) if info.is_main else 0.0
+        return {self.key: float(dist.broadcast_object(value))}

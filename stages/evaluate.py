@@ -1,0 +1,58 @@
+"""Stage `evaluate`: sample quality of a one-step generator or of the multi-step teacher.
+
+    python -m stages.evaluate --config C --network PATH --kind {generator,teacher} --name NAME \\
+        --out results/E/evaluate/NAME/metrics.json [--set key=value ...]
+    torchrun --standalone --nproc-per-node N -m stages.evaluate ...   (features gathered across ranks)
+
+Writes `metrics.json` (per-run values, mean ± std, seeds, extractor + hash, reference + hash) and
+`samples.png` (the first grid_size² samples of run 0) beside it. All the work is in
+`sida.evaluation`; this module parses, runs and writes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from sida import dist
+from sida.atomic import atomic_write_json
+from sida.cli import run_stage, stage_parser
+from sida.config import load_config
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line, evaluate, write metrics.json and samples.png (main process)."""
+    parser = stage_parser("python -m stages.evaluate",
+                          "Evaluate a generator (1 NFE) or the teacher (Heun) with FD/FID, IS and precision/recall.")
+    parser.add_argument("--network", required=True, help="network file (results/E/<run>/network.pt or teacher)")
+    parser.add_argument("--kind", required=True, choices=["generator", "teacher"],
+                        help="generator: one step at sigma_init; teacher: Heun with evaluate.teacher_steps")
+    parser.add_argument("--name", required=True, help="name recorded in metrics.json (run name or 'teacher')")
+    parser.add_argument("--out", required=True, help="metrics.json path; samples.png is written beside it")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    info = dist.init(cfg["device"], cfg["threads"])
+    try:
+        from sida.evaluation import evaluate_network
+        from sida.images import save_grid
+
+        metrics, grid = evaluate_network(cfg, args.network, args.kind, args.name, info)
+        if info.is_main:
+            out = Path(args.out)
+            if grid is not None:
+                cols = cfg["evaluate"]["grid_size"]
+                upscale = max(1, 256 // (grid.shape[-1] * cols))  # small digits stay visible
+                save_grid(grid.permute(0, 2, 3, 1).numpy(), out.with_name("samples.png"), cols, upscale)
+            atomic_write_json(out, metrics)
+            s = metrics["summary"][metrics["metric"]]
+            print(f"[evaluate] {args.name}: {metrics['metric_label']} {s['mean']:.4f} ± {s['std']:.4f} "
+                  f"({metrics['num_runs']} runs x {metrics['num_samples']} samples, {metrics['nfe']} NFE) -> {out}",
+                  file=sys.stderr, flush=True)
+        dist.barrier()
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    run_stage(main)

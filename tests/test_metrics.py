@@ -1,0 +1,104 @@
+"""Metric math against closed forms; seeds; the digits classifier's determinism and accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sida.evaluation import latents_for_seeds, seed_ranges
+from sida.features import load_or_train_digits_classifier, quantize, state_dict_sha256, train_digits_classifier
+from sida.metrics import (fd_from_features, feature_stats, frechet_distance, inception_score, mean_std,
+                          precision_recall)
+
+
+def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
+    s1, s2 = rng.uniform(0.1, 3, size=16), rng.uniform(0.1, 3, size=16)
+    want = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
+    assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(want, rel=1e-10)
+
+
+def test_frechet_distance_full_covariances_matches_scipy_sqrtm():
+    from scipy import linalg
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(8, 8)), rng.normal(size=(8, 8))
+    s1, s2 = a @ a.T + np.eye(8), b @ b.T + np.eye(8)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    want = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-9)
+
+
+def test_identical_inputs_give_zero_despite_sqrtm_noise():
+    rng = np.random.default_rng(2)
+    feats = np.maximum(rng.normal(size=(500, 256)) @ rng.normal(size=(256, 256)), 0)  # rank-deficient-ish
+    feats[:, :10] = 0
+    mu, sigma = feature_stats(feats)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    assert abs(fd_from_features(feats, feats.copy())) < 1e-6
+
+
+def test_frechet_distance_rejects_shape_mismatch():
+    with pytest.raises(ValueError):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_inception_score_of_confident_uniform_classifier_is_number_of_classes():
+    k = 10
+    probs = np.eye(k)[np.arange(1000) % k]
+    assert inception_score(probs, num_splits=10)[0] == pytest.approx(k, rel=1e-9)
+    assert inception_score(np.full((100, k), 1.0 / k), num_splits=1)[0] == pytest.approx(1.0)
+
+
+def test_precision_recall_identical_sets_and_disjoint_sets():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 8))
+    p, r = precision_recall(x, x.copy(), k=3)
+    assert p == pytest.approx(1.0) and r == pytest.approx(1.0)
+    p, r = precision_recall(x, x + 100.0, k=3)
+    assert p == 0.0 and r == 0.0
+
+
+def test_mean_std_uses_sample_std():
+    s = mean_std([1.0, 2.0, 3.0])
+    assert s["mean"] == 2.0 and s["std"] == pytest.approx(1.0) and s["values"] == [1.0, 2.0, 3.0]
+    assert mean_std([5.0])["std"] == 0.0
+
+
+def test_seed_ranges_disjoint_and_reproducible():
+    runs = seed_ranges(7, 4, 100)
+    assert runs == seed_ranges(7, 4, 100)
+    allseeds = [s for r in runs for s in r]
+    assert len(allseeds) == len(set(allseeds)) == 400 and min(allseeds) == 7
+
+
+def test_latents_depend_only_on_the_seed():
+    z, c = latents_for_seeds(range(10), (1, 8, 8), 10)
+    z2, c2 = latents_for_seeds(range(5, 10), (1, 8, 8), 10)
+    assert torch.equal(z[5:], z2) and torch.equal(c[5:], c2)
+    assert c.sum(1).eq(1).all()  # one-hot
+    labels = latents_for_seeds(range(2000), (1, 1, 1), 10)[1].argmax(1)
+    assert set(labels.tolist()) == set(range(10))  # uniform draws cover every class
+    assert latents_for_seeds(range(3), (1, 8, 8), 0)[1] is None
+
+
+def test_quantize_matches_edm():
+    x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 2.0])
+    assert quantize(x).tolist() == [0, 0, 128, 191, 255, 255]
+
+
+def test_digits_classifier_is_deterministic():
+    a, _ = train_digits_classifier(seed=0, epochs=2)
+    b, _ = train_digits_classifier(seed=0, epochs=2)
+    assert state_dict_sha256(a.state_dict()) == state_dict_sha256(b.state_dict())
+
+
+def test_digits_classifier_accuracy_and_cache(tmp_path):
+    ext = load_or_train_digits_classifier(tmp_path)  # default recipe: 30 epochs
+    assert ext.test_accuracy > 0.95
+    again = load_or_train_digits_classifier(tmp_path)  # from the cache, hash-checked
+    assert again.sha256 == ext.sha256 and again.test_accuracy == ext.test_accuracy
+    f, p = ext(torch.zeros(4, 1, 8, 8, dtype=torch.uint8))
+    assert f.shape == (4, 128) and p.shape == (4, 10)
