@@ -40,6 +40,19 @@ class StageContext:
         return Tracker(self.work / "metrics.jsonl", enabled=self.info.is_main, cfg=self.cfg, stage=stage,
                        run_name=run_name, resume_step=resume_kimg)
 
+    def finish(self, tracker: Tracker, checkpointer, written: Path) -> None:
+        """The end of every training stage, after its outputs are written: close the tracker,
+        publish the metrics, record provenance, then drop the resume state (a forced rerun
+        starts fresh)."""
+        if self.info.is_main:
+            tracker.close()
+            self.publish_metrics()
+            from .provenance import write_provenance
+
+            write_provenance(self.out, self.cfg)
+            self.log(f"wrote {written}")
+        checkpointer.clear()
+
     def publish_metrics(self) -> None:
         """Copy the work dir's metrics JSONL to the declared output (atomic)."""
         if self.info.is_main:

@@ -26,7 +26,6 @@ from sida.errors import CheckpointError, ConfigError
 from sida.images import save_grid
 from sida.loop import Checkpointer, run
 from sida.evaluation import TrainingMonitor
-from sida.provenance import write_provenance
 from sida.runtime import start_stage
 from sida.sampler import one_step_generate
 from sida.atomic import atomic_write_json
@@ -135,11 +134,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"]),
                   ctx.out / "samples.png", grid)
         checkpoints.save_network(ctx.out / "network.pt", nets.G_ema, meta=meta)
-        tracker.close()
-        ctx.publish_metrics()
-        write_provenance(ctx.out, cfg)
-        ctx.log(f"{args.run}: wrote {ctx.out / 'network.pt'}")
-    ckpt.clear()
+    ctx.finish(tracker, ckpt, ctx.out / "network.pt")
 
 
 if __name__ == "__main__":

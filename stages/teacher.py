@@ -18,7 +18,6 @@ from sida.data import open_dataset
 from sida.factory import network_from_config
 from sida.images import save_grid
 from sida.loop import Checkpointer, run
-from sida.provenance import write_provenance
 from sida.runtime import start_stage
 from sida.sampling import grid_samples
 from sida.teacher import TeacherLoop
@@ -58,11 +57,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         checkpoints.save_network(ctx.out / "network.pt", loop.ema,
                                  meta={"stage": "teacher", "kimg": loop.nimg / 1000, "config_hash": ctx.cfg_hash,
                                        "experiment": cfg["experiment"]})
-        tracker.close()
-        ctx.publish_metrics()
-        write_provenance(ctx.out, cfg)
-        ctx.log(f"teacher: wrote {ctx.out / 'network.pt'}")
-    ckpt.clear()
+    ctx.finish(tracker, ckpt, ctx.out / "network.pt")
 
 
 if __name__ == "__main__":
