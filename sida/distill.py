@@ -22,7 +22,7 @@ from .data import ImageDataset
 from .dist import DistInfo
 from .errors import ConfigError
 from .factory import autocast
-from .loop import accumulation, ema_update, make_adam, sync_gradients
+from .loop import accumulation, ema_update, make_adam, make_generators, slot_generator, sync_gradients
 from .losses import (adversarial_generator_loss, discriminator_loss, edm_denoising_loss, edm_loss_weight,
                      fake_score_objective, generator_objective, sid_generator_loss, sid_weight_factor)
 from .sampler import sid_sigma_t
@@ -76,12 +76,12 @@ class DistillLoop:
     """One SiD/SiDA iteration per `step`; state for checkpoints in `state_dict`."""
 
     def __init__(self, rc: dict, nets: Nets, dataset: ImageDataset | None, info: DistInfo,
-                 gens: dict[str, torch.Generator], sigma_data: float = 0.5) -> None:
+                 gens: dict[str, torch.Generator] | None = None, sigma_data: float = 0.5,
+                 seed: int = 0) -> None:
         self.rc = rc
         self.nets = nets
         self.dataset = dataset
         self.info = info
-        self.gens = gens
         self.device = info.device
         self.sigma_data = sigma_data
         self.phases = build_phases(rc["phases"])
@@ -91,11 +91,18 @@ class DistillLoop:
             raise ConfigError("a run with discriminator: true needs real images: configure `data`")
         self.batch = rc["batch"]
         self.micro, self.rounds = accumulation(self.batch, rc["batch_per_proc"], info.world_size)
+        self.gens = gens if gens is not None else make_generators(seed, info.rank, info.device, self.rounds)
         ref = nets.teacher
         self.img_shape = (ref.img_channels, ref.img_resolution, ref.img_resolution)
         self.label_dim = ref.label_dim
         nets.teacher.eval().requires_grad_(False)
         nets.G_ema.eval().requires_grad_(False)
+        if rc.get("channels_last"):
+            # NHWC weights make every convolution (and, from the first one on, every activation)
+            # channels-last: oneDNN's native layout, ~10% faster per iteration on the CPU at
+            # 32x32 (bench.step). Inputs stay NCHW: the first conv switches the layout.
+            for net in (nets.teacher, nets.G, nets.G_ema, nets.fake):
+                net.to(memory_format=torch.channels_last)
         self.g_params = list(nets.G.parameters())
         self.f_params = list(nets.fake.parameters())
         self.opt_g = make_adam(self.g_params, rc["lr_g"], rc["adam_eps"])
@@ -113,25 +120,25 @@ class DistillLoop:
         return self.phase().kind
 
     # -- random draws (all from this rank's generators) --------------------------------------------
-    def _labels(self, n: int) -> torch.Tensor:
+    def _labels(self, n: int, r: int) -> torch.Tensor:
         if self.label_dim == 0:
             return torch.zeros([n, 0], device=self.device)
-        idx = torch.randint(self.label_dim, (n,), generator=self.gens["data"])
+        idx = torch.randint(self.label_dim, (n,), generator=slot_generator(self.gens, "data", r))
         return F.one_hot(idx, self.label_dim).float().to(self.device)
 
-    def _real(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _real(self, n: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Real images with their labels; the generator is then conditioned on the same labels."""
-        idx = torch.randint(len(self.dataset), (n,), generator=self.gens["data"])
+        idx = torch.randint(len(self.dataset), (n,), generator=slot_generator(self.gens, "data", r))
         x, labels = self.dataset.get_batch(idx)
         return x.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
-    def _randn(self, shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.gens["noise"], device=self.device)
+    def _randn(self, shape, r: int) -> torch.Tensor:
+        return torch.randn(shape, generator=slot_generator(self.gens, "noise", r), device=self.device)
 
-    def _generate(self, labels: torch.Tensor) -> torch.Tensor:
+    def _generate(self, labels: torch.Tensor, r: int) -> torch.Tensor:
         """x_g = G(sigma_init z, sigma_init) with zero augment labels (the one-step convention)."""
         n = labels.shape[0]
-        z = self._randn([n, *self.img_shape])
+        z = self._randn([n, *self.img_shape], r)
         s = self.rc["sigma_init"]
         return self.nets.G(s * z, torch.full([n], s, device=self.device), labels)
 
@@ -146,18 +153,18 @@ class DistillLoop:
         stats = {"loss_fake": torch.zeros((), device=self.device)}
         if self.discriminator:
             stats.update(loss_d=torch.zeros((), device=self.device), d_acc=torch.zeros((), device=self.device))
-        for _ in range(self.rounds):
+        for r in range(self.rounds):
             if self.discriminator:
-                real, labels = self._real(self.micro)
+                real, labels = self._real(self.micro, r)
             else:
-                real, labels = None, self._labels(self.micro)
+                real, labels = None, self._labels(self.micro, r)
             with torch.no_grad(), autocast(self.device, rc["precision"]):
-                x_g = self._generate(labels)
+                x_g = self._generate(labels, r)
             x_g = x_g.float()
-            g = self.gens["noise"]
+            g = slot_generator(self.gens, "noise", r)
             sigma = (torch.randn([self.micro, 1, 1, 1], generator=g, device=self.device) * rc["P_std"]
                      + rc["P_mean"]).exp()
-            n = self._randn(x_g.shape) * sigma
+            n = self._randn(x_g.shape, r) * sigma
             with autocast(self.device, rc["precision"]):
                 denoised, lf, lr = fake_forward(nets.fake, x_g + n, None if real is None else real + n,
                                                 sigma.flatten(), labels, self.discriminator)
@@ -189,13 +196,14 @@ class DistillLoop:
         stats = {"loss_g_sid": torch.zeros((), device=self.device)}
         if adversarial:
             stats["loss_g_adv"] = torch.zeros((), device=self.device)
-        for _ in range(self.rounds):
-            labels = self._labels(self.micro)
+        for r in range(self.rounds):
+            labels = self._labels(self.micro, r)
             with autocast(self.device, rc["precision"]):
-                x_g = self._generate(labels).float()
-                t = torch.rand([self.micro, 1, 1, 1], generator=self.gens["noise"], device=self.device)
+                x_g = self._generate(labels, r).float()
+                t = torch.rand([self.micro, 1, 1, 1], generator=slot_generator(self.gens, "noise", r),
+                               device=self.device)
                 sigma_t = sid_sigma_t(t * rc["tmax"] / 1000)
-                x_t = x_g + sigma_t * self._randn(x_g.shape)
+                x_t = x_g + sigma_t * self._randn(x_g.shape, r)
                 y_real = nets.teacher(x_t, sigma_t.flatten(), labels)
                 if adversarial:
                     y_fake, logits = nets.fake(x_t, sigma_t.flatten(), labels, return_flag="encoder_decoder")

@@ -112,18 +112,32 @@ def restore_rng(gens: dict[str, torch.Generator], states: dict) -> None:
         torch.cuda.set_rng_state(states["cuda"])
 
 
-def make_generators(seed: int, rank: int, device: torch.device) -> dict[str, torch.Generator]:
-    """Per-rank generators: every random draw of a loop comes from one, so state is capturable.
+def make_generators(seed: int, rank: int, device: torch.device, rounds: int = 1) -> dict[str, torch.Generator]:
+    """The generators of one process: every random draw of a loop comes from one of them, so
+    their state can be checkpointed.
 
-    `noise` lives on the compute device (latents, sigmas, noise); `data` on the CPU (dataset
-    indices and labels, which index host-side datasets).
+    There is one pair per *micro-batch slot*: accumulation round r of rank k is global slot
+    k * rounds + r, and its generators are seeded by that slot. One process running two
+    accumulation rounds therefore draws exactly what two processes running one round each
+    draw, and a run's result does not depend on how its global batch is split.
+    `noise` (round r: `noise/r`) lives on the compute device (latents, sigmas, noise); `data`
+    (`data/r`) on the CPU (dataset indices and labels, which index host-side datasets).
     """
-    base = seed * 1_000_003 + rank * 7919
-    noise = torch.Generator(device=device)
-    noise.manual_seed(base)
-    data = torch.Generator()
-    data.manual_seed(base + 1)
-    return {"noise": noise, "data": data}
+    gens = {}
+    for r in range(rounds):
+        base = seed * 1_000_003 + (rank * rounds + r) * 7919
+        noise = torch.Generator(device=device)
+        noise.manual_seed(base)
+        data = torch.Generator()
+        data.manual_seed(base + 1)
+        suffix = "" if r == 0 else f"/{r}"
+        gens["noise" + suffix], gens["data" + suffix] = noise, data
+    return gens
+
+
+def slot_generator(gens: dict[str, torch.Generator], kind: str, r: int) -> torch.Generator:
+    """The `kind` ('noise' or 'data') generator of accumulation round `r`."""
+    return gens[kind if r == 0 else f"{kind}/{r}"]
 
 
 class Loop(Protocol):
@@ -131,6 +145,7 @@ class Loop(Protocol):
 
     nimg: int
     batch: int
+    gens: dict[str, torch.Generator]
 
     def step(self) -> dict[str, float]: ...
     def state_dict(self) -> dict: ...
@@ -164,9 +179,9 @@ class Checkpointer:
         self.cfg_hash = cfg_hash
         self.stage = stage
 
-    def save(self, loop: Loop, gens: dict[str, torch.Generator]) -> None:
+    def save(self, loop: Loop) -> None:
         """Gather RNG states from all ranks; rank 0 writes the checkpoint."""
-        rngs = gather_objects(capture_rng(gens))
+        rngs = gather_objects(capture_rng(loop.gens))
         if self.info.is_main:
             state = loop.state_dict()
             state["rng"] = rngs
@@ -174,7 +189,7 @@ class Checkpointer:
                              "world_size": self.info.world_size, "phase": loop.phase_name()}
             checkpoints.save_state(self.path, state)
 
-    def load_if_any(self, loop: Loop, gens: dict[str, torch.Generator]) -> bool:
+    def load_if_any(self, loop: Loop) -> bool:
         """Resume from the checkpoint if one exists; False when starting fresh."""
         if not self.path.exists():
             return False
@@ -192,7 +207,7 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {self.path} was written by {meta.get('world_size')} processes, "
                                   f"this run has {self.info.world_size}: resume with the same process count")
         loop.load_state_dict(state)
-        restore_rng(gens, state["rng"][self.info.rank])
+        restore_rng(loop.gens, state["rng"][self.info.rank])
         return True
 
     def clear(self) -> None:
@@ -202,7 +217,7 @@ class Checkpointer:
 
 
 def run(loop: Loop, total_nimg: int, tick_kimg: float, snapshot_kimg: float,
-        checkpointer: Checkpointer, gens: dict[str, torch.Generator], info: DistInfo,
+        checkpointer: Checkpointer, info: DistInfo,
         on_tick: Callable[[dict[str, float]], None] | None = None,
         on_snapshot: Callable[[], None] | None = None, label: str = "") -> None:
     """Drive `loop` from its current `nimg` to `total_nimg` images: ticks (progress + `on_tick`),
@@ -246,5 +261,5 @@ def run(loop: Loop, total_nimg: int, tick_kimg: float, snapshot_kimg: float,
         if (loop.nimg - last_snapshot >= snap_nimg) and not done:
             if on_snapshot is not None:
                 on_snapshot()
-            checkpointer.save(loop, gens)
+            checkpointer.save(loop)
             last_snapshot = loop.nimg

@@ -15,7 +15,6 @@ import torch
 
 from . import dist
 from .config import config_hash, load_config
-from .loop import make_generators
 from .tracking import Tracker
 
 
@@ -28,7 +27,7 @@ class StageContext:
     info: dist.DistInfo
     out: Path
     work: Path
-    gens: dict[str, torch.Generator]
+    seed: int
 
     def log(self, msg: str) -> None:
         """A progress line on stderr from the main process."""
@@ -77,4 +76,4 @@ def start_stage(config: str, overrides: Sequence[str], out: str | Path, salt: st
     seed = cfg["seed"] + (int(config_hash({"salt": salt}), 16) % 10_000 if salt else 0)
     torch.manual_seed(seed * 1000 + info.rank)
     return StageContext(cfg=cfg, cfg_hash=config_hash({"cfg": cfg, "salt": salt}), info=info, out=out,
-                        work=work, gens=make_generators(seed, info.rank, info.device))
+                        work=work, seed=seed)

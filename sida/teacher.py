@@ -14,7 +14,7 @@ import torch
 from .data import ImageDataset
 from .dist import DistInfo
 from .factory import autocast
-from .loop import accumulation, ema_update, make_adam, set_lr, sync_gradients
+from .loop import accumulation, ema_update, make_adam, make_generators, set_lr, slot_generator, sync_gradients
 from .losses import edm_denoising_loss
 
 
@@ -22,17 +22,17 @@ class TeacherLoop:
     """One EDM training iteration per `step`, with gradient accumulation across micro-batches."""
 
     def __init__(self, cfg: dict, net: torch.nn.Module, dataset: ImageDataset, info: DistInfo,
-                 gens: dict[str, torch.Generator]) -> None:
+                 gens: dict[str, torch.Generator] | None = None, seed: int = 0) -> None:
         self.t = cfg["teacher"]
         self.sigma_data = cfg["network"]["sigma_data"]
         self.net = net.train().requires_grad_(True)
         self.ema = copy.deepcopy(net).eval().requires_grad_(False)
         self.dataset = dataset
         self.info = info
-        self.gens = gens
         self.device = info.device
         self.batch = self.t["batch"]
         self.micro, self.rounds = accumulation(self.batch, self.t["batch_per_proc"], info.world_size)
+        self.gens = gens if gens is not None else make_generators(seed, info.rank, info.device, self.rounds)
         self.params = [p for p in net.parameters() if p.requires_grad]
         # EDM trains its teachers with Adam(0.9, 0.999), eps 1e-8.
         self.opt = make_adam(self.params, lr=self.t["lr"], eps=1e-8, betas=(0.9, 0.999))
@@ -50,11 +50,11 @@ class TeacherLoop:
         self.opt.zero_grad(set_to_none=True)
         total = self.micro * self.rounds
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(self.rounds):
-            idx = torch.randint(len(self.dataset), (self.micro,), generator=self.gens["data"])
+        for r in range(self.rounds):
+            idx = torch.randint(len(self.dataset), (self.micro,), generator=slot_generator(self.gens, "data", r))
             x, labels = self.dataset.get_batch(idx)
             x, labels = x.to(self.device), labels.to(self.device)
-            g = self.gens["noise"]
+            g = slot_generator(self.gens, "noise", r)
             sigma = (torch.randn([self.micro, 1, 1, 1], generator=g, device=self.device) * self.t["P_std"]
                      + self.t["P_mean"]).exp()
             n = torch.randn(x.shape, generator=g, device=self.device) * sigma

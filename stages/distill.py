@@ -105,9 +105,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     init_gen = init_gen.to(info.device) if init_gen is not None else None
     nets = init_nets(teacher, rc["dropout"], init_state, init_gen)
     dataset = open_dataset(cfg["data"]) if rc["discriminator"] else None
-    loop = DistillLoop(rc, nets, dataset, info, ctx.gens, sigma_data=getattr(teacher, "sigma_data", 0.5))
+    loop = DistillLoop(rc, nets, dataset, info, sigma_data=getattr(teacher, "sigma_data", 0.5), seed=ctx.seed)
     ckpt = Checkpointer(ctx.work, info, ctx.cfg_hash, f"distill/{args.run}")
-    if ckpt.load_if_any(loop, ctx.gens):
+    if ckpt.load_if_any(loop):
         ctx.log(f"{args.run}: resuming from {ckpt.path} at {loop.nimg / 1000:.2f} kimg")
     else:
         phases = ", ".join(f"{p['kind']} {p['kimg']:g} kimg" for p in rc["phases"])
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"]),
                       ctx.work / "samples.png", grid)
 
-    run(loop, loop.total_nimg, rc["tick_kimg"], rc["snapshot_kimg"], ckpt, ctx.gens, info,
+    run(loop, loop.total_nimg, rc["tick_kimg"], rc["snapshot_kimg"], ckpt, info,
         on_tick=lambda row: tracker.log({**row, **keeper.maybe_evaluate(loop.nimg)}, loop.nimg / 1000),
         on_snapshot=snapshot, label=f"{args.run}: ")
     if info.is_main:

@@ -39,9 +39,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         n = sum(p.numel() for p in net.parameters())
         ctx.log(f"teacher: {cfg['network']['model_type']} with {n / 1e6:.2f}M parameters on {dataset!r}, "
                 f"{info.world_size} process(es) on {info.device}")
-    loop = TeacherLoop(cfg, net, dataset, info, ctx.gens)
+    loop = TeacherLoop(cfg, net, dataset, info, seed=ctx.seed)
     ckpt = Checkpointer(ctx.work, info, ctx.cfg_hash, "teacher")
-    if ckpt.load_if_any(loop, ctx.gens):
+    if ckpt.load_if_any(loop):
         ctx.log(f"teacher: resuming from {ckpt.path} at {loop.nimg / 1000:.2f} kimg")
     tracker = ctx.tracker("teacher", resume_kimg=loop.nimg / 1000 if loop.nimg else None)
     t = cfg["teacher"]
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if info.is_main:
             save_grid(grid_samples(loop.ema, GRID, cfg["seed"], steps=18), ctx.work / "samples.png", GRID)
 
-    run(loop, int(t["kimg"] * 1000), t["tick_kimg"], t["snapshot_kimg"], ckpt, ctx.gens, info,
+    run(loop, int(t["kimg"] * 1000), t["tick_kimg"], t["snapshot_kimg"], ckpt, info,
         on_tick=lambda row: tracker.log(row, loop.nimg / 1000), on_snapshot=snapshot, label="teacher: ")
     if info.is_main:
         save_grid(grid_samples(loop.ema, GRID, cfg["seed"], steps=18), ctx.out / "samples.png", GRID)
