@@ -66,6 +66,49 @@ class Linear(torch.nn.Module):
         return F.linear(x, self.weight.to(x.dtype), b)
 
 
+class _BoxUp2(torch.autograd.Function):
+    """Nearest-neighbour 2x upsampling of an NCHW tensor.
+
+    Same values as ``F.interpolate(x, scale_factor=2, mode="nearest")``, but the forward is one
+    broadcast copy: ATen's NCHW nearest kernel is ~3-10x slower on the CPU (measured on
+    [32, 64, 16, 16]: 2.9 ms vs 0.95 ms, and much worse under load). The backward is ATen's own.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        ctx.in_size = (n, c, h, w)
+        return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = ctx.in_size
+        return torch.ops.aten.upsample_nearest2d_backward(g, [2 * h, 2 * w], [n, c, h, w], 2.0, 2.0)
+
+
+class _BoxDown2(torch.autograd.Function):
+    """2x2 average pooling of an NCHW tensor with even H, W: bit-identical to ``F.avg_pool2d(x, 2)``
+    (same summation order, exact division by 4) from four strided views, ~2x faster than ATen's
+    NCHW pooling kernel on the CPU. The backward is ATen's own."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)  # shape/strides only; avg_pool2d_backward reads no values
+        return (x[:, :, 0::2, 0::2] + x[:, :, 0::2, 1::2] + x[:, :, 1::2, 0::2] + x[:, :, 1::2, 1::2]) * 0.25
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.avg_pool2d_backward(g, x, [2, 2], [2, 2], [0, 0], False, True, None)
+
+
+def _nchw_fast_path(x: torch.Tensor) -> bool:
+    """The hand-written resamplers are for plain NCHW fp32 CPU tensors; channels-last tensors
+    (whose ATen kernels are already fast), other dtypes (autocast's dtype policy stays ATen's)
+    and other devices use ATen directly."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.is_contiguous()
+
+
 def _is_box2(resample_filter: Sequence[float]) -> bool:
     """True for the 2-tap box filter [a, a]: resampling is then exactly 2x2 average pooling /
     nearest-neighbour upsampling, which we run with the cheaper native ops."""
@@ -109,14 +152,18 @@ class Conv2d(torch.nn.Module):
         self._box2 = _is_box2(resample_filter)
 
     def _down(self, x: torch.Tensor, f: torch.Tensor, pad: int) -> torch.Tensor:
-        if self._box2:
-            return F.avg_pool2d(x, 2)  # == depthwise conv with [[.25,.25],[.25,.25]], stride 2
+        if self._box2:  # == depthwise conv with [[.25,.25],[.25,.25]], stride 2
+            if _nchw_fast_path(x) and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0:
+                return _BoxDown2.apply(x)
+            return F.avg_pool2d(x, 2)
         c = x.shape[1]
         return F.conv2d(x, f.expand(c, 1, -1, -1), groups=c, stride=2, padding=pad)
 
     def _up(self, x: torch.Tensor, f: torch.Tensor, pad: int) -> torch.Tensor:
-        if self._box2:
-            return F.interpolate(x, scale_factor=2, mode="nearest")  # == conv_transpose with 4*box/4
+        if self._box2:  # == conv_transpose with 4*box/4
+            if _nchw_fast_path(x):
+                return _BoxUp2.apply(x)
+            return F.interpolate(x, scale_factor=2, mode="nearest")
         c = x.shape[1]
         return F.conv_transpose2d(x, (f * 4).expand(c, 1, -1, -1), groups=c, stride=2, padding=pad)
 
@@ -219,6 +266,8 @@ class UNetBlock(torch.nn.Module):
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        # In-place adds/scalings below only touch fresh conv outputs, which no backward reads
+        # (a conv saves its input and weight): same values, fewer full-size temporaries.
         orig = x
         x = self.conv0(F.silu(self.norm0(x)))
         params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
@@ -226,21 +275,32 @@ class UNetBlock(torch.nn.Module):
             scale, shift = params.chunk(chunks=2, dim=1)
             x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
         else:
-            x = F.silu(self.norm1(x + params))
+            x = F.silu(self.norm1(x.add_(params)))
         x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
-        x = x + (self.skip(orig) if self.skip is not None else orig)
-        x = x * self.skip_scale
+        x = x.add_(self.skip(orig) if self.skip is not None else orig).mul_(self.skip_scale)
 
         if self.num_heads:
-            B, C, H, W = x.shape
-            # EDM layout: qkv channels are [heads, C/heads, 3] (q, k, v interleaved per channel).
-            qkv = self.qkv(self.norm2(x)).reshape(B, self.num_heads, C // self.num_heads, 3, H * W)
-            q, k, v = qkv.unbind(3)
-            a = attention(q, k, v).reshape(B, C, H, W)
-            if x.is_contiguous(memory_format=torch.channels_last):
-                a = a.contiguous(memory_format=torch.channels_last)
-            x = (self.proj(a) + x) * self.skip_scale
+            x = self.proj(self._attention(self.qkv(self.norm2(x)), x)).add_(x).mul_(self.skip_scale)
         return x
+
+    def _attention(self, qkv: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Multi-head self-attention of the ``qkv`` conv output, returned shaped and laid out
+        (memory format) like ``like``.
+
+        EDM's layout: qkv channels are [heads, C/heads, 3] (q, k, v interleaved per channel),
+        scale 1/sqrt(C/heads); `attention` states it in that layout. Here one copy regroups the
+        three into [3, B, heads, H*W, C/heads] with unit-stride channels, the layout SDPA's
+        fused (flash) CPU kernel takes, instead of strided views that send SDPA to its unfused
+        math path (bmm + softmax with a materialised H*W x H*W matrix).
+        """
+        B, C, H, W = like.shape
+        heads = self.num_heads
+        qkv = qkv.reshape(B, heads, C // heads, 3, H * W).permute(3, 0, 1, 4, 2).contiguous()
+        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, heads, HW, C/heads]
+        if like.is_contiguous(memory_format=torch.channels_last):
+            return a.permute(0, 2, 1, 3).reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous(
+                memory_format=torch.channels_last)
+        return a.permute(0, 1, 3, 2).reshape(B, C, H, W)
 
 
 class PositionalEmbedding(torch.nn.Module):

@@ -1,0 +1,281 @@
+"""Benchmark: one SiD / SiDA distillation iteration (`sida.distill.DistillLoop.step`) on the CPU.
+
+    python -m bench.step --phase {sid,sida} --res 32 --channels 3 --batch 32 --model-channels 32 \
+        --channel-mult 1,2,2 --attn-res 16 [--num-blocks 2] --iters 10 --warmup 2 --threads 2 \
+        [--channels-last] [--compare-separate] [--profile N]
+
+Builds a teacher-sized trio (teacher, generator, fake score: random EDMPrecond SongUNets with
+DDPM++ settings, dropout 0, label_dim 0), an in-memory dataset for SiDA's real images, and times
+`--iters` full iterations of our loop after `--warmup` untimed ones. In the same process and
+interleaved with them, it times the *floor*: the same network forward/backward calls the
+iteration makes (same shapes, same frozen/trainable parameters, same memory format) with none
+of the loop's logic (no losses, optimiser, EMA, data, RNG bookkeeping). floor_ratio =
+median iteration time / median floor time.
+
+--compare-separate also times iterations whose discriminator runs the real and fake encoder
+passes as two network calls (as the official SiDA code does) instead of one batched call, and
+reports separate / batched time. Human-readable lines go to stdout first; the last line is one
+JSON object (images_per_sec = median, images_per_sec_best = best-of, floor_ratio, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Sequence
+
+import torch
+
+from sida import distill as distill_mod
+from sida.dist import init as dist_init
+from sida.distill import DistillLoop, init_nets
+from sida.loop import make_generators
+from sida.precond import EDMPrecond
+
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v.strip() and int(v) > 0]
+
+
+class MemoryDataset:
+    """Random images in [-1, 1] held as one tensor: `get_batch` is a single index, no decoding."""
+
+    def __init__(self, n: int, channels: int, res: int, label_dim: int = 0, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand([n, channels, res, res], generator=g) * 2 - 1
+        self.labels = torch.zeros([n, label_dim])
+        if label_dim:
+            self.labels[torch.arange(n), torch.randint(label_dim, (n,), generator=g)] = 1
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def get_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices).reshape(-1)
+        return self.images[idx], self.labels[idx]
+
+
+def build_teacher(args: argparse.Namespace) -> torch.nn.Module:
+    """A random EDMPrecond SongUNet with EDM's DDPM++ settings at the requested size."""
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=args.res, img_channels=args.channels, label_dim=args.label_dim,
+                     model_type="SongUNet",
+                     model_channels=args.model_channels, channel_mult=_ints(args.channel_mult),
+                     channel_mult_emb=4, num_blocks=args.num_blocks, attn_resolutions=_ints(args.attn_res),
+                     dropout=0.0, embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
+                     decoder_type="standard", resample_filter=[1, 1])
+    # Random weights with EDM's init leave conv1/proj/aux_conv at 1e-5: perturb them so the
+    # numbers are ordinary (speed does not depend on it, but NaN/denormal paths would).
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return net.eval().requires_grad_(False)
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The distill settings of a one-phase run of `args.phase` (config defaults otherwise)."""
+    return dict(sigma_init=2.5, tmax=800, alpha=1.2, lambda_sid=100.0, lambda_adv=0.01, lambda_d=1.0,
+                P_mean=-1.2, P_std=1.2, batch=args.batch, batch_per_proc=None, lr_g=1e-5, lr_fake=1e-5,
+                adam_eps=1e-8, ema_halflife_kimg=1.0, ema_rampup_ratio=None, dropout=None, fake_clip=1.0,
+                precision="fp32", channels_last=args.channels_last, discriminator=args.phase == "sida",
+                phases=[{"kind": args.phase, "kimg": 1e9}], init="teacher", init_generator=None)
+
+
+def separate_fake_forward(fake, x_fake, x_real, sigma, labels, discriminator):
+    """The official SiDA layout: fakes through encoder+decoder, reals through the encoder, as two calls."""
+    if not discriminator:
+        return fake(x_fake, sigma, labels), None, None
+    denoised, logits_fake = fake(x_fake, sigma, labels, return_flag="encoder_decoder")
+    logits_real = fake(x_real, sigma, labels, return_flag="encoder")
+    return denoised, logits_fake, logits_real
+
+
+@contextmanager
+def fake_forward_as(fn: Callable):
+    """Swap the loop's fake-score forward (module attribute looked up at call time)."""
+    saved = distill_mod.fake_forward
+    distill_mod.fake_forward = fn
+    try:
+        yield
+    finally:
+        distill_mod.fake_forward = saved
+
+
+class Floor:
+    """The network calls of one iteration, bare: what no loop can avoid doing."""
+
+    def __init__(self, loop: DistillLoop, phase: str, separate: bool) -> None:
+        self.loop, self.phase, self.separate = loop, phase, separate
+        n = loop.micro
+        c, h, w = loop.img_shape
+        fmt = torch.channels_last if loop.rc.get("channels_last") else torch.contiguous_format
+        mk = lambda *s: torch.randn(*s).contiguous(memory_format=fmt) if len(s) == 4 else torch.randn(*s)
+        self.z, self.noise, self.real = mk(n, c, h, w), mk(n, c, h, w), mk(n, c, h, w)
+        self.sigma = torch.rand(n) * 2 + 0.1
+        self.labels = torch.eye(max(loop.label_dim, 1))[torch.arange(n) % max(loop.label_dim, 1)][:, :loop.label_dim]
+        self.s_init = torch.full([n], 2.5)
+
+    def __call__(self) -> None:
+        nets, sida = self.loop.nets, self.phase == "sida"
+        disc = self.loop.discriminator
+        # 1. fake-score update: G forward without grad, f_psi forward/backward (parameter grads).
+        nets.fake.requires_grad_(True)
+        with torch.no_grad():
+            x_g = nets.G(self.z * 2.5, self.s_init, self.labels)
+        x = x_g + self.noise
+        if disc and self.separate:
+            d, lf = nets.fake(x, self.sigma, self.labels, return_flag="encoder_decoder")
+            lr = nets.fake(self.real, self.sigma, self.labels, return_flag="encoder")
+            loss = d.square().sum() + lf.sum() + lr.sum()
+        elif disc:
+            b = x.shape[0]
+            d, lg = nets.fake(torch.cat([x, self.real]), torch.cat([self.sigma, self.sigma]),
+                              torch.cat([self.labels, self.labels]), return_flag="encoder_decoder", decode_first=b)
+            loss = d.square().sum() + lg.sum()
+        else:
+            loss = nets.fake(x, self.sigma, self.labels).square().sum()
+        loss.backward()
+        nets.fake.requires_grad_(False)
+        # 2. generator update: G forward/backward through the frozen teacher and fake score.
+        nets.G.requires_grad_(True)
+        x_g = nets.G(self.z * 2.5, self.s_init, self.labels)
+        x_t = x_g + self.noise
+        y_r = nets.teacher(x_t, self.sigma, self.labels)
+        if sida:
+            y_f, lg = nets.fake(x_t, self.sigma, self.labels, return_flag="encoder_decoder")
+            loss = (y_r * y_f).sum() + lg.sum()
+        else:
+            loss = (y_r * nets.fake(x_t, self.sigma, self.labels)).sum()
+        loss.backward()
+        nets.G.requires_grad_(False)
+        for p in list(nets.G.parameters()) + list(nets.fake.parameters()):
+            p.grad = None
+
+
+def build_loop(args: argparse.Namespace, info) -> DistillLoop:
+    teacher = build_teacher(args)
+    nets = init_nets(teacher, None)
+    dataset = MemoryDataset(max(4 * args.batch, 256), args.channels, args.res, args.label_dim) if args.phase == "sida" else None
+    gens = make_generators(0, 0, info.device)
+    return DistillLoop(run_config(args), nets, dataset, info, gens)
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
+    loop = build_loop(args, info)
+    modes = ["batched"] + (["separate"] if args.compare_separate and args.phase == "sida" else [])
+    step_fn = {"batched": distill_mod.fake_forward, "separate": separate_fake_forward}
+    floors = {m: Floor(loop, args.phase, m == "separate") for m in modes}
+    times = {m: [] for m in modes}
+    floor_times = {m: [] for m in modes}
+
+    def one(mode: str, record: bool) -> None:
+        with fake_forward_as(step_fn[mode]):
+            t = _timed(loop.step)
+        loop.nimg += loop.batch
+        f = _timed(floors[mode])
+        if record:
+            times[mode].append(t)
+            floor_times[mode].append(f)
+
+    t_first = _timed(loop.step)  # first iteration (allocator / oneDNN primitive warm-up), untimed below
+    loop.nimg += loop.batch
+    for _ in range(args.warmup):
+        for m in modes:
+            one(m, False)
+    for i in range(args.iters):
+        for m in (modes if i % 2 == 0 else modes[::-1]):  # alternate the order: drift hits both
+            one(m, True)
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.profile):
+                loop.step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
+
+    B = args.batch
+    res = {}
+    for m in modes:
+        med, best = statistics.median(times[m]), min(times[m])
+        fmed, fbest = statistics.median(floor_times[m]), min(floor_times[m])
+        res[m] = dict(median_s=med, best_s=best, floor_median_s=fmed, floor_best_s=fbest,
+                      ips=B / med, ips_best=B / best, floor_ratio=med / fmed, floor_ratio_best=best / fbest)
+        print(f"{m:>9}: {B / med:7.2f} img/s median, {B / best:7.2f} best  |  iteration {med * 1e3:8.1f} ms "
+              f"(best {best * 1e3:.1f}), floor {fmed * 1e3:8.1f} ms (best {fbest * 1e3:.1f}), "
+              f"ratio {med / fmed:.3f} (best/best {best / fbest:.3f})", file=out)
+    b = res["batched"]
+    result = {
+        "phase": args.phase, "res": args.res, "channels": args.channels, "batch": B,
+        "model_channels": args.model_channels, "channel_mult": _ints(args.channel_mult),
+        "attn_res": _ints(args.attn_res), "num_blocks": args.num_blocks, "label_dim": args.label_dim, "threads": torch.get_num_threads(),
+        "channels_last": bool(args.channels_last), "iters": args.iters, "warmup": args.warmup,
+        "images_per_sec": b["ips"], "images_per_sec_best": b["ips_best"],
+        "iter_ms_median": b["median_s"] * 1e3, "iter_ms_best": b["best_s"] * 1e3,
+        "floor_ms_median": b["floor_median_s"] * 1e3, "floor_ms_best": b["floor_best_s"] * 1e3,
+        "floor_ratio": b["floor_ratio"], "floor_ratio_best": b["floor_ratio_best"],
+        "first_iter_ms": t_first * 1e3,
+    }
+    if "separate" in res:
+        s = res["separate"]
+        result.update(separate_images_per_sec=s["ips"], separate_images_per_sec_best=s["ips_best"],
+                      separate_floor_ratio=s["floor_ratio"],
+                      batched_speedup_vs_separate=s["median_s"] / b["median_s"],
+                      batched_speedup_vs_separate_best=s["best_s"] / b["best_s"])
+        print(f"batched encoder passes vs separate: {result['batched_speedup_vs_separate']:.3f}x (median), "
+              f"{result['batched_speedup_vs_separate_best']:.3f}x (best)", file=out)
+    print(f"first iteration {t_first * 1e3:.1f} ms", file=out)
+    return result
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n")[0])
+    p.add_argument("--phase", choices=["sid", "sida"], default="sida")
+    p.add_argument("--res", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--model-channels", type=int, default=32)
+    p.add_argument("--channel-mult", default="1,2,2")
+    p.add_argument("--attn-res", default="16", help="comma list of resolutions with attention; 0 = none")
+    p.add_argument("--num-blocks", type=int, default=2)
+    p.add_argument("--label-dim", type=int, default=0, help="class labels (0: unconditional; digits: 10)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    cl = p.add_mutually_exclusive_group()
+    cl.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+                    help="run the networks channels-last (distill.channels_last)")
+    cl.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--compare-separate", action="store_true",
+                   help="also time separate real/fake discriminator encoder passes (official layout)")
+    p.add_argument("--profile", type=int, default=0, help="profile N extra iterations (table to stderr)")
+    args = p.parse_args(argv)
+    if args.channels_last is None:
+        args.channels_last = False
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse(argv)
+    info = dist_init("cpu", args.threads)
+    print(f"[bench.step] phase {args.phase}, {args.res}x{args.res}x{args.channels}, batch {args.batch}, "
+          f"model_channels {args.model_channels}, mult {args.channel_mult}, attn {args.attn_res}, "
+          f"blocks {args.num_blocks}, labels {args.label_dim}, threads {torch.get_num_threads()}, channels_last {args.channels_last}",
+          flush=True)
+    result = measure(args, info)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
