@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -113,8 +114,18 @@ def _check_cycles(runs: dict, source: str) -> None:
         visit(n, [])
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; researchers write learning rates that way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"""),
+    list("-+0123456789"))
+
+
 def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+    return yaml.load(text, Loader=_Loader)
 
 
 def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
@@ -142,7 +153,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: pass --config with a file under config/")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

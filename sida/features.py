@@ -297,7 +297,9 @@ def train_digits_classifier(seed: int = 0, epochs: int = 30) -> tuple[DigitsCNN,
     idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.25, random_state=0, stratify=y)
     xt = torch.from_numpy(x).float() / 127.5 - 1
     yt = torch.from_numpy(y)
-    with _deterministic(CLASSIFIER_RECIPE["threads"]):
+    # fork_rng: training may happen inside a distillation run (the monitor's first call), whose
+    # global RNG stream must not move; enable_grad: the caller may be under no_grad.
+    with _deterministic(CLASSIFIER_RECIPE["threads"]), torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)
         net = DigitsCNN()
         opt = torch.optim.Adam(net.parameters(), lr=CLASSIFIER_RECIPE["lr"])
