@@ -62,7 +62,8 @@ def _torch_load(path: Path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        # First sentence only: torch's messages go on with internal advice.
+        reason = str(exc).strip().splitlines()[0].split(". ")[0][:160] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{what} {path} is corrupt or truncated ({reason}): delete it and rerun "
                               f"the stage that writes it") from None
     except Exception:  # pickle.UnpicklingError from the weights-only loader, among others

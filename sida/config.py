@@ -21,6 +21,8 @@ from .errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+# Names of stages and output folders under results/<experiment>/: a run cannot use them.
+RESERVED_RUN_NAMES = frozenset({"teacher", "fetch", "evaluate", "report", "logs", "wandb", "all"})
 
 
 def _with_defaults(cls):
@@ -68,6 +70,10 @@ def validate(cfg: dict, source: str = "config") -> dict:
 def _check_semantics(cfg: dict, source: str) -> None:
     """Rules a JSON schema cannot say: references between runs, batch divisibility."""
     runs = cfg["distill"]["runs"]
+    for name in runs:
+        if name in RESERVED_RUN_NAMES:
+            raise ConfigError(f"{source}: distill.runs.{name}: the name '{name}' is taken by a stage or an output "
+                              f"folder ({', '.join(sorted(RESERVED_RUN_NAMES))}): rename the run")
     for name, run in runs.items():
         for key in ("init", "init_generator"):
             ref = run.get(key)

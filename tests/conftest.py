@@ -1,0 +1,41 @@
+"""Shared fixtures. Keep each one small and documented; add new ones below the existing ones."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Snakemake:
+    """Runs this repo's workflow in another working directory (`-s workflow/Snakefile -d DIR`),
+    with the virtualenv's bin first on PATH (jobs call `torchrun` and `python`)."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
+        bindir = str(Path(sys.executable).parent)
+        self.env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
+        self.exe = str(Path(bindir) / "snakemake")
+
+    def __call__(self, *args: str, profile: str = "local", configfile: str | Path | None = None,
+                 timeout: float = 600, kill_after: float = 10) -> subprocess.CompletedProcess:
+        """`snakemake ARGS --profile profiles/PROFILE [--configfile F]` inside `timeout -k`."""
+        cmd = ["timeout", "-k", str(kill_after), str(int(timeout)), self.exe, *args,
+               "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(self.workdir)]
+        if profile:
+            cmd += ["--profile", str(REPO / "profiles" / profile)]
+        if configfile is not None:
+            cmd += ["--configfile", str(configfile)]
+        return subprocess.run(cmd, cwd=self.workdir, env=self.env, capture_output=True, text=True,
+                              timeout=timeout + kill_after + 30)
+
+
+@pytest.fixture
+def snakemake(tmp_path) -> Snakemake:
+    """A `Snakemake` runner in a fresh temporary working directory."""
+    return Snakemake(tmp_path)

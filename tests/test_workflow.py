@@ -1,0 +1,273 @@
+"""The Snakemake workflow: the DAG derived from the config, validation, lint, profiles (fast), and
+the whole embedded DAG on config/ci-short.yaml with reruns and a failing stage (slow)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import resource
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, Snakemake
+
+PRESETS = sorted(p for p in (REPO / "config").glob("*.yaml"))
+CI = REPO / "config" / "ci-short.yaml"
+
+
+def _job_stats(stdout: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run: rule -> count."""
+    stats, in_table = {}, False
+    for line in stdout.splitlines():
+        if line.startswith("Job stats:"):
+            in_table, stats = True, {}
+            continue
+        if in_table:
+            m = re.fullmatch(r"(\S+)\s+(\d+)", line.strip())
+            if m and m.group(1) != "total":
+                stats[m.group(1)] = int(m.group(2))
+            elif line.strip().startswith("total"):
+                in_table = False
+    return stats
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _write_config(path: Path, base: Path, edit) -> Path:
+    cfg = yaml.safe_load(base.read_text())
+    edit(cfg)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+# ------------------------------------------------------------------------------------- fast --
+
+def test_lint_is_clean(snakemake):
+    r = snakemake("--lint", profile="")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Lints for" not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_dry_run_of_every_preset_follows_its_runs(snakemake, preset):
+    r = snakemake("-n", configfile=preset)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = yaml.safe_load(preset.read_text())
+    runs = cfg["distill"]["runs"]
+    stats = _job_stats(r.stdout)
+    expected = {name: 1 for name in runs}
+    evaluated = sum(1 for run in runs.values() if run.get("evaluate", True))
+    expected.update(evaluate=1 + evaluated, report=1, all=1)
+    expected["fetch" if cfg.get("teacher", {}).get("source") == "fetch" else "teacher"] = 1
+    assert stats == expected
+    # A dry run downloads nothing and writes no results.
+    assert not (snakemake.workdir / "results").exists()
+
+
+def test_default_config_when_no_configfile_and_presets_are_not_merged(snakemake):
+    r = snakemake("-n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert set(_job_stats(r.stdout)) >= {"teacher", "warmup", "sid", "sida", "sid2a"}
+    cifar = REPO / "config" / "cifar10-cond.yaml"
+    if cifar.is_file():
+        runs = set(yaml.safe_load(cifar.read_text())["distill"]["runs"])
+        r = snakemake("-n", configfile=cifar)
+        rules = set(_job_stats(r.stdout)) - {"fetch", "teacher", "evaluate", "report", "all"}
+        assert rules == runs  # the default's runs are not deep-merged into the preset's
+
+
+def test_distill_inputs_follow_init_and_init_generator(snakemake, tmp_path):
+    def edit(cfg):
+        cfg["distill"]["runs"]["more"] = {"init": "sida", "init_generator": "sid", "discriminator": True,
+                                          "phases": [{"kind": "sida", "kimg": 0.1}], "evaluate": False}
+    cfg = _write_config(tmp_path / "more.yaml", CI, edit)
+    r = snakemake("-n", "-p", configfile=cfg)
+    assert r.returncode == 0, r.stderr[-2000:]
+    stats = _job_stats(r.stdout)
+    assert stats["more"] == 1 and stats["evaluate"] == 4  # teacher, sid, sida, sid2a; not `more`
+    cmd = next(line for line in r.stdout.splitlines() if "--run more" in line)
+    assert "--init results/ci-short/sida/state.pt --init-generator results/ci-short/sid/network.pt" in cmd
+    assert cmd.startswith("Shell command: torchrun --standalone --nproc-per-node 1 -m -- stages.distill")
+    assert "--teacher results/ci-short/teacher/network.pt" in cmd
+    assert "> results/ci-short/logs/distill/more.log 2>&1 || stage_failed more" in cmd
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("range", ["--config", "num_procs=0"], r"num_procs: 0 is less than the minimum of 1"),
+    ("pattern", ["--config", "experiment=a/b"], r"experiment: 'a/b' does not match"),
+    ("unknown run", None, r"distill\.runs\.sid\.init: unknown run 'nope'"),
+    ("reserved name", None, r"distill\.runs\.report: the name 'report' is taken"),
+    ("batch", ["--config", "num_procs=3"], r"batch: 64 is not divisible by 3 processes"),
+])
+def test_bad_config_fails_fast_with_one_line(snakemake, tmp_path, case, args, message):
+    configfile = CI
+    if case == "unknown run":
+        configfile = _write_config(tmp_path / "c.yaml", CI,
+                                   lambda c: c["distill"]["runs"]["sid"].update(init="nope"))
+    if case == "reserved name":
+        configfile = _write_config(tmp_path / "c.yaml", CI, lambda c: c["distill"]["runs"].update(
+            report={"phases": [{"kind": "sid", "kimg": 1}]}))
+    # CPU time, not wall time: other tests may share the cores (wall time is only bounded loosely).
+    cpu0, start = _children_cpu(), time.monotonic()
+    r = snakemake("-n", *(args or []), configfile=configfile)
+    cpu, wall = _children_cpu() - cpu0, time.monotonic() - start
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and re.search(message, last), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert cpu < 5 and wall < 60, f"took {cpu:.1f} s CPU, {wall:.1f} s wall"
+
+
+def test_multi_node_runs_torchrun_under_srun_with_c10d(snakemake, tmp_path):
+    cfg = _write_config(tmp_path / "mn.yaml", CI, lambda c: c.update(nodes=2, num_procs=2, device="cuda"))
+    r = snakemake("-n", "-p", "--until", "warmup", configfile=cfg)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = r.stdout
+    teacher = next(line for line in text.splitlines() if "stages.teacher" in line)
+    assert "srun --nodes 2 --ntasks-per-node 1 torchrun --nnodes $SLURM_NNODES --nproc-per-node 2" in teacher
+    assert "--rdzv-backend c10d" in teacher and "--rdzv-endpoint $(scontrol show hostnames" in teacher
+    res = [line for line in text.splitlines() if line.strip().startswith("resources:")]
+    assert any("nodes=2" in line and "mpi=srun" in line and "tasks=2" in line
+               and "--gpus-per-node=2" in line for line in res), res
+
+
+SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+
+
+@pytest.mark.skipif("resources" not in SCHEMA["properties"],
+                    reason="the config schema has no `resources` section yet")
+def test_resources_come_from_config(snakemake, tmp_path):
+    cfg = _write_config(tmp_path / "res.yaml", CI, lambda c: c.update(resources={
+        "default": {"slurm_partition": "gpu"}, "distill": {"runtime": 2880, "mem_mb": 64000}}))
+    r = snakemake("-n", "--until", "warmup", configfile=cfg)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = {m.group(1): m.group(2) for m in re.finditer(r"(?ms)^rule (\w+):.*?^\s+resources: ([^\n]+)", r.stdout)}
+    assert "runtime=2880" in res["warmup"] and "mem_mb=64000" in res["warmup"]
+    assert "slurm_partition=gpu" in res["teacher"] and "runtime=60" in res["teacher"]
+
+
+def test_slurm_profile_dry_run(snakemake):
+    r = snakemake("-n", profile="slurm", configfile=CI)
+    assert r.returncode == 0, r.stderr[-2000:]
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    assert profile["executor"] == "slurm" and profile["slurm-keep-successful-logs"] is True
+
+
+# ------------------------------------------------------------------------------------- slow --
+
+def _snapshot(root: Path, *dirs: str) -> dict[str, tuple[str, int]]:
+    """sha256 and mtime (ns) of every file under the given result folders."""
+    out = {}
+    for d in dirs:
+        for p in sorted((root / d).rglob("*")):
+            if p.is_file():
+                out[str(p.relative_to(root))] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    """The whole DAG of config/ci-short.yaml, run once with the local profile."""
+    sm = Snakemake(tmp_path_factory.mktemp("ci"))
+    start = time.monotonic()
+    r = sm(configfile=CI, timeout=400)
+    print(f"ci-short DAG, local profile: {time.monotonic() - start:.0f} s")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return sm, r
+
+
+@pytest.mark.slow
+def test_full_dag_writes_every_output(ci_run):
+    sm, r = ci_run
+    exp = sm.workdir / "results" / "ci-short"
+    for f in ["teacher/network.pt", "teacher/samples.png", "teacher/metrics.jsonl", "config.yaml",
+              "report/report.md", "report/report.html", "report/results.json", "logs/teacher.log",
+              "logs/report.log"]:
+        assert (exp / f).is_file(), f
+    for run in ["warmup", "sid", "sida", "sid2a"]:
+        for f in ["network.pt", "state.pt", "samples.png", "metrics.jsonl"]:
+            assert (exp / run / f).is_file(), f"{run}/{f}"
+        assert not (exp / run / "work").exists(), "a finished stage leaves no resume state"
+        assert (exp / "logs" / "distill" / f"{run}.log").is_file()
+    for name in ["teacher", "sid", "sida", "sid2a"]:
+        assert json.loads((exp / "evaluate" / name / "metrics.json").read_text())
+        assert (exp / "evaluate" / name / "samples.png").is_file()
+    assert not (exp / "evaluate" / "warmup").exists()  # evaluate: false
+    assert "Report: results/ci-short/report/report.html" in r.stdout + r.stderr
+    # The stages read the config Snakemake validated, with its defaults filled in.
+    resolved = yaml.safe_load((exp / "config.yaml").read_text())
+    assert resolved["experiment"] == "ci-short" and resolved["distill"]["runs"]["sid"]["evaluate"] is True
+
+
+@pytest.mark.slow
+def test_second_run_does_nothing(ci_run):
+    sm, _ = ci_run
+    r = sm(configfile=CI, timeout=60)
+    assert r.returncode == 0
+    assert "Nothing to be done" in r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_snakemake_report_has_grids_and_results(ci_run, tmp_path):
+    sm, _ = ci_run
+    out = tmp_path / "report.zip"
+    r = sm("--report", str(out), configfile=CI, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import zipfile
+    names = [Path(n).name for n in zipfile.ZipFile(out).namelist()]
+    assert "report.html" in names and names.count("samples.png") >= 4 + 4 + 1
+
+
+@pytest.mark.slow
+def test_forcerun_sida_reruns_only_sida_and_downstream(ci_run):
+    sm, _ = ci_run
+    root = sm.workdir / "results" / "ci-short"
+    kept = ["teacher", "warmup", "sid", "sid2a", "evaluate/teacher", "evaluate/sid", "evaluate/sid2a"]
+    before = _snapshot(root, *kept)
+    sida_before = _snapshot(root, "sida", "evaluate/sida", "report")
+    start = time.monotonic()
+    r = sm("--forcerun", "sida", configfile=CI, timeout=300)
+    print(f"--forcerun sida: {time.monotonic() - start:.0f} s")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ran = set(re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", r.stdout + r.stderr))
+    assert ran == {"sida", "evaluate", "report", "all"}
+    assert _snapshot(root, *kept) == before  # same bytes, same mtimes
+    after = _snapshot(root, "sida", "evaluate/sida", "report")
+    for f in ["sida/network.pt", "sida/state.pt", "evaluate/sida/metrics.json", "report/report.md"]:
+        assert after[f][1] > sida_before[f][1], f"{f} was not rewritten"
+
+
+@pytest.mark.slow
+def test_failing_stage_stops_with_its_error_then_a_rerun_continues(ci_run):
+    sm, _ = ci_run
+    root = sm.workdir / "results" / "ci-short"
+    teacher = root / "teacher" / "network.pt"
+    good = teacher.read_bytes()
+    teacher_log_mtime = (root / "logs" / "teacher.log").stat().st_mtime_ns
+    teacher.write_bytes(good[: len(good) // 3])  # a truncated (corrupt) teacher
+
+    r = sm(configfile=CI, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1
+    assert re.search(r"Error in rule (warmup|evaluate)", out), out[-3000:]
+    # The stage's one-line error, with the rule and the log path.
+    lines = [line for line in r.stderr.splitlines() if re.match(r"\[(warmup|evaluate:teacher)\] error: ", line)]
+    assert lines, r.stderr[-3000:]
+    assert re.search(r"\(log: results/ci-short/logs/(distill/warmup|evaluate/teacher)\.log\)$", lines[0])
+    assert "Traceback" not in lines[0]
+    assert (root / "teacher" / "metrics.jsonl").is_file()  # earlier outputs stay
+
+    teacher.write_bytes(good)  # fix the input; the rerun continues from there
+    r = sm(configfile=CI, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ran = set(re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", r.stdout + r.stderr))
+    assert "teacher" not in ran and {"warmup", "sid", "sida", "sid2a", "report"} <= ran
+    assert (root / "logs" / "teacher.log").stat().st_mtime_ns == teacher_log_mtime
+    assert (root / "report" / "report.md").is_file()

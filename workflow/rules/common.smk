@@ -1,0 +1,230 @@
+# Shared by all rules: paths, the DAG derived from `distill.runs`, resources, the launcher.
+# `config` is validated (defaults filled) by the Snakefile before this file is read.
+
+import json
+import os
+import re
+
+import yaml
+
+from sida.config import run_config
+
+
+RESULTS = config["results_dir"]
+EXP = f"{RESULTS}/{config['experiment']}"
+LOGS = f"{EXP}/logs"
+# The resolved config (defaults filled, --config overrides applied) that every stage reads:
+# stages see exactly what Snakemake validated. Written by `onstart` (not during dry runs).
+CONFIG_RESOLVED = f"{EXP}/config.yaml"
+IMAGE = config["container"].get("image", "containers/sida.sif")
+
+RUNS = config["distill"]["runs"]
+EVALUATED = [name for name, run in RUNS.items() if run["evaluate"]]
+
+def _one_of(names):
+    """A wildcard regex matching exactly these names (never matches when there are none)."""
+    return "|".join(re.escape(n) for n in sorted(names)) or "(?!)"
+
+
+wildcard_constraints:
+    name=_one_of(["teacher", *EVALUATED]),
+
+
+# ---- external assets (fetch) and the teacher: trained here or fetched -----------------------
+FETCH_DIR = f"{EXP}/fetch"
+FETCH_ASSETS = [a for a in (config["fetch"].get("assets") or []) if isinstance(a, dict)]
+FETCH_KINDS = {a.get("kind") for a in FETCH_ASSETS}
+# What the fetch stage writes: converted networks, reference statistics, the manifest (last).
+FETCH_OUTPUTS = {"manifest": f"{FETCH_DIR}/manifest.json"}
+for _asset in FETCH_ASSETS:
+    if _asset.get("kind") == "teacher":
+        FETCH_OUTPUTS["teacher"] = f"{FETCH_DIR}/teacher.pt"
+    elif _asset.get("kind") == "refstats":
+        FETCH_OUTPUTS["refstats"] = f"{FETCH_DIR}/refstats.npz"
+    elif _asset.get("kind") == "sid_generator":
+        FETCH_OUTPUTS[f"generator_{_asset.get('name')}"] = f"{FETCH_DIR}/{_asset.get('name')}.pt"
+
+if config["teacher"]["source"] == "train":
+    TEACHER_PT = f"{EXP}/teacher/network.pt"
+else:
+    if "teacher" not in FETCH_KINDS:
+        sys.exit(
+            "error: teacher.source: 'fetch' needs an asset of kind 'teacher' in fetch.assets "
+            "(or set teacher.source: train)"
+        )
+    TEACHER_PT = FETCH_OUTPUTS["teacher"]
+# Evaluation may read fetched assets (reference statistics, Inception weights, the dataset).
+FETCH_DEPS = {"fetched": FETCH_OUTPUTS["manifest"]} if FETCH_ASSETS else {}
+
+
+# ---- distillation runs: inputs derived from `init` / `init_generator` -----------------------
+def distill_inputs(run):
+    """Teacher network, plus the final state of the `init` run and the generator of the
+    `init_generator` run when the run starts from another one."""
+    spec = RUNS[run]
+    inputs = {"teacher": TEACHER_PT}
+    if spec["init"] != "teacher":
+        inputs["init"] = f"{EXP}/{spec['init']}/state.pt"
+    if spec["init_generator"] is not None:
+        inputs["init_generator"] = f"{EXP}/{spec['init_generator']}/network.pt"
+    return inputs
+
+
+def distill_init_args(run):
+    """The stage's --init / --init-generator flags (with a leading space), from distill_inputs."""
+    inputs = distill_inputs(run)
+    args = ""
+    if "init" in inputs:
+        args += f" --init {inputs['init']}"
+    if "init_generator" in inputs:
+        args += f" --init-generator {inputs['init_generator']}"
+    return args
+
+
+# ---- evaluations and the report ----------------------------------------------------------
+EVALUATIONS = [f"{EXP}/evaluate/{name}/metrics.json" for name in ["teacher", *EVALUATED]]
+EVALUATION_GRIDS = [f"{EXP}/evaluate/{name}/samples.png" for name in ["teacher", *EVALUATED]]
+REPORT_DIR = f"{EXP}/report"
+REPORT_MD = f"{REPORT_DIR}/report.md"
+REPORT_HTML = f"{REPORT_DIR}/report.html"
+
+
+# ---- what each job's result depends on (Snakemake's `params` rerun trigger) ----------------
+def settings(*sections, **extra):
+    """A canonical JSON string of config sections: when it changes, the job reruns."""
+    picked = {s: config[s] for s in sections}
+    picked.update(extra)
+    return json.dumps(picked, sort_keys=True, default=str)
+
+
+def evaluate_inputs(wildcards):
+    """The network to evaluate (the teacher's or a run's EMA generator) and fetched assets."""
+    if wildcards.name == "teacher":
+        network = TEACHER_PT
+    else:
+        network = f"{EXP}/{wildcards.name}/network.pt"
+    return {"network": network, **FETCH_DEPS}
+
+
+def evaluate_kind(wildcards):
+    return "teacher" if wildcards.name == "teacher" else "generator"
+
+
+def output_dir(wildcards, output):
+    """The stage's --out directory: where its first declared output lies."""
+    return os.path.dirname(output[0])
+
+
+def distill_settings(run):
+    return settings("seed", "data", "network", run=run_config(config, run))
+
+
+# ---- resources and the launcher ------------------------------------------------------------
+PROCS = config["num_procs"]
+THREADS_PER_PROC = max(1, config["threads"])
+GPUS = PROCS if config["device"] == "cuda" else 0
+
+# Runtime (minutes) and memory (MB) per job. On CPU sized for the embedded default (digits on a
+# laptop); on GPUs for a preset's long runs (per-GPU memory scaled by num_procs). Presets and
+# users override them with a `resources` section (per rule name), e.g.
+#   resources: {default: {slurm_partition: gpu}, distill: {runtime: 2880, mem_mb: 64000}}
+if GPUS:
+    DEFAULT_RESOURCES = {
+        "teacher": {"runtime": 2880, "mem_mb": 16000 * PROCS},
+        "fetch": {"runtime": 60, "mem_mb": 8000},
+        "distill": {"runtime": 2880, "mem_mb": 16000 * PROCS},
+        "evaluate": {"runtime": 240, "mem_mb": 16000 * PROCS},
+        "report": {"runtime": 10, "mem_mb": 2000},
+    }
+else:
+    DEFAULT_RESOURCES = {
+        "teacher": {"runtime": 60, "mem_mb": 4000},
+        "fetch": {"runtime": 30, "mem_mb": 4000},
+        "distill": {"runtime": 60, "mem_mb": 4000},
+        "evaluate": {"runtime": 60, "mem_mb": 4000},
+        "report": {"runtime": 10, "mem_mb": 2000},
+    }
+# Rules that start `num_procs` processes per node with torchrun (and `nodes` nodes when
+# training); the others are one process.
+DISTRIBUTED = {"teacher": True, "distill": True, "evaluate": True, "fetch": False, "report": False}
+MULTI_NODE = {"teacher", "distill"}
+
+
+def rule_resources(rule):
+    """Resources of a rule: defaults, then config `resources.default`, then `resources.<rule>`."""
+    res = dict(DEFAULT_RESOURCES[rule])
+    if DISTRIBUTED[rule]:
+        res.update(cpus_per_task=PROCS * THREADS_PER_PROC, gpu=GPUS)
+    else:
+        res.update(cpus_per_task=1, gpu=0)
+    overrides = config.get("resources") or {}
+    res.update(overrides.get("default") or {})
+    res.update(overrides.get(rule) or {})
+    # The node count is the config's `nodes` (the stages size their process groups and batch
+    # checks from it), never a per-rule resource.
+    res["nodes"] = config["nodes"] if rule in MULTI_NODE else 1
+    if res["nodes"] > 1:
+        # One task per node, each running torchrun; GPUs requested per node instead of in total
+        # (the plugin's `gpu` would ask for --gpus=N and --ntasks-per-gpu).
+        gpus_per_node = res.pop("gpu", 0)
+        res["gpu"] = 0
+        res.setdefault("mpi", "srun")
+        res.setdefault("tasks", res["nodes"])
+        extra = "--ntasks-per-node=1" + (f" --gpus-per-node={gpus_per_node}" if gpus_per_node else "")
+        res["slurm_extra"] = f"{res.get('slurm_extra', '')} {extra}".strip()
+    return res
+
+
+def rule_threads(rule):
+    return rule_resources(rule)["cpus_per_task"]
+
+
+def launcher(rule):
+    """The command that starts a stage's processes.
+
+    Rules call it as `{params.launch} -m -- stages.X ARGS`: the `--` ends torchrun's own options,
+    which it otherwise matches by prefix (`--run` is "ambiguous: --run-path, --run_path").
+    One node: `torchrun --standalone`. Several nodes (a SLURM allocation of `nodes` nodes with one
+    task each): srun starts one torchrun per node, which rendezvous at the first node (c10d).
+    """
+    if not DISTRIBUTED[rule]:
+        return "torchrun --standalone --nproc-per-node 1"
+    nodes = rule_resources(rule)["nodes"]
+    if nodes == 1:
+        return f"torchrun --standalone --nproc-per-node {PROCS}"
+    return (
+        f"srun --nodes {nodes} --ntasks-per-node 1 torchrun --nnodes $SLURM_NNODES "
+        f"--nproc-per-node {PROCS} --rdzv-id $SLURM_JOB_ID --rdzv-backend c10d "
+        "--rdzv-endpoint $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1):29500"
+    )
+
+
+# Every job's shell starts with this: strict mode and `stage_failed RULE LOG`, which each rule
+# calls when its stage fails (the stage's output goes to the rule's log). It repeats the stage's
+# one-line error (the first `error: ...` line of the log: torchrun's own report follows it, so
+# the last line is not it) with the log path, then fails the job.
+shell.prefix(
+    "set -euo pipefail; "
+    "stage_failed() {{ echo \"[$1] $(grep -m 1 -E '^(\\[rank [0-9]+\\] )?error: ' \"$2\" "
+    "|| tail -n 1 \"$2\") (log: $2)\" >&2; exit 1; }}; "
+)
+
+
+def write_resolved_config():
+    """Write CONFIG_RESOLVED atomically, only when its content changes (keeps its mtime)."""
+    text = (
+        "# Written by the workflow: the validated config (defaults filled) the stages of this\n"
+        "# experiment ran with. Rerun a stage by hand with --config on this file.\n"
+        + yaml.safe_dump(json.loads(json.dumps(dict(config), default=str)), sort_keys=False)
+    )
+    try:
+        with open(CONFIG_RESOLVED) as f:
+            if f.read() == text:
+                return
+    except OSError:
+        pass
+    os.makedirs(os.path.dirname(CONFIG_RESOLVED), exist_ok=True)
+    tmp = f"{CONFIG_RESOLVED}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, CONFIG_RESOLVED)

@@ -1,0 +1,40 @@
+# One rule per distillation run in `distill.runs` (warmup, sid, sida, sid2a, ...), all made from
+# this single template and named after the run, so `--forcerun sida` or `--until sid` address a
+# run directly. A run's inputs come from its `init` and `init_generator` (distill_inputs in
+# common.smk): the DAG follows the config, and a new run needs no new rule.
+
+for _run in RUNS:
+
+    rule:
+        name:
+            _run
+        input:
+            **distill_inputs(_run),
+        output:
+            network=f"{EXP}/{_run}/network.pt",
+            state=f"{EXP}/{_run}/state.pt",
+            samples=report(
+                f"{EXP}/{_run}/samples.png",
+                caption="../report/distill.rst",
+                category="Distillation runs",
+                labels={"run": _run, "figure": "samples at the end of training"},
+            ),
+            metrics=f"{EXP}/{_run}/metrics.jsonl",
+        log:
+            f"{LOGS}/distill/{_run}.log",
+        params:
+            config=CONFIG_RESOLVED,
+            run=_run,
+            out=output_dir,
+            init=distill_init_args(_run),
+            launch=launcher("distill"),
+            settings=distill_settings(_run),
+        threads: rule_threads("distill")
+        resources:
+            **rule_resources("distill"),
+        container:
+            IMAGE
+        shell:
+            "{params.launch} -m -- stages.distill --config {params.config} --run {params.run} "
+            "--teacher {input.teacher} --out {params.out}{params.init} "
+            "> {log} 2>&1 || stage_failed {params.run} {log}"

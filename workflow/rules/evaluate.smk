@@ -1,0 +1,30 @@
+# Evaluation of the teacher (name `teacher`) and of every run with `evaluate: true`.
+
+
+rule evaluate:
+    input:
+        unpack(evaluate_inputs),
+    output:
+        metrics=f"{EXP}/evaluate/{{name}}/metrics.json",
+        samples=report(
+            f"{EXP}/evaluate/{{name}}/samples.png",
+            caption="../report/samples.rst",
+            category="Samples",
+            labels={"model": "{name}"},
+        ),
+    log:
+        f"{LOGS}/evaluate/{{name}}.log",
+    params:
+        config=CONFIG_RESOLVED,
+        kind=evaluate_kind,
+        launch=launcher("evaluate"),
+        settings=settings("seed", "data", "evaluate"),
+    threads: rule_threads("evaluate")
+    resources:
+        **rule_resources("evaluate"),
+    container:
+        IMAGE
+    shell:
+        "{params.launch} -m -- stages.evaluate --config {params.config} --network {input.network} "
+        "--kind {params.kind} --name {wildcards.name} --out {output.metrics} "
+        "> {log} 2>&1 || stage_failed evaluate:{wildcards.name} {log}"

@@ -1,0 +1,48 @@
+# The teacher network: trained on `data` (teacher.source: train) or a published EDM checkpoint
+# imported safely (teacher.source: fetch). Downstream rules use TEACHER_PT (common.smk).
+
+
+rule teacher:
+    output:
+        network=f"{EXP}/teacher/network.pt",
+        samples=report(
+            f"{EXP}/teacher/samples.png",
+            caption="../report/teacher.rst",
+            category="Teacher",
+        ),
+        metrics=f"{EXP}/teacher/metrics.jsonl",
+    log:
+        f"{LOGS}/teacher.log",
+    params:
+        config=CONFIG_RESOLVED,
+        out=output_dir,
+        launch=launcher("teacher"),
+        settings=settings("seed", "data", "network", "teacher"),
+    threads: rule_threads("teacher")
+    resources:
+        **rule_resources("teacher"),
+    container:
+        IMAGE
+    shell:
+        "{params.launch} -m -- stages.teacher --config {params.config} --out {params.out} "
+        "> {log} 2>&1 || stage_failed teacher {log}"
+
+
+rule fetch:
+    output:
+        **FETCH_OUTPUTS,
+    log:
+        f"{LOGS}/fetch.log",
+    params:
+        config=CONFIG_RESOLVED,
+        out=output_dir,
+        launch=launcher("fetch"),
+        settings=settings("network", "fetch"),
+    threads: rule_threads("fetch")
+    resources:
+        **rule_resources("fetch"),
+    container:
+        IMAGE
+    shell:
+        "{params.launch} -m -- stages.fetch --config {params.config} --out {params.out} "
+        "> {log} 2>&1 || stage_failed fetch {log}"
