@@ -45,12 +45,13 @@ def check_teacher(teacher, cfg: dict, path: str) -> None:
 
 class BestKeeper:
     """Evaluate the EMA generator every `evaluate.during_training.every_kimg` and keep the best
-    one as best.pt (the papers report their lowest-FID snapshot). Its record lives in the work
-    dir, so a resumed run keeps comparing against the best seen before the interruption."""
+    one (the papers report their lowest-FID snapshot). It and its record live in the work dir,
+    so a resumed run keeps comparing against the best seen before the interruption."""
 
     def __init__(self, monitor: TrainingMonitor, ctx, nets, sigma_init: float) -> None:
         self.monitor, self.ctx, self.nets, self.sigma_init = monitor, ctx, nets, sigma_init
         self.record_path = ctx.work / "best.json"
+        self.best_path = ctx.work / "best.pt"  # in work/: removed with it once the stage is done
         self.record = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
 
     def maybe_evaluate(self, nimg: int) -> dict[str, float]:
@@ -68,7 +69,7 @@ class BestKeeper:
         if best is None or v < best:
             self.record.update(best=v, best_kimg=nimg / 1000, key=key)
             if self.ctx.info.is_main:
-                checkpoints.save_network(self.ctx.out / "best.pt", G, meta={"kimg": nimg / 1000, key: v,
+                checkpoints.save_network(self.best_path, G, meta={"kimg": nimg / 1000, key: v,
                                                                              "one_step": True,
                                                                              "sigma_init": self.sigma_init})
         if self.ctx.info.is_main:
@@ -133,7 +134,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             "fake": checkpoints.network_record(nets.fake), "meta": meta})
         save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"]),
                   ctx.out / "samples.png", grid)
-        checkpoints.save_network(ctx.out / "network.pt", nets.G_ema, meta=meta)
+        if keeper.best_path.exists():
+            # The papers report their lowest-FID snapshot: network.pt is the best generator the
+            # in-training metric saw, the final one stays as last.pt.
+            checkpoints.save_network(ctx.out / "last.pt", nets.G_ema, meta=meta)
+            best = checkpoints.load_network(keeper.best_path)
+            meta.update(selected=f"lowest {keeper.record['key']} during training", kimg=keeper.record["best_kimg"],
+                        **{keeper.record["key"]: keeper.record["best"]})
+            checkpoints.save_network(ctx.out / "network.pt", best, meta=meta)
+            ctx.log(f"{args.run}: network.pt is the best generator ({keeper.record['key']} "
+                    f"{keeper.record['best']:.4f} at {keeper.record['best_kimg']:.2f} kimg); the final one is last.pt")
+        else:
+            checkpoints.save_network(ctx.out / "network.pt", nets.G_ema, meta=meta)
     ctx.finish(tracker, ckpt, ctx.out / "network.pt")
 
 
