@@ -54,9 +54,10 @@ class BestKeeper:
         self.best_path = ctx.work / "best.pt"  # in work/: removed with it once the stage is done
         self.record = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
 
-    def maybe_evaluate(self, nimg: int) -> dict[str, float]:
-        """{metric: value} when an evaluation is due at `nimg` (called on every rank), else {}."""
-        if not self.monitor.enabled:
+    def maybe_evaluate(self, nimg: int, phase: str) -> dict[str, float]:
+        """{metric: value} when an evaluation is due at `nimg` (called on every rank), else {}.
+        Warm-up ticks are skipped: the generator does not change there."""
+        if not self.monitor.enabled or phase == "warmup":
             return {}
         every = int(self.monitor.every_kimg * 1000)
         if nimg // every == self.record.get("last_nimg", 0) // every:
@@ -124,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                       ctx.work / "samples.png", grid)
 
     run(loop, loop.total_nimg, rc["tick_kimg"], rc["snapshot_kimg"], ckpt, info,
-        on_tick=lambda row: tracker.log({**row, **keeper.maybe_evaluate(loop.nimg)}, loop.nimg / 1000),
+        on_tick=lambda row: tracker.log({**row, **keeper.maybe_evaluate(loop.nimg, row["phase"])}, loop.nimg / 1000),
         on_snapshot=snapshot, label=f"{args.run}: ")
     if info.is_main:
         meta = {"stage": "distill", "run": args.run, "kimg": loop.nimg / 1000, "config_hash": ctx.cfg_hash,
