@@ -125,7 +125,8 @@ def test_training_monitor(setup):
     from sida.sampler import one_step_generate
 
     root, sets = setup
-    cfg = load_config(CONFIG, sets + ["evaluate.during_training.num_samples=64"])
+    cfg = load_config(CONFIG, sets + ["evaluate.during_training.num_samples=64",
+                                      "evaluate.during_training.every_kimg=0"])
     info = dist.init("cpu")
     try:
         mon = TrainingMonitor(cfg, torch.device("cpu"), info)
