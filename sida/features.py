@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .atomic import atomic_save_torch
 from .errors import AssetError, CheckpointError, ConfigError
+from .images import quantize  # noqa: F401  (re-exported: the extractors' input convention)
 
 __all__ = ["Extractor", "InceptionExtractor", "DigitsCNN", "DigitsClassifierExtractor", "build_extractor",
            "train_digits_classifier", "load_or_train_digits_classifier", "digits_uint8", "quantize",
@@ -38,11 +39,6 @@ __all__ = ["Extractor", "InceptionExtractor", "DigitsCNN", "DigitsClassifierExtr
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
-
-
-def quantize(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> uint8 as EDM saves them: (x * 127.5 + 128).clip(0, 255) truncated."""
-    return (images.to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -11,10 +11,14 @@ from PIL import Image
 from .atomic import atomic_write
 
 
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 as EDM saves them: (x * 127.5 + 128).clip(0, 255) truncated."""
+    return (images.detach().to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] float NCHW → uint8 NHWC numpy, rounded as EDM does ((x * 127.5 + 128) clipped)."""
-    x = (images.detach().float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    """[-1, 1] float NCHW → uint8 NHWC numpy (`quantize`, then channels last on the host)."""
+    return quantize(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def grid_array(images_u8: np.ndarray, cols: int) -> np.ndarray:
