@@ -9,12 +9,11 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from . import dist
-from .config import config_hash, load_config
+from .config import config_hash
 from .tracking import Tracker
 
 
@@ -61,12 +60,12 @@ class StageContext:
             tmp.replace(dst)
 
 
-def start_stage(config: str, overrides: Sequence[str], out: str | Path, salt: str = "") -> StageContext:
-    """Load and validate the config, join the process group, seed, make the output dirs.
+def start_stage(cfg: dict, out: str | Path, salt: str = "") -> StageContext:
+    """Join the process group, seed, make the output dirs, for a config already loaded and
+    validated by the stage (`sida.config.load_config`: it needs the config to name --out).
 
     `salt` (e.g. the run name) makes the per-stage config hash and random streams distinct.
     """
-    cfg = load_config(config, overrides)
     info = dist.init(cfg["device"], cfg["threads"])
     out = Path(out)
     work = out / "work"

@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_teacher(teacher, cfg0, args.teacher)
     init_state = checkpoints.load_state(args.init) if args.init else None
     init_gen = checkpoints.load_network(args.init_generator) if args.init_generator else None
-    ctx = start_stage(args.config, args.overrides, out, salt=f"distill/{args.run}")
+    ctx = start_stage(cfg0, out, salt=f"distill/{args.run}")
     cfg, info = ctx.cfg, ctx.info
     teacher = teacher.to(info.device)
     init_gen = init_gen.to(info.device) if init_gen is not None else None

@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg0 = load_config(args.config, args.overrides)
     out = args.out or f"{cfg0['results_dir']}/{cfg0['experiment']}/teacher"
-    ctx = start_stage(args.config, args.overrides, out, salt="teacher")
+    ctx = start_stage(cfg0, out, salt="teacher")
     cfg, info = ctx.cfg, ctx.info
     dataset = open_dataset(cfg["data"])
     net = network_from_config(cfg).to(info.device)
