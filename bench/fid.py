@@ -33,8 +33,8 @@ def _log(msg: str) -> None:
 
 
 def _generator(args: argparse.Namespace, res: int, ch: int, device: torch.device) -> torch.nn.Module:
-    from sida.checkpoints import load_network
-    from sida.precond import EDMPrecond
+    from sida.io.checkpoints import load_network
+    from sida.nets.precond import EDMPrecond
 
     if args.network:
         return load_network(args.network, device)
@@ -62,12 +62,12 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
     from cleanfid import fid as cfid
 
-    from sida.data import open_dataset
-    from sida.dist import pick_device
-    from sida.features import (INCEPTION_FILE, InceptionExtractor, load_or_train_digits_classifier,
+    from sida.io.data import open_dataset
+    from sida.run.dist import pick_device
+    from sida.eval.features import (INCEPTION_FILE, InceptionExtractor, load_or_train_digits_classifier,
                                make_random_inception_file, quantize)
-    from sida.metrics import fd_from_features
-    from sida.sampler import one_step_generate
+    from sida.eval.metrics import fd_from_features
+    from sida.nets.sampler import one_step_generate
 
     device = pick_device(args.device)
     tmp = Path(tempfile.mkdtemp(prefix="bench-fid-"))

@@ -1,4 +1,4 @@
-"""Benchmark: one SiD / SiDA distillation iteration (`sida.distill.DistillLoop.step`) on the CPU.
+"""Benchmark: one SiD / SiDA distillation iteration (`sida.train.distill.DistillLoop.step`) on the CPU.
 
     python -m bench.step --phase {sid,sida} --res 32 --channels 3 --batch 32 --model-channels 32 \
         --channel-mult 1,2,2 --attn-res 16 [--num-blocks 2] --iters 10 --warmup 2 --threads 2 \
@@ -31,11 +31,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from sida import distill as distill_mod
-from sida.dist import init as dist_init
-from sida.distill import DistillLoop, init_nets
-from sida.loop import make_generators
-from sida.precond import EDMPrecond
+from sida.train import distill as distill_mod
+from sida.run.dist import init as dist_init
+from sida.train.distill import DistillLoop, init_nets
+from sida.train.loop import make_generators
+from sida.nets.precond import EDMPrecond
 
 
 def _ints(s: str) -> list[int]:

@@ -123,6 +123,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from sida.cli import run_stage
+    from sida.run.cli import run_stage
 
     run_stage(main)

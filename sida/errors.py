@@ -1,7 +1,7 @@
 """User-facing errors.
 
 A `SidaError` carries one line that names the problem and the fix. Stage command lines
-catch it and print ``error: <message>`` without a traceback (see `sida.cli`), so bad
+catch it and print ``error: <message>`` without a traceback (see `sida.run.cli`), so bad
 input never looks like a crash in our code.
 """
 

@@ -17,19 +17,19 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from sida import checkpoints
-from sida.cli import run_stage, stage_parser
-from sida.config import load_config, run_config
-from sida.data import open_dataset
-from sida.distill import DistillLoop, init_nets
+from sida.io import checkpoints
+from sida.run.cli import run_stage, stage_parser
+from sida.run.config import load_config, run_config
+from sida.io.data import open_dataset
+from sida.train.distill import DistillLoop, init_nets
 from sida.errors import CheckpointError, ConfigError
-from sida.images import save_grid
-from sida.loop import Checkpointer, run
-from sida.evaluation import TrainingMonitor
-from sida.runtime import start_stage
-from sida.sampler import one_step_generate
-from sida.atomic import atomic_write_json
-from sida.sampling import grid_samples
+from sida.io.images import save_grid
+from sida.train.loop import Checkpointer, run
+from sida.eval.evaluation import TrainingMonitor
+from sida.run.runtime import start_stage
+from sida.nets.sampler import one_step_generate
+from sida.io.atomic import atomic_write_json
+from sida.eval.sampling import grid_samples
 
 
 def check_teacher(teacher, cfg: dict, path: str) -> None:

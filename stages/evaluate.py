@@ -6,7 +6,7 @@
 
 Writes `metrics.json` (per-run values, mean ± std, seeds, extractor + hash, reference + hash) and
 `samples.png` (the first grid_size² samples of run 0) beside it. All the work is in
-`sida.evaluation`; this module parses, runs and writes.
+`sida.eval.evaluation`; this module parses, runs and writes.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from sida import dist
-from sida.atomic import atomic_write_json
-from sida.cli import run_stage, stage_parser
-from sida.config import load_config
+from sida.run import dist
+from sida.io.atomic import atomic_write_json
+from sida.run.cli import run_stage, stage_parser
+from sida.run.config import load_config
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -34,8 +34,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = load_config(args.config, args.overrides)
     info = dist.init(cfg["device"], cfg["threads"])
     try:
-        from sida.evaluation import evaluate_network
-        from sida.images import save_grid
+        from sida.eval.evaluation import evaluate_network
+        from sida.io.images import save_grid
 
         metrics, grid = evaluate_network(cfg, args.network, args.kind, args.name, info)
         if info.is_main:

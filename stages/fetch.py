@@ -32,8 +32,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from sida.atomic import atomic_write_json
-from sida.cli import run_stage, stage_parser
+from sida.io.atomic import atomic_write_json
+from sida.run.cli import run_stage, stage_parser
 from sida.errors import AssetError, ConfigError
 
 ASSET_KINDS = ("teacher", "dataset", "refstats", "inception", "sid_generator")
@@ -206,14 +206,14 @@ def verify_asset(asset: dict, path: Path, digest: str | None) -> str | None:
 
 def _import_network(path: Path) -> Any:
     """Our network from an EDM/SiD pickle (no code executed) or from a file we wrote."""
-    from sida.edm_pickle import load_edm_pickle, load_edm_state
+    from sida.io.edm_pickle import load_edm_pickle, load_edm_state
 
     if zipfile.is_zipfile(path):  # torch.save output: our network format or an EDM-style export
         import torch
 
         rec = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(rec, dict) and rec.get("format") == "sida-network":
-            from sida.checkpoints import load_network
+            from sida.io.checkpoints import load_network
 
             return load_network(path)
         return load_edm_state(path)
@@ -233,7 +233,7 @@ def _warn_shape_mismatch(name: str, kwargs: dict, data: dict) -> None:
 
 def convert_asset(asset: dict, path: Path, digest: str | None, stage: Path, cfg: dict) -> dict:
     """Write the asset's converted output into `stage`; return its manifest entry."""
-    from sida.checkpoints import save_network
+    from sida.io.checkpoints import save_network
 
     kind, name = asset["kind"], asset["name"]
     entry: dict[str, Any] = {"name": name, "kind": kind, "source": asset.get("path") or asset.get("url"),
@@ -247,7 +247,7 @@ def convert_asset(asset: dict, path: Path, digest: str | None, stage: Path, cfg:
         entry.update(output=out, network={"class": type(net).__name__, "kwargs": net.init_kwargs})
         _warn_shape_mismatch(name, net.init_kwargs, cfg.get("data") or {})
     elif kind == "refstats":
-        from sida.refstats import load_ref_stats, save_ref_stats
+        from sida.eval.refstats import load_ref_stats, save_ref_stats
 
         mu, sigma = load_ref_stats(path)
         save_ref_stats(stage / "refstats.npz", mu, sigma)
@@ -264,7 +264,7 @@ def convert_asset(asset: dict, path: Path, digest: str | None, stage: Path, cfg:
             shutil.copyfile(path, stage / out)
         entry.update(output=out)
     elif kind == "dataset":
-        from sida.data import open_dataset
+        from sida.io.data import open_dataset
 
         data_cfg = dict(cfg.get("data") or {})
         data_cfg.update(kind="folder" if path.is_dir() else "edm_zip", path=str(path.resolve()))
@@ -307,7 +307,7 @@ def fetch(cfg: dict, out_dir: Path) -> dict:
 
 
 def _load_config(path: str, overrides: Sequence[str]) -> dict:
-    from sida.config import load_config
+    from sida.run.config import load_config
 
     return load_config(path, overrides)
 

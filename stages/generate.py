@@ -20,12 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sida import checkpoints, dist
-from sida.atomic import atomic_write
-from sida.cli import run_stage
+from sida.io import checkpoints
+from sida.run import dist
+from sida.io.atomic import atomic_write
+from sida.run.cli import run_stage
 from sida.errors import ConfigError
-from sida.images import save_grid, to_uint8
-from sida.sampling import sample
+from sida.io.images import save_grid, to_uint8
+from sida.eval.sampling import sample
 
 
 def seeded_latents(net: torch.nn.Module, seeds: Sequence[int], device: torch.device,

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from sida.atomic import atomic_write, atomic_write_json, atomic_write_text
-from sida.cli import run_stage, stage_parser
-from sida.config import load_config
+from sida.io.atomic import atomic_write, atomic_write_json, atomic_write_text
+from sida.run.cli import run_stage, stage_parser
+from sida.run.config import load_config
 from sida.errors import DataError
 
 EVAL_KEYS = ("fd", "fid", "eval/fd", "eval/fid")   # what a training run may log for its quick metric

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from sida import checkpoints
-from sida.cli import run_stage, stage_parser
-from sida.config import load_config
-from sida.data import open_dataset
-from sida.factory import network_from_config
-from sida.images import save_grid
-from sida.loop import Checkpointer, run
-from sida.runtime import start_stage
-from sida.sampling import grid_samples
-from sida.teacher import TeacherLoop
+from sida.io import checkpoints
+from sida.run.cli import run_stage, stage_parser
+from sida.run.config import load_config
+from sida.io.data import open_dataset
+from sida.io.factory import network_from_config
+from sida.io.images import save_grid
+from sida.train.loop import Checkpointer, run
+from sida.run.runtime import start_stage
+from sida.eval.sampling import grid_samples
+from sida.train.teacher import TeacherLoop
 
 GRID = 8
 

@@ -63,9 +63,9 @@ def write_teacher(path: Path, cfg: dict | None = None, seed: int = 0) -> Path:
     """An untrained teacher of the config's architecture in our network-file format."""
     import torch
 
-    from sida import checkpoints
-    from sida.config import validate
-    from sida.factory import network_from_config
+    from sida.io import checkpoints
+    from sida.run.config import validate
+    from sida.io.factory import network_from_config
 
     import copy
     cfg = validate(copy.deepcopy(cfg or tiny_config()))

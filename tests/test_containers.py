@@ -19,8 +19,8 @@ from containers import DEF_FILE, DOCKERFILE, ENVIRONMENT_YAML, REQUIREMENTS, Con
 from containers.build import MISSING_APPTAINER, build
 from containers.sync import (build_arguments, def_sections, dockerfile_text, entrypoint_for, environment_yaml_text,
                              parse_definition, requirement_lines, sync)
-from sida import provenance as prov
-from sida.config import config_hash
+from sida.run import provenance as prov
+from sida.run.config import config_hash
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "/opt/sida-pipeline"

@@ -13,7 +13,7 @@ import PIL.Image
 import pytest
 import torch
 
-from sida.data import open_dataset
+from sida.io.data import open_dataset
 from sida.errors import DataError
 
 

@@ -3,7 +3,7 @@
 Why not "2-process run == 1-process run with accumulation" end to end: every rank draws from its
 own generators (seeded by rank), and the 1-process run draws both accumulation rounds from one,
 so the two runs see different samples by design. The test therefore fixes the micro-batches and
-checks what must hold for any draws: `sida.loop.sync_gradients` over 2 gloo processes, each on
+checks what must hold for any draws: `sida.train.loop.sync_gradients` over 2 gloo processes, each on
 half of a fixed batch, gives the gradient of 1 process that accumulates both halves (SiD/SiDA
 objectives of the real network, incl. the per-process-batch discriminator BCE), to float
 tolerance. Then the real `torchrun -m stages.distill` runs 2 processes end to end.
@@ -29,8 +29,8 @@ FULL = 8  # global batch; 2 halves of 4 (2 ranks x 1 round, or 1 rank x 2 rounds
 
 
 def _nets():
-    from sida.config import validate
-    from sida.factory import network_from_config
+    from sida.run.config import validate
+    from sida.io.factory import network_from_config
 
     cfg = validate(tiny_config())
     torch.manual_seed(0)
@@ -61,10 +61,10 @@ def _accumulate(nets, halves: list[int], batch_total: int) -> None:
     """Backward of the fake-score (+discriminator) and SiDA generator objectives, one micro-batch
     per entry of `halves`, each divided by this process's batch (micro-batch x rounds, as
     DistillLoop does): the cross-process average then gives the global-batch mean."""
-    from sida.distill import fake_forward
-    from sida.losses import (adversarial_generator_loss, discriminator_loss, edm_denoising_loss, edm_loss_weight,
+    from sida.train.distill import fake_forward
+    from sida.train.losses import (adversarial_generator_loss, discriminator_loss, edm_denoising_loss, edm_loss_weight,
                              fake_score_objective, generator_objective, sid_generator_loss, sid_weight_factor)
-    from sida.sampler import sid_sigma_t
+    from sida.nets.sampler import sid_sigma_t
 
     teacher, G, fake = nets
     full = _batch()
@@ -102,8 +102,8 @@ def _grads(nets) -> dict[str, torch.Tensor]:
 
 def worker(out_dir: str) -> None:
     """One rank of the torchrun gradient test: its half of the batch, then sync_gradients."""
-    from sida import dist
-    from sida.loop import sync_gradients
+    from sida.run import dist
+    from sida.train.loop import sync_gradients
 
     info = dist.init("cpu", 1)
     assert info.world_size == 2
@@ -136,8 +136,8 @@ def test_two_process_gradient_equals_one_process_accumulation(tmp_path):
     r1 = torch.load(tmp_path / "rank1.pt")
 
     # one process, both halves as 2 accumulation rounds (world size 1: sync is a no-op average)
-    from sida import dist
-    from sida.loop import sync_gradients
+    from sida.run import dist
+    from sida.train.loop import sync_gradients
 
     dist.init("cpu", 0)
     nets = _nets()
@@ -190,7 +190,7 @@ def test_torchrun_two_process_distill_end_to_end(tmp_path):
     assert {"network.pt", "state.pt", "samples.png", "metrics.jsonl"} <= set(names), names
     assert "work" not in names
     assert not [n for n in names if "rank" in n or n.endswith(".tmp")], names
-    from sida import checkpoints
+    from sida.io import checkpoints
 
     net = checkpoints.load_network(out / "network.pt")
     assert all(torch.isfinite(v).all() for v in net.state_dict().values())

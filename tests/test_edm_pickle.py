@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from sida.edm_pickle import (PersistentObject, export_edm_state, import_sid_generator, load_edm_pickle,
+from sida.io.edm_pickle import (PersistentObject, export_edm_state, import_sid_generator, load_edm_pickle,
                              load_edm_state, read_edm_pickle)
 from sida.errors import CheckpointError
-from sida.precond import EDMPrecond
+from sida.nets.precond import EDMPrecond
 
 # A stand-in for the embedded module source: if anything exec'd it, the marker file would appear.
 MARKER_ENV = "SIDA_TEST_EXEC_MARKER"
@@ -240,11 +240,11 @@ def test_truncated_file_one_line_error(tmp_path):
 def test_unsupported_class_and_missing_ema(tmp_path):
     blob = make_edm_pickle(tiny_net())
     with pytest.raises(CheckpointError, match="no network under 'ema'"):
-        from sida.edm_pickle import _network_object
+        from sida.io.edm_pickle import _network_object
         _network_object(read_edm_pickle(io.BytesIO(pickle.dumps({"x": 1}))), "f")
     raw = read_edm_pickle(io.BytesIO(blob))
     raw["ema"].class_name = "iDDPMPrecond"
-    from sida.edm_pickle import build_from_captured
+    from sida.io.edm_pickle import build_from_captured
     with pytest.raises(CheckpointError, match="not supported"):
         build_from_captured(raw["ema"])
 

@@ -18,8 +18,8 @@ CONFIG = str(REPO / "config" / "config.yaml")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from sida.checkpoints import save_network
-    from sida.precond import EDMPrecond
+    from sida.io.checkpoints import save_network
+    from sida.nets.precond import EDMPrecond
 
     root = tmp_path_factory.mktemp("evaluate")
     torch.manual_seed(0)
@@ -118,11 +118,11 @@ def test_network_not_matching_the_data_is_one_error_line(setup):
 
 
 def test_training_monitor(setup):
-    from sida import dist
-    from sida.checkpoints import load_network
-    from sida.config import load_config
-    from sida.evaluation import TrainingMonitor
-    from sida.sampler import one_step_generate
+    from sida.run import dist
+    from sida.io.checkpoints import load_network
+    from sida.run.config import load_config
+    from sida.eval.evaluation import TrainingMonitor
+    from sida.nets.sampler import one_step_generate
 
     root, sets = setup
     cfg = load_config(CONFIG, sets + ["evaluate.during_training.num_samples=64",
@@ -165,7 +165,7 @@ def test_bench_random_inception_legacy_tensorflow(capsys):
 @pytest.mark.slow
 def test_inception_extractor_from_local_file(tmp_path):
     from sida.errors import AssetError
-    from sida.features import InceptionExtractor, make_random_inception_file
+    from sida.eval.features import InceptionExtractor, make_random_inception_file
 
     with pytest.raises(AssetError, match="inception-2015-12-05.pt"):
         InceptionExtractor(tmp_path / "inception-2015-12-05.pt")

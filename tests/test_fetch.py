@@ -22,9 +22,9 @@ try:  # tests/ is on sys.path when it has no __init__.py (pytest's default rootd
 except ImportError:  # pragma: no cover - tests/ made a package later
     from tests.test_edm_pickle import make_edm_pickle, tiny_net
 
-from sida.checkpoints import load_network
+from sida.io.checkpoints import load_network
 from sida.errors import AssetError
-from sida.refstats import load_ref_stats
+from sida.eval.refstats import load_ref_stats
 from stages.fetch import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The loss functions of `sida.losses` against numbers worked out by hand (plain arithmetic in the
+"""The loss functions of `sida.train.losses` against numbers worked out by hand (plain arithmetic in the
 test, never the same formula through torch), on tensors of a few elements."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sida.losses import (adversarial_generator_loss, discriminator_loss, edm_denoising_loss, edm_loss_weight,
+from sida.train.losses import (adversarial_generator_loss, discriminator_loss, edm_denoising_loss, edm_loss_weight,
                          fake_score_objective, generator_objective, sid_generator_loss, sid_weight_factor)
 
 

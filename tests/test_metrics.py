@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from sida.evaluation import latents_for_seeds, seed_ranges
-from sida.features import load_or_train_digits_classifier, quantize, state_dict_sha256, train_digits_classifier
-from sida.metrics import (fd_from_features, feature_stats, frechet_distance, inception_score, mean_std,
+from sida.eval.evaluation import latents_for_seeds, seed_ranges
+from sida.eval.features import load_or_train_digits_classifier, quantize, state_dict_sha256, train_digits_classifier
+from sida.eval.metrics import (fd_from_features, feature_stats, frechet_distance, inception_score, mean_std,
                           precision_recall)
 
 

@@ -1,4 +1,4 @@
-"""Tests for sida.layers / sida.networks: EDM state-dict compatibility, return_flag semantics,
+"""Tests for sida.nets.layers / sida.nets.networks: EDM state-dict compatibility, return_flag semantics,
 label conditioning, memory formats, attention and resampling against reference formulas."""
 
 import math
@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sida import layers, networks
-from sida.precond import EDMPrecond
+from sida.nets import layers
+from sida.nets import networks
+from sida.nets.precond import EDMPrecond
 
 # ---------------------------------------------------------------------------------------------
 # Published-teacher configs (EDM train.py presets).
@@ -348,7 +349,7 @@ def test_weight_init_laws():
 def test_decode_first_equals_separate_passes(model_type, kw):
     """The batched discriminator pass (decode only the first samples) gives exactly what a
     full encoder_decoder pass on the fakes and an encoder pass on the reals give."""
-    from sida.precond import EDMPrecond
+    from sida.nets.precond import EDMPrecond
 
     torch.manual_seed(0)
     net = EDMPrecond(img_resolution=8, img_channels=1, label_dim=10, model_type=model_type, **kw).eval()

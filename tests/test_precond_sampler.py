@@ -1,4 +1,4 @@
-"""Tests for sida.precond and sida.sampler against the EDM / SiD formulas."""
+"""Tests for sida.nets.precond and sida.nets.sampler against the EDM / SiD formulas."""
 
 import json
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sida import precond as P
-from sida import sampler as S
+from sida.nets import precond as P
+from sida.nets import sampler as S
 
 TINY = dict(img_resolution=8, img_channels=1, label_dim=10, model_type="SongUNet", model_channels=32,
             channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], channel_mult_emb=4, dropout=0)

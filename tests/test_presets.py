@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sida.config import load_config, validate
+from sida.run.config import load_config, validate
 from sida.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
@@ -133,7 +133,7 @@ def test_paper_preset_assets(name):
     ref = {"cifar10-uncond": "cifar10-32x32", "cifar10-cond": "cifar10-32x32", "imagenet64-cond": "imagenet-64x64",
            "ffhq64": "ffhq-64x64", "afhqv2-64": "afhqv2-64x64"}[name]
     assert assets["fid_ref"]["url"] == f"https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/{ref}.npz"
-    # the TorchScript export of EDM fid.py's Inception-v3 (what sida/features.py loads)
+    # the TorchScript export of EDM fid.py's Inception-v3 (what sida/eval/features.py loads)
     assert assets["inception"]["url"].endswith("/metrics/inception-2015-12-05.pt")
     assert assets["dataset"]["path"].endswith(".zip") and not assets["dataset"].get("url")
     ev = cfg["evaluate"]

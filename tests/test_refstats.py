@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sida.errors import DataError
-from sida.refstats import load_ref_stats, save_ref_stats
+from sida.eval.refstats import load_ref_stats, save_ref_stats
 
 
 def _stats(d: int = 16, seed: int = 0):

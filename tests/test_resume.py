@@ -63,7 +63,7 @@ def _kill_resume_compare(tmp_path: Path, module: str, args: list[str], state_key
     assert res_b.returncode == 0, res_b.stderr[-3000:]
     assert "resuming" in res_b.stderr, res_b.stderr[-3000:]
     assert "resuming" not in res_a.stderr
-    from sida import checkpoints
+    from sida.io import checkpoints
 
     net_a = torch.load(a / "network.pt", weights_only=True)
     net_b = torch.load(b / "network.pt", weights_only=True)
@@ -110,7 +110,7 @@ def test_resume_the_wrong_run_is_refused_not_mixed(resume_setup, tmp_path):
 # -- broken files: one `error:` line, exit 1, nothing else touched (in-process: fast) ---------------
 
 def _run_distill_inprocess(argv: list[str], capsys) -> tuple[int, str]:
-    from sida.cli import run_stage
+    from sida.run.cli import run_stage
     from stages.distill import main
 
     with pytest.raises(SystemExit) as exc:
@@ -135,7 +135,7 @@ def _broken_state(out: Path, content: bytes) -> Path:
 
 @pytest.mark.parametrize("kind", ["random", "truncated"])
 def test_corrupt_or_truncated_checkpoint_is_one_error_line(fast_setup, tmp_path, capsys, kind):
-    from sida import checkpoints
+    from sida.io import checkpoints
 
     if kind == "random":
         content = os.urandom(4096)

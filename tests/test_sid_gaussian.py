@@ -1,4 +1,4 @@
-"""SiD in the analytic Gaussian case, through the real `sida.distill.DistillLoop`.
+"""SiD in the analytic Gaussian case, through the real `sida.train.distill.DistillLoop`.
 
 Data N(mu, s^2 I) on 1x4x4 "images". The teacher is the exact EDM denoiser of that
 distribution, D(x, sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu). The generator is a learnable
@@ -17,9 +17,9 @@ import copy
 import pytest
 import torch
 
-import sida.distill as distill_mod
-from sida import dist
-from sida.distill import DistillLoop, Nets
+import sida.train.distill as distill_mod
+from sida.run import dist
+from sida.train.distill import DistillLoop, Nets
 
 S = 0.5  # data std
 SHAPE = (1, 4, 4)

@@ -21,7 +21,7 @@ def teacher(tmp_path_factory):
 
 def _distill(argv: list[str], capsys) -> tuple[int, str]:
     """`python -m stages.distill ARGV` in this process (run_stage: one-line errors, exit codes)."""
-    from sida.cli import run_stage
+    from sida.run.cli import run_stage
     from stages.distill import main
 
     with pytest.raises(SystemExit) as exc:

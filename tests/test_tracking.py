@@ -18,7 +18,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 import wandb_reader  # noqa: E402
 
-from sida.tracking import Tracker, read_jsonl, wandb_dir, wandb_mode, wandb_run_id  # noqa: E402
+from sida.run.tracking import Tracker, read_jsonl, wandb_dir, wandb_mode, wandb_run_id  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 N_TICKS = 300  # enough history to span several 32 KiB blocks of the record file
@@ -52,7 +52,7 @@ def wandb_env(tmp_path_factory):
 def offline_run(tmp_path_factory, wandb_env):
     """One stage's worth of logging with W&B offline; yields what was logged and where."""
     work = tmp_path_factory.mktemp("results") / "exp-a"
-    stage_dir = work / "sida" / "work"  # the layout of sida.runtime: results/<exp>/<run>/work/
+    stage_dir = work / "sida" / "work"  # the layout of sida.run.runtime: results/<exp>/<run>/work/
     png = stage_dir / "grid.png"
     stage_dir.mkdir(parents=True)
     Image.fromarray(np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)).save(png)

@@ -7,7 +7,7 @@ import re
 
 import yaml
 
-from sida.config import run_config
+from sida.run.config import run_config
 
 
 RESULTS = config["results_dir"]

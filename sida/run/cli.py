@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from .errors import SidaError
+from ..errors import SidaError
 
 
 def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:

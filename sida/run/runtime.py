@@ -62,7 +62,7 @@ class StageContext:
 
 def start_stage(cfg: dict, out: str | Path, salt: str = "") -> StageContext:
     """Join the process group, seed, make the output dirs, for a config already loaded and
-    validated by the stage (`sida.config.load_config`: it needs the config to name --out).
+    validated by the stage (`sida.run.config.load_config`: it needs the config to name --out).
 
     `salt` (e.g. the run name) makes the per-stage config hash and random streams distinct.
     """

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import ImageDataset
-from .dist import DistInfo
-from .errors import ConfigError
-from .factory import autocast
+from ..io.data import ImageDataset
+from ..run.dist import DistInfo
+from ..errors import ConfigError
+from ..io.factory import autocast
 from .loop import accumulation, ema_update, make_adam, make_generators, slot_generator, sync_gradients
 from .losses import (adversarial_generator_loss, discriminator_loss, edm_denoising_loss, edm_loss_weight,
                      fake_score_objective, generator_objective, sid_generator_loss, sid_weight_factor)
-from .sampler import sid_sigma_t
+from ..nets.sampler import sid_sigma_t
 
 
 @dataclass(frozen=True)
@@ -252,8 +252,8 @@ def init_nets(teacher: torch.nn.Module, fake_dropout: float | None, init_state: 
               init_generator: torch.nn.Module | None = None) -> Nets:
     """The run's networks: G and f_psi from the teacher, or from a previous run's final state;
     G (and its EMA) from another run's EMA generator for SiD2A."""
-    from .checkpoints import network_from_record
-    from .factory import clone_with_dropout
+    from ..io.checkpoints import network_from_record
+    from ..io.factory import clone_with_dropout
 
     device = next(teacher.parameters()).device
     if init_state is not None:

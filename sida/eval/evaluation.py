@@ -24,9 +24,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import dist
-from .atomic import atomic_write
-from .errors import AssetError, DataError
+from ..run import dist
+from ..io.atomic import atomic_write
+from ..errors import AssetError, DataError
 from .features import Extractor, build_extractor, cache_dir, file_sha256, quantize
 from .metrics import feature_stats, frechet_distance, inception_score, mean_std, precision_recall
 
@@ -182,7 +182,7 @@ def _ref_cache_key(cfg: dict, extractor: Extractor) -> str:
 
 def _dataset_reference(cfg: dict, extractor: Extractor, info: dist.DistInfo) -> Reference:
     """Statistics of the dataset under `extractor`, computed once and cached atomically."""
-    from .data import open_dataset
+    from ..io.data import open_dataset
 
     ev = cfg["evaluate"]
     path = cache_dir(cfg) / f"refstats-{extractor.name}-{_ref_cache_key(cfg, extractor)}.npz"
@@ -267,7 +267,7 @@ def score_run(ref: Reference, feats: np.ndarray, probs: np.ndarray | None, cfg: 
 
 def make_generate(net: torch.nn.Module, kind: str, cfg: dict) -> tuple[GenerateFn, int]:
     """(generate(z, labels) -> images in [-1, 1], NFE) for a one-step generator or the Heun teacher."""
-    from .sampler import heun_sampler, one_step_generate
+    from ..nets.sampler import heun_sampler, one_step_generate
 
     if kind == "generator":
         sigma_init = float(cfg["distill"]["sigma_init"])
@@ -297,8 +297,8 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
     Returns (metrics dict for metrics.json, the first grid_size² uint8 samples of run 0). All
     ranks take part; the result is complete on every rank.
     """
-    from .checkpoints import load_network
-    from .config import config_hash
+    from ..io.checkpoints import load_network
+    from ..run.config import config_hash
 
     t0 = time.time()
     ev = cfg["evaluate"]

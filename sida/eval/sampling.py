@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .sampler import heun_sampler, one_step_generate
+from ..nets.sampler import heun_sampler, one_step_generate
 
 
 def grid_labels(n: int, label_dim: int, device: torch.device) -> torch.Tensor:

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_save_torch
-from .errors import AssetError, CheckpointError, ConfigError
-from .images import quantize  # noqa: F401  (re-exported: the extractors' input convention)
+from ..io.atomic import atomic_save_torch
+from ..errors import AssetError, CheckpointError, ConfigError
+from ..io.images import quantize  # noqa: F401  (re-exported: the extractors' input convention)
 
 __all__ = ["Extractor", "InceptionExtractor", "DigitsCNN", "DigitsClassifierExtractor", "build_extractor",
            "train_digits_classifier", "load_or_train_digits_classifier", "digits_uint8", "quantize",

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write
-from .errors import DataError
+from ..io.atomic import atomic_write
+from ..errors import DataError
 
 
 def validate_ref_stats(mu: np.ndarray, sigma: np.ndarray, source: str = "reference statistics") -> None:

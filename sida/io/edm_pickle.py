@@ -11,7 +11,7 @@ rebuilders, numpy scalar/array reconstruction, ``OrderedDict``), turns every per
 call into an inert `PersistentObject` that merely holds ``meta``, and refuses anything else with
 a `CheckpointError` naming the global. Storages inside EDM pickles are nested legacy
 ``torch.save`` blobs; we read those with ``torch.load(weights_only=True)``. The captured tensors
-are then loaded, by their dotted names, into our own `sida.precond` class built from the recorded
+are then loaded, by their dotted names, into our own `sida.nets.precond` class built from the recorded
 constructor kwargs (same parameter names as EDM, so ``strict=True`` works).
 """
 
@@ -28,7 +28,7 @@ from typing import IO, Any, Iterator
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # EDM's persistence format version; recorded for introspection, not enforced (the layout of
 # `meta` has been stable and we only read `class_name` and `state`).
@@ -36,7 +36,7 @@ EDM_PERSISTENCE_VERSION = 6
 
 CHUNK_BYTES = 1 << 20
 
-# EDM class name (meta['class_name'] is the bare name) -> name in sida.precond.PRECOND_CLASSES.
+# EDM class name (meta['class_name'] is the bare name) -> name in sida.nets.precond.PRECOND_CLASSES.
 _SUPPORTED_PRECONDS = ("EDMPrecond", "VPPrecond", "VEPrecond")
 
 
@@ -207,7 +207,7 @@ def _unpickle(f: IO[bytes], source: str) -> Any:
         raise CheckpointError(f"{source} must be opened in binary mode")
     if head == b"PK":
         raise CheckpointError(f"{source} is a torch.save zip file, not an EDM pickle: load it with "
-                              f"sida.checkpoints.load_network or import_sid_generator")
+                              f"sida.io.checkpoints.load_network or import_sid_generator")
     try:
         # Streamed from the file rather than read into memory: ImageNet snapshots exceed 1 GB.
         return _SafeUnpickler(io.BufferedReader(_Prefixed(bytes(head), f), CHUNK_BYTES), source).load()
@@ -291,7 +291,7 @@ def captured_state_dict(obj: PersistentObject) -> dict[str, torch.Tensor]:
 
 
 def _precond_classes() -> dict:
-    from .precond import PRECOND_CLASSES  # late: keeps importing this module light
+    from ..nets.precond import PRECOND_CLASSES  # late: keeps importing this module light
 
     return PRECOND_CLASSES
 
@@ -340,7 +340,7 @@ def _network_object(raw: dict, source: str, key: str = "ema") -> PersistentObjec
 
 
 def build_from_captured(obj: PersistentObject, source: str = "EDM pickle") -> torch.nn.Module:
-    """Build our `sida.precond` network from a captured EDM network and load its tensors."""
+    """Build our `sida.nets.precond` network from a captured EDM network and load its tensors."""
     if obj.class_name not in _SUPPORTED_PRECONDS:
         raise CheckpointError(f"{source}: network class '{obj.class_name}' is not supported (supported: "
                               f"{', '.join(_SUPPORTED_PRECONDS)})")
@@ -358,7 +358,7 @@ def build_from_captured(obj: PersistentObject, source: str = "EDM pickle") -> to
 def load_edm_pickle(path_or_file: str | os.PathLike | IO[bytes]) -> torch.nn.Module:
     """Import the EMA network of a published EDM (or SiD) snapshot as our preconditioned network.
 
-    Returns a `sida.precond` module (EDMPrecond/VPPrecond/VEPrecond) in eval mode, with gradients
+    Returns a `sida.nets.precond` module (EDMPrecond/VPPrecond/VEPrecond) in eval mode, with gradients
     left enabled so callers can copy it into trainable networks; call it as
     ``net(x, sigma, class_labels)``. Nothing from the file is executed.
     """
@@ -375,7 +375,7 @@ def export_edm_state(net: torch.nn.Module) -> dict:
     """
     init_kwargs = getattr(net, "init_kwargs", None)
     if init_kwargs is None:
-        raise CheckpointError(f"{type(net).__name__} has no init_kwargs: only sida.precond networks can be exported")
+        raise CheckpointError(f"{type(net).__name__} has no init_kwargs: only sida.nets.precond networks can be exported")
     return {
         "class_name": f"training.networks.{type(net).__name__}",
         "init_kwargs": dict(init_kwargs),

@@ -28,11 +28,11 @@ from typing import Any
 
 import yaml
 
-from .atomic import atomic_write_json, atomic_write_text
+from ..io.atomic import atomic_write_json, atomic_write_text
 from .config import config_hash
 
 #: Root of the code that is running (a git checkout, or /opt/sida-pipeline in the image).
-CODE_ROOT = Path(__file__).resolve().parents[1]
+CODE_ROOT = Path(__file__).resolve().parents[2]
 PROVENANCE_FILE = "provenance.json"
 RESOLVED_CONFIG_FILE = "config.resolved.yaml"
 DIFF_FILE = "git.diff"
@@ -42,7 +42,7 @@ _MAX_DIFF_BYTES = 10 * 1024 * 1024
 def provenance(cfg: dict | None = None, *, resolved_config: str | Path | None = None) -> dict[str, Any]:
     """A JSON-able record of how this process was started and with what.
 
-    `cfg` is the resolved experiment config (hashed with `sida.config.config_hash`);
+    `cfg` is the resolved experiment config (hashed with `sida.run.config.config_hash`);
     `resolved_config` is where it is (or will be) saved, used in the reproduce command.
     """
     code = git_info(CODE_ROOT)

@@ -2,7 +2,7 @@
 
 Gradient synchronisation (our own all-reduce, so accumulation and several processes give
 the one-big-batch gradient), non-finite gradient handling, EMA, optimisers, RNG state capture,
-checkpoint/resume and progress lines. The loops themselves (`sida.teacher`, `sida.distill`)
+checkpoint/resume and progress lines. The loops themselves (`sida.train.teacher`, `sida.train.distill`)
 only say what one iteration does.
 """
 
@@ -18,9 +18,9 @@ from typing import Callable, Iterable, Protocol
 import torch
 import torch.distributed as dist
 
-from . import checkpoints
-from .dist import DistInfo, gather_objects
-from .errors import CheckpointError, ConfigError
+from ..io import checkpoints
+from ..run.dist import DistInfo, gather_objects
+from ..errors import CheckpointError, ConfigError
 
 
 def accumulation(batch: int, batch_per_proc: int | None, world_size: int) -> tuple[int, int]:

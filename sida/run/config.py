@@ -17,9 +17,9 @@ from typing import Any, Iterable
 import yaml
 from jsonschema import Draft202012Validator, validators
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 # Names of stages and output folders under results/<experiment>/: a run cannot use them.
 RESERVED_RUN_NAMES = frozenset({"teacher", "fetch", "evaluate", "report", "logs", "wandb", "all"})

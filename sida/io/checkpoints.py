@@ -5,7 +5,7 @@ Two kinds of file, both a `torch.save` of plain containers and tensors:
   kwargs and state dict, plus JSON-able metadata; what stages hand each other;
 - a *training state* (`save_state`/`load_state`): every network, optimizer, EMA, RNG state of
   every rank, the image counter, the phase and the config hash; what a killed stage resumes from.
-Published EDM pickles are imported by `load_edm_pickle` (see `sida.edm_pickle`).
+Published EDM pickles are imported by `load_edm_pickle` (see `sida.io.edm_pickle`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_save_torch
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 NETWORK_FORMAT = "sida-network"
 STATE_FORMAT = "sida-state"
@@ -26,7 +26,7 @@ VERSION = 1
 
 
 def _precond_classes() -> dict:
-    from .precond import PRECOND_CLASSES  # late: keeps `import sida.checkpoints` light
+    from ..nets.precond import PRECOND_CLASSES  # late: keeps `import sida.io.checkpoints` light
 
     return PRECOND_CLASSES
 
@@ -116,7 +116,7 @@ def load_state(path: str | Path) -> dict:
 
 
 def load_edm_pickle(path_or_file: Any) -> torch.nn.Module:
-    """Import a published EDM pickle without executing its code (see `sida.edm_pickle`)."""
+    """Import a published EDM pickle without executing its code (see `sida.io.edm_pickle`)."""
     from .edm_pickle import load_edm_pickle as _load
 
     return _load(path_or_file)

@@ -2,7 +2,7 @@
 
 EDM's recipe: sigma ~ exp(N(P_mean, P_std)), loss lambda(sigma) ||D(x + n; sigma) - x||^2,
 Adam with a learning-rate ramp-up, EMA with a ramped half-life. One iteration is `step`;
-`sida.loop.run` drives ticks, checkpoints and resume.
+`sida.train.loop.run` drives ticks, checkpoints and resume.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import copy
 
 import torch
 
-from .data import ImageDataset
-from .dist import DistInfo
-from .factory import autocast
+from ..io.data import ImageDataset
+from ..run.dist import DistInfo
+from ..io.factory import autocast
 from .loop import accumulation, ema_update, make_adam, make_generators, set_lr, slot_generator, sync_gradients
 from .losses import edm_denoising_loss
 

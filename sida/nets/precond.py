@@ -40,7 +40,7 @@ def _plain(v: Any) -> Any:
 
 
 def build_model(model_type: str, **kwargs: Any) -> torch.nn.Module:
-    """Instantiate a UNet class from ``sida.networks`` by name ('SongUNet' or 'DhariwalUNet')."""
+    """Instantiate a UNet class from ``sida.nets.networks`` by name ('SongUNet' or 'DhariwalUNet')."""
     if model_type not in networks.__all__ or model_type == "RETURN_FLAGS":
         raise ValueError(f"Unknown model_type {model_type!r}; expected 'SongUNet' or 'DhariwalUNet'")
     return getattr(networks, model_type)(**kwargs)

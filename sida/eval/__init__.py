@@ -1,0 +1,1 @@
+"""Evaluation: feature extractors, metrics, reference statistics, sampling for grids."""

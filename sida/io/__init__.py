@@ -1,0 +1,1 @@
+"""Files in and out: checkpoints, safe pickle import, datasets, images, atomic writes."""

@@ -1,0 +1,1 @@
+"""Networks: EDM layers and U-Nets, preconditioning, samplers."""

@@ -1,0 +1,1 @@
+"""Running a stage: config, processes, tracking, provenance, command line."""

@@ -1,0 +1,1 @@
+"""Training: losses (pure functions), the teacher and distillation loops, loop machinery."""
