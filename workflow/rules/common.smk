@@ -179,6 +179,9 @@ def rule_threads(rule):
     return rule_resources(rule)["cpus_per_task"]
 
 
+TORCHRUN = "python -m sida.run.launch"
+
+
 def launcher(rule):
     """The command that starts a stage's processes.
 
@@ -186,14 +189,16 @@ def launcher(rule):
     which it otherwise matches by prefix (`--run` is "ambiguous: --run-path, --run_path").
     One node: `torchrun --standalone`. Several nodes (a SLURM allocation of `nodes` nodes with one
     task each): srun starts one torchrun per node, which rendezvous at the first node (c10d).
+    torchrun is started as `python -m sida.run.launch` (torchrun with the same options), so a
+    failed stage's log ends with the stage's one-line error, not torchrun's traceback.
     """
     if not DISTRIBUTED[rule]:
-        return "torchrun --standalone --nproc-per-node 1"
+        return f"{TORCHRUN} --standalone --nproc-per-node 1"
     nodes = rule_resources(rule)["nodes"]
     if nodes == 1:
-        return f"torchrun --standalone --nproc-per-node {PROCS}"
+        return f"{TORCHRUN} --standalone --nproc-per-node {PROCS}"
     return (
-        f"srun --nodes {nodes} --ntasks-per-node 1 torchrun --nnodes $SLURM_NNODES "
+        f"srun --nodes {nodes} --ntasks-per-node 1 {TORCHRUN} --nnodes $SLURM_NNODES "
         f"--nproc-per-node {PROCS} --rdzv-id $SLURM_JOB_ID --rdzv-backend c10d "
         "--rdzv-endpoint $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1):29500"
     )
