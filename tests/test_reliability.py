@@ -429,6 +429,67 @@ def test_damaged_reference_statistics_carry_no_library_advice(tmp_path, kind):
     assert not any(a in msg for a in ADVICE), msg
 
 
+@pytest.mark.parametrize("case", ["binary", "directory"])
+def test_config_that_is_not_a_yaml_file(tmp_path, capsys, case):
+    from stages.teacher import main
+
+    path = tmp_path / "cfg.yaml"
+    if case == "binary":
+        path.write_bytes(bytes(range(256)) * 4)
+    else:
+        path.mkdir()
+    code, err = _in_process(main, ["--config", str(path), "--out", str(tmp_path / "out")], capsys)
+    line = _the_error(err)
+    assert code == 1 and str(path) in line and ("not text" in line or "is a directory" in line), line
+
+
+def test_a_network_file_passed_as_init_state(setup, tmp_path, capsys):
+    from stages.distill import main
+
+    code, err = _in_process(main, ["--config", str(setup["config"]), "--run", "sid", "--teacher", str(setup["teacher"]),
+                                   "--init", str(setup["teacher"]), "--out", str(tmp_path / "o")], capsys)
+    line = _the_error(err)
+    assert code == 1 and "is a network file, not a sida training state" in line and "delete" not in line, line
+
+
+def test_generate_with_a_zero_batch(setup, tmp_path, capsys):
+    from stages.generate import main
+
+    code, err = _in_process(main, ["--network", str(setup["teacher"]), "--batch", "0", "--out", str(tmp_path)], capsys)
+    line = _the_error(err)
+    assert code == 1 and "--batch" in line, line
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe binary", b"[]", b'{"name": "x"}'])
+def test_report_with_a_damaged_evaluation(setup, tmp_path, capsys, content):
+    from stages.report import main
+
+    bad = tmp_path / "metrics.json"
+    bad.write_bytes(content)
+    out = tmp_path / "report" / "report.md"
+    code, err = _in_process(main, ["--config", str(setup["config"]), "--evaluations", str(bad), "--out", str(out)], capsys)
+    line = _the_error(err)
+    assert code == 1 and str(bad) in line and "rerun the evaluate stage" in line, line
+    assert not out.parent.exists()
+
+
+def test_resume_truncates_a_damaged_metrics_log_atomically(tmp_path, monkeypatch):
+    """A resumed stage cuts its metrics log back to the checkpoint; a torn or binary tail is dropped,
+    and the rewrite is atomic (a kill during it keeps the old log)."""
+    from sida.run import tracking
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_bytes(b'{"kimg": 0.016}\n{"kimg": 0.032}\n{"kimg": 0.048}\n\xff\xfe{"kim')
+    tracking.truncate_jsonl(log, 0.032)
+    assert log.read_text() == '{"kimg": 0.016}\n{"kimg": 0.032}\n'
+    import sida.io.atomic as atomic
+
+    monkeypatch.setattr(atomic, "kill_point", lambda name: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        tracking.truncate_jsonl(log, 0.016)
+    assert log.read_text() == '{"kimg": 0.016}\n{"kimg": 0.032}\n'
+
+
 # == 3. non-finite values ===========================================================================
 
 def _poison(src: Path, dst: Path, key: str | None = None) -> str:

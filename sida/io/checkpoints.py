@@ -160,7 +160,9 @@ def load_state(path: str | Path) -> dict:
     path = Path(path)
     st = _torch_load(path, "checkpoint")
     if not isinstance(st, dict) or st.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not a sida training state: delete it to start over")
+        kind = "a network file" if isinstance(st, dict) and st.get("format") == NETWORK_FORMAT else "another file"
+        raise CheckpointError(f"checkpoint {path} is {kind}, not a sida training state: pass the state.pt a "
+                              f"stage wrote")
     st["meta"] = json.loads(st.get("meta") or "{}")
     for key, rec in st.items():  # the networks a later run starts from
         if isinstance(rec, dict) and "class" in rec and isinstance(rec.get("state_dict"), dict):
