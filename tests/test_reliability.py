@@ -307,16 +307,24 @@ def test_stale_temp_files_of_killed_writers_are_removed(tmp_path):
 
 @pytest.mark.slow
 def test_launcher_log_ends_with_the_stage_error(setup, tmp_path):
-    """What the workflow runs (`python -m sida.run.launch` = torchrun): no torchrun traceback or
+    """What the workflow runs (`python -m sida.run.torchrun` = torchrun): no torchrun traceback or
     failure table after the stage's line."""
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    res = subprocess.run([PYTHON, "-m", "sida.run.launch", "--standalone", "--nproc-per-node", "1", "-m", "--",
+    res = subprocess.run([PYTHON, "-m", "sida.run.torchrun", "--standalone", "--nproc-per-node", "1", "-m", "--",
                           "stages.teacher", "--config", str(setup["config"]), "--out", str(blocker / "out")],
                          cwd=REPO, env=_stage_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 1
     line = _the_error(res.stderr)
     assert str(blocker) in line and "ChildFailedError" not in res.stderr
+
+
+def test_launcher_line_for_a_killed_worker():
+    from sida.run.torchrun import failure_line
+
+    line = failure_line("stages.distill", 1, -signal.SIGKILL)
+    assert line.startswith("error: stages.distill: rank 1 was killed by SIGKILL") and "resume" in line, line
+    assert "status 3" in failure_line("stages.distill", 0, 3)
 
 
 @pytest.mark.slow

@@ -94,7 +94,7 @@ def test_distill_inputs_follow_init_and_init_generator(snakemake, tmp_path):
     assert stats["more"] == 1 and stats["evaluate"] == 4  # teacher, sid, sida, sid2a; not `more`
     cmd = next(line for line in r.stdout.splitlines() if "--run more" in line)
     assert "--init results/ci-short/sida/state.pt --init-generator results/ci-short/sid/network.pt" in cmd
-    assert cmd.startswith("Shell command: python -m sida.run.launch --standalone --nproc-per-node 1 -m -- stages.distill")
+    assert cmd.startswith("Shell command: python -m sida.run.torchrun --standalone --nproc-per-node 1 -m -- stages.distill")
     assert "--teacher results/ci-short/teacher/network.pt" in cmd
     assert "> results/ci-short/logs/distill/more.log 2>&1 || stage_failed more" in cmd
 
@@ -131,7 +131,7 @@ def test_multi_node_runs_torchrun_under_srun_with_c10d(snakemake, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     text = r.stdout
     teacher = next(line for line in text.splitlines() if "stages.teacher" in line)
-    assert "srun --nodes 2 --ntasks-per-node 1 python -m sida.run.launch --nnodes $SLURM_NNODES --nproc-per-node 2" in teacher
+    assert "srun --nodes 2 --ntasks-per-node 1 python -m sida.run.torchrun --nnodes $SLURM_NNODES --nproc-per-node 2" in teacher
     assert "--rdzv-backend c10d" in teacher and "--rdzv-endpoint $(scontrol show hostnames" in teacher
     res = [line for line in text.splitlines() if line.strip().startswith("resources:")]
     assert any("nodes=2" in line and "mpi=srun" in line and "tasks=2" in line

@@ -179,7 +179,7 @@ def rule_threads(rule):
     return rule_resources(rule)["cpus_per_task"]
 
 
-TORCHRUN = "python -m sida.run.launch"
+TORCHRUN = "python -m sida.run.torchrun"
 
 
 def launcher(rule):
@@ -189,7 +189,7 @@ def launcher(rule):
     which it otherwise matches by prefix (`--run` is "ambiguous: --run-path, --run_path").
     One node: `torchrun --standalone`. Several nodes (a SLURM allocation of `nodes` nodes with one
     task each): srun starts one torchrun per node, which rendezvous at the first node (c10d).
-    torchrun is started as `python -m sida.run.launch` (torchrun with the same options), so a
+    torchrun is started as `python -m sida.run.torchrun` (torchrun with the same options), so a
     failed stage's log ends with the stage's one-line error, not torchrun's traceback.
     """
     if not DISTRIBUTED[rule]:

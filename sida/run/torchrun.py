@@ -1,7 +1,7 @@
 """`torchrun` for the workflow's jobs: the same options, but a failed stage's log ends with the
 stage's own one-line error instead of torchrun's failure table and traceback.
 
-    python -m sida.run.launch --standalone --nproc-per-node N -m -- stages.distill --config ...
+    python -m sida.run.torchrun --standalone --nproc-per-node N -m -- stages.distill --config ...
 
 A worker that exits with status 1 has already printed its ``error: ...`` line (or, for a bug,
 its traceback): the launcher adds nothing and exits 1. A worker that ends otherwise (killed by
