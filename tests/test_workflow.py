@@ -156,7 +156,7 @@ def test_resources_come_from_config(snakemake, tmp_path):
 def test_slurm_profile_dry_run(snakemake):
     r = snakemake("-n", profile="slurm", configfile=CI)
     assert r.returncode == 0, r.stderr[-2000:]
-    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    profile = yaml.safe_load((REPO / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
     assert profile["executor"] == "slurm" and profile["slurm-keep-successful-logs"] is True
 
 

@@ -4,6 +4,7 @@
 import json
 import os
 import re
+import sys
 
 import yaml
 
@@ -197,6 +198,58 @@ def launcher(rule):
         f"--nproc-per-node {PROCS} --rdzv-id $SLURM_JOB_ID --rdzv-backend c10d "
         "--rdzv-endpoint $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1):29500"
     )
+
+
+# ---- profiles: `--profile slurm` / `--profile local` -----------------------------------------
+# Snakemake resolves a profile name as a relative path first, then under the user's and the
+# system's configuration directories ($XDG_CONFIG_HOME/snakemake, /etc/xdg/snakemake). From the
+# repository root `slurm` and `local` are therefore ours (links to workflow/profiles/): nothing
+# is installed into the user's directories. A profile of the user's with the same name is never
+# touched, but from here it is not the one used: say so once, and how to add it.
+PROFILES_DIR = os.path.join(workflow.basedir, "profiles")
+
+
+def _profile_names(argv, environ):
+    """The values of `--profile` (or $SNAKEMAKE_PROFILE, which Snakemake reads without one)."""
+    names = [a.split("=", 1)[1] for a in argv if a.startswith("--profile=")]
+    names += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--profile"]
+    if not names and environ.get("SNAKEMAKE_PROFILE"):
+        names.append(environ["SNAKEMAKE_PROFILE"])
+    return names
+
+
+def shadowed_profile_notes(argv, environ, launch_dir, config_dirs):
+    """One line per profile named like one of ours whose name resolved to ours in `launch_dir`
+    while the user (or the system) has a profile of that name in `config_dirs`."""
+    notes = []
+    for name in _profile_names(argv, environ):
+        ours = os.path.join(PROFILES_DIR, name)
+        if os.sep in name or not os.path.isdir(ours):
+            continue
+        if os.path.realpath(os.path.join(launch_dir, name)) != os.path.realpath(ours):
+            continue
+        for d in config_dirs:
+            theirs = os.path.join(d, name)
+            if os.path.exists(theirs):
+                notes.append(
+                    f"note: --profile {name} is this repository's ({name} -> workflow/profiles/{name}), "
+                    f"not yours in {theirs} (left as it is); to use yours on top of ours: "
+                    f"--profile {name} --profile {theirs}"
+                )
+                break
+    return notes
+
+
+def note_shadowed_profiles():
+    """Print shadowed_profile_notes for this invocation (the shell's $PWD is where it started:
+    Snakemake has already changed into --directory)."""
+    from snakemake.common import get_appdirs
+
+    dirs = get_appdirs()
+    launch_dir = os.environ.get("PWD") or os.getcwd()
+    for line in shadowed_profile_notes(sys.argv, os.environ, launch_dir,
+                                       [dirs.user_config_dir, dirs.site_config_dir]):
+        print(line, file=sys.stderr)
 
 
 # Every job's shell starts with this: strict mode and `stage_failed RULE LOG`, which each rule
