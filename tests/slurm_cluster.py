@@ -67,6 +67,77 @@ def _node_hardware() -> dict:
     return fields
 
 
+def slurm_conf(purpose: str, cluster: str, controller: tuple[str, str], nodes: list[tuple[str, str]],
+               hw: dict, real_memory: int, slurm_user: str, pidfiles: tuple, state: str, spool: str,
+               logs: tuple, extra: str = "") -> str:
+    """slurm.conf for a cluster without systemd, cgroups or accounting (see
+    ../shared/notes/slurm-on-one-machine.md). `controller` and `nodes` are (name, address);
+    every node declares this machine's hardware (`slurmd -C`) and `real_memory` MB."""
+    node_lines = "".join(
+        f"NodeName={name} NodeAddr={addr} CPUs={hw['CPUs']} Boards={hw.get('Boards', 1)} "
+        f"SocketsPerBoard={hw.get('SocketsPerBoard', 1)} CoresPerSocket={hw.get('CoresPerSocket', hw['CPUs'])} "
+        f"ThreadsPerCore={hw.get('ThreadsPerCore', 1)} RealMemory={real_memory} State=UNKNOWN\n"
+        for name, addr in nodes)
+    return f"""\
+# Written by the tests: {purpose}.
+ClusterName={cluster}
+SlurmctldHost={controller[0]}({controller[1]})
+SlurmUser={slurm_user}
+SlurmctldPidFile={pidfiles[0]}
+SlurmdPidFile={pidfiles[1]}
+StateSaveLocation={state}
+SlurmdSpoolDir={spool}
+SlurmctldLogFile={logs[0]}
+SlurmdLogFile={logs[1]}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MinJobAge=300
+MailProg=/bin/true
+ReturnToService=2
+SlurmctldTimeout=30
+SlurmdTimeout=30
+{extra}{node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def start_daemon(name: str, cmd: list[str], pidfile: Path, env: dict | None = None) -> int:
+    """Run a daemon's start command (it forks and writes `pidfile`); its PID."""
+    pidfile.unlink(missing_ok=True)
+    r = _run(cmd, timeout=60, env=env)
+    if r.returncode != 0:
+        raise ClusterError(f"{name} did not start: {(r.stderr or r.stdout).strip()[-500:]}")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if pidfile.is_file() and pidfile.read_text().strip().isdigit():
+            return int(pidfile.read_text().strip())
+        time.sleep(0.2)
+    raise ClusterError(f"{name} wrote no pid file {pidfile}")
+
+
+def stop_pid(pid: int, grace: float = 15) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; quiet if it is gone."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 class SlurmCluster:
     def __init__(self):
         self.host = socket.gethostname().split(".")[0]
@@ -102,48 +173,14 @@ class SlurmCluster:
             Path(d).mkdir(parents=True, exist_ok=True)
             shutil.chown(d, "slurm", "slurm")
         SLURM_CONF.parent.mkdir(parents=True, exist_ok=True)
-        SLURM_CONF.write_text(f"""\
-# Written by tests/slurm_cluster.py: a one-node cluster on localhost for the SLURM test.
-ClusterName=sidatest
-SlurmctldHost={self.host}(127.0.0.1)
-SlurmUser=slurm
-SlurmctldPidFile={PIDFILES['slurmctld']}
-SlurmdPidFile={PIDFILES['slurmd']}
-StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
-SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdLogFile=/var/log/slurm/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-MinJobAge=300
-MailProg=/bin/true
-ReturnToService=2
-SlurmctldTimeout=30
-SlurmdTimeout=30
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={hw['CPUs']} Boards={hw.get('Boards', 1)} \
-SocketsPerBoard={hw.get('SocketsPerBoard', 1)} CoresPerSocket={hw.get('CoresPerSocket', hw['CPUs'])} \
-ThreadsPerCore={hw.get('ThreadsPerCore', 1)} RealMemory={real_memory} State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-""")
+        SLURM_CONF.write_text(slurm_conf(
+            "a one-node cluster on localhost for the SLURM test", "sidatest", (self.host, "127.0.0.1"),
+            [(self.host, "127.0.0.1")], hw, real_memory, slurm_user="slurm",
+            pidfiles=(PIDFILES["slurmctld"], PIDFILES["slurmd"]), state="/var/spool/slurmctld",
+            spool="/var/spool/slurmd", logs=("/var/log/slurm/slurmctld.log", "/var/log/slurm/slurmd.log")))
 
     def _start(self, name: str, cmd: list[str]) -> None:
-        pidfile = PIDFILES[name]
-        pidfile.unlink(missing_ok=True)
-        r = _run(cmd, timeout=60)
-        if r.returncode != 0:
-            raise ClusterError(f"{name} did not start: {(r.stderr or r.stdout).strip()[-500:]}")
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if pidfile.is_file() and pidfile.read_text().strip().isdigit():
-                self.pids[name] = int(pidfile.read_text().strip())
-                return
-            time.sleep(0.2)
-        raise ClusterError(f"{name} wrote no pid file {pidfile}")
+        self.pids[name] = start_daemon(name, cmd, PIDFILES[name])
 
     def _wait_idle(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -179,24 +216,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         """End the daemons this object started (by PID), slurmd first."""
         for name in ("slurmd", "slurmctld", "munged"):
             pid = self.pids.pop(name, None)
-            if pid is None:
-                continue
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.2)
-            else:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            if pid is not None:
+                stop_pid(pid)
 
 
 if __name__ == "__main__":  # manual use: python tests/slurm_cluster.py (Ctrl-C or SIGTERM stops it)

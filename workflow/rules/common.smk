@@ -151,8 +151,8 @@ DISTRIBUTED = {"teacher": True, "distill": True, "evaluate": True, "fetch": Fals
 MULTI_NODE = {"teacher", "distill"}
 
 
-def rule_resources(rule):
-    """Resources of a rule: defaults, then config `resources.default`, then `resources.<rule>`."""
+def _configured_resources(rule):
+    """Defaults, then config `resources.default`, then `resources.<rule>` (per node)."""
     res = dict(DEFAULT_RESOURCES[rule])
     if DISTRIBUTED[rule]:
         res.update(cpus_per_task=PROCS * THREADS_PER_PROC, gpu=GPUS)
@@ -161,6 +161,12 @@ def rule_resources(rule):
     overrides = config.get("resources") or {}
     res.update(overrides.get("default") or {})
     res.update(overrides.get(rule) or {})
+    return res
+
+
+def rule_resources(rule):
+    """Resources of a rule as the SLURM plugin reads them (multi-node: GPUs per node)."""
+    res = _configured_resources(rule)
     # The node count is the config's `nodes` (the stages size their process groups and batch
     # checks from it), never a per-rule resource.
     res["nodes"] = config["nodes"] if rule in MULTI_NODE else 1
@@ -186,17 +192,22 @@ def launcher(rule):
     Rules call it as `{params.launch} -m -- stages.X ARGS`: the `--` ends torchrun's own options,
     which it otherwise matches by prefix (`--run` is "ambiguous: --run-path, --run_path").
     One node: `torchrun --standalone`. Several nodes (a SLURM allocation of `nodes` nodes with one
-    task each): srun starts one torchrun per node, which rendezvous at the first node (c10d).
+    task each): srun starts `sida.run.launch` once per node, which runs torchrun with a c10d
+    rendezvous hosted by the first node, the address and interface that reach the other nodes,
+    and a port from the job id (see its docstring). srun is given the CPUs (Slurm >= 22.05 no
+    longer passes the job's --cpus-per-task to steps) and GPUs per node again, and ends the
+    other nodes' processes as soon as one fails instead of leaving them waiting in a collective.
     """
     if not DISTRIBUTED[rule]:
         return "torchrun --standalone --nproc-per-node 1"
-    nodes = rule_resources(rule)["nodes"]
-    if nodes == 1:
+    res = rule_resources(rule)
+    if res["nodes"] == 1:
         return f"torchrun --standalone --nproc-per-node {PROCS}"
+    gpus_per_node = _configured_resources(rule).get("gpu", 0)
+    gpus = f" --gpus-per-node {gpus_per_node}" if gpus_per_node else ""
     return (
-        f"srun --nodes {nodes} --ntasks-per-node 1 torchrun --nnodes $SLURM_NNODES "
-        f"--nproc-per-node {PROCS} --rdzv-id $SLURM_JOB_ID --rdzv-backend c10d "
-        "--rdzv-endpoint $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1):29500"
+        f"srun --nodes {res['nodes']} --ntasks-per-node 1 --cpus-per-task {res['cpus_per_task']}{gpus} "
+        f"--kill-on-bad-exit=1 python -m sida.run.launch --nproc-per-node {PROCS}"
     )
 
 
