@@ -138,7 +138,49 @@ def stop_pid(pid: int, grace: float = 15) -> None:
         pass
 
 
-class SlurmCluster:
+class Cluster:
+    """Start and stop shared by the test clusters: `start()` installs the packages, runs
+    `_prepare` (files, network), `_start_daemons` and `_wait_idle`, and stops whatever it had
+    started when any step fails; `stop()` must end exactly what was started, by PID."""
+
+    pids: dict[str, int]
+
+    def _prepare(self) -> None:
+        raise NotImplementedError
+
+    def _start_daemons(self) -> None:
+        raise NotImplementedError
+
+    def _wait_idle(self, timeout: float = 60) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def start(self):
+        install()
+        try:
+            self._prepare()
+            self._start_daemons()
+            self._wait_idle()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def serve(self, how_to_use: str = "") -> None:
+        """Manual use: start, print the PIDs, run until Ctrl-C or SIGTERM, stop."""
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        self.start()
+        print(f"cluster up: {self.pids}; {how_to_use}Ctrl-C stops it", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            self.stop()
+
+
+class SlurmCluster(Cluster):
     def __init__(self):
         self.host = socket.gethostname().split(".")[0]
         self.pids: dict[str, int] = {}
@@ -195,21 +237,16 @@ class SlurmCluster:
         raise ClusterError(f"the node did not become idle (state: {state or 'unknown'}); "
                            f"see /var/log/slurm/slurmctld.log and slurmd.log")
 
-    def start(self) -> "SlurmCluster":
-        install()
+    def _prepare(self) -> None:
         self._ensure_host_resolves()
         self._setup_munge()
         self._write_conf()
-        try:
-            self._start("munged", ["runuser", "-u", "munge", "--", "munged"])
-            # -c: start clean, without jobs or node states saved by an earlier test cluster.
-            self._start("slurmctld", ["slurmctld", "-c"])
-            self._start("slurmd", ["slurmd"])
-            self._wait_idle()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+
+    def _start_daemons(self) -> None:
+        self._start("munged", ["runuser", "-u", "munge", "--", "munged"])
+        # -c: start clean, without jobs or node states saved by an earlier test cluster.
+        self._start("slurmctld", ["slurmctld", "-c"])
+        self._start("slurmd", ["slurmd"])
 
     # -- tear-down -----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -221,11 +258,4 @@ class SlurmCluster:
 
 
 if __name__ == "__main__":  # manual use: python tests/slurm_cluster.py (Ctrl-C or SIGTERM stops it)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    c = SlurmCluster().start()
-    print(f"cluster up: {c.pids}; Ctrl-C stops it", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        c.stop()
+    SlurmCluster().serve()

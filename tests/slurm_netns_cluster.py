@@ -34,12 +34,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from slurm_cluster import ClusterError, _node_hardware, _run, install, slurm_conf, start_daemon, stop_pid
+from slurm_cluster import Cluster, ClusterError, _node_hardware, _run, slurm_conf, start_daemon, stop_pid
 
 SUBNET = "10.77.0"
 
 
-class NetnsCluster:
+class NetnsCluster(Cluster):
     def __init__(self, nodes: int = 2):
         self.tag = f"sida{os.getpid() % 100000}"
         self.names = [f"node{k}" for k in range(1, nodes + 1)]
@@ -62,7 +62,7 @@ class NetnsCluster:
 
     def on(self, machine: str = "head") -> list[str]:
         """A prefix that runs the following command on `machine`: in its network namespace, under
-        its host name, with its /etc/hosts."""
+        its host name, with its /etc/hosts and /etc/slurm."""
         return ["nsenter", f"--net=/run/netns/{self.namespaces[machine]}", "--",
                 "unshare", "--uts", "--mount", "--propagation", "private", "--",
                 "sh", "-c", f'mount --bind {self.root / "hosts"} /etc/hosts && '
@@ -155,29 +155,22 @@ class NetnsCluster:
         raise ClusterError(f"the nodes did not become idle (sinfo: {states or 'nothing'}); "
                            f"see {self.root}/log/")
 
-    def start(self) -> "NetnsCluster":
-        install()
-        try:
-            self._files()
-            self._network()
-            munge = self.root / "munge"
-            self.pids["munged"] = start_daemon("munged", [
-                "runuser", "-u", "munge", "--", "munged", f"--socket={munge / 'munge.socket'}",
-                f"--key-file={munge / 'munge.key'}", f"--pid-file={munge / 'munged.pid'}",
-                f"--log-file={munge / 'munged.log'}", f"--seed-file={munge / 'munged.seed'}"], munge / "munged.pid")
-            # -c: start clean; -i: ignore state files of an earlier cluster of the same name
-            self.pids["slurmctld"] = start_daemon(
-                "slurmctld", self.on("head") + ["slurmctld", "-c", "-i"], self.root / "slurmctld.pid",
-                env=self.env())
-            for name in self.names:
-                self.pids[f"slurmd {name}"] = start_daemon(
-                    f"slurmd on {name}", self.on(name) + ["slurmd"], self.root / f"slurmd-{name}.pid",
-                    env=self.env())
-            self._wait_idle()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    def _prepare(self) -> None:
+        self._files()
+        self._network()
+
+    def _start_daemons(self) -> None:
+        munge = self.root / "munge"
+        self.pids["munged"] = start_daemon("munged", [
+            "runuser", "-u", "munge", "--", "munged", f"--socket={munge / 'munge.socket'}",
+            f"--key-file={munge / 'munge.key'}", f"--pid-file={munge / 'munged.pid'}",
+            f"--log-file={munge / 'munged.log'}", f"--seed-file={munge / 'munged.seed'}"], munge / "munged.pid")
+        # -c: start clean; -i: ignore state files of an earlier cluster of the same name
+        self.pids["slurmctld"] = start_daemon(
+            "slurmctld", self.on("head") + ["slurmctld", "-c", "-i"], self.root / "slurmctld.pid", env=self.env())
+        for name in self.names:
+            self.pids[f"slurmd {name}"] = start_daemon(
+                f"slurmd on {name}", self.on(name) + ["slurmd"], self.root / f"slurmd-{name}.pid", env=self.env())
 
     # -- tear-down -------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -213,12 +206,4 @@ class NetnsCluster:
 
 
 if __name__ == "__main__":  # manual use: python tests/slurm_netns_cluster.py (Ctrl-C stops it)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    c = NetnsCluster().start()
-    print(f"cluster up: {c.pids}; clients: {' '.join(c.on('head'))} sinfo; "
-          f"Ctrl-C stops it", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        c.stop()
+    NetnsCluster().serve("clients run on the head machine: NetnsCluster.on('head') + [cmd]; ")
