@@ -165,7 +165,7 @@ def _configured_resources(rule):
 
 
 def rule_resources(rule):
-    """Resources of a rule as the SLURM plugin reads them (multi-node: GPUs per node)."""
+    """Resources as the SLURM plugin reads them (several nodes: GPUs per node)."""
     res = _configured_resources(rule)
     # The node count is the config's `nodes` (the stages size their process groups and batch
     # checks from it), never a per-rule resource.
