@@ -47,12 +47,15 @@ def _run(cmd: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProce
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def install() -> None:
-    """apt-get install slurm-wlm munge, when their daemons are not there yet (~15 s)."""
-    if shutil.which("slurmctld") and shutil.which("slurmd") and shutil.which("munged"):
+def install(tools: dict[str, str] | None = None) -> None:
+    """apt-get install slurm-wlm munge when their daemons are not there yet (~15 s), and the
+    package of each missing command in `tools` (command -> Debian package)."""
+    missing = [] if all(shutil.which(c) for c in ("slurmctld", "slurmd", "munged")) else list(PACKAGES)
+    missing += sorted({pkg for cmd, pkg in (tools or {}).items() if not shutil.which(cmd)})
+    if not missing:
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
         r = _run(cmd, timeout=600, env=env)
         if r.returncode != 0:
             raise ClusterError(f"{' '.join(cmd)} failed: {(r.stderr or r.stdout).strip()[-500:]}")
@@ -144,6 +147,7 @@ class Cluster:
     started when any step fails; `stop()` must end exactly what was started, by PID."""
 
     pids: dict[str, int]
+    tools: dict[str, str] = {}  # commands the cluster needs besides SLURM's -> Debian package
 
     def _prepare(self) -> None:
         raise NotImplementedError
@@ -158,7 +162,7 @@ class Cluster:
         raise NotImplementedError
 
     def start(self):
-        install()
+        install(self.tools)
         try:
             self._prepare()
             self._start_daemons()

@@ -34,12 +34,32 @@ import tempfile
 import time
 from pathlib import Path
 
-from slurm_cluster import Cluster, ClusterError, _node_hardware, _run, slurm_conf, start_daemon, stop_pid
+from slurm_cluster import Cluster, ClusterError, _node_hardware, _run, install, slurm_conf, start_daemon, stop_pid
 
 SUBNET = "10.77.0"
 
 
 class NetnsCluster(Cluster):
+    tools = {"ip": "iproute2", "nsenter": "util-linux", "unshare": "util-linux", "mount": "mount"}
+
+    @staticmethod
+    def impossible_reason() -> str | None:
+        """Why namespaces with a bridge and veth pairs cannot be made here (None when they can):
+        try it once in a scratch namespace."""
+        install(NetnsCluster.tools)
+        ns = f"sidaprobe{os.getpid()}"
+        steps = [["ip", "netns", "add", ns], ["ip", "-n", ns, "link", "add", "br0", "type", "bridge"],
+                 ["ip", "-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+                 ["nsenter", f"--net=/run/netns/{ns}", "--", "unshare", "--uts", "--mount", "--", "true"]]
+        try:
+            for cmd in steps:
+                r = _run(cmd, timeout=30)
+                if r.returncode != 0:
+                    return f"`{' '.join(cmd)}` fails here: {(r.stderr or r.stdout).strip()[:200]}"
+            return None
+        finally:
+            _run(["ip", "netns", "del", ns], timeout=30)
+
     def __init__(self, nodes: int = 2):
         self.tag = f"sida{os.getpid() % 100000}"
         self.names = [f"node{k}" for k in range(1, nodes + 1)]

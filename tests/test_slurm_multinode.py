@@ -6,8 +6,9 @@ namespaces (c10d, hosted by the first node; sida.run.launch), and the generator 
 run as one node with two processes. Then one node's process is killed mid-run, the job fails,
 and the same command resumes the stage from its checkpoint and finishes with the same network.
 
-Needs root, `ip netns`, `nsenter`/`unshare` and Debian's slurm-wlm + munge (installed when
-missing); skipped with the reason otherwise. Every daemon and process is stopped by PID at the
+Needs root and apt-get (Debian's slurm-wlm, munge, iproute2 are installed when missing) and a
+kernel that lets root make network namespaces, bridges and veth pairs; skipped with the reason
+otherwise. Every daemon and process is stopped by PID at the
 end, also on failure.
 """
 
@@ -53,22 +54,17 @@ def _config(path: Path, nodes: int, procs: int) -> Path:
     return path
 
 
-def _netns_reason() -> str | None:
-    for tool in ("ip", "nsenter", "unshare"):
-        if not shutil.which(tool):
-            return f"the multi-node test needs `{tool}` (iproute2 / util-linux)"
-    r = subprocess.run(["ip", "netns", "add", f"sidaprobe{os.getpid()}"], capture_output=True, text=True)
-    if r.returncode != 0:
-        return f"network namespaces cannot be made here: {r.stderr.strip()[:200]}"
-    subprocess.run(["ip", "netns", "del", f"sidaprobe{os.getpid()}"], capture_output=True)
-    return None
-
-
 @pytest.fixture(scope="module")
 def cluster(request):
-    reason = unavailable_reason() or _netns_reason()
+    reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
+    try:
+        reason = NetnsCluster.impossible_reason()
+    except ClusterError as exc:  # apt-get could not install iproute2 / util-linux
+        pytest.fail(f"could not install what the two-node cluster needs: {exc}")
+    if reason:
+        pytest.skip(f"two SLURM nodes in network namespaces cannot be made here: {reason}")
     c = NetnsCluster(nodes=2)
     request.addfinalizer(c.stop)
     start = time.monotonic()
