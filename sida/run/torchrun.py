@@ -33,6 +33,7 @@ def failure_line(stage: str, rank: int, exitcode: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -50,6 +51,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         if failure.exitcode != 1:
             print(failure_line(exc.name, rank, failure.exitcode), file=sys.stderr, flush=True)
         sys.exit(failure.exitcode if failure.exitcode > 0 else 1)
+    except SignalException as exc:  # the job itself was stopped (SLURM preemption, time limit, Ctrl-C)
+        if debug:
+            raise
+        print(error_line(f"stopped by {exc.sigval.name}: the last checkpoint is kept; rerun the same command to "
+                         f"resume"), file=sys.stderr, flush=True)
+        sys.exit(128 + int(exc.sigval))
 
 
 if __name__ == "__main__":
