@@ -108,3 +108,28 @@ def describe_os_error(exc: OSError, path: str | os.PathLike | None = None, actio
     if exc.filename2 is not None:
         target += f" -> {os.fsdecode(exc.filename2)}"
     return f"cannot {action} {target}: {cause}{code}: {fix}"
+
+
+def output_location_problem(path: str | os.PathLike) -> str | None:
+    """Why nothing can be written under directory `path` (one line: path, cause, fix), or None.
+
+    Looks at the deepest part of `path` that exists: a file there, a directory this user cannot
+    write into, or a read-only file system. For checks before any work starts (the workflow's
+    results_dir); a stage finds the same problems when it writes, through `describe_os_error`.
+    """
+    path = Path(path).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    code = None
+    if not existing.is_dir():
+        code = errno.ENOTDIR
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        code = errno.EROFS if read_only else errno.EACCES
+    if code is None:
+        return None
+    return describe_os_error(OSError(code, os.strerror(code), str(path)), action="write under")

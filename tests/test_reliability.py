@@ -348,6 +348,26 @@ def test_workflow_log_names_the_failure(tmp_path, snakemake):
                for l in r.stderr.splitlines()), r.stderr[-3000:]
 
 
+def test_workflow_refuses_an_unwritable_results_dir_in_one_line(tmp_path, snakemake):
+    """Snakemake itself fails with a traceback when results_dir lies below a file (it scans the
+    output folders while building the DAG): the Snakefile checks first."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    r = snakemake("-n", "--config", f"results_dir={blocker / 'results'}", configfile=REPO / "config" / "ci-short.yaml",
+                  timeout=300)
+    assert r.returncode == 1
+    line = _the_error(r.stderr)
+    assert line.startswith("error: results_dir: cannot write under") and f"{blocker} is a file" in line, line
+
+
+def test_output_location_problems_are_named(tmp_path):
+    from sida.errors import output_location_problem
+
+    assert output_location_problem(tmp_path / "no" / "such" / "dir") is None  # created when needed
+    (tmp_path / "f").write_text("x")
+    assert "is a file, not a directory" in output_location_problem(tmp_path / "f" / "x")
+
+
 # == 2. damaged files ===============================================================================
 
 def _damaged(kind: str, tmp_path: Path) -> bytes:
