@@ -110,6 +110,21 @@ def describe_os_error(exc: OSError, path: str | os.PathLike | None = None, actio
     return f"cannot {action} {target}: {cause}{code}: {fix}"
 
 
+def brief_reason(exc: BaseException) -> str:
+    """A library exception's first sentence, for quoting inside our one-line messages.
+
+    Libraries go on after it with advice that is wrong for our users (torch: "If you are seeing
+    this error, there is a high likelihood..."; numpy: load it unsafely with allow_pickle=); a
+    fixed character cut would pass on half of that advice, so whole sentences only.
+    """
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[0].split()) if lines else ""
+    if text.startswith("[enforce fail at"):  # torch's C++ prefix: "[enforce fail at file:line] . msg"
+        text = text.split("] ", 1)[-1].lstrip(". ")
+    first = text.split(". ", 1)[0].rstrip(".") if text else ""
+    return first if first else type(exc).__name__
+
+
 def output_location_problem(path: str | os.PathLike) -> str | None:
     """Why nothing can be written under directory `path` (one line: path, cause, fix), or None.
 

@@ -518,6 +518,34 @@ def test_resume_truncates_a_damaged_metrics_log_atomically(tmp_path, monkeypatch
     assert log.read_text() == '{"kimg": 0.016}\n{"kimg": 0.032}\n'
 
 
+@pytest.mark.parametrize("kind", ["random", "pickle"])
+def test_damaged_inception_weights_and_edm_pickles_carry_no_library_advice(tmp_path, kind):
+    from sida.errors import CheckpointError
+    from sida.eval.features import InceptionExtractor
+    from sida.io.edm_pickle import load_edm_pickle
+
+    path = tmp_path / "weights.pt"
+    path.write_bytes(np.random.default_rng(3).bytes(5000) if kind == "random" else pickle.dumps({"a": 1}))
+    for load in (lambda: InceptionExtractor(path, "legacy_tensorflow", "cpu"), lambda: load_edm_pickle(path)):
+        with pytest.raises(CheckpointError) as info:
+            load()
+        msg = str(info.value)
+        assert str(path) in msg and not any(a in msg for a in ADVICE), msg
+
+
+def test_brief_reason_keeps_whole_first_sentences():
+    from sida.errors import brief_reason
+
+    numpy_msg = ("This file contains pickled (object) data. If you trust the file you can load it unsafely using "
+                 "the `allow_pickle=` keyword argument or `pickle.load()`.")
+    assert brief_reason(ValueError(numpy_msg)) == "This file contains pickled (object) data"
+    assert brief_reason(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 640 vs 534")) == \
+        "unexpected pos 640 vs 534"
+    assert brief_reason(RuntimeError("Error(s) in loading state_dict for X:\n\tMissing key(s): a.b")) == \
+        "Error(s) in loading state_dict for X:"
+    assert brief_reason(KeyError()) == "KeyError"
+
+
 # == 3. non-finite values ===========================================================================
 
 def _poison(src: Path, dst: Path, key: str | None = None) -> str:

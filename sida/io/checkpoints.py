@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from .atomic import atomic_save_torch
-from ..errors import CheckpointError, FileSystemError, NonFiniteError, describe_os_error, is_os_failure
+from ..errors import (CheckpointError, FileSystemError, NonFiniteError, brief_reason, describe_os_error,
+                      is_os_failure)
 
 NETWORK_FORMAT = "sida-network"
 STATE_FORMAT = "sida-state"
@@ -75,7 +76,7 @@ def network_from_record(rec: dict, source: str = "record") -> torch.nn.Module:
         net = build_network(rec["class"], rec["kwargs"])
         net.load_state_dict(rec["state_dict"], strict=True)
     except (KeyError, RuntimeError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = brief_reason(exc)
         raise CheckpointError(f"{source}: the stored network does not match its architecture ({first})") from None
     check_finite(rec["state_dict"], source, "it comes from a diverged run or is damaged; use another file")
     return net
