@@ -299,12 +299,15 @@ def test_distill_loop_low_precision_paths_on_the_cpu(precision):
     for name in ("G", "G_ema", "fake"):  # marked like the official networks built with --fp16
         assert getattr(nets, name).init_kwargs["use_fp16"] is (precision == "fp16"), name
     seen = _conv_output_dtypes(nets.fake)
+    emb = set()  # EDM's fp16 path keeps the noise/label embedding in fp32; autocast does not
+    nets.fake.model.map_layer0.register_forward_hook(lambda m, a, o: emb.add(o.dtype))
     for phase in loop.phases:
         loop.nimg = phase.end_nimg - loop.batch
         stats = loop.step()
         for k, v in stats.items():
             assert torch.isfinite(v).all(), (phase.kind, k)
     assert seen == {torch.float16 if precision == "fp16" else torch.bfloat16}
+    assert emb == {torch.float32 if precision == "fp16" else torch.bfloat16}
     for net in (nets.G, nets.fake):
         assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in net.parameters())
 

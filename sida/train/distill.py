@@ -172,17 +172,18 @@ class DistillLoop:
         tests, benchmarks) labels are uniform over the classes."""
         if self.label_dim == 0:
             return torch.zeros([n, 0], device=self.device)
-        g = slot_generator(self.gens, "data", r)
         if self.dataset is not None:
-            idx = torch.randint(len(self.dataset), (n,), generator=g)
-            return self.dataset.labels(idx).to(self.device, non_blocking=True)
-        idx = torch.randint(self.label_dim, (n,), generator=g)
+            return self.dataset.labels(self._indices(n, r)).to(self.device, non_blocking=True)
+        idx = torch.randint(self.label_dim, (n,), generator=slot_generator(self.gens, "data", r))
         return F.one_hot(idx, self.label_dim).float().to(self.device)
+
+    def _indices(self, n: int, r: int) -> torch.Tensor:
+        """`n` dataset indices drawn with replacement from this slot's data stream."""
+        return torch.randint(len(self.dataset), (n,), generator=slot_generator(self.gens, "data", r))
 
     def _real(self, n: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Real images with their labels; the generator is then conditioned on the same labels."""
-        idx = torch.randint(len(self.dataset), (n,), generator=slot_generator(self.gens, "data", r))
-        x, labels = self.dataset.get_batch(idx)
+        x, labels = self.dataset.get_batch(self._indices(n, r))
         return x.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def _randn(self, shape, r: int) -> torch.Tensor:
@@ -195,7 +196,11 @@ class DistillLoop:
         s = self.rc["sigma_init"]
         return self.nets.G(s * z, torch.full([n], s, device=self.device), labels)
 
-    # -- the two updates --------------------------------------------------------------------------
+    def _autocast(self):
+        """torch.autocast for `precision: bf16`; fp16 needs none (the networks run EDM's fp16 path
+        themselves, see apply_precision) and fp32 none either."""
+        return autocast(self.device, "bf16" if self.rc["precision"] == "bf16" else "fp32")
+
     def _augment(self, images: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fake score's input augmentation, drawn from this slot's noise stream."""
         if self.augment is None:
@@ -219,7 +224,7 @@ class DistillLoop:
                 real, labels = self._real(self.micro, r)
             else:
                 real, labels = None, self._labels(self.micro, r)
-            with torch.no_grad(), autocast(self.device, rc["precision"]):
+            with torch.no_grad(), self._autocast():
                 x_g = self._generate(labels, r)
             # Generated and real images are augmented independently (the official loss calls
             # the pipe on each); both then get the same sigma and noise.
@@ -231,7 +236,9 @@ class DistillLoop:
             sigma = (torch.randn([self.micro, 1, 1, 1], generator=g, device=self.device) * rc["P_std"]
                      + rc["P_mean"]).exp()
             n = self._randn(x_g.shape, r) * sigma
-            with autocast(self.device, rc["precision"]):
+            with self._autocast():
+                # augment_labels only when augmenting: benchmark stand-ins for fake_forward take
+                # its six positional arguments.
                 denoised, lf, lr = fake_forward(nets.fake, x_g + n, None if real is None else real + n,
                                                 sigma.flatten(), labels, self.discriminator,
                                                 **({} if aug_fake is None else {"augment_labels": (aug_fake, aug_real)}))
@@ -265,7 +272,7 @@ class DistillLoop:
             stats["loss_g_adv"] = zero.clone()
         for r in range(self.rounds):
             labels = self._labels(self.micro, r)
-            with autocast(self.device, rc["precision"]):
+            with self._autocast():
                 x_g = self._generate(labels, r).float()
                 t = torch.rand([self.micro, 1, 1, 1], generator=slot_generator(self.gens, "noise", r),
                                device=self.device)
