@@ -106,7 +106,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     teacher = teacher.to(info.device)
     init_gen = init_gen.to(info.device) if init_gen is not None else None
     nets = init_nets(teacher, rc["dropout"], init_state, init_gen)
-    dataset = open_dataset(cfg["data"]) if rc["discriminator"] else None
+    # Real images for the discriminator; class labels (drawn from dataset samples, as the official
+    # loop does) for every class-conditional run.
+    dataset = open_dataset(cfg["data"]) if rc["discriminator"] or cfg["data"]["label_dim"] > 0 else None
     loop = DistillLoop(rc, nets, dataset, info, sigma_data=getattr(teacher, "sigma_data", 0.5), seed=ctx.seed)
     ckpt = Checkpointer(ctx.work, info, ctx.cfg_hash, f"distill/{args.run}")
     if ckpt.load_if_any(loop):

@@ -31,10 +31,10 @@ def network_from_config(cfg: dict, dropout: float | None = None) -> torch.nn.Mod
 def clone_with_dropout(net: torch.nn.Module, dropout: float | None) -> torch.nn.Module:
     """A copy of `net` (same weights), rebuilt with another dropout rate when one is given.
 
-    The fake score trains with its own dropout (0.13 for CIFAR-10 in the official code) while
-    the teacher it starts from may have been built with another.
+    The official code builds the generator and the fake score with `--dropout` (0.13 for
+    CIFAR-10, 0.05 for FFHQ/AFHQv2) whatever rate the teacher they start from was trained with.
     """
-    if dropout is None:
+    if dropout is None or dropout == net.init_kwargs.get("dropout"):
         return copy.deepcopy(net)
     kwargs = dict(net.init_kwargs)
     kwargs["dropout"] = dropout

@@ -78,10 +78,22 @@ class _Precond(torch.nn.Module):
             class_labels = torch.zeros([x.shape[0], self.label_dim], device=x.device)
         else:
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        # EDM runs the UNet in fp16 only on CUDA; on CPU (or under torch.autocast) we stay fp32
-        # and let autocast choose the compute dtype.
-        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == "cuda") else torch.float32
-        return x, sigma, class_labels, dtype
+        return x, sigma, class_labels, self.unet_dtype(x.device, force_fp32)
+
+    # Runtime choice of the UNet's dtype, not part of init_kwargs: a training loop sets it to
+    # run EDM's fp16 path on any device (sida.train.distill.apply_precision).
+    compute_dtype: Optional[torch.dtype] = None
+
+    def unet_dtype(self, device: torch.device, force_fp32: bool = False) -> torch.dtype:
+        """The dtype the UNet runs in. EDM's `use_fp16` rule: fp16 on CUDA, fp32 elsewhere (under
+        torch.autocast the input stays fp32 and autocast picks the op dtypes); `compute_dtype`,
+        when set, overrides it on every device. Weights stay fp32 (each layer casts them), the
+        noise/label embedding runs in fp32, and the output is cast back to fp32."""
+        if force_fp32:
+            return torch.float32
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return torch.float16 if (self.use_fp16 and device.type == "cuda") else torch.float32
 
     def _run(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: Optional[torch.Tensor], dtype: torch.dtype,
              c_skip, c_out, c_in, c_noise, augment_labels: Optional[torch.Tensor], return_flag: str,
