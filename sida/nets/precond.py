@@ -17,8 +17,9 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from . import networks
+from .edm2 import EDM2Precond
 
-__all__ = ["EDMPrecond", "VPPrecond", "VEPrecond", "PRECOND_CLASSES", "round_sigma", "build_model"]
+__all__ = ["EDMPrecond", "VPPrecond", "VEPrecond", "EDM2Precond", "PRECOND_CLASSES", "round_sigma", "build_model"]
 
 Output = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
@@ -197,4 +198,6 @@ class VEPrecond(_Precond):
                          decode_first)
 
 
-PRECOND_CLASSES = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond}
+# EDM2Precond (sida.nets.edm2) wraps its own UNet at attribute `unet`, as EDM2's release does.
+PRECOND_CLASSES = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond,
+                   "EDM2Precond": EDM2Precond}
