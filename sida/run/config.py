@@ -183,7 +183,7 @@ def run_config(cfg: dict, run: str) -> dict:
         raise ConfigError(f"unknown run '{run}': the config defines {', '.join(runs) or 'no runs'}")
     merged = {k: v for k, v in cfg["distill"].items() if k != "runs"}
     spec = runs[run]
-    for key in ("lr_g", "lr_fake"):
+    for key in ("lr_g", "lr_fake", "lambda_sid"):
         if spec.get(key) is not None:
             merged[key] = spec[key]
     merged.update({k: spec[k] for k in ("init", "init_generator", "discriminator", "phases")})

@@ -23,9 +23,11 @@ from ..run.dist import DistInfo
 from ..errors import ConfigError
 from ..io.factory import autocast
 from .loop import accumulation, ema_update, make_adam, make_generators, slot_generator, sync_gradients
-from .losses import (adversarial_generator_loss, discriminator_loss, edm_denoising_loss, edm_loss_weight,
-                     fake_score_objective, generator_objective, sid_generator_loss, sid_weight_factor)
+from .losses import (adversarial_generator_loss, discriminator_loss, edm2_denoising_loss, edm_denoising_loss,
+                     edm_loss_weight, fake_score_objective, generator_objective, sid_generator_loss,
+                     sid_weight_factor, uncertainty_weighted)
 from ..nets.sampler import sid_sigma_t
+from ..nets.edm2 import force_weight_norm_
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,18 @@ class DistillLoop:
             # 32x32 (bench.step). Inputs stay NCHW: the first conv switches the layout.
             for net in (nets.teacher, nets.G, nets.G_ema, nets.fake):
                 net.to(memory_format=torch.channels_last)
+        # EDM2 teachers (latent space): the fake score's uncertainty head weights the losses, and
+        # forced weight normalisation runs after every optimiser step (and here, at the start of the
+        # run: a resumed run then loads its saved weights over it, so resuming stays bit-exact).
+        self.logvar = bool(rc.get("logvar"))
+        self.force_wn = bool(rc.get("force_weight_norm"))
+        if self.logvar and not getattr(nets.fake, "has_logvar", False):
+            raise ConfigError("distill.logvar: true needs a teacher with an uncertainty head (EDM2Precond): "
+                              "set it false for this teacher")
+        self.labels_from_data = bool(rc.get("labels_from_data")) and dataset is not None and self.label_dim > 0
+        if self.force_wn:
+            self._post_step(nets.G)
+            self._post_step(nets.fake)
         self.g_params = list(nets.G.parameters())
         self.f_params = list(nets.fake.parameters())
         self.opt_g = make_adam(self.g_params, rc["lr_g"], rc["adam_eps"])
@@ -119,17 +133,26 @@ class DistillLoop:
     def phase_name(self) -> str:
         return self.phase().kind
 
+    def _post_step(self, net: torch.nn.Module) -> None:
+        """After an optimiser step: forced weight normalisation of EDM2 layers (a no-op elsewhere)."""
+        if self.force_wn:
+            force_weight_norm_(net)
+
     # -- random draws (all from this rank's generators) --------------------------------------------
     def _labels(self, n: int, r: int) -> torch.Tensor:
         if self.label_dim == 0:
             return torch.zeros([n, 0], device=self.device)
-        idx = torch.randint(self.label_dim, (n,), generator=slot_generator(self.gens, "data", r))
+        g = slot_generator(self.gens, "data", r)
+        if self.labels_from_data:  # the dataset's label distribution (only its labels are read)
+            return self.dataset.labels(torch.randint(len(self.dataset), (n,), generator=g)).to(self.device)
+        idx = torch.randint(self.label_dim, (n,), generator=g)
         return F.one_hot(idx, self.label_dim).float().to(self.device)
 
     def _real(self, n: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Real images with their labels; the generator is then conditioned on the same labels."""
-        idx = torch.randint(len(self.dataset), (n,), generator=slot_generator(self.gens, "data", r))
-        x, labels = self.dataset.get_batch(idx)
+        g = slot_generator(self.gens, "data", r)
+        idx = torch.randint(len(self.dataset), (n,), generator=g)
+        x, labels = self.dataset.get_batch(idx, generator=g)  # latents are random draws: same generator
         return x.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def _randn(self, shape, r: int) -> torch.Tensor:
@@ -168,10 +191,16 @@ class DistillLoop:
             with autocast(self.device, rc["precision"]):
                 denoised, lf, lr = fake_forward(nets.fake, x_g + n, None if real is None else real + n,
                                                 sigma.flatten(), labels, self.discriminator)
-            l_fake = edm_denoising_loss(denoised.float(), x_g, sigma, self.sigma_data)
+            w_d = edm_loss_weight(sigma, self.sigma_data)
+            if self.logvar:
+                logvar = nets.fake.logvar(sigma)  # u(sigma): a function of sigma only
+                l_fake = edm2_denoising_loss(denoised.float(), x_g, sigma, logvar, self.sigma_data)
+                w_d = uncertainty_weighted(w_d, logvar)
+            else:
+                l_fake = edm_denoising_loss(denoised.float(), x_g, sigma, self.sigma_data)
             l_d = None
             if self.discriminator:
-                l_d = discriminator_loss(lr, lf, edm_loss_weight(sigma, self.sigma_data))
+                l_d = discriminator_loss(lr, lf, w_d)
                 stats["loss_d"] += (l_d.sum() / total).detach()
                 acc = ((lr.detach() > 0).float().mean() + (lf.detach() < 0).float().mean()) / 2
                 stats["d_acc"] += acc / self.rounds
@@ -179,9 +208,10 @@ class DistillLoop:
             loss.backward()
             stats["loss_fake"] += (l_fake.sum() / total).detach()
         stats["nonfinite_fake"] = sync_gradients(self.f_params)
-        if kind == "sida":
+        if kind == "sida" and rc["fake_clip"] is not None:
             torch.nn.utils.clip_grad_value_(self.f_params, rc["fake_clip"])
         self.opt_f.step()
+        self._post_step(nets.fake)
         nets.fake.eval().requires_grad_(False)
         return stats
 
@@ -211,15 +241,23 @@ class DistillLoop:
                     y_fake, logits = nets.fake(x_t, sigma_t.flatten(), labels), None
             y_real, y_fake = y_real.float(), y_fake.float()
             l_sid = sid_generator_loss(y_real, y_fake, x_g, rc["alpha"])
+            logvar = None
+            if self.logvar:
+                with torch.no_grad():  # the fake score is frozen here: a constant weight
+                    logvar = nets.fake.logvar(sigma_t)
+                l_sid = uncertainty_weighted(l_sid, logvar)
             l_adv = None
             if adversarial:
                 l_adv = adversarial_generator_loss(logits, sid_weight_factor(x_g, y_real), x_g.shape)
+                if logvar is not None:
+                    l_adv = uncertainty_weighted(l_adv, logvar)
                 stats["loss_g_adv"] += (l_adv.sum() / total).detach()
             loss = generator_objective(l_sid, l_adv, rc["lambda_sid"], rc["lambda_adv"], total, adversarial)
             loss.backward()
             stats["loss_g_sid"] += (l_sid.sum() / total).detach()
         stats["nonfinite_g"] = sync_gradients(self.g_params)
         self.opt_g.step()
+        self._post_step(nets.G)
         nets.G.eval().requires_grad_(False)
         return stats
 

@@ -127,3 +127,31 @@ def fake_score_objective(l_fake: torch.Tensor, l_d: torch.Tensor | None, batch_t
     if l_d is not None:
         out = out + l_d.sum() * (lambda_d / batch_total)
     return out
+
+
+# -- EDM2 latent space: the learned uncertainty (logvar) of the fake score ----------------------------
+# With EDM2 teachers the fake score f_psi keeps EDM2's uncertainty head u(sigma) = logvar (a
+# function of sigma only). The SiDA authors' EDM2 code trains it with EDM2's loss and divides the
+# other losses of the iteration by e^logvar of the fake score at the same sigma.
+
+
+def uncertainty_weighted(loss: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """loss / e^logvar, with logvar [B,1,1,1] broadcast over `loss` (per pixel or per sample).
+
+    Applied to the discriminator loss (fake-score step) and to the generator's SiD and adversarial
+    losses; in the generator step logvar comes from the frozen fake score, so it is a constant
+    there, while in the fake-score step the head also learns from the discriminator term.
+    """
+    return loss / logvar.exp()
+
+
+def edm2_denoising_loss(denoised: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor, logvar: torch.Tensor,
+                        sigma_data: float = 0.5) -> torch.Tensor:
+    """Per-pixel EDM2 loss with learned uncertainty (EDM2 eq. 21):
+
+        (lambda(sigma) / e^logvar) * ||D(x + n; sigma) - x||^2 + logvar
+
+    the fake score's loss in latent space. Returns a tensor shaped like `clean` (logvar is added to
+    every pixel, as EDM2 sums it: C*H*W*logvar per sample).
+    """
+    return uncertainty_weighted(edm_denoising_loss(denoised, clean, sigma, sigma_data), logvar) + logvar
