@@ -196,3 +196,36 @@ def make_img512_refs(path: str | Path, fid_dim: int, dino_dim: int, seed: int = 
     path = Path(path)
     path.write_bytes(pickle.dumps({"fid": stats(fid_dim), "fd_dinov2": stats(dino_dim)}))
     return path
+
+
+# -- the CI preset's assets (config/ci-edm2.yaml) --------------------------------------------------
+
+CI_DIR = "assets/ci-edm2"
+# The tiny EDM2 teacher of config/ci-edm2.yaml: 8x8x4 latents (16x16 pixels through the tiny VAE),
+# 10 classes; network.kwargs there must match.
+CI_TEACHER = dict(img_resolution=8, img_channels=4, label_dim=10, use_fp16=False, model_channels=16,
+                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=16, dropout=0.0)
+
+
+def make_ci_edm2_assets(folder: str | Path = CI_DIR, seed: int = 0) -> Path:
+    """Everything config/ci-edm2.yaml fetches, made locally and deterministically in `folder`."""
+    from sida.eval.features import save_random_dinov2
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    teacher = EDM2Precond(**CI_TEACHER)
+    with torch.no_grad():  # zero-initialised gains would make the teacher the identity map
+        for p in teacher.parameters():
+            if p.ndim == 0:
+                p.fill_(0.3)
+    (folder / "edm2-img512-tiny.pkl").write_bytes(make_edm2_pickle(teacher))
+    make_tiny_vae_folder(folder / "vae", seed=seed)
+    make_encoded_zip(folder / "latents.zip", n=64, resolution=8, label_dim=10, seed=seed)
+    save_random_dinov2(folder / "dinov2_vits14_pretrain.pth", "vits14", seed=seed)
+    make_img512_refs(folder / "img512.pkl", fid_dim=16, dino_dim=384, seed=seed)
+    return folder
+
+
+if __name__ == "__main__":  # python -m tests.edm2_assets [FOLDER]: the assets of config/ci-edm2.yaml
+    print(make_ci_edm2_assets(sys.argv[1] if len(sys.argv) > 1 else CI_DIR))
