@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sida.nets.edm2 import Block, EDM2Precond, EDM2UNet, MPConv, MPFourier
+from sida.nets.edm2 import Block, EDM2UNet, MPConv, MPFourier
+from sida.nets.precond import EDM2Precond
 
 MARKER_ENV = "SIDA_TEST_EXEC_MARKER"
 # Stand-in for the embedded module source: executing it would create the marker file.
 FAKE_SRC = ("import os, pathlib\n"
             f"pathlib.Path(os.environ.get('{MARKER_ENV}', '/tmp/sida-exec-marker')).write_text('executed')\n"
-            "class Precond: pass\n")
+            "class EDMPrecond: pass\nclass Precond: pass\n")
 
 # Our classes -> their names in NVlabs' release / in the SiDA authors' EDM2 code.
 RELEASE_NAMES = {EDM2Precond: "Precond", EDM2UNet: "UNet", Block: "Block", MPConv: "MPConv", MPFourier: "MPFourier"}

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sida.nets.edm2 import (EDM2_IMG512_CHANNELS, EDM2Precond, MPConv, MPFourier, edm2_img512_kwargs,
+from sida.nets.edm2 import (EDM2_IMG512_CHANNELS, MPConv, MPFourier, edm2_img512_kwargs,
                             force_weight_norm_, mp_cat, mp_silu, mp_sum, normalize, resample)
-from sida.nets.precond import PRECOND_CLASSES
+from sida.nets.precond import PRECOND_CLASSES, EDM2Precond
 
 TINY = dict(img_resolution=16, img_channels=4, label_dim=10, use_fp16=False, model_channels=16,
             channel_mult=[1, 2, 3], num_blocks=1, attn_resolutions=[8, 4], channels_per_head=16, dropout=0.0)

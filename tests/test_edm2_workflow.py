@@ -38,7 +38,8 @@ def ci_edm2(tmp_path_factory):
 
 def test_full_latent_dag(ci_edm2):
     from sida.io import checkpoints
-    from sida.nets.edm2 import EDM2Precond, MPConv
+    from sida.nets.edm2 import MPConv
+    from sida.nets.precond import EDM2Precond
 
     exp = ci_edm2.workdir / "results" / "ci-edm2"
     manifest = json.loads((exp / "fetch" / "manifest.json").read_text())

@@ -19,8 +19,8 @@ What makes the network magnitude preserving (MP):
   activations clipped to +-256, an output gain (``out_gain``) and per-block embedding gains that
   start at 0.
 
-``EDM2UNet.forward(..., return_flag)`` and ``EDM2Precond`` follow SongUNet/DhariwalUNet
-(`sida.nets.networks`): 'decoder' -> F(x); 'encoder' -> SiDA's discriminator logits, the channel
+``EDM2UNet.forward(..., return_flag)`` and ``EDM2Precond`` (in `sida.nets.precond`, with EDM's
+other preconditioners) follow SongUNet/DhariwalUNet (`sida.nets.networks`): 'decoder' -> F(x); 'encoder' -> SiDA's discriminator logits, the channel
 mean of the last encoder block's output ([B,1,8,8] for 64x64 latents); 'encoder_decoder' -> both
 from one pass; ``decode_first=b`` decodes only the first b samples.
 """
@@ -37,8 +37,7 @@ import torch.nn.functional as F
 from .networks import Output, _check_flag, _decoder_inputs, _finish
 
 __all__ = ["normalize", "mp_silu", "mp_sum", "mp_cat", "resample", "MPFourier", "MPConv", "Block", "EDM2UNet",
-           "EDM2Precond", "force_weight_norm_", "has_mp_weights", "EDM2_IMG512_CHANNELS", "edm2_img512_kwargs",
-           "EDM2_CLASS_NAMES"]
+           "force_weight_norm_", "has_mp_weights", "EDM2_IMG512_CHANNELS", "edm2_img512_kwargs"]
 
 NORM_EPS = 1e-4
 SILU_SCALE = 0.596      # E[silu(x)^2]^(1/2) for x ~ N(0, 1) (eq. 81)
@@ -255,7 +254,10 @@ class EDM2UNet(torch.nn.Module):
         self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: Optional[torch.Tensor],
-                return_flag: str = "decoder", decode_first: Optional[int] = None) -> Output:
+                augment_labels: Optional[torch.Tensor] = None, return_flag: str = "decoder",
+                decode_first: Optional[int] = None) -> Output:
+        """F(x) and/or the discriminator logits; `augment_labels` is accepted and ignored (EDM2
+        has no augmentation embedding), so the preconditioners call every UNet alike."""
         _check_flag(return_flag)
         emb = self.emb_noise(self.emb_fourier(noise_labels))
         if self.emb_label is not None:
@@ -278,106 +280,6 @@ class EDM2UNet(torch.nn.Module):
             return self.out_conv(h, gain=self.out_gain)
 
         return _finish(x, decoder, return_flag)
-
-
-class EDM2Precond(torch.nn.Module):
-    """EDM preconditioning around `EDM2UNet` (attribute ``unet``, as in the release) with the
-    learned uncertainty head u(sigma) = logvar_linear(logvar_fourier(c_noise)) (EDM2 eq. 21):
-    ``logvar_fourier`` / ``logvar_linear``, present when ``logvar`` is True (the published
-    teachers have it; the SiDA authors' one-step generators do not).
-
-    c_skip = sd^2/(sigma^2+sd^2), c_out = sigma sd/sqrt(sigma^2+sd^2), c_in = 1/sqrt(sd^2+sigma^2),
-    c_noise = ln(sigma)/4, sd = sigma_data = 0.5. The UNet runs in fp16 on CUDA when use_fp16.
-
-    ``forward(x, sigma, class_labels, return_flag=..., decode_first=..., return_logvar=False)``
-    returns what the UNet's return_flag asks for (denoised D(x) for the decoder part), with the
-    [B,1,1,1] logvar appended as a last element when ``return_logvar``.
-    """
-
-    model_type = "EDM2UNet"
-
-    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = True,
-                 sigma_data: float = 0.5, logvar_channels: int = 128, logvar: bool = True,
-                 **unet_kwargs: Any) -> None:
-        super().__init__()
-        self.init_kwargs = _plain(dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
-                                       use_fp16=use_fp16, sigma_data=sigma_data, logvar_channels=logvar_channels,
-                                       logvar=logvar, **unet_kwargs))
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
-        self.sigma_data = sigma_data
-        self.sigma_min = 0
-        self.sigma_max = float("inf")
-        self.has_logvar = bool(logvar)
-        self.unet = EDM2UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
-                             **unet_kwargs)
-        if self.has_logvar:
-            self.logvar_fourier = MPFourier(logvar_channels)
-            self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
-
-    augment_dim = 0  # no augmentation labels in EDM2
-
-    def round_sigma(self, sigma: Any) -> torch.Tensor:
-        return torch.as_tensor(sigma)
-
-    def coefficients(self, sigma: torch.Tensor):
-        """(c_skip, c_out, c_in, c_noise) for a sigma tensor (EDM Table 1)."""
-        sd = self.sigma_data
-        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
-        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
-        return c_skip, c_out, c_in, sigma.log() / 4
-
-    def logvar(self, sigma: Any) -> torch.Tensor:
-        """u(sigma) as [B,1,1,1] float32 (a function of sigma only)."""
-        if not self.has_logvar:
-            raise ValueError("this EDM2Precond was built with logvar=False (no uncertainty head)")
-        sigma = torch.as_tensor(sigma, device=self.logvar_linear.weight.device).to(torch.float32).reshape(-1)
-        return self.logvar_linear(self.logvar_fourier(sigma.log() / 4)).reshape(-1, 1, 1, 1).to(torch.float32)
-
-    def forward(self, x: torch.Tensor, sigma: Any, class_labels: Optional[torch.Tensor] = None,
-                force_fp32: bool = False, augment_labels: Optional[torch.Tensor] = None,
-                return_flag: str = "decoder", decode_first: Optional[int] = None,
-                return_logvar: bool = False) -> Any:
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
-        if sigma.shape[0] == 1 and x.shape[0] != 1:
-            sigma = sigma.expand(x.shape[0], 1, 1, 1)
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([x.shape[0], self.label_dim], device=x.device)
-        else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == "cuda") else torch.float32
-        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        out = self.unet((c_in * x).to(dtype), c_noise.flatten(), class_labels, return_flag=return_flag,
-                        decode_first=decode_first)
-        if return_flag == "encoder":
-            result: Any = out.to(torch.float32)
-        else:
-            F_x, logits = (out, None) if return_flag == "decoder" else out
-            if decode_first is not None:
-                x, c_skip, c_out = x[:decode_first], c_skip[:decode_first], c_out[:decode_first]
-            D_x = c_skip * x + c_out * F_x.to(torch.float32)
-            result = D_x if logits is None else (D_x, logits.to(torch.float32))
-        if not return_logvar:
-            return result
-        lv = self.logvar(sigma)
-        return (*result, lv) if isinstance(result, tuple) else (result, lv)
-
-
-def _plain(v: Any) -> Any:
-    """Tuples / numpy scalars -> JSON-friendly lists and Python numbers (for init_kwargs)."""
-    if isinstance(v, (list, tuple)):
-        return [_plain(u) for u in v]
-    if isinstance(v, dict):
-        return {k: _plain(u) for k, u in v.items()}
-    if hasattr(v, "item") and not isinstance(v, torch.Tensor):
-        return v.item()
-    return v
 
 
 def has_mp_weights(net: torch.nn.Module) -> bool:
@@ -414,8 +316,3 @@ def edm2_img512_kwargs(size: str, logvar: bool = True) -> dict:
         raise ValueError(f"unknown EDM2 size {size!r} (known: {', '.join(EDM2_IMG512_CHANNELS)})")
     return dict(img_resolution=64, img_channels=4, label_dim=1000, use_fp16=True, logvar=logvar,
                 model_channels=EDM2_IMG512_CHANNELS[size], dropout=0.0 if size in ("xs", "s") else 0.1)
-
-
-# Class names (meta['class_name']) of EDM2-family networks in published pickles -> whether they
-# carry the uncertainty head: NVlabs' Precond, and the SiDA authors' fake score / generator.
-EDM2_CLASS_NAMES = {"Precond": True, "EDM_2_Precond_EncoderDecoder": True, "EDM_2_Precond_Generator": False}
