@@ -45,7 +45,7 @@ class SkewedDataset:
     def labels(self, idx) -> torch.Tensor:
         return torch.nn.functional.one_hot(self.classes[torch.as_tensor(idx)], self.label_dim).float()
 
-    def get_batch(self, idx):
+    def get_batch(self, idx, generator=None):
         idx = torch.as_tensor(idx)
         return self.images[idx], self.labels(idx)
 

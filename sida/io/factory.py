@@ -13,8 +13,10 @@ def teacher_kwargs(cfg: dict) -> dict:
     """Constructor kwargs of the teacher's preconditioned network from `data` + `network`."""
     net, data = cfg["network"], cfg["data"]
     kwargs = dict(img_resolution=data["resolution"], img_channels=data["channels"],
-                  label_dim=data["label_dim"], use_fp16=net["use_fp16"], model_type=net["model_type"])
-    if net["precond"] == "EDMPrecond":
+                  label_dim=data["label_dim"], use_fp16=net["use_fp16"])
+    if net["precond"] != "EDM2Precond":  # EDM2Precond has one UNet of its own (sida.nets.edm2)
+        kwargs["model_type"] = net["model_type"]
+    if net["precond"] in ("EDMPrecond", "EDM2Precond"):
         kwargs["sigma_data"] = net["sigma_data"]
     kwargs.update(copy.deepcopy(net["kwargs"]))
     return kwargs

@@ -35,6 +35,7 @@ from .augment import AUGMENT_DIM, AugmentPipe
 from .loop import accumulation, ema_update, make_adam, make_generators, slot_generator, sync_gradients
 from .losses import fake_score_losses, fake_score_objective, generator_losses, generator_objective
 from ..nets.sampler import sid_sigma_t
+from ..nets.edm2 import force_weight_norm_
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,17 @@ class DistillLoop:
             # 32x32 (bench.step). Inputs stay NCHW: the first conv switches the layout.
             for net in (nets.teacher, nets.G, nets.G_ema, nets.fake):
                 net.to(memory_format=torch.channels_last)
+        # EDM2 teachers (latent space): the fake score's uncertainty head weights the losses, and
+        # forced weight normalisation runs after every optimiser step (and here, at the start of the
+        # run: a resumed run then loads its saved weights over it, so resuming stays bit-exact).
+        self.logvar = bool(rc.get("logvar"))
+        self.force_wn = bool(rc.get("force_weight_norm"))
+        if self.logvar and not getattr(nets.fake, "has_logvar", False):
+            raise ConfigError("distill.logvar: true needs a teacher with an uncertainty head (EDM2Precond): "
+                              "set it false for this teacher")
+        if self.force_wn:
+            self._post_step(nets.G)
+            self._post_step(nets.fake)
         self.g_params = list(nets.G.parameters())
         self.f_params = list(nets.fake.parameters())
         self.opt_g = make_adam(self.g_params, rc["lr_g"], rc["adam_eps"], betas=(rc["beta1_g"], 0.999))
@@ -164,6 +176,11 @@ class DistillLoop:
 
     def phase_name(self) -> str:
         return self.phase().kind
+
+    def _post_step(self, net: torch.nn.Module) -> None:
+        """After an optimiser step: forced weight normalisation of EDM2 layers (a no-op elsewhere)."""
+        if self.force_wn:
+            force_weight_norm_(net)
 
     # -- random draws (all from this rank's generators) --------------------------------------------
     def _labels(self, n: int, r: int) -> torch.Tensor:
@@ -183,7 +200,8 @@ class DistillLoop:
 
     def _real(self, n: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Real images with their labels; the generator is then conditioned on the same labels."""
-        x, labels = self.dataset.get_batch(self._indices(n, r))
+        # Latent datasets draw each latent as mean + N(0,1) std: from the same slot stream.
+        x, labels = self.dataset.get_batch(self._indices(n, r), generator=slot_generator(self.gens, "data", r))
         return x.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def _randn(self, shape, r: int) -> torch.Tensor:
@@ -242,7 +260,8 @@ class DistillLoop:
                 denoised, lf, lr = fake_forward(nets.fake, x_g + n, None if real is None else real + n,
                                                 sigma.flatten(), labels, self.discriminator,
                                                 **({} if aug_fake is None else {"augment_labels": (aug_fake, aug_real)}))
-            l_fake, l_d, keep = fake_score_losses(denoised.float(), x_g, sigma, lf, lr, self.sigma_data)
+            logvar = nets.fake.logvar(sigma) if self.logvar else None  # EDM2: u(sigma), a function of sigma only
+            l_fake, l_d, keep = fake_score_losses(denoised.float(), x_g, sigma, lf, lr, self.sigma_data, logvar)
             if self.discriminator:
                 stats["loss_d"] += (l_d.sum() / total).detach()
                 acc = ((lr.detach() > 0).float().mean() + (lf.detach() < 0).float().mean()) / 2
@@ -255,6 +274,7 @@ class DistillLoop:
         if self.fake_clip is not None:
             torch.nn.utils.clip_grad_value_(self.f_params, self.fake_clip)
         self.opt_f.step()
+        self._post_step(nets.fake)
         nets.fake.eval().requires_grad_(False)
         return stats
 
@@ -283,7 +303,11 @@ class DistillLoop:
                     y_fake, logits = nets.fake(x_t, sigma_t.flatten(), labels, return_flag="encoder_decoder")
                 else:
                     y_fake, logits = nets.fake(x_t, sigma_t.flatten(), labels), None
-            l_sid, l_adv, keep = generator_losses(y_real.float(), y_fake.float(), x_g, rc["alpha"], logits)
+            logvar = None
+            if self.logvar:
+                with torch.no_grad():  # the fake score is frozen here: a constant weight
+                    logvar = nets.fake.logvar(sigma_t)
+            l_sid, l_adv, keep = generator_losses(y_real.float(), y_fake.float(), x_g, rc["alpha"], logits, logvar)
             if adversarial:
                 stats["loss_g_adv"] += (l_adv.sum() / total).detach()
             loss = generator_objective(l_sid, l_adv, rc["lambda_sid"], rc["lambda_adv"], total, adversarial)
@@ -292,6 +316,7 @@ class DistillLoop:
             stats["dropped_g"] += (~keep).sum()
         stats["nonfinite_g"] = sync_gradients(self.g_params)
         self.opt_g.step()
+        self._post_step(nets.G)
         nets.G.eval().requires_grad_(False)
         return stats
 

@@ -143,32 +143,44 @@ def zero_dropped(keep: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:
 
 def fake_score_losses(denoised: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor,
                       logits_fake: torch.Tensor | None = None, logits_real: torch.Tensor | None = None,
-                      sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                      sigma_data: float = 0.5, logvar: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The fake-score step's terms with NaN samples dropped, as the official loss does:
     (per-pixel L_psi, per-sample L_D or None, keep [B]). `x` is the (augmented) clean image the
     fake score denoises; a sample is dropped when x, its denoised estimate or (discriminator)
-    either logit map holds a NaN."""
+    either logit map holds a NaN. With `logvar` (EDM2's uncertainty head of the fake score,
+    [B,1,1,1]) L_psi is EDM2's (w/e^logvar)||.||^2 + logvar and L_D is divided by e^logvar."""
     keep = nan_free(x, denoised, logits_fake, logits_real)
     x, denoised, logits_fake, logits_real = zero_dropped(keep, x, denoised, logits_fake, logits_real)
-    l_fake = edm_denoising_loss(denoised, x, sigma, sigma_data)
+    weight = edm_loss_weight(sigma, sigma_data)
+    if logvar is None:
+        l_fake = edm_denoising_loss(denoised, x, sigma, sigma_data)
+    else:
+        l_fake = edm2_denoising_loss(denoised, x, sigma, logvar, sigma_data) * _sample_mask(keep, x)
+        weight = uncertainty_weighted(weight, logvar)
     l_d = None
     if logits_real is not None:
-        l_d = discriminator_loss(logits_real, logits_fake, edm_loss_weight(sigma, sigma_data), keep)
+        l_d = discriminator_loss(logits_real, logits_fake, weight, keep)
     return l_fake, l_d, keep
 
 
 def generator_losses(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, alpha: float,
-                     logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                     logits: torch.Tensor | None = None, logvar: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The generator step's terms with NaN samples dropped: (per-pixel L_sid, per-sample L_adv or
     None, keep [B]). A sample is dropped when x_g, y_real or y_fake holds a NaN (as officially) or,
     in the adversarial phase, its logit map does (officially one NaN logit makes the whole
-    adversarial loss NaN)."""
+    adversarial loss NaN). With `logvar` (the frozen fake score's EDM2 uncertainty, [B,1,1,1],
+    no gradient) both terms are divided by e^logvar."""
     keep = nan_free(x_g, y_real, y_fake, logits)
     x_g, y_real, y_fake, logits = zero_dropped(keep, x_g, y_real, y_fake, logits)
     l_sid = sid_generator_loss(y_real, y_fake, x_g, alpha)
     l_adv = None
     if logits is not None:
         l_adv = adversarial_generator_loss(logits, sid_weight_factor(x_g, y_real), x_g.shape, keep)
+    if logvar is not None:
+        l_sid = uncertainty_weighted(l_sid, logvar)
+        l_adv = None if l_adv is None else uncertainty_weighted(l_adv, logvar)
     return l_sid, l_adv, keep
 
 
@@ -198,3 +210,31 @@ def fake_score_objective(l_fake: torch.Tensor, l_d: torch.Tensor | None, batch_t
     if l_d is not None:
         out = out + l_d.sum() * (lambda_d / batch_total)
     return out
+
+
+# -- EDM2 latent space: the learned uncertainty (logvar) of the fake score ----------------------------
+# With EDM2 teachers the fake score f_psi keeps EDM2's uncertainty head u(sigma) = logvar (a
+# function of sigma only). The SiDA authors' EDM2 code trains it with EDM2's loss and divides the
+# other losses of the iteration by e^logvar of the fake score at the same sigma.
+
+
+def uncertainty_weighted(loss: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """loss / e^logvar, with logvar [B,1,1,1] broadcast over `loss` (per pixel or per sample).
+
+    Applied to the discriminator loss (fake-score step) and to the generator's SiD and adversarial
+    losses; in the generator step logvar comes from the frozen fake score, so it is a constant
+    there, while in the fake-score step the head also learns from the discriminator term.
+    """
+    return loss / logvar.exp()
+
+
+def edm2_denoising_loss(denoised: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor, logvar: torch.Tensor,
+                        sigma_data: float = 0.5) -> torch.Tensor:
+    """Per-pixel EDM2 loss with learned uncertainty (EDM2 eq. 21):
+
+        (lambda(sigma) / e^logvar) * ||D(x + n; sigma) - x||^2 + logvar
+
+    the fake score's loss in latent space. Returns a tensor shaped like `clean` (logvar is added to
+    every pixel, as EDM2 sums it: C*H*W*logvar per sample).
+    """
+    return uncertainty_weighted(edm_denoising_loss(denoised, clean, sigma, sigma_data), logvar) + logvar
