@@ -72,11 +72,9 @@ def make_base(engine: Engine, tag: str = BASE_TAG, mirror: str | None = None, fo
         print(f"debootstrap {SUITE} from {mirror} ...", file=sys.stderr)
         out = subprocess.run(debootstrap_command(root, mirror), capture_output=True, text=True)
         if out.returncode != 0:
-            log = Path(tmp) / "debootstrap.log"
-            detail = (root / "debootstrap" / "debootstrap.log")
             last = [l for l in (out.stderr + out.stdout).splitlines() if l.strip()][-1:] or ["no output"]
-            raise ContainerError(f"debootstrap failed ({last[0].strip()}{', see ' + str(detail) if detail.exists() else ''}):"
-                                 f" check that {mirror} is reachable, or pass --mirror URL")
+            raise ContainerError(f"debootstrap failed ({last[0].strip()}): check that {mirror} is reachable, "
+                                 "or pass --mirror URL (a Debian mirror)")
         # Package caches and lists are ~110 MB the image does not need (apt-get update refetches).
         for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for p in (root / junk).glob("*"):

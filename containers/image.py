@@ -149,6 +149,7 @@ def build_image(engine: Engine | None = None, base: str | None = None, host_pip:
         if use_pip:
             raise ContainerError("SIDA_BUILD_HOST_PIP needs podman (docker build cannot mount host paths): "
                                  "install podman, or set SIDA_BUILD_HOST_PIP=0")
+        print("the host's pip settings are not passed to a docker build (it cannot mount them)", file=sys.stderr)
         settings = {}
     build_args = {"BASE_IMAGE": base, **git}
     cmd = ["build", "-f", str(DOCKERFILE), "-t", tag]
