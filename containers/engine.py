@@ -85,9 +85,11 @@ class Engine:
                              f"check `{self.name} run --rm {image} true` and the engine's setup")
 
 
-def _last_line(text: str | None) -> str:
+def _last_line(text: str | None, limit: int = 160) -> str:
+    """The last non-empty line of an engine's output, its end kept when long (the cause is there)."""
     lines = [l.strip() for l in (text or "").splitlines() if l.strip()]
-    return lines[-1] if lines else "no output"
+    line = lines[-1] if lines else "no output"
+    return line if len(line) <= limit else "..." + line[-limit:]
 
 
 def _docker_answers(exe: str) -> bool:

@@ -106,11 +106,14 @@ def check_base(engine: Engine, base: str) -> None:
                              "Debian/Ubuntu image, or CONTAINER_BASE=local (a Debian base made with debootstrap)")
 
 
-def diagnose(engine: Engine, code: int, tail: Sequence[str]) -> str:
+def diagnose(engine: Engine, code: int, tail: Sequence[str], host_pip: bool = False) -> str:
     """One line for a failed build: the cause recognised in its output and the fix, or the step."""
     text = "\n".join(tail)
     for patterns, message in _DIAGNOSES:
         if any(p in text for p in patterns):
+            if host_pip and "SIDA_BUILD_HOST_PIP=1" in message:
+                message = message.split(":")[0] + " even with the host's pip settings: check the CA bundle and " \
+                    "indexes `pip config list` names on the host"
             return f"{engine.name} build failed: {message}"
     steps = [l for l in tail if l.startswith("STEP ")]
     where = f" at {steps[-1][:120]}" if steps else ""
@@ -170,7 +173,7 @@ def build_image(engine: Engine | None = None, base: str | None = None, host_pip:
         print(f"building {tag} from {base} with {engine.name} ...", file=sys.stderr)
         code, tail = _stream(engine.command(*cmd, str(REPO_ROOT)), {**os.environ, **engine.env})
     if code != 0:
-        raise ContainerError(diagnose(engine, code, tail))
+        raise ContainerError(diagnose(engine, code, tail, host_pip=bool(settings)))
     image_id = engine.image_id(tag)
     if not image_id:
         raise ContainerError(f"{engine.name} build reported success but {tag} is not there: rerun make container")

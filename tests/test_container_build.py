@@ -212,6 +212,12 @@ def test_a_failed_build_is_one_line_naming_cause_and_fix(fake):
         "with SIDA_BUILD_HOST_PIP=1 so the build uses the host's CA bundle and pip settings"]
 
 
+def test_a_certificate_failure_with_host_pip_points_at_the_hosts_settings():
+    msg = diagnose(Engine("podman", "podman"), 1, ["SSLError CERTIFICATE_VERIFY_FAILED"], host_pip=True)
+    assert msg == ("podman build failed: pip could not verify PyPI's certificate (a TLS-intercepting proxy?) even "
+                   "with the host's pip settings: check the CA bundle and indexes `pip config list` names on the host")
+
+
 def test_an_unknown_build_failure_names_the_step():
     tail = ["STEP 3/26: RUN python3 -m venv /opt/venv", "boom", "Error: building at STEP ..."]
     assert diagnose(Engine("podman", "podman"), 2, tail) == \
