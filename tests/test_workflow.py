@@ -94,7 +94,7 @@ def test_distill_inputs_follow_init_and_init_generator(snakemake, tmp_path):
     assert stats["more"] == 1 and stats["evaluate"] == 4  # teacher, sid, sida, sid2a; not `more`
     cmd = next(line for line in r.stdout.splitlines() if "--run more" in line)
     assert "--init results/ci-short/sida/state.pt --init-generator results/ci-short/sid/network.pt" in cmd
-    assert cmd.startswith("Shell command: torchrun --standalone --nproc-per-node 1 -m -- stages.distill")
+    assert cmd.startswith("Shell command: python -m sida.run.torchrun --standalone --nproc-per-node 1 -m -- stages.distill")
     assert "--teacher results/ci-short/teacher/network.pt" in cmd
     assert "> results/ci-short/logs/distill/more.log 2>&1 || stage_failed more" in cmd
 

@@ -26,6 +26,7 @@ import torch
 
 from ..run import dist
 from ..io.atomic import atomic_write
+from ..io.npz import load_npz
 from ..errors import AssetError, DataError
 from .features import Extractor, build_extractor, cache_dir, file_sha256, quantize
 from .metrics import feature_stats, frechet_distance, inception_score, mean_std, precision_recall
@@ -200,9 +201,12 @@ def _dataset_reference(cfg: dict, extractor: Extractor, info: dist.DistInfo) -> 
                 np.savez(f, mu=mu, sigma=sigma, features=feats[np.sort(keep)], num_images=n,
                          resolution=ds.resolution, channels=ds.channels, extractor_sha256=extractor.sha256)
         dist.barrier()
-    with np.load(path, allow_pickle=False) as z:
+    z = load_npz(path, "reference cache", "delete it and rerun (it is recomputed)")
+    try:
         ref = Reference(z["mu"].astype(np.float64), z["sigma"].astype(np.float64), "dataset", str(path), "",
                         int(z["num_images"]), int(z["resolution"]), z["features"].astype(np.float32))
+    except KeyError as exc:
+        raise DataError(f"reference cache {path} lacks {exc}: delete it and rerun (it is recomputed)") from None
     ref.sha256 = file_sha256(path)
     return ref
 
@@ -238,8 +242,8 @@ def get_reference(cfg: dict, extractor: Extractor, info: dist.DistInfo, resoluti
         from .refstats import load_ref_stats
 
         mu, sigma = load_ref_stats(which)
-        with np.load(which, allow_pickle=False) as z:
-            res = int(z["resolution"]) if "resolution" in z.files else None
+        z = load_npz(which, "reference statistics", "download them again (run the fetch stage) or fix the path")
+        res = int(z["resolution"]) if "resolution" in z else None
         ref = Reference(mu, sigma, "file", str(which), file_sha256(which), None, res)
     if ref.mu.shape[0] != extractor.feature_dim:
         raise DataError(f"reference statistics {ref.path} hold {ref.mu.shape[0]}-dimensional features but the "

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io.atomic import atomic_save_torch
-from ..errors import AssetError, CheckpointError, ConfigError
+from ..errors import AssetError, CheckpointError, ConfigError, brief_reason
 from ..io.images import quantize  # noqa: F401  (re-exported: the extractors' input convention)
 
 __all__ = ["Extractor", "InceptionExtractor", "DigitsCNN", "DigitsClassifierExtractor", "build_extractor",
@@ -145,7 +145,7 @@ class InceptionExtractor(Extractor):
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, still works
                 self.base = torch.jit.load(str(path), map_location=torch.device(device)).eval()
         except Exception as exc:  # a torn download, an HTML error page saved as .pt, ...
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            first = brief_reason(exc)
             raise CheckpointError(f"Inception weights {path} cannot be loaded ({first}): delete the file and "
                                   f"fetch {INCEPTION_URL} again") from None
         self.mode = mode
@@ -301,7 +301,7 @@ def build_dinov2(arch: str = "vitl14", weights: str | Path | None = None) -> tor
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            first = brief_reason(exc)
             raise CheckpointError(f"DINOv2 weights {path} cannot be read ({first}): download them again") from None
         model.load_state_dict(dinov2_timm_state(sd, str(path)), strict=True)
     return model.eval().requires_grad_(False)

@@ -163,10 +163,14 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
     """Read a YAML experiment config, apply overrides, fill defaults and validate it."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory: pass --config with a file under config/")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: pass --config with a file under config/")
     try:
         raw = yaml.load(path.read_text(), Loader=_Loader)
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not text (not UTF-8): pass a YAML file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

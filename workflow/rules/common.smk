@@ -186,6 +186,9 @@ def rule_threads(rule):
     return rule_resources(rule)["cpus_per_task"]
 
 
+TORCHRUN = "python -m sida.run.torchrun"
+
+
 def launcher(rule):
     """The command that starts a stage's processes.
 
@@ -197,12 +200,14 @@ def launcher(rule):
     and a port from the job id (see its docstring). srun is given the CPUs (Slurm >= 22.05 no
     longer passes the job's --cpus-per-task to steps) and GPUs per node again, and ends the
     other nodes' processes as soon as one fails instead of leaving them waiting in a collective.
+    torchrun itself is started as `python -m sida.run.torchrun` (the same options), so a failed
+    stage's log ends with the stage's one-line error, not torchrun's traceback.
     """
     if not DISTRIBUTED[rule]:
-        return "torchrun --standalone --nproc-per-node 1"
+        return f"{TORCHRUN} --standalone --nproc-per-node 1"
     res = rule_resources(rule)
     if res["nodes"] == 1:
-        return f"torchrun --standalone --nproc-per-node {PROCS}"
+        return f"{TORCHRUN} --standalone --nproc-per-node {PROCS}"
     gpus_per_node = _configured_resources(rule).get("gpu", 0)
     gpus = f" --gpus-per-node {gpus_per_node}" if gpus_per_node else ""
     return (
