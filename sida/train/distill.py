@@ -152,7 +152,7 @@ class DistillLoop:
         total = self.micro * self.rounds
         stats = {"loss_fake": torch.zeros((), device=self.device)}
         if self.discriminator:
-            stats.update(loss_d=torch.zeros((), device=self.device), d_acc=torch.zeros((), device=self.device))
+            stats.update({k: torch.zeros((), device=self.device) for k in ("loss_d", "d_acc_real", "d_acc_fake")})
         for r in range(self.rounds):
             if self.discriminator:
                 real, labels = self._real(self.micro, r)
@@ -173,8 +173,9 @@ class DistillLoop:
             if self.discriminator:
                 l_d = discriminator_loss(lr, lf, edm_loss_weight(sigma, self.sigma_data))
                 stats["loss_d"] += (l_d.sum() / total).detach()
-                acc = ((lr.detach() > 0).float().mean() + (lf.detach() < 0).float().mean()) / 2
-                stats["d_acc"] += acc / self.rounds
+                # Separately: a discriminator that calls everything real (or fake) scores 0.5 on average.
+                stats["d_acc_real"] += (lr.detach() > 0).float().mean() / self.rounds
+                stats["d_acc_fake"] += (lf.detach() < 0).float().mean() / self.rounds
             loss = fake_score_objective(l_fake, l_d, total, rc["lambda_d"])
             loss.backward()
             stats["loss_fake"] += (l_fake.sum() / total).detach()
