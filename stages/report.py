@@ -257,7 +257,7 @@ def build_report(cfg: dict, out: Path, evaluations: Sequence[str], jsonls: Seque
     label = rows[0]["metric_label"] if rows else "FD"
     offsets = upstream_kimg(cfg["distill"]["runs"])
     teacher = next((r for r in rows if r["kind"] == "teacher" and r["monitor"] is not None), None)
-    level = None if teacher is None else (f"teacher ({teacher['nfe']} NFE), same samples", teacher["monitor"])
+    level = None if teacher is None else (f"teacher ({teacher['nfe']} NFE), same sample count", teacher["monitor"])
     monitor = cfg["evaluate"]["during_training"]
     plots = []
     if plot_quality_vs_images(curves, EVAL_KEYS, offsets, folder / "quality_vs_images.png",

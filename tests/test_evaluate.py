@@ -68,8 +68,9 @@ def test_evaluate_generator_end_to_end(setup):
     # (the digits' rarest class has 174 images).
     assert m["labels"] == "balanced" and all(r["class_counts"] == [6] * 10 for r in m["runs"])
     assert m["reference"]["class_counts"] == [174] * 10 and m["reference"]["num_images"] == 1740
-    # The FD under the training monitor's protocol (its seeds and count), for the report's curves.
-    assert m["monitor"]["num_samples"] == 100 and np.isfinite(m["monitor"]["fd"])
+    # The FD at the training monitor's sample count (100), from the evaluation's first seeds (they
+    # span both runs here), for the report's curves.
+    assert m["monitor"]["num_samples"] == 100 and m["monitor"]["seeds"] == [0, 99] and np.isfinite(m["monitor"]["fd"])
     # The grid: grid_size (8) columns, one row per class, cells enlarged 6x with 2-pixel gaps.
     from PIL import Image
 

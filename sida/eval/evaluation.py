@@ -381,14 +381,27 @@ def sample_grid(net: torch.nn.Module, kind: str, cfg: dict) -> torch.Tensor:
     return grid_samples(net, ev["grid_size"], ev["seed"], steps=steps, sigma_init=cfg["distill"]["sigma_init"])
 
 
+def _monitor_protocol(cfg: dict, feats: np.ndarray, ref: Reference, key: str, first_seed: int) -> dict | None:
+    """FD/FID of the first `during_training.num_samples` evaluation samples: the training
+    monitor's sample count and labels (so its bias), from the evaluation's own seeds, so it costs
+    no extra sampling (35-NFE teachers are what evaluation time is spent on). None when the
+    monitor is off or the evaluation has fewer samples."""
+    s = cfg["evaluate"]["during_training"]
+    n = int(s["num_samples"])
+    if float(s["every_kimg"]) <= 0 or len(feats) < n:
+        return None
+    return {key: frechet_distance(*feature_stats(feats[:n]), ref.mu, ref.sigma), "num_samples": n,
+            "seeds": [first_seed, first_seed + n - 1]}
+
+
 def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info: dist.DistInfo,
                      train_seed: int | None = None) -> tuple[dict, torch.Tensor | None]:
     """Evaluate a network file over `num_runs` runs of `num_samples` samples.
 
     Returns (metrics dict for metrics.json, the sample grid in [-1, 1] on the main process, else
     None). All ranks take part; the metrics are complete on every rank. Every metric's summary
-    carries its standard error over runs; `monitor` is the network's FD/FID under the training
-    monitor's protocol (its seeds and sample count), for plotting next to the training curves.
+    carries its standard error over runs; `monitor` is the network's FD/FID at the training
+    monitor's sample count, for plotting next to the training curves (see `_monitor_protocol`).
     """
     from ..io.checkpoints import load_network
     from ..run.config import config_hash
@@ -406,11 +419,12 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
     generate, nfe = make_generate(net, kind, cfg)
     key = extractor.metric_key
     ranges = seed_ranges(ev["seed"], ev["num_runs"], ev["num_samples"])
-    runs = []
+    runs, head = [], []
     for r, seeds in enumerate(ranges):
         feats, probs = extract_generated(
             extractor, generate, seeds, (ch, res, res), label_dim, ev["batch"], info,
             desc=f"{name} run {r + 1}/{len(ranges)}", want_probs=ev["inception_score"], labels=ev["labels"])
+        head.append(feats[:max(0, ev["during_training"]["num_samples"] - sum(len(h) for h in head))])
         scores = score_run(ref, feats, probs, cfg, key, info.device) if info.is_main else {}
         scores = dist.broadcast_object(scores)
         runs.append({"run": r, "seeds": [seeds.start, seeds.stop - 1], **scores,
@@ -419,8 +433,8 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
             print(f"[evaluate] {name} run {r + 1}/{len(ranges)}: {shown}", file=sys.stderr, flush=True)
     summary = {k: summarize([run[k] for run in runs]) for k in runs[0] if k not in ("run", "seeds", "class_counts")}
-    monitor = TrainingMonitor(cfg, info.device, info, extractor, ref)
-    monitor_value = monitor(generate) if monitor.enabled else None
+    monitor = _monitor_protocol(cfg, np.concatenate(head), ref, key, ranges[0].start) if info.is_main else None
+    monitor = dist.broadcast_object(monitor)
     grid = sample_grid(net, kind, cfg).cpu() if info.is_main else None
     metrics = {
         "name": name, "kind": kind, "train_seed": train_seed, "network": str(network),
@@ -435,8 +449,7 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
                       else "inclusive ranges; z and class label from each seed"),
         "class_conditional": label_dim > 0, "label_dim": label_dim,
         "runs": runs, "summary": summary, "std_ddof": 1, "se_note": "se = std / sqrt(num_runs): of the mean over runs",
-        "monitor": None if monitor_value is None else {
-            **monitor_value, "num_samples": monitor.settings["num_samples"], "seed": monitor.settings["seed"]},
+        "monitor": monitor,
         "config_hash": config_hash(cfg), "experiment": cfg["experiment"], "world_size": info.world_size,
         "device": str(info.device), "elapsed_s": round(time.time() - t0, 2),
     }
@@ -452,14 +465,13 @@ class TrainingMonitor:
     every rank. Lower is better. The extractor and the reference are loaded on first use.
     """
 
-    def __init__(self, cfg: dict, device: torch.device, dist_info: dist.DistInfo,
-                 extractor: Extractor | None = None, reference: Reference | None = None) -> None:
+    def __init__(self, cfg: dict, device: torch.device, dist_info: dist.DistInfo) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
         self.info = dist_info
         self.settings = cfg["evaluate"]["during_training"]
-        self._extractor: Extractor | None = extractor
-        self._ref: Reference | None = reference
+        self._extractor: Extractor | None = None
+        self._ref: Reference | None = None
 
     @property
     def enabled(self) -> bool:
