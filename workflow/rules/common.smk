@@ -223,6 +223,17 @@ def rule_threads(rule):
     return rule_resources(rule)["cpus_per_task"]
 
 
+def stage_threads_arg(rule):
+    """` --set threads=N` when the config gives this rule its own `cpus_per_task`: the stage's
+    processes then use the CPUs the job was given (cpus_per_task / num_procs each) instead of the
+    config's `threads`. The embedded default trains its teacher alone with two threads and runs
+    the rest as one-thread jobs side by side (independent branches of the DAG on a 2-core CPU)."""
+    own = (config.get("resources") or {}).get(rule) or {}
+    if "cpus_per_task" not in own:
+        return ""
+    return f" --set threads={max(1, own['cpus_per_task'] // PROCS)}"
+
+
 TORCHRUN = "python -m sida.run.torchrun"
 
 
