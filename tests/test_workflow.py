@@ -110,6 +110,10 @@ def test_embedded_default_runs_branches_side_by_side_with_one_thread_each(snakem
     assert "threads: 2" in blocks["teacher"] and "cpus_per_task=2," in blocks["teacher"]
     for rule in ("warmup", "sid", "sida", "sid2a", "evaluate"):
         assert "threads:" not in blocks[rule] and "cpus_per_task=1," in blocks[rule], rule  # one thread
+    # Runs that others start from go first when CPUs are short: warmup (3 runs need it), then sid
+    # (sid2a's generator); sida and sid2a wait for nothing of theirs and keep the default 0.
+    assert "priority: 3" in blocks["warmup"] and "priority: 1" in blocks["sid"]
+    assert "priority" not in blocks["sida"] and "priority" not in blocks["sid2a"]
     cmds = [line for line in r.stdout.splitlines() if line.startswith("Shell command:")]
     teacher = next(c for c in cmds if "stages.teacher" in c)
     assert "--config results/digits/config.yaml --set threads=2 --out" in teacher

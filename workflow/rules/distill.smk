@@ -38,6 +38,7 @@ for _run in RUNS:
             threads=stage_threads_arg("distill"),
             settings=distill_settings(_run),
         threads: rule_threads("distill")
+        priority: run_priority(_run)
         resources:
             **rule_resources("distill"),
         container:
