@@ -204,9 +204,9 @@ class SongUNet(torch.nn.Module):
                 if "aux_up" in name:
                     out = block(out)
                 elif "aux_norm" in name:
-                    tmp = block(h)
+                    tmp = block.forward_silu(h)
                 elif "aux_conv" in name:
-                    tmp = block(F.silu(tmp))
+                    tmp = block(tmp)
                     out = tmp if out is None else tmp + out
                 else:
                     if h.shape[1] != block.in_channels:
@@ -316,6 +316,6 @@ class DhariwalUNet(torch.nn.Module):
                 if h.shape[1] != block.in_channels:
                     h = torch.cat([h, skips_d.pop()], dim=1)
                 h = block(h, emb_d)
-            return self.out_conv(F.silu(self.out_norm(h)))
+            return self.out_conv(self.out_norm.forward_silu(h))
 
         return _finish(x, decoder, return_flag)

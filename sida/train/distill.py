@@ -135,6 +135,9 @@ class DistillLoop:
     def _randn(self, shape, r: int) -> torch.Tensor:
         return torch.randn(shape, generator=slot_generator(self.gens, "noise", r), device=self.device)
 
+    def _rand(self, shape, r: int) -> torch.Tensor:
+        return torch.rand(shape, generator=slot_generator(self.gens, "noise", r), device=self.device)
+
     def _generate(self, labels: torch.Tensor, r: int) -> torch.Tensor:
         """x_g = G(sigma_init z, sigma_init) with zero augment labels (the one-step convention)."""
         n = labels.shape[0]
@@ -161,9 +164,7 @@ class DistillLoop:
             with torch.no_grad(), autocast(self.device, rc["precision"]):
                 x_g = self._generate(labels, r)
             x_g = x_g.float()
-            g = slot_generator(self.gens, "noise", r)
-            sigma = (torch.randn([self.micro, 1, 1, 1], generator=g, device=self.device) * rc["P_std"]
-                     + rc["P_mean"]).exp()
+            sigma = (self._randn([self.micro, 1, 1, 1], r) * rc["P_std"] + rc["P_mean"]).exp()
             n = self._randn(x_g.shape, r) * sigma
             with autocast(self.device, rc["precision"]):
                 denoised, lf, lr = fake_forward(nets.fake, x_g + n, None if real is None else real + n,
@@ -182,6 +183,7 @@ class DistillLoop:
         if kind == "sida":
             torch.nn.utils.clip_grad_value_(self.f_params, rc["fake_clip"])
         self.opt_f.step()
+        self.opt_f.zero_grad(set_to_none=True)  # freed before the generator step's graph is built
         nets.fake.eval().requires_grad_(False)
         return stats
 
@@ -200,8 +202,7 @@ class DistillLoop:
             labels = self._labels(self.micro, r)
             with autocast(self.device, rc["precision"]):
                 x_g = self._generate(labels, r).float()
-                t = torch.rand([self.micro, 1, 1, 1], generator=slot_generator(self.gens, "noise", r),
-                               device=self.device)
+                t = self._rand([self.micro, 1, 1, 1], r)
                 sigma_t = sid_sigma_t(t * rc["tmax"] / 1000)
                 x_t = x_g + sigma_t * self._randn(x_g.shape, r)
                 y_real = nets.teacher(x_t, sigma_t.flatten(), labels)
@@ -220,6 +221,7 @@ class DistillLoop:
             stats["loss_g_sid"] += (l_sid.sum() / total).detach()
         stats["nonfinite_g"] = sync_gradients(self.g_params)
         self.opt_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
         nets.G.eval().requires_grad_(False)
         return stats
 
