@@ -11,7 +11,8 @@ from the same random teacher. Iterations are interleaved: each round runs one it
 variant, in an order that rotates from round to round, so load drift on a shared machine hits
 all of them alike; `--warmup` rounds are untimed. Reported per variant: median and best
 iteration time and images/s, the ratio to the official loop (official time / ours: > 1 means
-ours is faster), and the peak memory of one iteration (see `peak_memory`).
+ours is faster; also in process CPU time, which a loaded machine distorts less when one thread
+runs), and the peak memory of one iteration (see `PeakMemory`).
 
 Variant names: `<precision>[-nchw][-compile]` with precision fp32, bf16 or fp16 (autocast; fp16
 only on CUDA). Ours runs channels-last unless `-nchw`. `-compile` compiles our three networks
@@ -37,6 +38,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
+import sida  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 import torch
 
 from bench.official import OfficialIteration
@@ -150,6 +152,7 @@ class Contestant:
     def __init__(self, name: str, step: Callable[[], object], holds: Callable[[], list], batch: int) -> None:
         self.name, self.step, self.holds, self.batch = name, step, holds, batch
         self.times: list[float] = []
+        self.cpu_times: list[float] = []  # process CPU seconds: steadier than wall time on a loaded machine
         self.first_s: list[float] = []  # untimed first iterations (compile, allocator warm-up)
 
 
@@ -174,12 +177,9 @@ def build(args: argparse.Namespace, info) -> list[Contestant]:
         if v["precision"] == "fp16" and info.device.type != "cuda":
             raise SystemExit("error: fp16 autocast is a CUDA option: drop fp16 variants on the CPU")
         rc = run_config(_args_ns(args, v["channels_last"]))
-        rc["precision"] = v["precision"]
+        rc.update(precision=v["precision"], compile=v["compile"])
         loop = DistillLoop(rc, init_nets(copy.deepcopy(teacher), None), dataset, info,
                            make_generators(0, 0, info.device))
-        if v["compile"]:
-            for net in (loop.nets.teacher, loop.nets.G, loop.nets.fake):
-                net.compile()
 
         def step(loop=loop):
             stats = loop.step()
@@ -191,14 +191,15 @@ def build(args: argparse.Namespace, info) -> list[Contestant]:
     return out
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of `fn()`, the device drained before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
@@ -207,14 +208,16 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
     cs = build(args, info)
     for c in cs:  # first iterations: compile, oneDNN primitive creation, allocator growth
         for _ in range(args.first):
-            c.first_s.append(_timed(c.step, dev))
+            c.first_s.append(_timed(c.step, dev)[0])
     for _ in range(args.warmup):
         for c in cs:
             c.step()
     for i in range(args.iters):
         k = i % len(cs)
         for c in cs[k:] + cs[:k]:  # rotate the order from round to round
-            c.times.append(_timed(c.step, dev))
+            wall, cpu = _timed(c.step, dev)
+            c.times.append(wall)
+            c.cpu_times.append(cpu)
     mem = PeakMemory(dev)
     peaks = {}
     if mem.available and not args.no_memory:
@@ -225,12 +228,14 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
 
     off = cs[0]
     off_med, off_best = statistics.median(off.times), min(off.times)
+    off_cpu = statistics.median(off.cpu_times)
     rows = {}
     for c in cs:
-        med, best = statistics.median(c.times), min(c.times)
+        med, best, cpu = statistics.median(c.times), min(c.times), statistics.median(c.cpu_times)
         row = {"iter_ms_median": med * 1e3, "iter_ms_best": best * 1e3, "images_per_sec": c.batch / med,
                "images_per_sec_best": c.batch / best, "first_iters_s": [round(t, 3) for t in c.first_s],
-               "speedup_vs_official": off_med / med, "speedup_vs_official_best": off_best / best}
+               "speedup_vs_official": off_med / med, "speedup_vs_official_best": off_best / best,
+               "cpu_ms_median": cpu * 1e3, "cpu_speedup_vs_official": off_cpu / cpu}
         if c.name in peaks:
             row["peak_memory_mb"] = peaks[c.name] / 2 ** 20
             row["peak_memory_vs_official"] = peaks[c.name] / peaks["official"]
@@ -238,8 +243,8 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
         mem_s = (f", peak memory {row['peak_memory_mb']:8.1f} MB ({row['peak_memory_vs_official']:.2f}x official)"
                  if "peak_memory_mb" in row else "")
         print(f"{c.name:>20}: {row['images_per_sec']:8.2f} img/s median ({row['images_per_sec_best']:8.2f} best), "
-              f"{row['speedup_vs_official']:.2f}x official (best/best {row['speedup_vs_official_best']:.2f}x)"
-              f"{mem_s}", file=out)
+              f"{row['speedup_vs_official']:.2f}x official (best/best {row['speedup_vs_official_best']:.2f}x, "
+              f"CPU time {row['cpu_speedup_vs_official']:.2f}x){mem_s}", file=out)
         if c.first_s:
             print(f"{'':>20}  first {len(c.first_s)} iteration(s), untimed: "
                   f"{', '.join(f'{t:.2f}' for t in c.first_s)} s", file=out)
@@ -250,6 +255,7 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
         "attn_res": args.attn_res, "label_dim": args.label_dim, "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup, "first": args.first,
         "load_avg_start": load0[0], "load_avg_end": load1[0], "variants": rows,
     }

@@ -29,6 +29,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Sequence
 
+import sida  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 import torch
 
 from sida.train import distill as distill_mod

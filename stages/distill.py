@@ -24,7 +24,7 @@ from sida.io.data import open_dataset
 from sida.train.distill import DistillLoop, init_nets
 from sida.errors import CheckpointError, ConfigError
 from sida.io.images import save_grid
-from sida.train.loop import Checkpointer, run
+from sida.train.loop import Checkpointer, Timings, run
 from sida.eval.evaluation import TrainingMonitor
 from sida.run.runtime import start_stage
 from sida.nets.sampler import one_step_generate
@@ -87,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--init-generator", help="network.pt whose EMA generator initialises G (SiD2A)")
     parser.add_argument("--out", help="output directory (default: <results_dir>/<experiment>/<run>)")
     args = parser.parse_args(argv)
+    timings = Timings()
     cfg0 = load_config(args.config, args.overrides)
     rc = run_config(cfg0, args.run)
     if rc["init"] != "teacher" and not args.init:
@@ -124,9 +125,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"]),
                       ctx.work / "samples.png", grid)
 
-    run(loop, loop.total_nimg, rc["tick_kimg"], rc["snapshot_kimg"], ckpt, info,
-        on_tick=lambda row: tracker.log({**row, **keeper.maybe_evaluate(loop.nimg, row["phase"])}, loop.nimg / 1000),
-        on_snapshot=snapshot, label=f"{args.run}: ")
+    def on_tick(row: dict) -> None:
+        with timings("evaluation"):
+            scores = keeper.maybe_evaluate(loop.nimg, row["phase"])
+        with timings("logging"):
+            tracker.log({**row, **scores}, loop.nimg / 1000)
+
+    run(loop, loop.total_nimg, rc["tick_kimg"], rc["snapshot_kimg"], ckpt, info, on_tick=on_tick,
+        on_snapshot=snapshot, label=f"{args.run}: ", timings=timings)
     if info.is_main:
         meta = {"stage": "distill", "run": args.run, "kimg": loop.nimg / 1000, "config_hash": ctx.cfg_hash,
                 "experiment": cfg["experiment"], "sigma_init": rc["sigma_init"], "one_step": True}
@@ -147,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"{keeper.record['best']:.4f} at {keeper.record['best_kimg']:.2f} kimg); the final one is last.pt")
         else:
             checkpoints.save_network(ctx.out / "network.pt", nets.G_ema, meta=meta)
+    ctx.log(f"{args.run}: {timings.line()}")
+    tracker.summary({"kimg": loop.nimg / 1000, **{f"time/{k}": v for k, v in timings.report().items()}})
     ctx.finish(tracker, ckpt, ctx.out / "network.pt")
 
 

@@ -83,6 +83,31 @@ def test_networks_match_edm_arithmetic(flag, channels_last):
            1e-4)
 
 
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward while `fn()` runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_graphs_keep_less_than_edm_arithmetic(frozen):
+    """What the generator step's graph holds: through the frozen teacher and fake score ours
+    keeps a fraction of what EDM's layers keep (no conv inputs, one tensor per GroupNorm+SiLU);
+    through a trainable network (the generator, the fake-score update) still less."""
+    net = _teacher().requires_grad_(not frozen)
+    x = torch.randn(16, 2, 8, 8, requires_grad=frozen)
+    sigma, labels = torch.rand(16) + 0.5, torch.nn.functional.one_hot(torch.arange(16) % 10, 10).float()
+    ours = _saved_bytes(lambda: net(x, sigma, labels, return_flag="encoder_decoder"))
+    edm = _saved_bytes(lambda: edm_forward(net, x, sigma, labels, "encoder_decoder"))
+    assert ours < (0.5 if frozen else 0.9) * edm, (ours, edm)
+
+
 class _Recorder:
     """Wraps a DistillLoop's draw methods and its optimisers' `step` to see what it drew and
     which gradients it applied."""

@@ -102,11 +102,18 @@ class _BoxDown2(torch.autograd.Function):
         return (g * 0.25)[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
 
 
+def _eager() -> bool:
+    """False while torch.compile traces: the hand-fused autograd functions below then give way
+    to plain ops, which the compiler fuses (and recomputes) itself."""
+    return not torch.compiler.is_compiling()
+
+
 def _nchw_fast_path(x: torch.Tensor) -> bool:
     """The hand-written resamplers are for plain NCHW fp32 CPU tensors; channels-last tensors
     (whose ATen kernels are already fast), other dtypes (autocast's dtype policy stays ATen's)
     and other devices use ATen directly."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.is_contiguous()
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.is_contiguous()
+            and _eager())
 
 
 def _is_box2(resample_filter: Sequence[float]) -> bool:
@@ -175,9 +182,11 @@ class Conv2d(torch.nn.Module):
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
 
         if self.fused_resample and self.up and w is not None:
+            # EDM's padding split: the FIR filter's padding beyond the 3x3's, and vice versa.
             c = x.shape[1]
-            x = F.conv_transpose2d(x, (f * 4).expand(c, 1, -1, -1), groups=c, stride=2, padding=w_pad + f_pad)
-            x = F.conv2d(x, w, b)
+            x = F.conv_transpose2d(x, (f * 4).expand(c, 1, -1, -1), groups=c, stride=2,
+                                   padding=max(f_pad - w_pad, 0))
+            x = F.conv2d(x, w, b, padding=max(w_pad - f_pad, 0))
         elif self.fused_resample and self.down and w is not None:
             x = F.conv2d(x, w, padding=w_pad + f_pad)
             c = x.shape[1]
@@ -217,7 +226,7 @@ class GroupNorm(torch.nn.Module):
         tensor), instead of x, the normalised tensor and the SiLU output; without autograd the
         SiLU runs in place on the normalised tensor."""
         w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad):
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad) and _eager():
             return _GroupNormSiLU.apply(x, w, b, self.num_groups, self.eps)
         return F.silu(F.group_norm(x, self.num_groups, w, b, self.eps), inplace=True)
 
@@ -231,9 +240,9 @@ class _GroupNormSiLU(torch.autograd.Function):
     """silu(group_norm(x)) keeping x, mean and rstd only (see `GroupNorm.forward_silu`).
 
     Forward: ATen's group norm, then SiLU in place on its output. Backward: the normalised
-    tensor recomputed from x (one more group-norm pass), ATen's SiLU backward on it, then
-    ATen's group-norm backward with the saved statistics: the same kernels as the unfused
-    pair, so the gradients agree to float rounding.
+    tensor recomputed from x and the saved statistics, ATen's SiLU backward on it, then ATen's
+    group-norm backward: the unfused pair's kernels plus one elementwise pass, so the gradients
+    agree to float rounding.
     """
 
     @staticmethod
@@ -248,7 +257,11 @@ class _GroupNormSiLU(torch.autograd.Function):
     def backward(ctx, g):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         n, c, hw = _group_norm_sizes(x)
-        y = torch.native_group_norm(x, weight, bias, n, c, hw, ctx.groups, ctx.eps)[0]
+        # The normalised tensor again, as ATen's kernel forms it (x * scale + shift per sample
+        # and channel), from the saved statistics: one elementwise pass, no reduction.
+        scale = (rstd.repeat_interleave(c // ctx.groups, dim=1) * weight).reshape(n, c, 1, 1)
+        shift = bias.reshape(1, c, 1, 1) - mean.repeat_interleave(c // ctx.groups, dim=1).reshape(n, c, 1, 1) * scale
+        y = torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
         g = torch.ops.aten.silu_backward(g, y).contiguous(memory_format=_memory_format(x))
         gx, gw, gb = torch.ops.aten.native_group_norm_backward(
             g, x, mean, rstd, weight, n, c, hw, ctx.groups, list(ctx.needs_input_grad[:3]))
@@ -264,15 +277,16 @@ def _keeps_no_input(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     """A convolution whose weight is frozen but whose input needs a gradient (the teacher and the
     fake score inside SiD's generator step) needs no saved activation."""
     return (torch.is_grad_enabled() and x.requires_grad and not weight.requires_grad
-            and (bias is None or not bias.requires_grad))
+            and (bias is None or not bias.requires_grad) and _eager())
 
 
 class _InputGradConv2d(torch.autograd.Function):
-    """Stride-1, size-preserving conv2d(x, w, b) with a frozen weight, saving only w.
+    """conv2d(x, w, b) with a frozen weight, keeping no activation for the backward.
 
     ATen's convolution saves its input for the weight gradient even when no weight gradient is
-    wanted; here the input gradient, the only one needed, is the transposed convolution of the
-    output gradient with w (exact for stride 1 and padding k // 2), so no activation is kept.
+    wanted. The input gradient, the only one needed here, depends on the input's shape and
+    layout alone, so the backward calls ATen's own convolution backward (same kernel, same
+    result) with an unread, never-touched placeholder of that shape in the input's place.
     """
 
     @staticmethod
@@ -280,12 +294,16 @@ class _InputGradConv2d(torch.autograd.Function):
         y = F.conv2d(x, w, b, padding=padding)
         ctx.save_for_backward(w)
         ctx.padding, ctx.x_dtype = padding, x.dtype
+        ctx.x_size, ctx.x_stride = x.shape, x.stride()
         return y
 
     @staticmethod
     def backward(ctx, g):
         (w,) = ctx.saved_tensors
-        gx = F.conv_transpose2d(g, w.to(g.dtype), padding=ctx.padding)
+        like = torch.empty_strided(ctx.x_size, ctx.x_stride, dtype=g.dtype, device=g.device)
+        p = ctx.padding
+        gx = torch.ops.aten.convolution_backward(g, like, w.to(g.dtype), None, [1, 1], [p, p], [1, 1], False,
+                                                 [0, 0], 1, [True, False, False])[0]
         return gx.to(ctx.x_dtype), None, None, None
 
 

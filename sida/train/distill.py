@@ -103,6 +103,12 @@ class DistillLoop:
             # 32x32 (bench.step). Inputs stay NCHW: the first conv switches the layout.
             for net in (nets.teacher, nets.G, nets.G_ema, nets.fake):
                 net.to(memory_format=torch.channels_last)
+        if rc.get("compile"):
+            # torch.compile of the networks an iteration runs (G_ema only samples). In place, so
+            # state-dict keys stay as they are; static shapes: each call site (batch, return
+            # flag, grad mode) gets its own graph once, instead of a dynamic-shape recompile.
+            for net in (nets.teacher, nets.G, nets.fake):
+                net.compile(dynamic=False)
         self.g_params = list(nets.G.parameters())
         self.f_params = list(nets.fake.parameters())
         self.opt_g = make_adam(self.g_params, rc["lr_g"], rc["adam_eps"])

@@ -12,8 +12,9 @@ import math
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -230,24 +231,73 @@ class Checkpointer:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
+class Timings:
+    """Wall seconds of a training stage by kind of work, for its log: `iterations` (the loop's
+    own steps), `evaluation` (declared evaluations, e.g. the in-training FD), `snapshot` (sample
+    grids), `checkpoint` (state writes), `logging` (progress lines, tracker), from the moment the
+    object is made (a stage makes it first thing). `with timings("evaluation"): ...` adds to one.
+    """
+
+    KINDS = ("iterations", "evaluation", "snapshot", "checkpoint", "logging")
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds = {k: 0.0 for k in self.KINDS}
+        self.images = 0
+
+    @contextmanager
+    def __call__(self, kind: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[kind] += time.perf_counter() - t0
+
+    def report(self) -> dict[str, float]:
+        """Totals so far: seconds per kind, wall, `other` (set-up, final writes: the rest),
+        the iteration rate, and `iteration_share`: iterations / (wall - evaluation - checkpoint)."""
+        wall = time.perf_counter() - self.start
+        out = {f"{k}_s": round(v, 3) for k, v in self.seconds.items()}
+        out["wall_s"] = round(wall, 3)
+        out["other_s"] = round(wall - sum(self.seconds.values()), 3)
+        it = self.seconds["iterations"]
+        out["images_per_sec"] = self.images / it if it > 0 else 0.0
+        busy = wall - self.seconds["evaluation"] - self.seconds["checkpoint"]
+        out["iteration_share"] = it / busy if busy > 0 else 0.0
+        return out
+
+    def line(self) -> str:
+        r = self.report()
+        parts = [f"{k} {r[k + '_s']:.1f}s" for k in self.KINDS]
+        return (f"wall {r['wall_s']:.1f}s: " + ", ".join(parts) + f", other {r['other_s']:.1f}s; "
+                f"{r['images_per_sec']:.1f} img/s over the iterations, which take "
+                f"{100 * r['iteration_share']:.1f}% of the wall time outside evaluations and checkpoints")
+
+
 def run(loop: Loop, total_nimg: int, tick_kimg: float, snapshot_kimg: float,
         checkpointer: Checkpointer, info: DistInfo,
         on_tick: Callable[[dict[str, float]], None] | None = None,
-        on_snapshot: Callable[[], None] | None = None, label: str = "") -> None:
+        on_snapshot: Callable[[], None] | None = None, label: str = "",
+        timings: Timings | None = None) -> Timings:
     """Drive `loop` from its current `nimg` to `total_nimg` images: ticks (progress + `on_tick`),
     snapshots and checkpoints. Call `checkpointer.load_if_any` first to resume.
 
     Losses are averaged over the iterations of a tick on the host only at tick boundaries, so
-    the hot loop has no device-to-host synchronisation.
+    the hot loop has no device-to-host synchronisation. The logged `images_per_sec` is the
+    iteration rate: a tick's images over the time its iterations took (its snapshot and
+    checkpoint writes and the tick callback, where stages evaluate, are timed apart in
+    `timings`, which is returned).
     """
+    timings = timings if timings is not None else Timings()
     tick_nimg = int(tick_kimg * 1000)
     snap_nimg = int(snapshot_kimg * 1000)
-    start_time = tick_time = time.time()
     start_nimg = tick_start = loop.nimg
+    start_iter_s = tick_iter_s = timings.seconds["iterations"]
     last_snapshot = loop.nimg
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     while loop.nimg < total_nimg:
+        t_iter = time.perf_counter()
         phase = loop.phase_name()  # before the step: the counter moves on during it
         stats = loop.step()
         loop.nimg += loop.batch
@@ -256,24 +306,32 @@ def run(loop: Loop, total_nimg: int, tick_kimg: float, snapshot_kimg: float,
             sums[k] = sums[k] + v if k in sums else v.clone()
             counts[k] = counts.get(k, 0) + 1
         done = loop.nimg >= total_nimg
-        if loop.nimg - tick_start >= tick_nimg or done:
-            now = time.time()
+        tick_due = loop.nimg - tick_start >= tick_nimg or done
+        if tick_due:  # reading the sums waits for the device: part of the iterations' time
             row = {k: float(sums[k]) / counts[k] for k in sums}
-            row["images_per_sec"] = (loop.nimg - tick_start) / max(now - tick_time, 1e-9)
-            rate = (loop.nimg - start_nimg) / max(now - start_time, 1e-9)
-            row["phase"] = phase
-            if info.is_main:
-                parts = [f"{label}kimg {loop.nimg / 1000:8.2f}/{total_nimg / 1000:.1f}",
-                         f"phase {row['phase']:<6}", f"img/s {row['images_per_sec']:7.1f}"]
-                parts += [f"{k} {v:9.4g}" for k, v in row.items() if k not in ("images_per_sec", "phase")]
-                parts.append(f"eta {format_eta((total_nimg - loop.nimg) / max(rate, 1e-9))}")
-                print("  ".join(parts), file=sys.stderr, flush=True)
+        timings.seconds["iterations"] += time.perf_counter() - t_iter
+        timings.images += loop.batch
+        if tick_due:
+            with timings("logging"):
+                it_s = timings.seconds["iterations"]
+                row["images_per_sec"] = (loop.nimg - tick_start) / max(it_s - tick_iter_s, 1e-9)
+                rate = (loop.nimg - start_nimg) / max(it_s - start_iter_s, 1e-9)
+                row["phase"] = phase
+                if info.is_main:
+                    parts = [f"{label}kimg {loop.nimg / 1000:8.2f}/{total_nimg / 1000:.1f}",
+                             f"phase {row['phase']:<6}", f"img/s {row['images_per_sec']:7.1f}"]
+                    parts += [f"{k} {v:9.4g}" for k, v in row.items() if k not in ("images_per_sec", "phase")]
+                    parts.append(f"eta {format_eta((total_nimg - loop.nimg) / max(rate, 1e-9))}")
+                    print("  ".join(parts), file=sys.stderr, flush=True)
             if on_tick is not None:
                 on_tick(row)
             sums, counts = {}, {}
-            tick_start, tick_time = loop.nimg, time.time()
+            tick_start, tick_iter_s = loop.nimg, timings.seconds["iterations"]
         if (loop.nimg - last_snapshot >= snap_nimg) and not done:
             if on_snapshot is not None:
-                on_snapshot()
-            checkpointer.save(loop)
+                with timings("snapshot"):
+                    on_snapshot()
+            with timings("checkpoint"):
+                checkpointer.save(loop)
             last_snapshot = loop.nimg
+    return timings
