@@ -216,3 +216,20 @@ def test_compare_rejects_unknown_variants():
     out = subprocess.run([sys.executable, "-m", "bench.compare", "--ours", "fp64"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode != 0 and "error: unknown variant 'fp64'" in out.stderr
+
+
+def test_generator_checkpointing_keeps_less_and_gives_the_same_gradients():
+    net = _teacher().requires_grad_(True)
+    net.train()
+    x = torch.randn(8, 2, 8, 8)
+    sigma, labels = torch.rand(8) + 0.5, torch.nn.functional.one_hot(torch.arange(8) % 10, 10).float()
+    params = list(net.parameters())
+    grads, kept = {}, {}
+    for ckpt in (False, True):
+        net.model.checkpoint_blocks = ckpt
+        out = {}
+        kept[ckpt] = _saved_bytes(lambda: out.setdefault("y", net(x, sigma, labels)))
+        grads[ckpt] = torch.autograd.grad((out["y"] * x).sum(), params)
+    assert kept[True] < 0.5 * kept[False]
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b)

@@ -103,10 +103,19 @@ class DistillLoop:
             # 32x32 (bench.step). Inputs stay NCHW: the first conv switches the layout.
             for net in (nets.teacher, nets.G, nets.G_ema, nets.fake):
                 net.to(memory_format=torch.channels_last)
+        # Activation checkpointing of the generator's blocks in the generator step (a memory
+        # option for large networks on a GPU: the block forwards run twice).
+        if rc.get("checkpoint_generator"):
+            getattr(nets.G, "model", nets.G).checkpoint_blocks = True
         if rc.get("compile"):
             # torch.compile of the networks an iteration runs (G_ema only samples). In place, so
             # state-dict keys stay as they are; static shapes: each call site (batch, return
             # flag, grad mode) gets its own graph once, instead of a dynamic-shape recompile.
+            # The three share EDMPrecond.forward, whose compiled variants count against one
+            # recompile limit (8 by default): an iteration alone needs about 5.
+            from torch import _dynamo
+
+            _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
             for net in (nets.teacher, nets.G, nets.fake):
                 net.compile(dynamic=False)
         self.g_params = list(nets.G.parameters())

@@ -1,0 +1,79 @@
+"""A training stage's time accounting (sida.train.loop.Timings, run): the logged img/s is the
+iteration rate, and evaluations, snapshots and checkpoints are timed apart. A fake clock makes
+every duration exact, so nothing here depends on the machine's speed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sida.run.dist import DistInfo
+from sida.train import loop as loop_mod
+from sida.train.loop import Timings, run
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeLoop:
+    """Each step takes `step_s` on the clock; one image batch of 10."""
+
+    def __init__(self, clock: Clock, step_s: float) -> None:
+        self.clock, self.step_s = clock, step_s
+        self.nimg, self.batch, self.gens = 0, 10, {}
+
+    def step(self) -> dict[str, torch.Tensor]:
+        self.clock.now += self.step_s
+        return {"loss": torch.tensor(1.0)}
+
+    def phase_name(self) -> str:
+        return "sid"
+
+
+class FakeCheckpointer:
+    def __init__(self, clock: Clock) -> None:
+        self.clock, self.saves = clock, 0
+
+    def save(self, loop) -> None:
+        self.clock.now += 2.0
+        self.saves += 1
+
+
+def test_logged_rate_is_the_iteration_rate_and_the_rest_is_accounted(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(loop_mod.time, "perf_counter", clock)
+    timings = Timings()
+    clock.now += 3.0  # set-up before the loop: 'other'
+    lp, ck = FakeLoop(clock, step_s=0.5), FakeCheckpointer(clock)
+    rows = []
+
+    def on_tick(row):
+        with timings("evaluation"):
+            clock.now += 7.0
+        rows.append(row)
+
+    def on_snapshot():
+        clock.now += 1.0
+
+    info = DistInfo(rank=1, world_size=1, local_rank=0, device=torch.device("cpu"))  # no progress lines
+    out = run(lp, total_nimg=100, tick_kimg=0.04, snapshot_kimg=0.03, checkpointer=ck, info=info,
+              on_tick=on_tick, on_snapshot=on_snapshot, timings=timings)
+    assert out is timings
+    # 10 iterations of 0.5 s at 10 images: 20 img/s in every tick, whatever else happened.
+    assert [r["images_per_sec"] for r in rows] == [pytest.approx(20.0)] * 3
+    rep = timings.report()
+    assert rep["iterations_s"] == pytest.approx(5.0)
+    assert rep["evaluation_s"] == pytest.approx(21.0)  # 3 ticks (40, 80, 100 images)
+    assert ck.saves == 3 and rep["checkpoint_s"] == pytest.approx(6.0)  # at 30, 60, 90 images
+    assert rep["snapshot_s"] == pytest.approx(3.0)
+    assert rep["wall_s"] == pytest.approx(3.0 + 5.0 + 21.0 + 6.0 + 3.0)
+    assert rep["other_s"] == pytest.approx(3.0)
+    assert rep["images_per_sec"] == pytest.approx(20.0)
+    # Iterations over the wall time outside evaluations and checkpoints: 5 / (38 - 21 - 6).
+    assert rep["iteration_share"] == pytest.approx(5.0 / 11.0)
+    assert "20.0 img/s over the iterations" in timings.line()
