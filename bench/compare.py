@@ -1,8 +1,8 @@
 """Side-by-side benchmark: our SiD/SiDA iteration against the official loop's, in one process.
 
-    python -m bench.compare --preset small32 --phase sida --ours fp32,bf16 --iters 6 --threads 2
+    python -m bench.compare --preset small32 --phase sida --ours fp32,fp32-cl,bf16 --iters 6 --threads 2
     python -m bench.compare --preset digits --phase sid --ours fp32 --json out.json
-    python -m bench.compare --device cuda --ours fp32,bf16,fp16,fp32-compile,bf16-compile
+    python -m bench.compare --device cuda --ours fp32,bf16,fp16,fp32-cl-compile,bf16-cl-compile
 
 The official iteration is `bench.official.OfficialIteration`: the authors' network calls in their
 order (fp32, NCHW, the two discriminator encoder passes as two calls, EDM's layer arithmetic).
@@ -14,9 +14,10 @@ iteration time and images/s, the ratio to the official loop (official time / our
 ours is faster; also in process CPU time, which a loaded machine distorts less when one thread
 runs), and the peak memory of one iteration (see `PeakMemory`).
 
-Variant names: `<precision>[-nchw][-compile]` with precision fp32, bf16 or fp16 (autocast; fp16
-only on CUDA). Ours runs channels-last unless `-nchw`. `-compile` compiles our three networks
-with torch.compile; its compile time (the first iterations) is reported apart, not in the rates.
+Variant names: `<precision>[-cl][-compile]` with precision fp32, bf16 or fp16 (autocast; fp16
+only on CUDA). `-cl` runs our networks channels-last (`distill.channels_last`), `-compile`
+compiles them with torch.compile (`distill.compile`); compile time (the first iterations) is
+reported apart, not in the rates.
 
 Presets (overridable with the network flags): `small32` is the issue's SongUNet (32x32x3, 32
 channels, mult 1,2,2, 2 blocks, attention at 16, batch 32); `digits` the embedded default's
@@ -57,11 +58,11 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def parse_variant(name: str) -> dict:
-    """'bf16-nchw-compile' -> {precision: bf16, channels_last: False, compile: True}."""
+    """'bf16-cl-compile' -> {precision: bf16, channels_last: True, compile: True}."""
     parts = name.split("-")
-    if parts[0] not in PRECISIONS or any(p not in ("nchw", "compile") for p in parts[1:]):
-        raise SystemExit(f"error: unknown variant {name!r}: use <fp32|bf16|fp16>[-nchw][-compile]")
-    return {"precision": parts[0], "channels_last": "nchw" not in parts[1:], "compile": "compile" in parts[1:]}
+    if parts[0] not in PRECISIONS or any(p not in ("cl", "compile") for p in parts[1:]):
+        raise SystemExit(f"error: unknown variant {name!r}: use <fp32|bf16|fp16>[-cl][-compile]")
+    return {"precision": parts[0], "channels_last": "cl" in parts[1:], "compile": "compile" in parts[1:]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ def test_iteration_matches_official_on_the_same_draws(phase, channels_last):
 
 def test_compare_prints_ratios_and_memory_json(tmp_path):
     out_json = tmp_path / "cmp.json"
-    cmd = [sys.executable, "-m", "bench.compare", "--preset", "digits", "--phase", "sida", "--ours", "fp32,fp32-nchw",
+    cmd = [sys.executable, "-m", "bench.compare", "--preset", "digits", "--phase", "sida", "--ours", "fp32,fp32-cl",
            "--res", "8", "--channels", "1", "--batch", "4", "--model-channels", "8", "--iters", "2", "--warmup", "0",
            "--threads", "1", "--json", str(out_json)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -204,7 +204,7 @@ def test_compare_prints_ratios_and_memory_json(tmp_path):
     assert any("official" in ln for ln in lines[:-1])  # human-readable lines first
     result = json.loads(lines[-1])
     assert json.loads(out_json.read_text()) == result
-    assert set(result["variants"]) == {"official", "ours-fp32", "ours-fp32-nchw"}
+    assert set(result["variants"]) == {"official", "ours-fp32", "ours-fp32-cl"}
     for row in result["variants"].values():
         assert row["images_per_sec"] > 0 and row["speedup_vs_official"] > 0
         if sys.platform.startswith("linux"):
