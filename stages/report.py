@@ -31,20 +31,29 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"evaluation {path} does not exist: run the evaluate stage for it first")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        m = json.loads(path.read_text())
+    except ValueError:  # not JSON, or not even text
         raise DataError(f"evaluation {path} is not valid JSON: delete it and rerun the evaluate stage") from None
+    try:
+        results_table([m])
+    except (KeyError, TypeError, AttributeError) as exc:
+        what = f"no key {exc}" if isinstance(exc, KeyError) else "another layout"
+        raise DataError(f"evaluation {path} is not a metrics.json of the evaluate stage ({what}): delete it and "
+                        f"rerun the evaluate stage") from None
+    return m
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"training metrics {path} do not exist: run the distill stage for that run first")
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
             break  # a torn last line of a killed run
+        if isinstance(rec, dict):
+            out.append(rec)
     return out
 
 
@@ -103,10 +112,10 @@ def build_report(cfg: dict, out: Path, evaluations: Sequence[str], jsonls: Seque
                  grids: Sequence[str]) -> dict:
     """Write report.md, report.html, results.json and plots into out's folder; return results."""
     folder = out.parent
-    folder.mkdir(parents=True, exist_ok=True)
     evals = [_read_json(Path(p)) for p in evaluations]
     rows = results_table(evals)
     curves = {Path(p).parent.name: _read_jsonl(Path(p)) for p in jsonls}
+    folder.mkdir(parents=True, exist_ok=True)  # only once every input has been read
     for g in grids:
         if not Path(g).is_file():
             raise DataError(f"sample grid {g} does not exist: run the evaluate stage that writes it first")
