@@ -71,9 +71,9 @@ def _check_semantics(cfg: dict, source: str) -> None:
     """Rules a JSON schema cannot say: references between runs, batch divisibility."""
     runs = cfg["distill"]["runs"]
     for name in runs:
-        if name in RESERVED_RUN_NAMES:
+        if name in RESERVED_RUN_NAMES or re.fullmatch(r"seed\d+", name):
             raise ConfigError(f"{source}: distill.runs.{name}: the name '{name}' is taken by a stage or an output "
-                              f"folder ({', '.join(sorted(RESERVED_RUN_NAMES))}): rename the run")
+                              f"folder ({', '.join(sorted(RESERVED_RUN_NAMES))}, seed<K>): rename the run")
     for name, run in runs.items():
         for key in ("init", "init_generator"):
             ref = run.get(key)
@@ -94,6 +94,7 @@ def _check_semantics(cfg: dict, source: str) -> None:
         rc = run_config(cfg, name)
         where = f"distill.runs.{name}" if {"batch", "batch_per_proc"} & set(runs[name]) else "distill"
         _check_batch(rc, where, procs, source)
+    _check_balanced_labels(cfg, source)
 
 
 def _check_batch(sec: dict, where: str, procs: int, source: str) -> None:
@@ -103,6 +104,18 @@ def _check_batch(sec: dict, where: str, procs: int, source: str) -> None:
                           f"batch_per_proc {per} x {procs} processes")
     if per is None and sec["batch"] % procs != 0:
         raise ConfigError(f"{source}: {where}.batch: {sec['batch']} is not divisible by {procs} processes")
+
+
+def _check_balanced_labels(cfg: dict, source: str) -> None:
+    """Balanced evaluation labels give equal class counts only for multiples of label_dim samples."""
+    k, ev = cfg["data"]["label_dim"], cfg["evaluate"]
+    if ev["labels"] != "balanced" or k == 0:
+        return
+    for key, n in (("num_samples", ev["num_samples"]), ("during_training.num_samples",
+                                                        ev["during_training"]["num_samples"])):
+        if n % k:
+            raise ConfigError(f"{source}: evaluate.{key}: {n} is not a multiple of data.label_dim {k}, so balanced "
+                              f"labels cannot give every class the same count: use a multiple of {k}")
 
 
 def _check_cycles(runs: dict, source: str) -> None:

@@ -21,14 +21,34 @@ IMAGE = config["container"].get("image", "containers/sida.sif")
 
 RUNS = config["distill"]["runs"]
 EVALUATED = [name for name, run in RUNS.items() if run["evaluate"]]
+# Training seeds: with a `seeds` list every distillation run is trained once per seed, under
+# <exp>/seed<K>/<run>/ (a `seed` wildcard), so rerunning one seed's run touches no other seed.
+SEEDS = config["seeds"]
+
+
+def run_dir(run, seed="{seed}"):
+    """A run's output folder: <exp>/<run>, or <exp>/seed<seed>/<run> with training seeds (by
+    default the `{seed}` wildcard, so the same path serves as an output pattern and an input)."""
+    return f"{EXP}/{run}" if SEEDS is None else f"{EXP}/seed{seed}/{run}"
+
+
+def run_instances(run):
+    """The folders of every trained copy of a run: one per training seed."""
+    return [run_dir(run)] if SEEDS is None else [run_dir(run, s) for s in SEEDS]
+
 
 def _one_of(names):
     """A wildcard regex matching exactly these names (never matches when there are none)."""
     return "|".join(re.escape(n) for n in sorted(names)) or "(?!)"
 
 
+# Evaluated models: `teacher` and each evaluated run, or `seed<K>/<run>` per training seed.
+EVALUATED_MODELS = [os.path.relpath(d, EXP) for run in EVALUATED for d in run_instances(run)]
+
+
 wildcard_constraints:
-    name=_one_of(["teacher", *EVALUATED]),
+    name=_one_of(["teacher", *EVALUATED_MODELS]),
+    seed=_one_of([str(s) for s in SEEDS or []]),
 
 
 # ---- external assets (fetch) and the teacher: trained here or fetched -----------------------
@@ -61,30 +81,41 @@ FETCH_DEPS = {"fetched": FETCH_OUTPUTS["manifest"]} if FETCH_ASSETS else {}
 # ---- distillation runs: inputs derived from `init` / `init_generator` -----------------------
 def distill_inputs(run):
     """Teacher network, plus the final state of the `init` run and the generator of the
-    `init_generator` run when the run starts from another one."""
+    `init_generator` run when the run starts from another one (of the same training seed)."""
     spec = RUNS[run]
     inputs = {"teacher": TEACHER_PT}
     if spec["init"] != "teacher":
-        inputs["init"] = f"{EXP}/{spec['init']}/state.pt"
+        inputs["init"] = f"{run_dir(spec['init'])}/state.pt"
     if spec["init_generator"] is not None:
-        inputs["init_generator"] = f"{EXP}/{spec['init_generator']}/network.pt"
+        inputs["init_generator"] = f"{run_dir(spec['init_generator'])}/network.pt"
     return inputs
 
 
-def distill_init_args(run):
-    """The stage's --init / --init-generator flags (with a leading space), from distill_inputs."""
-    inputs = distill_inputs(run)
+def distill_init_args(wildcards, input):
+    """The stage's --init / --init-generator flags (with a leading space), from the job's inputs,
+    and its training seed (--set seed=K) when the config lists `seeds`."""
+    inputs = dict(input.items())
     args = ""
     if "init" in inputs:
         args += f" --init {inputs['init']}"
     if "init_generator" in inputs:
         args += f" --init-generator {inputs['init_generator']}"
+    if SEEDS is not None:
+        args += f" --set seed={wildcards.seed}"
     return args
 
 
+def job_label(run):
+    """How errors name a distillation job: the run, prefixed by its training seed folder."""
+    if SEEDS is None:
+        return run
+    return lambda wildcards: f"seed{wildcards.seed}/{run}"
+
+
 # ---- evaluations and the report ----------------------------------------------------------
-EVALUATIONS = [f"{EXP}/evaluate/{name}/metrics.json" for name in ["teacher", *EVALUATED]]
-EVALUATION_GRIDS = [f"{EXP}/evaluate/{name}/samples.png" for name in ["teacher", *EVALUATED]]
+EVALUATIONS = [f"{EXP}/evaluate/{name}/metrics.json" for name in ["teacher", *EVALUATED_MODELS]]
+EVALUATION_GRIDS = [f"{EXP}/evaluate/{name}/samples.png" for name in ["teacher", *EVALUATED_MODELS]]
+TRAINING_METRICS = [f"{d}/metrics.jsonl" for run in RUNS for d in run_instances(run)]
 REPORT_DIR = f"{EXP}/report"
 REPORT_MD = f"{REPORT_DIR}/report.md"
 REPORT_HTML = f"{REPORT_DIR}/report.html"
@@ -109,6 +140,12 @@ def evaluate_inputs(wildcards):
 
 def evaluate_kind(wildcards):
     return "teacher" if wildcards.name == "teacher" else "generator"
+
+
+def evaluate_name_args(wildcards):
+    """--name RUN, plus --train-seed K for a model `seed<K>/<run>`."""
+    seed, _, run = wildcards.name.rpartition("/")
+    return f"--name {run}" + (f" --train-seed {seed[len('seed'):]}" if seed else "")
 
 
 def output_dir(wildcards, output):

@@ -1,4 +1,5 @@
-# Evaluation of the teacher (name `teacher`) and of every run with `evaluate: true`.
+# Evaluation of the teacher (name `teacher`) and of every run with `evaluate: true` (name `<run>`,
+# or `seed<K>/<run>` per training seed when the config lists `seeds`).
 
 
 rule evaluate:
@@ -17,6 +18,7 @@ rule evaluate:
     params:
         config=CONFIG_RESOLVED,
         kind=evaluate_kind,
+        name=evaluate_name_args,
         launch=launcher("evaluate"),
         settings=settings("seed", "data", "evaluate"),
     threads: rule_threads("evaluate")
@@ -26,5 +28,5 @@ rule evaluate:
         IMAGE
     shell:
         "{params.launch} -m -- stages.evaluate --config {params.config} --network {input.network} "
-        "--kind {params.kind} --name {wildcards.name} --out {output.metrics} "
+        "--kind {params.kind} {params.name} --out {output.metrics} "
         "> {log} 2>&1 || stage_failed evaluate:{wildcards.name} {log}"
