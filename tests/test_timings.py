@@ -38,8 +38,9 @@ class FakeLoop:
 class FakeCheckpointer:
     def __init__(self, clock: Clock) -> None:
         self.clock, self.saves = clock, 0
+        self.driver: dict = {}  # what a resumed run's driver state would be: none here
 
-    def save(self, loop) -> None:
+    def save(self, loop, driver: dict | None = None) -> None:
         self.clock.now += 2.0
         self.saves += 1
 
