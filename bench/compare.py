@@ -4,6 +4,9 @@
     python -m bench.compare --preset digits --phase sid --ours fp32 --json out.json
     python -m bench.compare --device cuda --ours fp32,bf16,fp16,fp32-cl-compile,bf16-cl-compile
 
+`--device auto` (the default) runs on the GPU when one is visible, else on the CPU; on CUDA the
+device is drained around every timed iteration and the peak memory is the allocator's.
+
 The official iteration is `bench.official.OfficialIteration`: the authors' network calls in their
 order (fp32, NCHW, the two discriminator encoder passes as two calls, EDM's layer arithmetic).
 Ours is `sida.train.distill.DistillLoop.step` as a run would execute it. Every variant starts
@@ -14,8 +17,8 @@ iteration time and images/s, the ratio to the official loop (official time / our
 ours is faster; also in process CPU time, which a loaded machine distorts less when one thread
 runs), and the peak memory of one iteration (see `PeakMemory`).
 
-Variant names: `<precision>[-cl][-compile]` with precision fp32, bf16 or fp16 (autocast; fp16
-only on CUDA). `-cl` runs our networks channels-last (`distill.channels_last`), `-compile`
+Variant names: `<precision>[-cl][-compile]` with precision fp32, bf16 (autocast) or fp16 (EDM's
+fp16 path, as `precision: fp16` runs it; CUDA only). `-cl` runs our networks channels-last (`distill.channels_last`), `-compile`
 compiles them with torch.compile (`distill.compile`); compile time (the first iterations) is
 reported apart, not in the rates.
 
@@ -176,7 +179,7 @@ def build(args: argparse.Namespace, info) -> list[Contestant]:
     for name in args.ours:
         v = parse_variant(name)
         if v["precision"] == "fp16" and info.device.type != "cuda":
-            raise SystemExit("error: fp16 autocast is a CUDA option: drop fp16 variants on the CPU")
+            raise SystemExit("error: fp16 (EDM's fp16 path) is a CUDA option: drop fp16 variants on the CPU")
         rc = run_config(_args_ns(args, v["channels_last"]))
         rc.update(precision=v["precision"], compile=v["compile"])
         loop = DistillLoop(rc, init_nets(copy.deepcopy(teacher), None), dataset, info,
@@ -275,7 +278,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds after the first iterations")
     p.add_argument("--first", type=int, default=1, help="untimed first iterations per variant (compile time)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: the GPU when one is visible, else the CPU")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--json", help="also write the JSON result here")
     args = p.parse_args(argv)
@@ -310,4 +314,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from sida.run.cli import run_stage
+
+    run_stage(main)  # errors (e.g. --device cuda without a GPU) as one `error:` line

@@ -161,26 +161,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     run(loop, loop.total_nimg, rc["tick_kimg"], rc["snapshot_kimg"], ckpt, info, on_tick=on_tick,
         on_snapshot=snapshot, label=f"{args.run}: ", watch={"G": nets.G, "G_ema": nets.G_ema, "fake": nets.fake},
         nonfinite_budget=rc["nonfinite_budget"], timings=timings)
-    if info.is_main:
-        meta = {"stage": "distill", "run": args.run, "kimg": loop.nimg / 1000, "config_hash": ctx.cfg_hash,
-                "experiment": cfg["experiment"], "sigma_init": rc["sigma_init"], "one_step": True}
-        checkpoints.save_state(ctx.out / "state.pt", {
-            "G": checkpoints.network_record(nets.G), "G_ema": checkpoints.network_record(nets.G_ema),
-            "fake": checkpoints.network_record(nets.fake), "meta": meta})
-        save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"],
-                               decode=decoder and decoder.unit), ctx.out / "samples.png", grid)
-        best = keeper.best_network()
-        if best is not None:
-            # The papers report their lowest-FID snapshot: network.pt is the best generator the
-            # in-training metric saw, the final one stays as last.pt.
-            checkpoints.save_network(ctx.out / "last.pt", nets.G_ema, meta=meta)
-            meta.update(selected=f"lowest {keeper.record['key']} during training", kimg=keeper.record["best_kimg"],
-                        **{keeper.record["key"]: keeper.record["best"]})
-            checkpoints.save_network(ctx.out / "network.pt", best, meta=meta)
-            ctx.log(f"{args.run}: network.pt is the best generator ({keeper.record['key']} "
-                    f"{keeper.record['best']:.4f} at {keeper.record['best_kimg']:.2f} kimg); the final one is last.pt")
-        else:
-            checkpoints.save_network(ctx.out / "network.pt", nets.G_ema, meta=meta)
+    with timings("checkpoint"):  # the final writes, timed apart like the checkpoints
+        if info.is_main:
+            meta = {"stage": "distill", "run": args.run, "kimg": loop.nimg / 1000, "config_hash": ctx.cfg_hash,
+                    "experiment": cfg["experiment"], "sigma_init": rc["sigma_init"], "one_step": True}
+            checkpoints.save_state(ctx.out / "state.pt", {
+                "G": checkpoints.network_record(nets.G), "G_ema": checkpoints.network_record(nets.G_ema),
+                "fake": checkpoints.network_record(nets.fake), "meta": meta})
+            save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"],
+                                   decode=decoder and decoder.unit), ctx.out / "samples.png", grid)
+            best = keeper.best_network()
+            if best is not None:
+                # The papers report their lowest-FID snapshot: network.pt is the best generator the
+                # in-training metric saw, the final one stays as last.pt.
+                checkpoints.save_network(ctx.out / "last.pt", nets.G_ema, meta=meta)
+                meta.update(selected=f"lowest {keeper.record['key']} during training", kimg=keeper.record["best_kimg"],
+                            **{keeper.record["key"]: keeper.record["best"]})
+                checkpoints.save_network(ctx.out / "network.pt", best, meta=meta)
+                ctx.log(f"{args.run}: network.pt is the best generator ({keeper.record['key']} "
+                        f"{keeper.record['best']:.4f} at {keeper.record['best_kimg']:.2f} kimg); "
+                        "the final one is last.pt")
+            else:
+                checkpoints.save_network(ctx.out / "network.pt", nets.G_ema, meta=meta)
     ctx.log(f"{args.run}: {timings.line()}")
     tracker.summary({"kimg": loop.nimg / 1000, **{f"time/{k}": v for k, v in timings.report().items()}})
     ctx.finish(tracker, ckpt, ctx.out / "network.pt")

@@ -78,3 +78,44 @@ def test_logged_rate_is_the_iteration_rate_and_the_rest_is_accounted(monkeypatch
     # Iterations over the wall time outside evaluations and checkpoints: 5 / (38 - 21 - 6).
     assert rep["iteration_share"] == pytest.approx(5.0 / 11.0)
     assert "20.0 img/s over the iterations" in timings.line()
+
+
+@pytest.mark.slow
+def test_distill_stage_logs_the_iteration_rate_and_times_evaluations_apart(tmp_path):
+    """The real stage (about a minute on 2 loaded cores): its last line splits the wall time, the
+    in-training evaluations and checkpoint writes have their own non-zero times, the logged img/s
+    of every tick is the iteration rate (images over iteration seconds, the same figures as the
+    summary), and the summary's `time/*` shares add up."""
+    import json
+    import re
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from helpers import run_module, tiny_config, write_config, write_teacher
+
+    cfg = tiny_config(tick_kimg=0.016, snapshot_kimg=0.032)
+    cfg["distill"]["runs"]["mixed"]["phases"] = [{"kind": "warmup", "kimg": 0.016}, {"kind": "sid", "kimg": 0.048}]
+    cfg["evaluate"] = {"batch": 64, "reference_max_images": 64, "classifier": {"epochs": 1},
+                       "during_training": {"every_kimg": 0.032, "num_samples": 16}}
+    config, teacher = write_config(tmp_path / "cfg.yaml", cfg), write_teacher(tmp_path / "teacher.pt", cfg)
+    out = tmp_path / "out"
+    res = run_module("stages.distill", "--config", str(config), "--run", "mixed", "--teacher", str(teacher),
+                     "--out", str(out), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = [ln for ln in res.stderr.splitlines() if ln.startswith("mixed: wall ")]
+    assert len(line) == 1 and "img/s over the iterations" in line[0], res.stderr[-3000:]
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    final = next(r for r in records if "final/time/wall_s" in r)
+    t = {k[len("final/time/"):]: v for k, v in final.items() if k.startswith("final/time/")}
+    assert t["evaluation_s"] > 0 and t["checkpoint_s"] > 0 and t["iterations_s"] > 0
+    parts = sum(t[f"{k}_s"] for k in Timings.KINDS) + t["other_s"]
+    assert parts == pytest.approx(t["wall_s"], abs=0.01)
+    assert t["images_per_sec"] == pytest.approx(64 / t["iterations_s"], rel=1e-3)  # 4 iterations of 16
+    ticks = [r for r in records if "images_per_sec" in r]
+    assert len(ticks) == 4
+    # Each tick's rate is 16 images over that tick's iteration time: their harmonic mean is the
+    # run's iteration rate, whatever the evaluations between them took.
+    harmonic = len(ticks) / sum(1 / r["images_per_sec"] for r in ticks)
+    assert harmonic == pytest.approx(t["images_per_sec"], rel=1e-3)
+    assert float(re.search(r"([\d.]+) img/s over", line[0]).group(1)) == pytest.approx(t["images_per_sec"], abs=0.06)
