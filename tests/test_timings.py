@@ -49,7 +49,7 @@ def test_logged_rate_is_the_iteration_rate_and_the_rest_is_accounted(monkeypatch
     clock = Clock()
     monkeypatch.setattr(loop_mod.time, "perf_counter", clock)
     timings = Timings()
-    clock.now += 3.0  # set-up before the loop: 'other'
+    clock.now += 3.0  # set-up before the loop
     lp, ck = FakeLoop(clock, step_s=0.5), FakeCheckpointer(clock)
     rows = []
 
@@ -73,7 +73,8 @@ def test_logged_rate_is_the_iteration_rate_and_the_rest_is_accounted(monkeypatch
     assert ck.saves == 3 and rep["checkpoint_s"] == pytest.approx(6.0)  # at 30, 60, 90 images
     assert rep["snapshot_s"] == pytest.approx(3.0)
     assert rep["wall_s"] == pytest.approx(3.0 + 5.0 + 21.0 + 6.0 + 3.0)
-    assert rep["other_s"] == pytest.approx(3.0)
+    assert rep["setup_s"] == pytest.approx(3.0)
+    assert rep["other_s"] == pytest.approx(0.0)
     assert rep["images_per_sec"] == pytest.approx(20.0)
     # Iterations over the wall time outside evaluations and checkpoints: 5 / (38 - 21 - 6).
     assert rep["iteration_share"] == pytest.approx(5.0 / 11.0)
@@ -108,7 +109,7 @@ def test_distill_stage_logs_the_iteration_rate_and_times_evaluations_apart(tmp_p
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     final = next(r for r in records if "final/time/wall_s" in r)
     t = {k[len("final/time/"):]: v for k, v in final.items() if k.startswith("final/time/")}
-    assert t["evaluation_s"] > 0 and t["checkpoint_s"] > 0 and t["iterations_s"] > 0
+    assert t["evaluation_s"] > 0 and t["checkpoint_s"] > 0 and t["iterations_s"] > 0 and t["setup_s"] > 0
     parts = sum(t[f"{k}_s"] for k in Timings.KINDS) + t["other_s"]
     assert parts == pytest.approx(t["wall_s"], abs=0.01)
     assert t["images_per_sec"] == pytest.approx(64 / t["iterations_s"], rel=1e-3)  # 4 iterations of 16

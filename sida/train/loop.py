@@ -367,11 +367,12 @@ class NonFiniteGuard:
 class Timings:
     """Wall seconds of a training stage by kind of work, for its log: `iterations` (the loop's
     own steps), `evaluation` (declared evaluations, e.g. the in-training FD), `snapshot` (sample
-    grids), `checkpoint` (state writes), `logging` (progress lines, tracker), from the moment the
-    object is made (a stage makes it first thing). `with timings("evaluation"): ...` adds to one.
+    grids), `checkpoint` (state writes), `logging` (progress lines, tracker), `setup` (from the
+    moment the object is made, which a stage does first thing, to the first iteration: reading
+    inputs, building networks, resuming). `with timings("evaluation"): ...` adds to one.
     """
 
-    KINDS = ("iterations", "evaluation", "snapshot", "checkpoint", "logging")
+    KINDS = ("iterations", "evaluation", "snapshot", "checkpoint", "logging", "setup")
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
@@ -386,8 +387,13 @@ class Timings:
         finally:
             self.seconds[kind] += time.perf_counter() - t0
 
+    def end_setup(self) -> None:
+        """Mark the first iteration's start: the time so far not booked elsewhere is set-up."""
+        if self.seconds["setup"] == 0.0:
+            self.seconds["setup"] = time.perf_counter() - self.start - sum(self.seconds.values())
+
     def report(self) -> dict[str, float]:
-        """Totals so far: seconds per kind, wall, `other` (set-up, final writes: the rest),
+        """Totals so far: seconds per kind, wall, `other` (the rest: what follows the loop),
         the iteration rate, and `iteration_share`: iterations / (wall - evaluation - checkpoint)."""
         wall = time.perf_counter() - self.start
         out = {f"{k}_s": round(v, 3) for k, v in self.seconds.items()}
@@ -427,6 +433,7 @@ def run(loop: Loop, total_nimg: int, tick_kimg: float, snapshot_kimg: float,
     are timed apart in `timings`, which is returned.
     """
     timings = timings if timings is not None else Timings()
+    timings.end_setup()
     tick_nimg = int(tick_kimg * 1000)
     snap_nimg = int(snapshot_kimg * 1000)
     guard = NonFiniteGuard(watch or {}, nonfinite_budget, label)
