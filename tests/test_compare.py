@@ -233,3 +233,11 @@ def test_generator_checkpointing_keeps_less_and_gives_the_same_gradients():
     assert kept[True] < 0.5 * kept[False]
     for a, b in zip(grads[True], grads[False]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_compare_on_cuda_without_a_gpu_is_one_error_line():
+    out = subprocess.run([sys.executable, "-m", "bench.compare", "--device", "cuda"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        "error: device: cuda was requested but no CUDA device is visible: set device: cpu or auto"], out.stderr
