@@ -252,17 +252,30 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
         if c.first_s:
             print(f"{'':>20}  first {len(c.first_s)} iteration(s), untimed: "
                   f"{', '.join(f'{t:.2f}' for t in c.first_s)} s", file=out)
-    print(f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end, on {os.cpu_count()} CPUs", file=out)
+    print(f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end, on {os.cpu_count()} CPUs "
+          f"({cpu_name()})", file=out)
     return {
         "preset": args.preset, "phase": args.phase, "res": args.res, "channels": args.channels, "batch": args.batch,
         "model_channels": args.model_channels, "channel_mult": args.channel_mult, "num_blocks": args.num_blocks,
         "attn_res": args.attn_res, "label_dim": args.label_dim, "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup, "first": args.first,
         "load_avg_start": load0[0], "load_avg_end": load1[0], "variants": rows,
     }
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), for naming the machine next to the figures."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
+        if m:
+            return m.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
