@@ -29,6 +29,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Sequence
 
+import sida  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 import torch
 
 from sida.train import distill as distill_mod
@@ -43,21 +44,25 @@ def _ints(s: str) -> list[int]:
 
 
 class MemoryDataset:
-    """Random images in [-1, 1] held as one tensor: `get_batch` is a single index, no decoding."""
+    """Random images in [-1, 1] held as one tensor: `get_batch` is a single index, no decoding.
+    The data-source interface the distillation loop reads (`get_batch`, `labels`)."""
 
     def __init__(self, n: int, channels: int, res: int, label_dim: int = 0, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
         self.images = torch.rand([n, channels, res, res], generator=g) * 2 - 1
-        self.labels = torch.zeros([n, label_dim])
+        self.onehot = torch.zeros([n, label_dim])
         if label_dim:
-            self.labels[torch.arange(n), torch.randint(label_dim, (n,), generator=g)] = 1
+            self.onehot[torch.arange(n), torch.randint(label_dim, (n,), generator=g)] = 1
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def labels(self, indices) -> torch.Tensor:
+        return self.onehot[torch.as_tensor(indices).reshape(-1)]
+
     def get_batch(self, indices, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices).reshape(-1)
-        return self.images[idx], self.labels[idx]
+        return self.images[idx], self.onehot[idx]
 
 
 def build_teacher(args: argparse.Namespace) -> torch.nn.Module:

@@ -28,7 +28,7 @@ from sida.io.latents import codec_from_config, decoder_from_config
 from sida.train.distill import DistillLoop, init_nets
 from sida.errors import CheckpointError, ConfigError
 from sida.io.images import save_grid
-from sida.train.loop import Checkpointer, run
+from sida.train.loop import Checkpointer, Timings, run
 from sida.eval.evaluation import TrainingMonitor
 from sida.run.runtime import start_stage
 from sida.nets.sampler import one_step_generate
@@ -109,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--init-generator", help="network.pt whose EMA generator initialises G (SiD2A)")
     parser.add_argument("--out", help="output directory (default: <results_dir>/<experiment>/<run>)")
     args = parser.parse_args(argv)
+    timings = Timings()
     cfg0 = load_config(args.config, args.overrides)
     rc = run_config(cfg0, args.run)
     if rc["init"] != "teacher" and not args.init:
@@ -151,30 +152,39 @@ def main(argv: Sequence[str] | None = None) -> None:
             save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"],
                                    decode=decoder and decoder.unit), ctx.work / "samples.png", grid)
 
-    run(loop, loop.total_nimg, rc["tick_kimg"], rc["snapshot_kimg"], ckpt, info,
-        on_tick=lambda row: tracker.log({**row, **keeper.maybe_evaluate(loop.nimg, row["phase"])}, loop.nimg / 1000),
+    def on_tick(row: dict) -> None:
+        with timings("evaluation"):
+            scores = keeper.maybe_evaluate(loop.nimg, row["phase"])
+        with timings("logging"):
+            tracker.log({**row, **scores}, loop.nimg / 1000)
+
+    run(loop, loop.total_nimg, rc["tick_kimg"], rc["snapshot_kimg"], ckpt, info, on_tick=on_tick,
         on_snapshot=snapshot, label=f"{args.run}: ", watch={"G": nets.G, "G_ema": nets.G_ema, "fake": nets.fake},
-        nonfinite_budget=rc["nonfinite_budget"])
-    if info.is_main:
-        meta = {"stage": "distill", "run": args.run, "kimg": loop.nimg / 1000, "config_hash": ctx.cfg_hash,
-                "experiment": cfg["experiment"], "sigma_init": rc["sigma_init"], "one_step": True}
-        checkpoints.save_state(ctx.out / "state.pt", {
-            "G": checkpoints.network_record(nets.G), "G_ema": checkpoints.network_record(nets.G_ema),
-            "fake": checkpoints.network_record(nets.fake), "meta": meta})
-        save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"],
-                               decode=decoder and decoder.unit), ctx.out / "samples.png", grid)
-        best = keeper.best_network()
-        if best is not None:
-            # The papers report their lowest-FID snapshot: network.pt is the best generator the
-            # in-training metric saw, the final one stays as last.pt.
-            checkpoints.save_network(ctx.out / "last.pt", nets.G_ema, meta=meta)
-            meta.update(selected=f"lowest {keeper.record['key']} during training", kimg=keeper.record["best_kimg"],
-                        **{keeper.record["key"]: keeper.record["best"]})
-            checkpoints.save_network(ctx.out / "network.pt", best, meta=meta)
-            ctx.log(f"{args.run}: network.pt is the best generator ({keeper.record['key']} "
-                    f"{keeper.record['best']:.4f} at {keeper.record['best_kimg']:.2f} kimg); the final one is last.pt")
-        else:
-            checkpoints.save_network(ctx.out / "network.pt", nets.G_ema, meta=meta)
+        nonfinite_budget=rc["nonfinite_budget"], timings=timings)
+    with timings("checkpoint"):  # the final writes, timed apart like the checkpoints
+        if info.is_main:
+            meta = {"stage": "distill", "run": args.run, "kimg": loop.nimg / 1000, "config_hash": ctx.cfg_hash,
+                    "experiment": cfg["experiment"], "sigma_init": rc["sigma_init"], "one_step": True}
+            checkpoints.save_state(ctx.out / "state.pt", {
+                "G": checkpoints.network_record(nets.G), "G_ema": checkpoints.network_record(nets.G_ema),
+                "fake": checkpoints.network_record(nets.fake), "meta": meta})
+            save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"],
+                                   decode=decoder and decoder.unit), ctx.out / "samples.png", grid)
+            best = keeper.best_network()
+            if best is not None:
+                # The papers report their lowest-FID snapshot: network.pt is the best generator the
+                # in-training metric saw, the final one stays as last.pt.
+                checkpoints.save_network(ctx.out / "last.pt", nets.G_ema, meta=meta)
+                meta.update(selected=f"lowest {keeper.record['key']} during training", kimg=keeper.record["best_kimg"],
+                            **{keeper.record["key"]: keeper.record["best"]})
+                checkpoints.save_network(ctx.out / "network.pt", best, meta=meta)
+                ctx.log(f"{args.run}: network.pt is the best generator ({keeper.record['key']} "
+                        f"{keeper.record['best']:.4f} at {keeper.record['best_kimg']:.2f} kimg); "
+                        "the final one is last.pt")
+            else:
+                checkpoints.save_network(ctx.out / "network.pt", nets.G_ema, meta=meta)
+    ctx.log(f"{args.run}: {timings.line()}")
+    tracker.summary({"kimg": loop.nimg / 1000, **{f"time/{k}": v for k, v in timings.report().items()}})
     ctx.finish(tracker, ckpt, ctx.out / "network.pt")
 
 

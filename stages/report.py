@@ -87,6 +87,8 @@ def _results_table(rows: list[dict], label: str) -> tuple[list[str], list[list[s
     head = ["model", "NFE", f"{label} ± SE"]
     if seeded:
         head += ["std over training seeds", "evaluation SE of one network"]
+    extra = list(dict.fromkeys((x["metric"], x["metric_label"]) for r in rows for x in r.get("extra") or []))
+    head += [f"{lab} ± SE" for _, lab in extra]  # extra feature networks, of the same samples
     head += ["IS ± SE", "precision ± SE", "recall ± SE"] + (["training seeds"] if seeded else []) + ["runs × samples"]
     body = []
     for r in rows:
@@ -94,6 +96,8 @@ def _results_table(rows: list[dict], label: str) -> tuple[list[str], list[list[s
         cells = [r["name"], str(r["nfe"]), _with_se(r["value"], 3)]
         if seeded:
             cells += [_num(v.get("seed_std"), 3), _num(v.get("eval_se"), 3)]
+        xs = {x["metric"]: x["value"] for x in r.get("extra") or []}
+        cells += [_with_se(xs.get(key), 3) for key, _ in extra]
         cells += [_with_se(r["is"], 2), _with_se(r["precision"], 3), _with_se(r["recall"], 3)]
         if seeded:
             cells.append("–" if not r["train_seeds"] else ", ".join(map(str, r["train_seeds"])))

@@ -335,6 +335,10 @@ def test_reproduce_command_uses_the_resolved_config(monkeypatch):
     assert prov.reproduce_command(code, container, "r/c.yaml") == (
         "git checkout abc && apptainer exec --nv /c/sida.sif torchrun --standalone --nproc-per-node 4 "
         "-m stages.distill --run sida --config r/c.yaml")
+    monkeypatch.setenv("WORLD_SIZE", "8")  # two nodes of four: as the workflow starts it, srun + launcher
+    assert prov.reproduce_command(code, None, "r/c.yaml") == (
+        "git checkout abc && srun --nodes 2 --ntasks-per-node 1 --kill-on-bad-exit=1 python -m sida.run.launch "
+        "--nproc-per-node 4 -m -- stages.distill --run sida --config r/c.yaml")
 
 
 def test_container_info_inside_apptainer(tmp_path):

@@ -102,6 +102,44 @@ def test_random_labels_and_the_monitor_protocol(setup):
     assert m["monitor"] is None  # no training monitor, no monitor-protocol value
 
 
+def test_extra_extractor_scores_the_same_samples(setup, tmp_path):
+    """FID + FD-DINOv2 as EDM2 reports them: one sampling pass, every feature network scored on
+    the same images, each against its own reference; the extra value equals an evaluation with
+    that network as the main one (random ViT-S/14 weights of the real architecture)."""
+    from sida.eval.features import save_random_dinov2
+    from stages.evaluate import main
+
+    root, sets = setup
+    weights = save_random_dinov2(tmp_path / "dinov2_vits14.pth", "vits14", seed=2)
+    small = sets + ["evaluate.num_runs=1", "evaluate.num_samples=20", "evaluate.precision_recall=false", "evaluate.inception_score=false",
+                    "evaluate.reference_max_images=20", "evaluate.during_training.every_kimg=0",
+                    "evaluate.dinov2_arch=vits14", f"evaluate.dinov2_weights={weights}"]
+    both, alone = tmp_path / "both" / "metrics.json", tmp_path / "alone" / "metrics.json"
+    main(["--config", CONFIG, "--network", str(root / "net.pt"), "--kind", "generator", "--name", "g",
+          "--out", str(both), *_args(small + ["evaluate.extra_extractors=[dinov2]"])])
+    main(["--config", CONFIG, "--network", str(root / "net.pt"), "--kind", "generator", "--name", "g",
+          "--out", str(alone), *_args(small + ["evaluate.extractor=dinov2"])])
+    m, d = json.loads(both.read_text()), json.loads(alone.read_text())
+    assert m["metric"] == "fd" and [x["metric"] for x in m["extra_metrics"]] == ["fd_dinov2"]
+    x = m["extra_metrics"][0]
+    assert x["metric_label"] == "FD-DINOv2" and x["extractor"]["feature_dim"] == 384
+    assert x["reference"]["num_images"] == 20 and x["extractor"]["sha256"] == d["extractor"]["sha256"]
+    assert len(m["summary"]["fd_dinov2"]["values"]) == 1 and all("fd_dinov2" in r and "fd" in r for r in m["runs"])
+    assert m["summary"]["fd_dinov2"]["values"] == pytest.approx(d["summary"]["fd_dinov2"]["values"], rel=1e-4)
+    from sida.eval.summary import group_models, results_rows
+
+    row = results_rows(group_models([m]))[0]
+    assert row["extra"][0]["metric"] == "fd_dinov2" and row["extra"][0]["value"]["mean"] == pytest.approx(
+        m["summary"]["fd_dinov2"]["mean"])
+
+
+def test_extra_extractor_equal_to_the_main_one_is_one_error_line(setup):
+    root, sets = setup
+    proc = _run(["--config", CONFIG, "--network", str(root / "net.pt"), "--kind", "generator", "--name", "x",
+                 "--out", str(root / "x" / "metrics.json"), *_args(sets + ["evaluate.extra_extractors=[digits_classifier]"])])
+    _assert_one_error_line(proc, "evaluate.extra_extractors", "digits_classifier", "already the main extractor")
+
+
 def test_balanced_labels_need_a_multiple_of_the_class_count(setup):
     root, sets = setup
     proc = _run(["--config", CONFIG, "--network", str(root / "net.pt"), "--kind", "generator", "--name", "x",

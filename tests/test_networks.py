@@ -327,6 +327,12 @@ def test_resampling_matches_fir_reference(filt):
     ref = F.conv2d(x, fused.weight, padding=1 + pad)
     ref = F.conv2d(ref, f2.tile([6, 1, 1, 1]), groups=6, stride=2) + fused.bias[None, :, None, None]
     torch.testing.assert_close(fused(x), ref)
+    # Fused FIR upsampling + 3x3 conv (EDM splits the padding between the two).
+    fused = _perturb(layers.Conv2d(4, 6, kernel=3, up=True, resample_filter=filt, fused_resample=True))
+    ref = F.conv_transpose2d(x, (4 * f2).tile([4, 1, 1, 1]), groups=4, stride=2, padding=max(pad - 1, 0))
+    ref = F.conv2d(ref, fused.weight, fused.bias, padding=max(1 - pad, 0))
+    assert ref.shape[-1] == 16
+    torch.testing.assert_close(fused(x), ref)
 
 
 def test_weight_init_laws():
@@ -365,3 +371,63 @@ def test_decode_first_equals_separate_passes(model_type, kw):
     torch.testing.assert_close(d, d_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits[:3], lf_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits[3:], lr_ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-fused and activation-free layers against the plain ops they replace.
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_fused_group_norm_silu_matches_plain_ops(fmt):
+    torch.manual_seed(0)
+    gn = layers.GroupNorm(16).double()
+    with torch.no_grad():
+        gn.weight.normal_()
+        gn.bias.normal_()
+    x = torch.randn(3, 16, 5, 5, dtype=torch.double).contiguous(memory_format=fmt).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, b: layers._GroupNormSiLU.apply(x, w, b, gn.num_groups, gn.eps),
+                                    (x, gn.weight, gn.bias))
+    y = gn.forward_silu(x)
+    assert type(y.grad_fn).__name__ == "_GroupNormSiLUBackward" and y.is_contiguous(memory_format=fmt)
+    ref = F.silu(gn(x))
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(y, ref)
+    for a, b in zip(torch.autograd.grad(y, (x, gn.weight, gn.bias), g),
+                    torch.autograd.grad(ref, (x, gn.weight, gn.bias), g)):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():  # no autograd: plain ops, SiLU in place
+        torch.testing.assert_close(gn.forward_silu(x), ref)
+
+
+def _saved_during(fn):
+    """The tensors autograd saves for the backward while `fn()` runs, and fn's result."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn()
+    return saved, out
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_frozen_conv_keeps_no_activation_and_gives_the_input_gradient(fmt):
+    torch.manual_seed(0)
+    conv = _perturb(layers.Conv2d(8, 6, kernel=3)).requires_grad_(False).to(memory_format=fmt)
+    x = torch.randn(4, 8, 6, 6).contiguous(memory_format=fmt).requires_grad_()
+    saved, y = _saved_during(lambda: conv(x))
+    assert all(t.data_ptr() != x.data_ptr() for t in saved)  # only the weight is kept
+    assert sum(t.numel() for t in saved) == conv.weight.numel()
+    ref = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0], rtol=0, atol=0)
+    conv.requires_grad_(True)  # trainable weights: ATen's convolution, which saves its input
+    saved, _ = _saved_during(lambda: conv(x))
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)
+
+
+def test_box_downsampling_backward_is_avg_pool_backward_bit_for_bit():
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    g = torch.randn(2, 3, 4, 4)
+    down = layers.Conv2d(3, 3, kernel=0, down=True)
+    saved, y = _saved_during(lambda: down(x))
+    assert not saved
+    assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(F.avg_pool2d(x, 2), x, g)[0])
+

@@ -38,8 +38,8 @@ from .metrics import feature_stats, frechet_distance, inception_score, precision
 from .stats import summarize
 
 __all__ = ["seed_ranges", "LABEL_MODES", "seed_label", "latents_for_seeds", "class_counts", "balanced_indices",
-           "extract_generated", "dataset_features", "Reference", "reference_indices", "get_reference", "score_run",
-           "make_generate", "sample_grid", "evaluate_network", "TrainingMonitor", "Progress"]
+           "extract_generated", "extract_generated_multi", "dataset_features", "Reference", "reference_indices", "get_reference", "score_run",
+           "make_generate", "sample_grid", "extractor_config", "evaluate_network", "TrainingMonitor", "Progress"]
 
 GenerateFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -152,35 +152,50 @@ def _run_extractor(extractor: Extractor, images_u8: torch.Tensor, want_probs: bo
 
 
 @torch.no_grad()
-def extract_generated(extractor: Extractor, generate: GenerateFn, seeds: Sequence[int], shape: Sequence[int],
-                      label_dim: int, batch: int, info: dist.DistInfo, desc: str = "samples",
-                      want_probs: bool = True, labels: str = "random") -> tuple[np.ndarray, np.ndarray | None]:
-    """Features (and class probabilities) of `generate(z, labels)` for every seed, in seed order.
+def extract_generated_multi(extractors: Sequence[Extractor], generate: GenerateFn, seeds: Sequence[int],
+                            shape: Sequence[int], label_dim: int, batch: int, info: dist.DistInfo,
+                            desc: str = "samples", want_probs: bool = True, labels: str = "random"
+                            ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Features (and class probabilities) of `generate(z, labels)` for every seed, in seed order,
+    from each extractor: the images are generated once and go through every extractor (FID and
+    FD-DINOv2 of the same samples, as EDM2 reports them, for the price of one sampling pass).
 
-    Images are quantised to uint8 exactly as saved PNGs would be, then go through the extractor
-    in batches on the device (no per-image numpy round trip). Returns (features [N, D],
-    probs [N, K] or None).
+    Images are quantised to uint8 exactly as saved PNGs would be, then go through the extractors
+    in batches on the device (no per-image numpy round trip). Returns one (features [N, D],
+    probs [N, K] or None) per extractor.
     """
     seeds = list(seeds)
     mine = list(range(info.rank, len(seeds), info.world_size))
-    feats, probs = [], []
+    feats: list[list[np.ndarray]] = [[] for _ in extractors]
+    probs: list[list[np.ndarray]] = [[] for _ in extractors]
     prog = Progress(desc, len(seeds), info.is_main)
     for i in range(0, len(mine), batch):
         pos = mine[i:i + batch]
         z, c = latents_for_seeds([seeds[j] for j in pos], shape, label_dim, info.device, labels)
-        f, p = _run_extractor(extractor, quantize(generate(z, c)), want_probs)
-        feats.append(f)
-        if p is not None:
-            probs.append(p)
+        images = quantize(generate(z, c))
+        for k, extractor in enumerate(extractors):
+            f, p = _run_extractor(extractor, images, want_probs)
+            feats[k].append(f)
+            if p is not None:
+                probs[k].append(p)
         prog.update(min(len(seeds), (i + len(pos)) * info.world_size))
-    d = extractor.feature_dim
-    f_all = np.concatenate(feats) if feats else np.zeros([0, d], np.float32)
-    p_all = np.concatenate(probs) if probs else None
-    if p_all is None and want_probs and extractor.has_probs and not feats:
-        p_all = np.zeros([0, 1], np.float32)  # a rank with no seeds still answers the gather
-    f_all, p_all = _gather_in_order(mine, f_all, p_all, len(seeds))
+    out = []
+    for extractor, fk, pk in zip(extractors, feats, probs):
+        f_all = np.concatenate(fk) if fk else np.zeros([0, extractor.feature_dim], np.float32)
+        p_all = np.concatenate(pk) if pk else None
+        if p_all is None and want_probs and extractor.has_probs and not fk:
+            p_all = np.zeros([0, 1], np.float32)  # a rank with no seeds still answers the gather
+        out.append(_gather_in_order(mine, f_all, p_all, len(seeds)))
     prog.update(len(seeds), force=True)
-    return f_all, p_all
+    return out
+
+
+def extract_generated(extractor: Extractor, generate: GenerateFn, seeds: Sequence[int], shape: Sequence[int],
+                      label_dim: int, batch: int, info: dist.DistInfo, desc: str = "samples",
+                      want_probs: bool = True, labels: str = "random") -> tuple[np.ndarray, np.ndarray | None]:
+    """`extract_generated_multi` with one extractor: (features [N, D], probs [N, K] or None)."""
+    return extract_generated_multi([extractor], generate, seeds, shape, label_dim, batch, info, desc,
+                                   want_probs, labels)[0]
 
 
 @torch.no_grad()
@@ -417,6 +432,23 @@ def _monitor_protocol(cfg: dict, feats: np.ndarray, ref: Reference, key: str, fi
             "seeds": [first_seed, first_seed + n - 1]}
 
 
+def extractor_config(cfg: dict, name: str) -> dict:
+    """`cfg` with `evaluate.extractor` set to `name` (what an extra feature network's reference
+    statistics and weights are resolved with)."""
+    return {**cfg, "evaluate": {**cfg["evaluate"], "extractor": name}}
+
+
+def _extra_metrics(cfg: dict, info: dist.DistInfo, res: int, ch: int, what: str) -> list[tuple[Extractor, Reference]]:
+    """(extractor, reference) of every `evaluate.extra_extractors` entry, checked like the main one."""
+    out = []
+    for name in cfg["evaluate"].get("extra_extractors") or []:
+        xcfg = extractor_config(cfg, name)
+        x = build_extractor(xcfg, info.device)
+        x.check_images(res, ch, f"network {what}")
+        out.append((x, get_reference(xcfg, x, info, res)))
+    return out
+
+
 def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info: dist.DistInfo,
                      train_seed: int | None = None) -> tuple[dict, torch.Tensor | None]:
     """Evaluate a network file over `num_runs` runs of `num_samples` samples.
@@ -436,7 +468,8 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
     extractor = build_extractor(cfg, info.device)
     extractor.check_images(res, ch, f"network {network}")
     ref = get_reference(cfg, extractor, info, res, need_features=ev["precision_recall"])
-    for note in ref.notes:
+    extras = _extra_metrics(cfg, info, res, ch, str(network))
+    for note in ref.notes + [n for x in extras for n in x[1].notes]:
         if info.is_main:
             print(f"[evaluate] {note}", file=sys.stderr, flush=True)
     decode = _decode_fn(cfg, info.device)
@@ -445,11 +478,14 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
     ranges = seed_ranges(ev["seed"], ev["num_runs"], ev["num_samples"])
     runs, head = [], []
     for r, seeds in enumerate(ranges):
-        feats, probs = extract_generated(
-            extractor, generate, seeds, (ch, res, res), label_dim, ev["batch"], info,
+        (feats, probs), *extra_feats = extract_generated_multi(
+            [extractor] + [x for x, _ in extras], generate, seeds, (ch, res, res), label_dim, ev["batch"], info,
             desc=f"{name} run {r + 1}/{len(ranges)}", want_probs=ev["inception_score"], labels=ev["labels"])
         head.append(feats[:max(0, ev["during_training"]["num_samples"] - sum(len(h) for h in head))])
         scores = score_run(ref, feats, probs, cfg, key, info.device) if info.is_main else {}
+        if info.is_main:  # the extra feature networks' Fréchet distances of the same samples
+            for (x, xref), (xf, _) in zip(extras, extra_feats):
+                scores[x.metric_key] = frechet_distance(*feature_stats(xf), xref.mu, xref.sigma)
         scores = dist.broadcast_object(scores)
         runs.append({"run": r, "seeds": [seeds.start, seeds.stop - 1], **scores,
                      "class_counts": class_counts(seeds, (ch, res, res), label_dim, ev["labels"])})
@@ -466,7 +502,9 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
         "nfe": nfe, "teacher_steps": ev["teacher_steps"] if kind == "teacher" else None,
         "sigma_init": cfg["distill"]["sigma_init"] if kind == "generator" else None,
         "metric": key, "metric_label": extractor.label, "mode": extractor.mode,
-        "extractor": extractor.info, "reference": ref.info, "notes": ref.notes,
+        "extractor": extractor.info, "reference": ref.info, "notes": ref.notes + [n for x in extras for n in x[1].notes],
+        "extra_metrics": [{"metric": x.metric_key, "metric_label": x.label, "mode": x.mode, "extractor": x.info,
+                           "reference": xref.info} for x, xref in extras],
         "num_runs": ev["num_runs"], "num_samples": ev["num_samples"], "labels": ev["labels"],
         "seeds": [[s.start, s.stop - 1] for s in ranges],
         "seed_note": ("inclusive ranges; z from each seed, class = seed mod label_dim" if ev["labels"] == "balanced"

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ..io.atomic import atomic_save_torch
 from ..errors import AssetError, CheckpointError, ConfigError, brief_reason
 from ..io.images import quantize  # noqa: F401  (re-exported: the extractors' input convention)
+from ..run.config import resolve_extractor_name  # noqa: F401  (re-exported; the config check needs it too)
 
 __all__ = ["Extractor", "InceptionExtractor", "DigitsCNN", "DigitsClassifierExtractor", "build_extractor",
            "train_digits_classifier", "load_or_train_digits_classifier", "digits_uint8", "quantize",
@@ -70,14 +71,6 @@ def state_dict_sha256(sd: dict) -> str:
 def cache_dir(cfg: dict) -> Path:
     """Where evaluation caches (classifier, reference statistics) live for this experiment."""
     return Path(cfg["results_dir"]) / cfg["experiment"] / "evaluate" / "cache"
-
-
-def resolve_extractor_name(cfg: dict) -> str:
-    """`evaluate.extractor`, with 'auto' = the digits classifier for digits data, Inception otherwise."""
-    name = cfg["evaluate"]["extractor"]
-    if name == "auto":
-        return "digits_classifier" if cfg["data"]["kind"] == "digits" else "inception"
-    return name
 
 
 def inception_weights_path(cfg: dict) -> Path:

@@ -109,6 +109,8 @@ def model_row(model: Model) -> dict:
     return {"name": model.name, "kind": model.kind, "nfe": m["nfe"], "metric": key,
             "metric_label": m["metric_label"], "value": metric_stat(model, key),
             **{k: metric_stat(model, k) for k in SUMMARY_KEYS},
+            "extra": [{"metric": x["metric"], "metric_label": x["metric_label"], "value": metric_stat(model, x["metric"])}
+                      for x in m.get("extra_metrics") or []],
             "monitor": _monitor_value(model, key),
             "labels": m.get("labels", "random"), "num_runs": m["num_runs"], "num_samples": m["num_samples"],
             "train_seeds": None if not model.has_seeds else model.seeds,

@@ -89,24 +89,31 @@ class _BoxUp2(torch.autograd.Function):
 class _BoxDown2(torch.autograd.Function):
     """2x2 average pooling of an NCHW tensor with even H, W: bit-identical to ``F.avg_pool2d(x, 2)``
     (same summation order, exact division by 4) from four strided views, ~2x faster than ATen's
-    NCHW pooling kernel on the CPU. The backward is ATen's own."""
+    NCHW pooling kernel on the CPU. The backward spreads g / 4 over each 2x2 window (what
+    ATen's pooling backward computes, bit for bit) and keeps no activation alive."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)  # shape/strides only; avg_pool2d_backward reads no values
         return (x[:, :, 0::2, 0::2] + x[:, :, 0::2, 1::2] + x[:, :, 1::2, 0::2] + x[:, :, 1::2, 1::2]) * 0.25
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return torch.ops.aten.avg_pool2d_backward(g, x, [2, 2], [2, 2], [0, 0], False, True, None)
+        n, c, h, w = g.shape
+        return (g * 0.25)[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
+
+
+def _eager() -> bool:
+    """False while torch.compile traces: the hand-fused autograd functions below then give way
+    to plain ops, which the compiler fuses (and recomputes) itself."""
+    return not torch.compiler.is_compiling()
 
 
 def _nchw_fast_path(x: torch.Tensor) -> bool:
     """The hand-written resamplers are for plain NCHW fp32 CPU tensors; channels-last tensors
     (whose ATen kernels are already fast), other dtypes (autocast's dtype policy stays ATen's)
     and other devices use ATen directly."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.is_contiguous()
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.is_contiguous()
+            and _eager())
 
 
 def _is_box2(resample_filter: Sequence[float]) -> bool:
@@ -175,9 +182,11 @@ class Conv2d(torch.nn.Module):
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
 
         if self.fused_resample and self.up and w is not None:
+            # EDM's padding split: the FIR filter's padding beyond the 3x3's, and vice versa.
             c = x.shape[1]
-            x = F.conv_transpose2d(x, (f * 4).expand(c, 1, -1, -1), groups=c, stride=2, padding=w_pad + f_pad)
-            x = F.conv2d(x, w, b)
+            x = F.conv_transpose2d(x, (f * 4).expand(c, 1, -1, -1), groups=c, stride=2,
+                                   padding=max(f_pad - w_pad, 0))
+            x = F.conv2d(x, w, b, padding=max(w_pad - f_pad, 0))
         elif self.fused_resample and self.down and w is not None:
             x = F.conv2d(x, w, padding=w_pad + f_pad)
             c = x.shape[1]
@@ -190,7 +199,10 @@ class Conv2d(torch.nn.Module):
             if self.down:
                 x = self._down(x, f, f_pad)
             if w is not None:
-                x = F.conv2d(x, w, b, padding=w_pad)  # bias fused into the conv
+                if _keeps_no_input(x, self.weight, self.bias):
+                    x = _InputGradConv2d.apply(x, w, b, w_pad)
+                else:
+                    x = F.conv2d(x, w, b, padding=w_pad)  # bias fused into the conv
         return x
 
 
@@ -207,6 +219,92 @@ class GroupNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+    def forward_silu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(self(x)), the pair every UNet block opens with, fused: under autograd only `x`
+        and the group statistics are kept for the backward (which recomputes the normalised
+        tensor), instead of x, the normalised tensor and the SiLU output; without autograd the
+        SiLU runs in place on the normalised tensor."""
+        w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad) and _eager():
+            return _GroupNormSiLU.apply(x, w, b, self.num_groups, self.eps)
+        return F.silu(F.group_norm(x, self.num_groups, w, b, self.eps), inplace=True)
+
+
+def _group_norm_sizes(x: torch.Tensor) -> tuple[int, int, int]:
+    n, c = x.shape[0], x.shape[1]
+    return n, c, x.numel() // max(n * c, 1)
+
+
+class _GroupNormSiLU(torch.autograd.Function):
+    """silu(group_norm(x)) keeping x, mean and rstd only (see `GroupNorm.forward_silu`).
+
+    Forward: ATen's group norm, then SiLU in place on its output. Backward: the normalised
+    tensor recomputed from x and the saved statistics, ATen's SiLU backward on it, then ATen's
+    group-norm backward: the unfused pair's kernels plus one elementwise pass, so the gradients
+    agree to float rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups: int, eps: float):
+        n, c, hw = _group_norm_sizes(x)
+        y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, hw, groups, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.groups, ctx.eps = groups, eps
+        return F.silu(y, inplace=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        n, c, hw = _group_norm_sizes(x)
+        # The normalised tensor again, as ATen's kernel forms it (x * scale + shift per sample
+        # and channel), from the saved statistics: one elementwise pass, no reduction.
+        scale = (rstd.repeat_interleave(c // ctx.groups, dim=1) * weight).reshape(n, c, 1, 1)
+        shift = bias.reshape(1, c, 1, 1) - mean.repeat_interleave(c // ctx.groups, dim=1).reshape(n, c, 1, 1) * scale
+        y = torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+        g = torch.ops.aten.silu_backward(g, y).contiguous(memory_format=_memory_format(x))
+        gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+            g, x, mean, rstd, weight, n, c, hw, ctx.groups, list(ctx.needs_input_grad[:3]))
+        return gx, gw, gb, None, None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if (x.dim() == 4 and not x.is_contiguous()
+                                   and x.is_contiguous(memory_format=torch.channels_last)) else torch.contiguous_format
+
+
+def _keeps_no_input(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """A convolution whose weight is frozen but whose input needs a gradient (the teacher and the
+    fake score inside SiD's generator step) needs no saved activation."""
+    return (torch.is_grad_enabled() and x.requires_grad and not weight.requires_grad
+            and (bias is None or not bias.requires_grad) and _eager())
+
+
+class _InputGradConv2d(torch.autograd.Function):
+    """conv2d(x, w, b) with a frozen weight, keeping no activation for the backward.
+
+    ATen's convolution saves its input for the weight gradient even when no weight gradient is
+    wanted. The input gradient, the only one needed here, depends on the input's shape and
+    layout alone, so the backward calls ATen's own convolution backward (same kernel, same
+    result) with an unread, never-touched placeholder of that shape in the input's place.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, padding: int):
+        y = F.conv2d(x, w, b, padding=padding)
+        ctx.save_for_backward(w)
+        ctx.padding, ctx.x_dtype = padding, x.dtype
+        ctx.x_size, ctx.x_stride = x.shape, x.stride()
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        like = torch.empty_strided(ctx.x_size, ctx.x_stride, dtype=g.dtype, device=g.device)
+        p = ctx.padding
+        gx = torch.ops.aten.convolution_backward(g, like, w.to(g.dtype), None, [1, 1], [p, p], [1, 1], False,
+                                                 [0, 0], 1, [True, False, False])[0]
+        return gx.to(ctx.x_dtype), None, None, None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -269,13 +367,13 @@ class UNetBlock(torch.nn.Module):
         # In-place adds/scalings below only touch fresh conv outputs, which no backward reads
         # (a conv saves its input and weight): same values, fewer full-size temporaries.
         orig = x
-        x = self.conv0(F.silu(self.norm0(x)))
+        x = self.conv0(self.norm0.forward_silu(x))
         params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
         if self.adaptive_scale:
             scale, shift = params.chunk(chunks=2, dim=1)
             x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
         else:
-            x = F.silu(self.norm1(x.add_(params)))
+            x = self.norm1.forward_silu(x.add_(params))
         x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
         x = x.add_(self.skip(orig) if self.skip is not None else orig).mul_(self.skip_scale)
 

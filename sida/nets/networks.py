@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
 
@@ -51,6 +52,15 @@ def _decoder_inputs(x: torch.Tensor, emb: torch.Tensor, skips: list, decode_firs
         return x, emb, list(skips)
     b = decode_first
     return x[:b], emb[:b], [t[:b] for t in skips]
+
+
+def _run_block(net: torch.nn.Module, block: UNetBlock, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """A UNet block, or, when `net.checkpoint_blocks` is set and a graph is being built, the
+    block under activation checkpointing: only its inputs are kept and its forward runs again
+    in the backward (dropout draws replayed), trading compute for memory on a large generator."""
+    if getattr(net, "checkpoint_blocks", False) and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, x, emb, use_reentrant=False)
+    return block(x, emb)
 
 
 def _finish(x_enc: torch.Tensor, run_decoder, return_flag: str) -> Output:
@@ -191,7 +201,7 @@ class SongUNet(torch.nn.Module):
             elif "aux_residual" in name:
                 x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
             else:
-                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                x = _run_block(self, block, x, emb) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)  # a reference only; aux_skip/aux_residual overwrite the last one
 
         def decoder() -> torch.Tensor:
@@ -204,14 +214,14 @@ class SongUNet(torch.nn.Module):
                 if "aux_up" in name:
                     out = block(out)
                 elif "aux_norm" in name:
-                    tmp = block(h)
+                    tmp = block.forward_silu(h)
                 elif "aux_conv" in name:
-                    tmp = block(F.silu(tmp))
+                    tmp = block(tmp)
                     out = tmp if out is None else tmp + out
                 else:
                     if h.shape[1] != block.in_channels:
                         h = torch.cat([h, skips_d.pop()], dim=1)
-                    h = block(h, emb_d)
+                    h = _run_block(self, block, h, emb_d)
             return out
 
         return _finish(x, decoder, return_flag)
@@ -306,7 +316,7 @@ class DhariwalUNet(torch.nn.Module):
 
         skips = []
         for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            x = _run_block(self, block, x, emb) if isinstance(block, UNetBlock) else block(x)
             if need_skips:
                 skips.append(x)
 
@@ -315,7 +325,7 @@ class DhariwalUNet(torch.nn.Module):
             for block in self.dec.values():
                 if h.shape[1] != block.in_channels:
                     h = torch.cat([h, skips_d.pop()], dim=1)
-                h = block(h, emb_d)
-            return self.out_conv(F.silu(self.out_norm(h)))
+                h = _run_block(self, block, h, emb_d)
+            return self.out_conv(self.out_norm.forward_silu(h))
 
         return _finish(x, decoder, return_flag)

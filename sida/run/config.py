@@ -95,6 +95,7 @@ def _check_semantics(cfg: dict, source: str) -> None:
         where = f"distill.runs.{name}" if {"batch", "batch_per_proc"} & set(runs[name]) else "distill"
         _check_batch(rc, where, procs, source)
     _check_balanced_labels(cfg, source)
+    _check_extra_extractors(cfg, source)
 
 
 def _check_batch(sec: dict, where: str, procs: int, source: str) -> None:
@@ -116,6 +117,21 @@ def _check_balanced_labels(cfg: dict, source: str) -> None:
         if n % k:
             raise ConfigError(f"{source}: evaluate.{key}: {n} is not a multiple of data.label_dim {k}, so balanced "
                               f"labels cannot give every class the same count: use a multiple of {k}")
+
+
+def resolve_extractor_name(cfg: dict) -> str:
+    """`evaluate.extractor`, with 'auto' = the digits classifier for digits data, Inception otherwise."""
+    name = cfg["evaluate"]["extractor"]
+    if name == "auto":
+        return "digits_classifier" if cfg["data"]["kind"] == "digits" else "inception"
+    return name
+
+
+def _check_extra_extractors(cfg: dict, source: str) -> None:
+    main = resolve_extractor_name(cfg)
+    if main in cfg["evaluate"]["extra_extractors"]:
+        raise ConfigError(f"{source}: evaluate.extra_extractors: '{main}' is already the main extractor "
+                          f"(evaluate.extractor): list only other feature networks")
 
 
 def _check_cycles(runs: dict, source: str) -> None:

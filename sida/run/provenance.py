@@ -269,7 +269,9 @@ def launch_command() -> list[str]:
     """This process's command line as the user would type it (``python -m stages.x ...``).
 
     Under torchrun each worker runs the module itself; the launcher is added back from
-    torchrun's environment so the command starts the same number of processes.
+    torchrun's environment so the command starts the same number of processes. A multi-node
+    job is given back as the workflow starts it: srun once per node running `sida.run.launch`,
+    which finds the rendezvous host and port itself (run it inside an allocation of that size).
     """
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     # `python -m pkg.mod` leaves the module's file in argv[0]; name the module instead.
@@ -278,10 +280,10 @@ def launch_command() -> list[str]:
     if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_WORLD_SIZE" in os.environ:
         local = os.environ.get("LOCAL_WORLD_SIZE", "1")
         nodes = max(1, int(os.environ.get("WORLD_SIZE", local)) // max(1, int(local)))
-        launcher = ["torchrun", "--standalone", "--nproc-per-node", local] if nodes == 1 else \
-            ["torchrun", "--nnodes", str(nodes), "--nproc-per-node", local, "--rdzv-backend", "c10d",
-             "--rdzv-endpoint", "$HEAD_NODE:29500"]
-        return launcher + prog + args
+        if nodes == 1:
+            return ["torchrun", "--standalone", "--nproc-per-node", local] + prog + args
+        return ["srun", "--nodes", str(nodes), "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
+                "python", "-m", "sida.run.launch", "--nproc-per-node", local] + prog[:1] + ["--"] + prog[1:] + args
     return ["python"] + prog + args
 
 
@@ -314,8 +316,7 @@ def reproduce_command(code: dict[str, Any], container: dict[str, Any] | None,
                    container["image"]] + cmd
         else:
             cmd = ["apptainer", "exec", "--nv", container["image"]] + cmd
-    line = shlex.join(cmd).replace("'$HEAD_NODE:29500'", '"$HEAD_NODE:29500"')
-    line = line.replace("'$PWD/results:/opt/sida-pipeline/results'", '"$PWD/results":/opt/sida-pipeline/results')
+    line = shlex.join(cmd).replace("'$PWD/results:/opt/sida-pipeline/results'", '"$PWD/results":/opt/sida-pipeline/results')
     steps = []
     if code.get("commit") and code.get("source") != "image":
         steps.append(f"git checkout {code['commit']}")

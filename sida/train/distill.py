@@ -161,6 +161,21 @@ class DistillLoop:
         if self.force_wn:
             self._post_step(nets.G)
             self._post_step(nets.fake)
+        # Activation checkpointing of the generator's blocks in the generator step (a memory
+        # option for large networks on a GPU: the block forwards run twice).
+        if rc.get("checkpoint_generator"):
+            getattr(nets.G, "model", nets.G).checkpoint_blocks = True
+        if rc.get("compile"):
+            # torch.compile of the networks an iteration runs (G_ema only samples). In place, so
+            # state-dict keys stay as they are; static shapes: each call site (batch, return
+            # flag, grad mode) gets its own graph once, instead of a dynamic-shape recompile.
+            # The three share EDMPrecond.forward, whose compiled variants count against one
+            # recompile limit (8 by default): an iteration alone needs about 5.
+            from torch import _dynamo
+
+            _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
+            for net in (nets.teacher, nets.G, nets.fake):
+                net.compile(dynamic=False)
         self.g_params = list(nets.G.parameters())
         self.f_params = list(nets.fake.parameters())
         self.opt_g = make_adam(self.g_params, rc["lr_g"], rc["adam_eps"], betas=(rc["beta1_g"], 0.999))
@@ -207,6 +222,9 @@ class DistillLoop:
     def _randn(self, shape, r: int) -> torch.Tensor:
         return torch.randn(shape, generator=slot_generator(self.gens, "noise", r), device=self.device)
 
+    def _rand(self, shape, r: int) -> torch.Tensor:
+        return torch.rand(shape, generator=slot_generator(self.gens, "noise", r), device=self.device)
+
     def _generate(self, labels: torch.Tensor, r: int) -> torch.Tensor:
         """x_g = G(sigma_init z, sigma_init) with zero augment labels (the one-step convention)."""
         n = labels.shape[0]
@@ -250,9 +268,7 @@ class DistillLoop:
             aug_real = None
             if real is not None:
                 real, aug_real = self._augment(real, r)
-            g = slot_generator(self.gens, "noise", r)
-            sigma = (torch.randn([self.micro, 1, 1, 1], generator=g, device=self.device) * rc["P_std"]
-                     + rc["P_mean"]).exp()
+            sigma = (self._randn([self.micro, 1, 1, 1], r) * rc["P_std"] + rc["P_mean"]).exp()
             n = self._randn(x_g.shape, r) * sigma
             with self._autocast():
                 # augment_labels only when augmenting: benchmark stand-ins for fake_forward take
@@ -276,6 +292,7 @@ class DistillLoop:
             torch.nn.utils.clip_grad_value_(self.f_params, self.fake_clip)
         self.opt_f.step()
         self._post_step(nets.fake)
+        self.opt_f.zero_grad(set_to_none=True)  # freed before the generator step builds its graph
         nets.fake.eval().requires_grad_(False)
         return stats
 
@@ -295,8 +312,7 @@ class DistillLoop:
             labels = self._labels(self.micro, r)
             with self._autocast():
                 x_g = self._generate(labels, r).float()
-                t = torch.rand([self.micro, 1, 1, 1], generator=slot_generator(self.gens, "noise", r),
-                               device=self.device)
+                t = self._rand([self.micro, 1, 1, 1], r)
                 sigma_t = sid_sigma_t(t * rc["tmax"] / 1000)
                 x_t = x_g + sigma_t * self._randn(x_g.shape, r)
                 y_real = nets.teacher(x_t, sigma_t.flatten(), labels)
@@ -318,6 +334,7 @@ class DistillLoop:
         stats["nonfinite_g"] = sync_gradients(self.g_params)
         self.opt_g.step()
         self._post_step(nets.G)
+        self.opt_g.zero_grad(set_to_none=True)
         nets.G.eval().requires_grad_(False)
         return stats
 

@@ -12,8 +12,9 @@ import math
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -39,8 +40,16 @@ def accumulation(batch: int, batch_per_proc: int | None, world_size: int) -> tup
 def make_adam(params: Iterable[torch.nn.Parameter], lr: float, eps: float,
               betas: tuple[float, float] = (0.0, 0.999)) -> torch.optim.Adam:
     """Adam as SiD uses it: beta1 = 0 (the generator's is a setting), beta2 = 0.999 (floats:
-    torch rejects ints in betas)."""
-    return torch.optim.Adam(params, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=float(eps))
+    torch rejects ints in betas).
+
+    The fused implementation (one kernel over all parameters, same update rule) where torch has
+    one for the parameters' device: torch's default on the CPU is a Python loop of about ten
+    small ops per parameter tensor, a visible share of a small network's iteration.
+    """
+    params = list(params)
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=float(eps),
+                            fused=fused or None)
 
 
 # What non-finite gradient entries become (the official SiD/SiDA loops and EDM's training loop:
@@ -71,6 +80,11 @@ def sync_gradients(params: list[torch.nn.Parameter]) -> torch.Tensor:
             g.copy_(flat[offset:offset + n].view_as(g))
             offset += n
     bad = torch.zeros((), dtype=torch.int64, device=grads[0].device)
+    # One multi-tensor max-norm says whether anything is non-finite (NaN and inf propagate);
+    # the per-tensor count and masking (a handful of small ops per tensor) run only then. The
+    # check costs one host read per call, instead of ~4 kernel launches per parameter tensor.
+    if bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()):
+        return bad
     for g in grads:
         bad += (~torch.isfinite(g)).sum()
         torch.nan_to_num_(g, nan=GRAD_NAN, posinf=GRAD_POSINF, neginf=GRAD_NEGINF)
@@ -95,10 +109,11 @@ def ema_update(ema: torch.nn.Module, net: torch.nn.Module, nimg: int, batch: int
     if rampup_ratio is not None:
         halflife = min(halflife, nimg * rampup_ratio)
     beta = 0.5 ** (batch / max(halflife, 1e-8))
-    for p_ema, p in zip(ema.parameters(), net.parameters()):
-        p_ema.lerp_(p.detach(), 1 - beta)
-    for b_ema, b in zip(ema.buffers(), net.buffers()):
-        b_ema.copy_(b)
+    # Multi-tensor forms of the per-tensor lerp_/copy_ (same arithmetic, one call each).
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1 - beta)
+    buffers = list(ema.buffers())
+    if buffers:
+        torch._foreach_copy_(buffers, list(net.buffers()))
     return beta
 
 
@@ -349,11 +364,61 @@ class NonFiniteGuard:
                 f"learning rates (or raise nonfinite_budget), then delete {checkpointer.work_dir} and rerun")
 
 
+class Timings:
+    """Wall seconds of a training stage by kind of work, for its log: `iterations` (the loop's
+    own steps), `evaluation` (declared evaluations, e.g. the in-training FD), `snapshot` (sample
+    grids), `checkpoint` (state writes), `logging` (progress lines, tracker), `setup` (from the
+    moment the object is made, which a stage does first thing, to the first iteration: reading
+    inputs, building networks, resuming). `with timings("evaluation"): ...` adds to one.
+    """
+
+    KINDS = ("iterations", "evaluation", "snapshot", "checkpoint", "logging", "setup")
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds = {k: 0.0 for k in self.KINDS}
+        self.images = 0
+
+    @contextmanager
+    def __call__(self, kind: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[kind] += time.perf_counter() - t0
+
+    def end_setup(self) -> None:
+        """Mark the first iteration's start: the time so far not booked elsewhere is set-up."""
+        if self.seconds["setup"] == 0.0:
+            self.seconds["setup"] = time.perf_counter() - self.start - sum(self.seconds.values())
+
+    def report(self) -> dict[str, float]:
+        """Totals so far: seconds per kind, wall, `other` (the rest: what follows the loop),
+        the iteration rate, and `iteration_share`: iterations / (wall - evaluation - checkpoint)."""
+        wall = time.perf_counter() - self.start
+        out = {f"{k}_s": round(v, 3) for k, v in self.seconds.items()}
+        out["wall_s"] = round(wall, 3)
+        out["other_s"] = round(wall - sum(self.seconds.values()), 3)
+        it = self.seconds["iterations"]
+        out["images_per_sec"] = self.images / it if it > 0 else 0.0
+        busy = wall - self.seconds["evaluation"] - self.seconds["checkpoint"]
+        out["iteration_share"] = it / busy if busy > 0 else 0.0
+        return out
+
+    def line(self) -> str:
+        r = self.report()
+        parts = [f"{k} {r[k + '_s']:.1f}s" for k in self.KINDS]
+        return (f"wall {r['wall_s']:.1f}s: " + ", ".join(parts) + f", other {r['other_s']:.1f}s; "
+                f"{r['images_per_sec']:.1f} img/s over the iterations, which take "
+                f"{100 * r['iteration_share']:.1f}% of the wall time outside evaluations and checkpoints")
+
+
 def run(loop: Loop, total_nimg: int, tick_kimg: float, snapshot_kimg: float,
         checkpointer: Checkpointer, info: DistInfo,
         on_tick: Callable[[dict[str, float]], None] | None = None,
         on_snapshot: Callable[[], None] | None = None, label: str = "",
-        watch: dict[str, torch.nn.Module] | None = None, nonfinite_budget: int | None = None) -> None:
+        watch: dict[str, torch.nn.Module] | None = None, nonfinite_budget: int | None = None,
+        timings: Timings | None = None) -> Timings:
     """Drive `loop` from its current `nimg` to `total_nimg` images: ticks (progress + `on_tick`),
     snapshots and checkpoints. Call `checkpointer.load_if_any` first to resume.
 
@@ -363,42 +428,56 @@ def run(loop: Loop, total_nimg: int, tick_kimg: float, snapshot_kimg: float,
     `NonFiniteGuard`); otherwise the run stops with `NonFiniteError`, keeping its last checkpoint.
     The tick's accumulators go into every checkpoint, so a resumed run ticks (and evaluates, in
     `on_tick`) at the same image counts, with the same numbers, as an uninterrupted one.
+    The logged `images_per_sec` is the iteration rate: a tick's images over the time its
+    iterations took; snapshots, checkpoint writes and the tick callback (where stages evaluate)
+    are timed apart in `timings`, which is returned.
     """
+    timings = timings if timings is not None else Timings()
+    timings.end_setup()
     tick_nimg = int(tick_kimg * 1000)
     snap_nimg = int(snapshot_kimg * 1000)
     guard = NonFiniteGuard(watch or {}, nonfinite_budget, label)
-    start_time = tick_time = time.time()
     start_nimg = loop.nimg
+    start_iter_s = tick_iter_s = timings.seconds["iterations"]
     last_snapshot = loop.nimg
     tick = TickStats.from_state(checkpointer.driver.get("tick"), loop.nimg)
     while loop.nimg < total_nimg:
+        t_iter = time.perf_counter()
         phase = loop.phase_name()  # before the step: the counter moves on during it
         stats = loop.step()
         loop.nimg += loop.batch
         guard.after_update()
         tick.add(stats)
         done = loop.nimg >= total_nimg
-        if loop.nimg - tick.start >= tick_nimg or done:
-            now = time.time()
+        tick_due = loop.nimg - tick.start >= tick_nimg or done
+        if tick_due:  # reading the sums waits for the device: part of the iterations' time
             row = tick.means()
-            row["images_per_sec"] = (loop.nimg - max(tick.start, start_nimg)) / max(now - tick_time, 1e-9)
-            rate = (loop.nimg - start_nimg) / max(now - start_time, 1e-9)
-            row["phase"] = phase
-            if info.is_main:
-                parts = [f"{label}kimg {loop.nimg / 1000:8.2f}/{total_nimg / 1000:.1f}",
-                         f"phase {row['phase']:<6}", f"img/s {row['images_per_sec']:7.1f}"]
-                parts += [f"{k} {v:9.4g}" for k, v in row.items() if k not in ("images_per_sec", "phase")]
-                parts.append(f"eta {format_eta((total_nimg - loop.nimg) / max(rate, 1e-9))}")
-                print("  ".join(parts), file=sys.stderr, flush=True)
+        timings.seconds["iterations"] += time.perf_counter() - t_iter
+        timings.images += loop.batch
+        if tick_due:
+            with timings("logging"):
+                it_s = timings.seconds["iterations"]
+                row["images_per_sec"] = (loop.nimg - max(tick.start, start_nimg)) / max(it_s - tick_iter_s, 1e-9)
+                rate = (loop.nimg - start_nimg) / max(it_s - start_iter_s, 1e-9)
+                row["phase"] = phase
+                if info.is_main:
+                    parts = [f"{label}kimg {loop.nimg / 1000:8.2f}/{total_nimg / 1000:.1f}",
+                             f"phase {row['phase']:<6}", f"img/s {row['images_per_sec']:7.1f}"]
+                    parts += [f"{k} {v:9.4g}" for k, v in row.items() if k not in ("images_per_sec", "phase")]
+                    parts.append(f"eta {format_eta((total_nimg - loop.nimg) / max(rate, 1e-9))}")
+                    print("  ".join(parts), file=sys.stderr, flush=True)
             guard.end_tick(tick, loop.nimg, checkpointer)
             if on_tick is not None:
                 on_tick(row)
-            tick, tick_time = TickStats(loop.nimg), time.time()
+            tick, tick_iter_s = TickStats(loop.nimg), timings.seconds["iterations"]
             kill_point("tick")
         if (loop.nimg - last_snapshot >= snap_nimg) and not done:
             guard.check_params(loop.nimg, checkpointer)
             if on_snapshot is not None:
-                on_snapshot()
-            checkpointer.save(loop, driver={"tick": tick.state_dict()})
+                with timings("snapshot"):
+                    on_snapshot()
+            with timings("checkpoint"):
+                checkpointer.save(loop, driver={"tick": tick.state_dict()})
             last_snapshot = loop.nimg
             kill_point("checkpointed")
+    return timings

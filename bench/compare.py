@@ -1,0 +1,332 @@
+"""Side-by-side benchmark: our SiD/SiDA iteration against the official loop's, in one process.
+
+    python -m bench.compare --preset small32 --phase sida --ours fp32,fp32-cl,bf16 --iters 6 --threads 2
+    python -m bench.compare --preset digits --phase sid --ours fp32 --json out.json
+    python -m bench.compare --device cuda --ours fp32,bf16,fp16,fp32-cl-compile,bf16-cl-compile
+
+`--device auto` (the default) runs on the GPU when one is visible, else on the CPU; on CUDA the
+device is drained around every timed iteration and the peak memory is the allocator's.
+
+The official iteration is `bench.official.OfficialIteration`: the authors' network calls in their
+order (fp32, NCHW, the two discriminator encoder passes as two calls, EDM's layer arithmetic).
+Ours is `sida.train.distill.DistillLoop.step` as a run would execute it. Every variant starts
+from the same random teacher. Iterations are interleaved: each round runs one iteration of every
+variant, in an order that rotates from round to round, so load drift on a shared machine hits
+all of them alike; `--warmup` rounds are untimed. Reported per variant: median and best
+iteration time and images/s, the ratio to the official loop (official time / ours: > 1 means
+ours is faster; also in process CPU time, which a loaded machine distorts less when one thread
+runs), and the peak memory of one iteration (see `PeakMemory`).
+
+Variant names: `<precision>[-cl][-compile]` with precision fp32, bf16 (autocast) or fp16 (EDM's
+fp16 path, as `precision: fp16` runs it; CUDA only). `-cl` runs our networks channels-last (`distill.channels_last`), `-compile`
+compiles them with torch.compile (`distill.compile`); compile time (the first iterations) is
+reported apart, not in the rates.
+
+Presets (overridable with the network flags): `small32` is the issue's SongUNet (32x32x3, 32
+channels, mult 1,2,2, 2 blocks, attention at 16, batch 32); `digits` the embedded default's
+(8x8x1, 32 channels, mult 1,2, 1 block, no attention, 10 labels, batch 64).
+Human-readable lines first; the last line is one JSON object (also written to --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+import sida  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
+import torch
+
+from bench.official import OfficialIteration
+from bench.step import MemoryDataset, build_teacher, run_config
+from sida.run.dist import init as dist_init
+from sida.train.distill import DistillLoop, init_nets
+from sida.train.loop import make_generators
+
+PRESETS = {
+    "small32": dict(res=32, channels=3, model_channels=32, channel_mult="1,2,2", num_blocks=2, attn_res="16",
+                    label_dim=0, batch=32),
+    "digits": dict(res=8, channels=1, model_channels=32, channel_mult="1,2", num_blocks=1, attn_res="0",
+                   label_dim=10, batch=64),
+}
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def parse_variant(name: str) -> dict:
+    """'bf16-cl-compile' -> {precision: bf16, channels_last: True, compile: True}."""
+    parts = name.split("-")
+    if parts[0] not in PRECISIONS or any(p not in ("cl", "compile") for p in parts[1:]):
+        raise SystemExit(f"error: unknown variant {name!r}: use <fp32|bf16|fp16>[-cl][-compile]")
+    return {"precision": parts[0], "channels_last": "cl" in parts[1:], "compile": "compile" in parts[1:]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory of one iteration.
+
+
+class PeakMemory:
+    """Peak memory of one call, above what was live before it.
+
+    CUDA: the allocator's peak. CPU: the process's resident high-water mark (reset through
+    /proc/self/clear_refs) after glibc is told to serve every allocation of 64 KiB or more by
+    its own mmap and to hand freed heap pages back (malloc_trim), so the resident size follows
+    the live tensors. Set up only for the memory pass, after the timing: the mmap per
+    allocation would slow the timed iterations.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.libc = None
+        if device.type == "cpu" and sys.platform.startswith("linux"):
+            try:
+                self.libc = ctypes.CDLL("libc.so.6")
+                self.libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+                open("/proc/self/clear_refs", "w").close()
+            except OSError:
+                self.libc = None
+
+    @property
+    def available(self) -> bool:
+        return self.device.type == "cuda" or self.libc is not None
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1)) * 1024
+
+    def __call__(self, fn: Callable[[], object]) -> int:
+        """Bytes allocated at the peak of `fn()` beyond those live when it started."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+        self.libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the resident high-water mark to the current resident size
+        base = self._status("VmRSS")
+        fn()
+        return self._status("VmHWM") - base
+
+
+def state_bytes(*objs) -> int:
+    """Bytes of the distinct tensors held by modules (parameters, buffers, gradients) and
+    optimisers (their state): what an iteration starts from."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor):
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+
+    for o in objs:
+        if isinstance(o, torch.nn.Module):
+            for p in o.parameters():
+                add(p)
+                add(p.grad)
+            for b in o.buffers():
+                add(b)
+        elif isinstance(o, torch.optim.Optimizer):
+            for st in o.state.values():
+                for v in st.values():
+                    add(v)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# The contestants.
+
+
+class Contestant:
+    """One timed iteration function plus what it holds."""
+
+    def __init__(self, name: str, step: Callable[[], object], holds: Callable[[], list], batch: int) -> None:
+        self.name, self.step, self.holds, self.batch = name, step, holds, batch
+        self.times: list[float] = []
+        self.cpu_times: list[float] = []  # process CPU seconds: steadier than wall time on a loaded machine
+        self.first_s: list[float] = []  # untimed first iterations (compile, allocator warm-up)
+
+
+def _args_ns(a: argparse.Namespace, channels_last: bool) -> argparse.Namespace:
+    ns = copy.copy(a)
+    ns.channels_last = channels_last
+    return ns
+
+
+def build(args: argparse.Namespace, info) -> list[Contestant]:
+    teacher = build_teacher(args).to(info.device)
+    dataset = (MemoryDataset(max(4 * args.batch, 256), args.channels, args.res, args.label_dim)
+               if args.phase == "sida" else None)
+    out = []
+    off_rc = run_config(_args_ns(args, False))
+    off = OfficialIteration(off_rc, init_nets(copy.deepcopy(teacher), None), dataset,
+                            discriminator=args.phase == "sida", seed=1)
+    out.append(Contestant("official", off.step, lambda o=off: [o.nets.teacher, o.nets.G, o.nets.G_ema,
+                                                                o.nets.fake, o.opt_f, o.opt_g], args.batch))
+    for name in args.ours:
+        v = parse_variant(name)
+        if v["precision"] == "fp16" and info.device.type != "cuda":
+            raise SystemExit("error: fp16 (EDM's fp16 path) is a CUDA option: drop fp16 variants on the CPU")
+        rc = run_config(_args_ns(args, v["channels_last"]))
+        rc.update(precision=v["precision"], compile=v["compile"])
+        loop = DistillLoop(rc, init_nets(copy.deepcopy(teacher), None), dataset, info,
+                           make_generators(0, 0, info.device))
+
+        def step(loop=loop):
+            stats = loop.step()
+            loop.nimg += loop.batch
+            return stats
+
+        out.append(Contestant(f"ours-{name}", step, lambda lp=loop: [lp.nets.teacher, lp.nets.G, lp.nets.G_ema,
+                                                                     lp.nets.fake, lp.opt_f, lp.opt_g], args.batch))
+    return out
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of `fn()`, the device drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
+    dev = info.device
+    load0 = os.getloadavg()
+    cs = build(args, info)
+    for c in cs:  # first iterations: compile, oneDNN primitive creation, allocator growth
+        for _ in range(args.first):
+            c.first_s.append(_timed(c.step, dev)[0])
+    for _ in range(args.warmup):
+        for c in cs:
+            c.step()
+    for i in range(args.iters):
+        k = i % len(cs)
+        for c in cs[k:] + cs[:k]:  # rotate the order from round to round
+            wall, cpu = _timed(c.step, dev)
+            c.times.append(wall)
+            c.cpu_times.append(cpu)
+    mem = PeakMemory(dev)
+    peaks = {}
+    if mem.available and not args.no_memory:
+        for c in cs:
+            c.step()  # one iteration under the memory pass's allocation policy first
+            peaks[c.name] = state_bytes(*c.holds()) + mem(c.step)
+    load1 = os.getloadavg()
+
+    off = cs[0]
+    off_med, off_best = statistics.median(off.times), min(off.times)
+    off_cpu = statistics.median(off.cpu_times)
+    rows = {}
+    for c in cs:
+        med, best, cpu = statistics.median(c.times), min(c.times), statistics.median(c.cpu_times)
+        row = {"iter_ms_median": med * 1e3, "iter_ms_best": best * 1e3, "images_per_sec": c.batch / med,
+               "images_per_sec_best": c.batch / best, "first_iters_s": [round(t, 3) for t in c.first_s],
+               "speedup_vs_official": off_med / med, "speedup_vs_official_best": off_best / best,
+               "cpu_ms_median": cpu * 1e3, "cpu_speedup_vs_official": off_cpu / cpu}
+        if c.name in peaks:
+            row["peak_memory_mb"] = peaks[c.name] / 2 ** 20
+            row["peak_memory_vs_official"] = peaks[c.name] / peaks["official"]
+        rows[c.name] = row
+        mem_s = (f", peak memory {row['peak_memory_mb']:8.1f} MB ({row['peak_memory_vs_official']:.2f}x official)"
+                 if "peak_memory_mb" in row else "")
+        print(f"{c.name:>20}: {row['images_per_sec']:8.2f} img/s median ({row['images_per_sec_best']:8.2f} best), "
+              f"{row['speedup_vs_official']:.2f}x official (best/best {row['speedup_vs_official_best']:.2f}x, "
+              f"CPU time {row['cpu_speedup_vs_official']:.2f}x){mem_s}", file=out)
+        if c.first_s:
+            print(f"{'':>20}  first {len(c.first_s)} iteration(s), untimed: "
+                  f"{', '.join(f'{t:.2f}' for t in c.first_s)} s", file=out)
+    print(f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end, on {os.cpu_count()} CPUs "
+          f"({cpu_name()})", file=out)
+    return {
+        "preset": args.preset, "phase": args.phase, "res": args.res, "channels": args.channels, "batch": args.batch,
+        "model_channels": args.model_channels, "channel_mult": args.channel_mult, "num_blocks": args.num_blocks,
+        "attn_res": args.attn_res, "label_dim": args.label_dim, "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
+        "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup, "first": args.first,
+        "load_avg_start": load0[0], "load_avg_end": load1[0], "variants": rows,
+    }
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), for naming the machine next to the figures."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
+        if m:
+            return m.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small32")
+    p.add_argument("--phase", choices=["sid", "sida"], default="sida")
+    p.add_argument("--ours", default="fp32", help="comma list of our variants (see the module docstring)")
+    for k in ("res", "channels", "model_channels", "num_blocks", "label_dim", "batch"):
+        p.add_argument("--" + k.replace("_", "-"), type=int, default=None)
+    p.add_argument("--channel-mult", default=None)
+    p.add_argument("--attn-res", default=None)
+    p.add_argument("--iters", type=int, default=6, help="timed rounds (one iteration of every variant each)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds after the first iterations")
+    p.add_argument("--first", type=int, default=1, help="untimed first iterations per variant (compile time)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: the GPU when one is visible, else the CPU")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--json", help="also write the JSON result here")
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.ours = [v for v in args.ours.split(",") if v]
+    for v in args.ours:
+        parse_variant(v)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse(argv)
+    info = dist_init(args.device, args.threads)
+    if info.device.type == "cuda":  # the authors' settings: cuDNN autotuning, no TF32
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    print(f"[bench.compare] {args.preset} {args.phase}: {args.res}x{args.res}x{args.channels}, batch {args.batch}, "
+          f"model_channels {args.model_channels}, mult {args.channel_mult}, blocks {args.num_blocks}, "
+          f"attn {args.attn_res}, labels {args.label_dim}; {info.device}, threads {torch.get_num_threads()}; "
+          f"ours: {', '.join(args.ours)}", flush=True)
+    result = measure(args, info)
+    line = json.dumps(result)
+    if args.json:
+        from sida.io.atomic import atomic_write_text
+
+        atomic_write_text(args.json, line + "\n")
+    print(line, flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    from sida.run.cli import run_stage
+
+    run_stage(main)  # errors (e.g. --device cuda without a GPU) as one `error:` line
