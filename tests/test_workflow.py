@@ -101,6 +101,29 @@ def test_distill_inputs_follow_init_and_init_generator(snakemake, tmp_path):
     assert "> results/ci-short/logs/distill/more.log 2>&1 || stage_failed more" in cmd
 
 
+def test_embedded_default_runs_branches_side_by_side_with_one_thread_each(snakemake, tmp_path):
+    """The default gives every job one thread (two jobs at a time on 2 cores) except the teacher,
+    which runs alone and gets both: its job asks Snakemake for 2 and its stage uses 2 threads."""
+    r = snakemake("-n", "-p", "--cores", "2", configfile=REPO / "config" / "config.yaml")
+    assert r.returncode == 0, r.stderr[-2000:]
+    blocks = {m.group(1): m.group(2) for m in re.finditer(r"^rule (\w+):\n((?:    .*\n)+)", r.stdout, re.M)}
+    assert "threads: 2" in blocks["teacher"] and "cpus_per_task=2," in blocks["teacher"]
+    for rule in ("warmup", "sid", "sida", "sid2a", "evaluate"):
+        assert "threads:" not in blocks[rule] and "cpus_per_task=1," in blocks[rule], rule  # one thread
+    # Runs that others start from go first when CPUs are short: warmup (3 runs need it), then sid
+    # (sid2a's generator); sida and sid2a wait for nothing of theirs and keep the default 0.
+    assert "priority: 3" in blocks["warmup"] and "priority: 1" in blocks["sid"]
+    assert "priority" not in blocks["sida"] and "priority" not in blocks["sid2a"]
+    cmds = [line for line in r.stdout.splitlines() if line.startswith("Shell command:")]
+    teacher = next(c for c in cmds if "stages.teacher" in c)
+    assert "--config results/digits/config.yaml --set threads=2 --out" in teacher
+    # Jobs without a `resources.<rule>.cpus_per_task` of their own keep the config's `threads`.
+    assert not [c for c in cmds if "stages.teacher" not in c and "--set threads=" in c]
+    # A preset without per-rule CPUs has no override at all.
+    r = snakemake("-n", "-p", configfile=CI)
+    assert r.returncode == 0 and "--set threads=" not in r.stdout
+
+
 def _fake_outputs(snakemake, configfile) -> None:
     """Create every output of the DAG as an empty file (mtimes in DAG order), so that dry runs
     show what a rerun would do without running anything."""

@@ -91,6 +91,23 @@ def distill_inputs(run):
     return inputs
 
 
+def run_priority(run):
+    """How many runs start, directly or not, from `run` (its `init` or `init_generator` chain).
+    It is the Snakemake priority of the run's job. When CPUs are short, runs that others wait
+    for go first (the embedded default's warmup, then sid, which sid2a needs), so the longest
+    path of the DAG does not wait behind a run or an evaluation that nothing depends on."""
+
+    def sources(name):
+        spec = RUNS[name]
+        return {s for s in (spec["init"], spec["init_generator"]) if s in RUNS}
+
+    def depends_on(name, seen=()):
+        direct = sources(name)
+        return direct | {a for s in direct if s not in seen for a in depends_on(s, (*seen, s))}
+
+    return sum(1 for other in RUNS if other != run and run in depends_on(other))
+
+
 def distill_init_args(wildcards, input):
     """The stage's --init / --init-generator flags (with a leading space), from the job's inputs,
     and its training seed (--set seed=K) when the config lists `seeds`."""
@@ -221,6 +238,18 @@ def rule_resources(rule):
 
 def rule_threads(rule):
     return rule_resources(rule)["cpus_per_task"]
+
+
+def stage_threads_arg(rule):
+    """` --set threads=N` when the config sets `resources.<name>.cpus_per_task` for this kind of
+    job, so that its processes use the CPUs the job was given (cpus_per_task / num_procs each)
+    instead of the config's `threads`. The embedded default trains its teacher alone with two
+    threads and runs the rest as one-thread jobs side by side (independent branches of the DAG
+    on a 2-core CPU)."""
+    own = (config.get("resources") or {}).get(rule) or {}
+    if "cpus_per_task" not in own:
+        return ""
+    return f" --set threads={max(1, own['cpus_per_task'] // PROCS)}"
 
 
 TORCHRUN = "python -m sida.run.torchrun"

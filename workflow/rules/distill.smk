@@ -35,13 +35,15 @@ for _run in RUNS:
             out=output_dir,
             init=distill_init_args,
             launch=launcher("distill"),
+            threads=stage_threads_arg("distill"),
             settings=distill_settings(_run),
         threads: rule_threads("distill")
+        priority: run_priority(_run)
         resources:
             **rule_resources("distill"),
         container:
             IMAGE
         shell:
-            "{params.launch} -m -- stages.distill --config {params.config} --run {params.run} "
+            "{params.launch} -m -- stages.distill --config {params.config}{params.threads} --run {params.run} "
             "--teacher {input.teacher} --out {params.out}{params.init} "
             "> {log} 2>&1 || stage_failed {params.label} {log}"

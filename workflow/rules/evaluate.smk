@@ -20,6 +20,7 @@ rule evaluate:
         kind=evaluate_kind,
         name=evaluate_name_args,
         launch=launcher("evaluate"),
+        threads=stage_threads_arg("evaluate"),
         settings=settings("seed", "data", "evaluate"),
     threads: rule_threads("evaluate")
     resources:
@@ -27,6 +28,6 @@ rule evaluate:
     container:
         IMAGE
     shell:
-        "{params.launch} -m -- stages.evaluate --config {params.config} --network {input.network} "
+        "{params.launch} -m -- stages.evaluate --config {params.config}{params.threads} --network {input.network} "
         "--kind {params.kind} {params.name} --out {output.metrics} "
         "> {log} 2>&1 || stage_failed evaluate:{wildcards.name} {log}"

@@ -17,6 +17,7 @@ rule teacher:
         config=CONFIG_RESOLVED,
         out=output_dir,
         launch=launcher("teacher"),
+        threads=stage_threads_arg("teacher"),
         settings=settings("seed", "data", "network", "teacher"),
     threads: rule_threads("teacher")
     resources:
@@ -24,7 +25,7 @@ rule teacher:
     container:
         IMAGE
     shell:
-        "{params.launch} -m -- stages.teacher --config {params.config} --out {params.out} "
+        "{params.launch} -m -- stages.teacher --config {params.config}{params.threads} --out {params.out} "
         "> {log} 2>&1 || stage_failed teacher {log}"
 
 
