@@ -47,8 +47,9 @@ Per-run settings (defaults = today's SiD behaviour)
   optimizer: {kind: adam | adamw, betas: [0.0, 0.999], eps: 1e-8, weight_decay: 0} for G and
       for the critic (DMD2: adamw, [0.9, 0.999], 1e-8, 0.01 for both) -> `make_optimizer`.
   warmup_kimg: 0: lr * min(1, nimg / warmup_nimg) for both optimisers, the teacher loop's
-      formula (DMD2 publishes --warmup_step 500, but accelerate steps the scheduler once per
-      process per iteration, so the ramp lasts 500 x 40 per-GPU images = 20 kimg).
+      formula (DMD2 publishes --warmup_step 500, but accelerate steps a prepared scheduler once
+      per process per iteration, train_edm.py l.110 says so: on 7 GPUs the ramp lasts 500 / 7
+      iterations = 500 x 40 per-GPU images = 20 kimg, whatever the GPU count).
   grad_clip_norm: null | float, applied after `sync_gradients`, per optimiser over all its
       parameters (DMD2: 10 for G, 10 for fake score + head together).
   ema: true | false (DMD2: false: the raw generator is the network that is saved and evaluated).
@@ -61,6 +62,17 @@ Per-run settings (defaults = today's SiD behaviour)
       student_steps [999, 749, 499, 249], distill_index_range [0, 999] (ours: the paper samples
       the teacher's time steps without saying which), feature_net {kind: teacher_encoder,
       sigma: 0.5 (ours), levels: all} | {kind: dinov2, weights: PATH}, cmap_dim 64.
+
+Feature networks of ADD (never the evaluation's classifier: it would leak the metric)
+  The heads take any callable features(x, labels) -> list of [B, C, H, W] maps or [B, N, C]
+  tokens; `heads.probe_features` sizes them. teacher_encoder = `heads.TeacherFeatures(teacher,
+  sigma)` (every encoder level). dinov2: nothing below sida/eval may import sida/eval, so the
+  ViT builder belongs in sida/nets (sida/eval/features.py importing it from there), or the stage
+  builds it and hands it to the loop. A wrapper: x in [-1, 1] -> (x + 1) / 2 -> bicubic resize
+  to 224 -> ImageNet mean/std -> timm's vit_small_patch14_dinov2 (frozen, eval, weights from the
+  local file) .forward_intermediates(x, indices=[2, 5, 8, 11], output_fmt='NLC',
+  intermediates_only=True) = four [B, 256, 384] patch-token maps (class token dropped); heads
+  ADDHeads([384] * 4, [256] * 4, label_dim). Checked by hand with random weights (timm 1.0.31).
 
 Checkpoint state (the loop's state_dict; `Checkpointer` adds RNG states and the config hash)
   G, G_ema (when ema), fake (dmd2, dmd), head (dmd2_head) or ADD heads (add), opt_g, opt_f (the
