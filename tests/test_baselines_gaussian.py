@@ -25,7 +25,8 @@ from sida.nets.sampler import (DMD2_INDEX_RANGE, add_student_sigmas, karras_grid
                                sample_karras_grid_sigma)
 from sida.train.baselines import (add_distill_term, add_student_sigma, dmd_term, fake_score_term, generator_turn,
                                   make_optimizer)
-from sida.train.losses import add_generator_objective, dmd2_critic_objective, dmd2_generator_objective
+from sida.train.losses import (add_generator_objective, dmd2_critic_objective, dmd2_generator_objective, dmd_gradient,
+                               sid_generator_loss)
 from test_sid_gaussian import MU, S, SHAPE, GaussDenoiser, ShiftGenerator
 
 BATCH = 16
@@ -70,6 +71,24 @@ def test_dmd_gradient_in_the_gaussian_case_by_formula():
     wf = (x_g.detach() - (MU + c * (x_t - MU))).abs().mean(dim=(1, 2, 3), keepdim=True)
     # float32: 1 - c at index 20 (c = 0.99996) keeps only ~3 significant digits
     assert torch.allclose(x_g.grad, (1 - c) * (0 - MU) / wf, rtol=2e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.2])
+def test_sid_gradient_through_the_networks_is_one_minus_c_times_dmds(alpha):
+    """SiD's loop does not detach the denoisers: gradients also flow through x_t = x_g + sigma eps.
+    For these Gaussian denoisers (equal covariances) y_real - y_fake = (1 - c)(mu - m) does not
+    depend on x_t and dy/dx_t = c I, so d/dx_g sum(L_sid) = -(1 - c)(y_real - y_fake) / wf = (1 - c) g:
+    equal to DMD's gradient only where c -> 0 (large sigma), for every alpha."""
+    teacher, fake = GaussDenoiser(MU, learnable=False), GaussDenoiser(torch.zeros_like(MU), learnable=False)
+    gen = torch.Generator().manual_seed(4)
+    x_g = (S * torch.randn(3, *SHAPE, generator=gen)).requires_grad_(True)
+    sigma = torch.tensor([0.3, 1.0, 3.0]).reshape(-1, 1, 1, 1)
+    x_t = x_g + sigma * torch.randn(x_g.shape, generator=gen)
+    y_real, y_fake = teacher(x_t, sigma.flatten()), fake(x_t, sigma.flatten())
+    sid_generator_loss(y_real, y_fake, x_g, alpha).sum().backward()
+    c = S ** 2 / (S ** 2 + sigma ** 2)
+    g = dmd_gradient(y_real, y_fake, x_g)
+    assert torch.allclose(x_g.grad, (1 - c) * g, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("ratio", [1, 5])

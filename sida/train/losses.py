@@ -170,6 +170,8 @@ def dmd_generator_loss(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Te
     per pixel. The objectives differ in scale: SiD's generator objective is
     lambda_sid * sum / B, DMD2's is sum / (B C H W): DMD2 = SiD / (lambda_sid C H W).
     At alpha = 1/2 the SiD loss is 0.5 (||y_real - x_g||^2 - ||y_fake - x_g||^2) / weight_factor.
+    SiD's loop does not detach the denoisers (gradients also pass through x_t), and then the
+    gradients differ: for Gaussian denoisers of equal covariance SiD's is (1 - c(sigma)) g.
     """
     g = dmd_gradient(y_real, y_fake, x_g)
     x = x_g.float()
