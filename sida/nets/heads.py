@@ -29,7 +29,6 @@ import math
 from typing import Callable, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["DMD2Head", "FeatureHead", "ADDHeads", "TeacherFeatures", "as_tokens", "probe_features",
            "num_groups", "seeded"]
