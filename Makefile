@@ -20,11 +20,11 @@ $(STAMP): envs/requirements.txt pyproject.toml
 
 ## run: the whole DAG on the embedded default (config/config.yaml) with the local profile
 run: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/local --configfile $(CONFIG)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile local --configfile $(CONFIG)
 
 ## dryrun: list the DAG without running anything
 dryrun: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/local --configfile $(CONFIG) -n
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile local --configfile $(CONFIG) -n
 
 ## test: the whole test suite, slow end-to-end tests included
 test: $(STAMP)

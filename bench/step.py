@@ -55,7 +55,7 @@ class MemoryDataset:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def get_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_batch(self, indices, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices).reshape(-1)
         return self.images[idx], self.labels[idx]
 

@@ -21,6 +21,7 @@ from sida.io import checkpoints
 from sida.run.cli import run_stage, stage_parser
 from sida.run.config import load_config, run_config
 from sida.io.data import open_dataset
+from sida.io.latents import codec_from_config, decoder_from_config
 from sida.train.distill import DistillLoop, init_nets
 from sida.errors import CheckpointError, ConfigError
 from sida.io.images import save_grid
@@ -106,7 +107,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     teacher = teacher.to(info.device)
     init_gen = init_gen.to(info.device) if init_gen is not None else None
     nets = init_nets(teacher, rc["dropout"], init_state, init_gen)
-    dataset = open_dataset(cfg["data"]) if rc["discriminator"] else None
+    # Real images for the discriminator; class labels (drawn from dataset samples, as the official
+    # loop does) for every class-conditional run; data-free latent runs read only the labels.
+    needs_data = rc["discriminator"] or cfg["data"]["label_dim"] > 0
+    dataset = open_dataset(cfg["data"], codec_from_config(cfg)) if needs_data else None
+    decoder = decoder_from_config(cfg, info.device)  # latent-space runs: samples.png shows decoded images
     loop = DistillLoop(rc, nets, dataset, info, sigma_data=getattr(teacher, "sigma_data", 0.5), seed=ctx.seed)
     ckpt = Checkpointer(ctx.work, info, ctx.cfg_hash, f"distill/{args.run}")
     if ckpt.load_if_any(loop):
@@ -121,8 +126,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def snapshot() -> None:
         if info.is_main:
-            save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"]),
-                      ctx.work / "samples.png", grid)
+            save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"],
+                                   decode=decoder and decoder.unit), ctx.work / "samples.png", grid)
 
     run(loop, loop.total_nimg, rc["tick_kimg"], rc["snapshot_kimg"], ckpt, info,
         on_tick=lambda row: tracker.log({**row, **keeper.maybe_evaluate(loop.nimg, row["phase"])}, loop.nimg / 1000),
@@ -133,8 +138,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         checkpoints.save_state(ctx.out / "state.pt", {
             "G": checkpoints.network_record(nets.G), "G_ema": checkpoints.network_record(nets.G_ema),
             "fake": checkpoints.network_record(nets.fake), "meta": meta})
-        save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"]),
-                  ctx.out / "samples.png", grid)
+        save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"],
+                               decode=decoder and decoder.unit), ctx.out / "samples.png", grid)
         if keeper.best_path.exists():
             # The papers report their lowest-FID snapshot: network.pt is the best generator the
             # in-training metric saw, the final one stays as last.pt.

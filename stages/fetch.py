@@ -3,15 +3,19 @@
     python -m stages.fetch --config FILE [--out DIR] [--set key=value ...]
 
 For each entry of ``fetch.assets`` (``{name, kind, url, path, sha256}``, kind one of teacher,
-dataset, refstats, inception, sid_generator):
+dataset, refstats, inception, sid_generator, vae, dinov2):
 1. resolve it: ``path`` (a local file or folder) wins over ``url``; else a cached copy in
    ``fetch.cache_dir`` (checked against sha256 when given); else download it with urllib,
    resuming an interrupted download from ``<cache_dir>/<name>.part`` via an HTTP Range request;
 2. verify its sha256 when the config gives one;
 3. convert it: EDM / SiD pickles are imported without executing their code and saved in our
    network format (``teacher.pt``, ``<name>.pt`` for SiD generators), reference statistics are
-   validated and copied to ``refstats.npz``, Inception weights are placed at
-   ``inception-2015-12-05.pt``, datasets are opened (checked) with the ``data:`` settings;
+   validated and copied to ``refstats.npz`` (EDM2's ``img512.pkl``, read without running code, gives
+   ``refstats.npz`` for FID and ``refstats-dinov2.npz`` for FD-DINOv2), Inception weights are placed
+   at ``inception-2015-12-05.pt``, DINOv2 weights at ``dinov2_<arch>.pth``, the VAE folder (kind
+   ``vae``: ``url`` is the folder's base URL and ``files`` maps each file to its sha256) at ``vae/``
+   (loaded once with diffusers, local files only), datasets are opened (checked) with the ``data:``
+   settings; EDM2 teachers' latent scale/bias and loss P_mean/P_std go to the manifest;
 4. write ``manifest.json`` (what came from where, with hashes) last.
 Outputs are staged in a temporary folder and moved into place only when every asset succeeded,
 so a failed run leaves the previous outputs (or none) and never half of a new set.
@@ -36,7 +40,7 @@ from sida.io.atomic import atomic_write_json
 from sida.run.cli import run_stage, stage_parser
 from sida.errors import AssetError, ConfigError
 
-ASSET_KINDS = ("teacher", "dataset", "refstats", "inception", "sid_generator")
+ASSET_KINDS = ("teacher", "dataset", "refstats", "inception", "sid_generator", "vae", "dinov2")
 CHUNK = 1 << 20
 PROGRESS_EVERY_S = 2.0
 
@@ -67,7 +71,7 @@ def check_assets(fetch_cfg: dict) -> list[dict]:
         where = f"fetch.assets[{i}]"
         if not isinstance(a, dict):
             raise ConfigError(f"{where} must be a mapping with name, kind and url or path")
-        unknown = set(a) - {"name", "kind", "url", "path", "sha256"}
+        unknown = set(a) - {"name", "kind", "url", "path", "sha256", "files"}
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
         name, kind = a.get("name"), a.get("kind")
@@ -85,8 +89,16 @@ def check_assets(fetch_cfg: dict) -> list[dict]:
         sha = a.get("sha256")
         if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
             raise ConfigError(f"{where}.sha256 must be 64 hex digits")
-        out.append(dict(a, sha256=sha.lower() if sha else None, index=i))
-    for kind in ("teacher", "refstats", "dataset"):
+        files = a.get("files")
+        if files is not None and (kind != "vae" or not isinstance(files, dict) or not files or any(
+                not re.fullmatch(r"[A-Za-z0-9_.-]+", str(f)) or (h is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", str(h)))
+                for f, h in files.items())):
+            raise ConfigError(f"{where}.files applies to kind vae only: a mapping of plain file names to sha256 (or null)")
+        if kind == "vae" and a.get("url") and not a.get("path") and not files:
+            raise ConfigError(f"{where} ('{name}'): a vae url is a folder's base url: list its files under files")
+        out.append(dict(a, sha256=sha.lower() if sha else None, index=i,
+                        files={f: (h.lower() if h else None) for f, h in (files or {}).items()}))
+    for kind in ("teacher", "refstats", "dataset", "vae", "dinov2"):
         if sum(a["kind"] == kind for a in out) > 1:
             raise ConfigError(f"fetch.assets: at most one asset of kind '{kind}'")
     return out
@@ -165,6 +177,26 @@ def download(url: str, dest: Path, part: Path, asset: dict, timeout: float) -> N
     os.replace(part, dest)
 
 
+def _resolve_folder(asset: dict, cache_dir: Path, timeout: float) -> Path:
+    """A multi-file asset (the VAE) downloaded file by file into <cache_dir>/<name>/, each checked
+    against its sha256; files already there with the right hash are kept."""
+    folder = cache_dir / asset["name"]
+    base = asset["url"].rstrip("/") + "/"
+    for fname, want in asset["files"].items():
+        dest = folder / fname
+        if dest.is_file() and (want is None or sha256_file(dest) == want):
+            continue
+        sub = dict(asset, name=f"{asset['name']}/{fname}")
+        try:
+            download(base + fname, dest, folder / f"{fname}.part", sub, timeout)
+        except AssetError:
+            files = ", ".join(asset["files"])
+            raise AssetError(f"asset '{asset['name']}' not available: {base + fname} could not be reached; place "
+                             f"{files} in {folder} (or set fetch.assets[{asset['index']}].path to a folder holding "
+                             f"them)") from None
+    return folder
+
+
 def resolve_asset(asset: dict, cache_dir: Path, timeout: float) -> tuple[Path, str | None]:
     """Local path of an asset (local file, cache hit or fresh download) and its sha256 if computed."""
     name, want = asset["name"], asset["sha256"]
@@ -174,6 +206,8 @@ def resolve_asset(asset: dict, cache_dir: Path, timeout: float) -> tuple[Path, s
         if not p.exists():
             raise AssetError(f"asset '{name}' not available: {p} does not exist; {_hint(asset, cache)}")
         return p, None
+    if asset["kind"] == "vae":
+        return _resolve_folder(asset, cache_dir, timeout), None
     if cache.is_file():
         digest = sha256_file(cache) if want else None
         if digest == want:
@@ -190,7 +224,15 @@ def verify_asset(asset: dict, path: Path, digest: str | None) -> str | None:
     if path.is_dir():
         if asset["sha256"]:
             raise ConfigError(f"fetch.assets[{asset['index']}].sha256: {path} is a folder; sha256 applies "
-                              f"to files only, remove it")
+                              f"to files only, remove it (list the folder's files under files)")
+        for fname, want in (asset.get("files") or {}).items():
+            f = path / fname
+            if not f.is_file():
+                raise AssetError(f"asset '{asset['name']}': {f} is missing; place it there (the folder needs "
+                                 f"{', '.join(asset['files'])})")
+            if want and sha256_file(f) != want:
+                raise AssetError(f"asset '{asset['name']}': sha256 mismatch for {f}: the file is corrupt or a "
+                                 f"different version: replace it or fix fetch.assets[{asset['index']}].files")
         return None
     digest = digest or sha256_file(path)
     want = asset["sha256"]
@@ -204,9 +246,17 @@ def verify_asset(asset: dict, path: Path, digest: str | None) -> str | None:
     return digest
 
 
-def _import_network(path: Path) -> Any:
-    """Our network from an EDM/SiD pickle (no code executed) or from a file we wrote."""
-    from sida.io.edm_pickle import load_edm_pickle, load_edm_state
+def _link_or_copy(src: Path, dest: Path) -> None:
+    """A hard link when possible (weights are hundreds of MB), else a copy."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
+def _import_network(path: Path) -> tuple[Any, dict]:
+    """(our network, snapshot facts) from an EDM/EDM2/SiD pickle (no code executed) or a file we wrote."""
+    from sida.io.edm_pickle import load_edm_pickle_with_info, load_edm_state
 
     if zipfile.is_zipfile(path):  # torch.save output: our network format or an EDM-style export
         import torch
@@ -215,9 +265,19 @@ def _import_network(path: Path) -> Any:
         if isinstance(rec, dict) and rec.get("format") == "sida-network":
             from sida.io.checkpoints import load_network
 
-            return load_network(path)
-        return load_edm_state(path)
-    return load_edm_pickle(path)
+            return load_network(path), {}
+        return load_edm_state(path), {}
+    net, info = load_edm_pickle_with_info(path)
+    return net, {k: v for k, v in info.items() if k in ("network", "encoder", "loss")}
+
+
+def _check_latent_constants(name: str, info: dict, cfg: dict) -> None:
+    """An EDM2 snapshot's latent scale/bias must be the config's (else decoding would be wrong)."""
+    from sida.io.latents import codec_from_config, is_latent
+
+    enc = info.get("encoder") or {}
+    if is_latent(cfg) and "scale" in enc and "bias" in enc:
+        codec_from_config(cfg).check_against(enc["scale"], enc["bias"], f"asset '{name}'")
 
 
 def _warn_shape_mismatch(name: str, kwargs: dict, data: dict) -> None:
@@ -241,34 +301,81 @@ def convert_asset(asset: dict, path: Path, digest: str | None, stage: Path, cfg:
                              "local_path": str(path.resolve()), "output": None}
     meta = {"source": entry["source"], "sha256": digest, "asset": name}
     if kind in ("teacher", "sid_generator"):
-        net = _import_network(path)
+        net, info = _import_network(path)
         out = "teacher.pt" if kind == "teacher" else f"{name}.pt"
-        save_network(stage / out, net, meta=meta)
+        save_network(stage / out, net, meta=dict(meta, snapshot=info) if info else meta)
         entry.update(output=out, network={"class": type(net).__name__, "kwargs": net.init_kwargs})
+        if info:
+            entry["snapshot"] = info  # EDM2: the latent encoder's scale/bias, the loss's P_mean/P_std
+            _check_latent_constants(name, info, cfg)
         _warn_shape_mismatch(name, net.init_kwargs, cfg.get("data") or {})
     elif kind == "refstats":
-        from sida.eval.refstats import load_ref_stats, save_ref_stats
+        from sida.eval.refstats import PICKLE_METRICS, load_ref_stats, load_stats_pickle, save_ref_stats
 
-        mu, sigma = load_ref_stats(path)
-        save_ref_stats(stage / "refstats.npz", mu, sigma)
-        entry.update(output="refstats.npz", dims=int(mu.shape[0]))
+        if zipfile.is_zipfile(path):  # .npz (EDM fid-refs, clean-fid): one metric, FID
+            mu, sigma = load_ref_stats(path)
+            save_ref_stats(stage / "refstats.npz", mu, sigma)
+            entry.update(output="refstats.npz", dims=int(mu.shape[0]))
+        else:  # EDM2's img512.pkl: {fid: {mu, sigma}, fd_dinov2: {mu, sigma}}, read without running code
+            stats = load_stats_pickle(path)
+            outputs, dims = [], {}
+            for metric, (mu, sigma) in stats.items():
+                extractor = PICKLE_METRICS.get(metric)
+                if extractor is None:
+                    continue
+                out = "refstats.npz" if extractor == "inception" else f"refstats-{extractor}.npz"
+                save_ref_stats(stage / out, mu, sigma)
+                outputs.append(out)
+                dims[metric] = int(mu.shape[0])
+            if not outputs:
+                raise AssetError(f"asset '{name}': {path} holds no known metric ({', '.join(stats)}; known: "
+                                 f"{', '.join(PICKLE_METRICS)})")
+            entry.update(output=outputs[0], outputs=outputs, dims=dims)
     elif kind == "inception":
         # Evaluation looks for the weights beside the other fetched assets (evaluate.inception_weights
-        # null = <fetch dir>/inception-2015-12-05.pt). A hard link avoids copying ~100 MB when possible.
+        # null = <fetch dir>/inception-2015-12-05.pt).
         out = "inception-2015-12-05.pt"
         if path.is_dir():
             raise AssetError(f"asset '{name}': {path} is a folder, expected the Inception weights file")
-        try:
-            os.link(path, stage / out)
-        except OSError:
-            shutil.copyfile(path, stage / out)
+        _link_or_copy(path, stage / out)
         entry.update(output=out)
+    elif kind == "vae":
+        from sida.io.latents import VAE_FILES, load_vae
+
+        if not path.is_dir():
+            raise AssetError(f"asset '{name}': {path} is a file; a vae asset is a folder with {', '.join(VAE_FILES)}")
+        (stage / "vae").mkdir()
+        files = {}
+        for f in sorted(p for p in path.iterdir() if p.is_file() and not p.name.endswith(".part")):
+            _link_or_copy(f, stage / "vae" / f.name)
+            files[f.name] = sha256_file(f)
+        vae = load_vae(stage / "vae")  # checks the folder loads (local files only)
+        entry.update(output="vae", files=files, vae={"class": type(vae).__name__,
+                                                     "latent_channels": int(vae.config.latent_channels)})
+    elif kind == "dinov2":
+        import torch
+        from sida.eval.features import dinov2_timm_state
+
+        arch = (cfg.get("evaluate") or {}).get("dinov2_arch", "vitl14")
+        out = f"dinov2_{arch}.pth"
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise AssetError(f"asset '{name}': {path} is not a DINOv2 checkpoint ({type(exc).__name__}): "
+                             f"download it again") from None
+        dinov2_timm_state(sd, str(path))  # the layout check; the extractor converts on load
+        _link_or_copy(path, stage / out)
+        entry.update(output=out, arch=arch)
     elif kind == "dataset":
         from sida.io.data import open_dataset
+        from sida.io.latents import codec_from_config
 
         data_cfg = dict(cfg.get("data") or {})
-        data_cfg.update(kind="folder" if path.is_dir() else "edm_zip", path=str(path.resolve()))
-        ds = open_dataset(data_cfg)
+        if data_cfg.get("kind") == "edm2_latents":  # EDM2's encoded zip: keep the kind
+            data_cfg.update(path=str(path.resolve()))
+        else:
+            data_cfg.update(kind="folder" if path.is_dir() else "edm_zip", path=str(path.resolve()))
+        ds = open_dataset(data_cfg, codec_from_config(cfg))
         entry.update(data={k: data_cfg[k] for k in ("kind", "path")}, images=len(ds),
                      shape=[ds.resolution, ds.resolution, ds.channels])
     _log(f"{name}: ok ({kind}{', -> ' + entry['output'] if entry['output'] else ''})")
@@ -296,8 +403,10 @@ def fetch(cfg: dict, out_dir: Path) -> dict:
         # vouches for a mix of old and new outputs.
         (out_dir / "manifest.json").unlink(missing_ok=True)
         for e in entries:  # all conversions succeeded: move them into place
-            if e["output"]:
-                os.replace(stage / e["output"], out_dir / e["output"])
+            for out in e.get("outputs") or ([e["output"]] if e["output"] else []):
+                if (out_dir / out).is_dir():  # a folder output (the VAE) replaces the old folder
+                    shutil.rmtree(out_dir / out)
+                os.replace(stage / out, out_dir / out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     manifest = {"experiment": cfg.get("experiment"), "assets": entries}

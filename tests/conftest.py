@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 
@@ -23,15 +24,23 @@ class Snakemake:
         self.exe = str(Path(bindir) / "snakemake")
 
     def __call__(self, *args: str, profile: str = "local", configfile: str | Path | None = None,
-                 timeout: float = 600, kill_after: float = 10) -> subprocess.CompletedProcess:
-        """`snakemake ARGS --profile profiles/PROFILE [--configfile F]` inside `timeout -k`."""
-        cmd = ["timeout", "-k", str(kill_after), str(int(timeout)), self.exe, *args,
-               "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(self.workdir)]
+                 timeout: float = 600, kill_after: float = 10, as_typed: bool = False,
+                 prefix: Sequence[str] = ()) -> subprocess.CompletedProcess:
+        """`snakemake ARGS --profile workflow/profiles/PROFILE [--configfile F]` inside `timeout -k`,
+        run in the work dir. `as_typed=True`: run from the repository root with `--profile PROFILE`
+        (the short form users type) and `-d` the work dir. `prefix`: a command that runs the rest
+        elsewhere (e.g. on a test cluster's login node)."""
+        cmd = [*prefix, "timeout", "-k", str(kill_after), str(int(timeout)), self.exe, *args, "-d", str(self.workdir)]
+        cwd, env = self.workdir, self.env
+        if as_typed:
+            cwd, env = REPO, dict(self.env, PWD=str(REPO))  # PWD: where a shell would have started it
+        else:
+            cmd += ["-s", str(REPO / "workflow" / "Snakefile")]
         if profile:
-            cmd += ["--profile", str(REPO / "profiles" / profile)]
+            cmd += ["--profile", profile if as_typed else str(REPO / "workflow" / "profiles" / profile)]
         if configfile is not None:
             cmd += ["--configfile", str(configfile)]
-        return subprocess.run(cmd, cwd=self.workdir, env=self.env, capture_output=True, text=True,
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
                               timeout=timeout + kill_after + 30)
 
 

@@ -47,12 +47,15 @@ def _run(cmd: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProce
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def install() -> None:
-    """apt-get install slurm-wlm munge, when their daemons are not there yet (~15 s)."""
-    if shutil.which("slurmctld") and shutil.which("slurmd") and shutil.which("munged"):
+def install(tools: dict[str, str] | None = None) -> None:
+    """apt-get install slurm-wlm munge when their daemons are not there yet (~15 s), and the
+    package of each missing command in `tools` (command -> Debian package)."""
+    missing = [] if all(shutil.which(c) for c in ("slurmctld", "slurmd", "munged")) else list(PACKAGES)
+    missing += sorted({pkg for cmd, pkg in (tools or {}).items() if not shutil.which(cmd)})
+    if not missing:
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
         r = _run(cmd, timeout=600, env=env)
         if r.returncode != 0:
             raise ClusterError(f"{' '.join(cmd)} failed: {(r.stderr or r.stdout).strip()[-500:]}")
@@ -67,7 +70,121 @@ def _node_hardware() -> dict:
     return fields
 
 
-class SlurmCluster:
+def slurm_conf(purpose: str, cluster: str, controller: tuple[str, str], nodes: list[tuple[str, str]],
+               hw: dict, real_memory: int, slurm_user: str, pidfiles: tuple, state: str, spool: str,
+               logs: tuple, extra: str = "") -> str:
+    """slurm.conf for a cluster without systemd, cgroups or accounting (see
+    ../shared/notes/slurm-on-one-machine.md). `controller` and `nodes` are (name, address);
+    every node declares this machine's hardware (`slurmd -C`) and `real_memory` MB."""
+    node_lines = "".join(
+        f"NodeName={name} NodeAddr={addr} CPUs={hw['CPUs']} Boards={hw.get('Boards', 1)} "
+        f"SocketsPerBoard={hw.get('SocketsPerBoard', 1)} CoresPerSocket={hw.get('CoresPerSocket', hw['CPUs'])} "
+        f"ThreadsPerCore={hw.get('ThreadsPerCore', 1)} RealMemory={real_memory} State=UNKNOWN\n"
+        for name, addr in nodes)
+    return f"""\
+# Written by the tests: {purpose}.
+ClusterName={cluster}
+SlurmctldHost={controller[0]}({controller[1]})
+SlurmUser={slurm_user}
+SlurmctldPidFile={pidfiles[0]}
+SlurmdPidFile={pidfiles[1]}
+StateSaveLocation={state}
+SlurmdSpoolDir={spool}
+SlurmctldLogFile={logs[0]}
+SlurmdLogFile={logs[1]}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MinJobAge=300
+MailProg=/bin/true
+ReturnToService=2
+SlurmctldTimeout=30
+SlurmdTimeout=30
+{extra}{node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def start_daemon(name: str, cmd: list[str], pidfile: Path, env: dict | None = None) -> int:
+    """Run a daemon's start command (it forks and writes `pidfile`); its PID."""
+    pidfile.unlink(missing_ok=True)
+    r = _run(cmd, timeout=60, env=env)
+    if r.returncode != 0:
+        raise ClusterError(f"{name} did not start: {(r.stderr or r.stdout).strip()[-500:]}")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if pidfile.is_file() and pidfile.read_text().strip().isdigit():
+            return int(pidfile.read_text().strip())
+        time.sleep(0.2)
+    raise ClusterError(f"{name} wrote no pid file {pidfile}")
+
+
+def stop_pid(pid: int, grace: float = 15) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; quiet if it is gone."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class Cluster:
+    """Start and stop shared by the test clusters: `start()` installs the packages, runs
+    `_prepare` (files, network), `_start_daemons` and `_wait_idle`, and stops whatever it had
+    started when any step fails; `stop()` must end exactly what was started, by PID."""
+
+    pids: dict[str, int]
+    tools: dict[str, str] = {}  # commands the cluster needs besides SLURM's -> Debian package
+
+    def _prepare(self) -> None:
+        raise NotImplementedError
+
+    def _start_daemons(self) -> None:
+        raise NotImplementedError
+
+    def _wait_idle(self, timeout: float = 60) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def start(self):
+        install(self.tools)
+        try:
+            self._prepare()
+            self._start_daemons()
+            self._wait_idle()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def serve(self, how_to_use: str = "") -> None:
+        """Manual use: start, print the PIDs, run until Ctrl-C or SIGTERM, stop."""
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        self.start()
+        print(f"cluster up: {self.pids}; {how_to_use}Ctrl-C stops it", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            self.stop()
+
+
+class SlurmCluster(Cluster):
     def __init__(self):
         self.host = socket.gethostname().split(".")[0]
         self.pids: dict[str, int] = {}
@@ -102,48 +219,14 @@ class SlurmCluster:
             Path(d).mkdir(parents=True, exist_ok=True)
             shutil.chown(d, "slurm", "slurm")
         SLURM_CONF.parent.mkdir(parents=True, exist_ok=True)
-        SLURM_CONF.write_text(f"""\
-# Written by tests/slurm_cluster.py: a one-node cluster on localhost for the SLURM test.
-ClusterName=sidatest
-SlurmctldHost={self.host}(127.0.0.1)
-SlurmUser=slurm
-SlurmctldPidFile={PIDFILES['slurmctld']}
-SlurmdPidFile={PIDFILES['slurmd']}
-StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
-SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdLogFile=/var/log/slurm/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-MinJobAge=300
-MailProg=/bin/true
-ReturnToService=2
-SlurmctldTimeout=30
-SlurmdTimeout=30
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={hw['CPUs']} Boards={hw.get('Boards', 1)} \
-SocketsPerBoard={hw.get('SocketsPerBoard', 1)} CoresPerSocket={hw.get('CoresPerSocket', hw['CPUs'])} \
-ThreadsPerCore={hw.get('ThreadsPerCore', 1)} RealMemory={real_memory} State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-""")
+        SLURM_CONF.write_text(slurm_conf(
+            "a one-node cluster on localhost for the SLURM test", "sidatest", (self.host, "127.0.0.1"),
+            [(self.host, "127.0.0.1")], hw, real_memory, slurm_user="slurm",
+            pidfiles=(PIDFILES["slurmctld"], PIDFILES["slurmd"]), state="/var/spool/slurmctld",
+            spool="/var/spool/slurmd", logs=("/var/log/slurm/slurmctld.log", "/var/log/slurm/slurmd.log")))
 
     def _start(self, name: str, cmd: list[str]) -> None:
-        pidfile = PIDFILES[name]
-        pidfile.unlink(missing_ok=True)
-        r = _run(cmd, timeout=60)
-        if r.returncode != 0:
-            raise ClusterError(f"{name} did not start: {(r.stderr or r.stdout).strip()[-500:]}")
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if pidfile.is_file() and pidfile.read_text().strip().isdigit():
-                self.pids[name] = int(pidfile.read_text().strip())
-                return
-            time.sleep(0.2)
-        raise ClusterError(f"{name} wrote no pid file {pidfile}")
+        self.pids[name] = start_daemon(name, cmd, PIDFILES[name])
 
     def _wait_idle(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -158,53 +241,25 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         raise ClusterError(f"the node did not become idle (state: {state or 'unknown'}); "
                            f"see /var/log/slurm/slurmctld.log and slurmd.log")
 
-    def start(self) -> "SlurmCluster":
-        install()
+    def _prepare(self) -> None:
         self._ensure_host_resolves()
         self._setup_munge()
         self._write_conf()
-        try:
-            self._start("munged", ["runuser", "-u", "munge", "--", "munged"])
-            # -c: start clean, without jobs or node states saved by an earlier test cluster.
-            self._start("slurmctld", ["slurmctld", "-c"])
-            self._start("slurmd", ["slurmd"])
-            self._wait_idle()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+
+    def _start_daemons(self) -> None:
+        self._start("munged", ["runuser", "-u", "munge", "--", "munged"])
+        # -c: start clean, without jobs or node states saved by an earlier test cluster.
+        self._start("slurmctld", ["slurmctld", "-c"])
+        self._start("slurmd", ["slurmd"])
 
     # -- tear-down -----------------------------------------------------------------------------
     def stop(self) -> None:
         """End the daemons this object started (by PID), slurmd first."""
         for name in ("slurmd", "slurmctld", "munged"):
             pid = self.pids.pop(name, None)
-            if pid is None:
-                continue
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.2)
-            else:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            if pid is not None:
+                stop_pid(pid)
 
 
 if __name__ == "__main__":  # manual use: python tests/slurm_cluster.py (Ctrl-C or SIGTERM stops it)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    c = SlurmCluster().start()
-    print(f"cluster up: {c.pids}; Ctrl-C stops it", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        c.stop()
+    SlurmCluster().serve()

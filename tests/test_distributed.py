@@ -169,7 +169,10 @@ def test_two_process_gradient_equals_one_process_accumulation(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_process_distill_end_to_end(tmp_path):
-    cfg = tiny_config(batch_per_proc=4)  # batch 16 = 4 per process x 2 rounds x 2 processes
+    # batch 16 = 4 per process x 2 rounds x 2 processes; augmented fake-score inputs, whose draws
+    # belong to micro-batch slots like every other random draw
+    cfg = tiny_config(batch_per_proc=4, augment=0.5)
+    cfg["network"]["kwargs"]["augment_dim"] = 9
     cfg["distill"]["runs"]["mixed"]["phases"] = [{"kind": "warmup", "kimg": 0.016}, {"kind": "sid", "kimg": 0.016},
                                                  {"kind": "sida", "kimg": 0.032}]
     cfg_path = write_config(tmp_path / "cfg.yaml", cfg)

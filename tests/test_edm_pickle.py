@@ -13,8 +13,6 @@ import collections
 import io
 import os
 import pickle
-import sys
-import types
 from contextlib import contextmanager
 
 import numpy as np
@@ -25,40 +23,25 @@ from sida.io.edm_pickle import (PersistentObject, export_edm_state, import_sid_g
                              load_edm_state, read_edm_pickle)
 from sida.errors import CheckpointError
 from sida.nets.precond import EDMPrecond
+from tests.edm2_assets import fake_edm_modules
 
 # A stand-in for the embedded module source: if anything exec'd it, the marker file would appear.
-MARKER_ENV = "SIDA_TEST_EXEC_MARKER"
-FAKE_SRC = ("import os, pathlib\n"
-            f"pathlib.Path(os.environ['{MARKER_ENV}']).write_text('executed')\n"
-            "class EDMPrecond: pass\n")
+from tests.edm2_assets import MARKER_ENV, FAKE_SRC  # noqa: E402
 
 TINY = dict(img_resolution=8, img_channels=3, label_dim=10, model_type="SongUNet", model_channels=16,
             channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0, augment_dim=9,
             channel_mult_noise=1, resample_filter=[1, 1])
 
 
-@contextmanager
 def _fake_persistence_module():
-    """Register `torch_utils.persistence._reconstruct_persistent_obj` only while dumping."""
-    def _reconstruct_persistent_obj(meta):  # never called by the code under test
-        raise AssertionError("the safe loader must not call the real reconstruct function")
+    """`torch_utils.persistence._reconstruct_persistent_obj` importable while dumping (yields it)."""
+    return _fake_fn(fake_edm_modules())
 
-    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-    pkg = types.ModuleType("torch_utils")
-    mod = types.ModuleType("torch_utils.persistence")
-    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    pkg.persistence = mod
-    saved = {k: sys.modules.get(k) for k in ("torch_utils", "torch_utils.persistence")}
-    sys.modules.update({"torch_utils": pkg, "torch_utils.persistence": mod})
-    try:
-        yield _reconstruct_persistent_obj
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
+
+@contextmanager
+def _fake_fn(ctx):
+    with ctx as (fn, _easydict):
+        yield fn
 
 
 class _Persistent:

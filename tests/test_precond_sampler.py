@@ -107,7 +107,7 @@ def test_init_kwargs_rebuild_identical_network():
     assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in net2.state_dict().items()}
     x, sigma, labels = _batch()
     assert torch.equal(net(x, sigma, labels), net2(x, sigma, labels))
-    assert set(P.PRECOND_CLASSES) == {"EDMPrecond", "VPPrecond", "VEPrecond"}
+    assert set(P.PRECOND_CLASSES) == {"EDMPrecond", "VPPrecond", "VEPrecond", "EDM2Precond"}
     assert torch.equal(P.round_sigma(0.5), torch.as_tensor(0.5))
 
 

@@ -9,24 +9,44 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sida.run.config import load_config, validate
+from sida.run.config import load_config, run_config, validate
 from sida.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 PRESETS = sorted(CONFIG_DIR.glob("*.yaml"))
 
-# Per-dataset settings of the SiDA paper (arXiv 2410.14919) Table 8 and the SiD paper (arXiv
-# 2404.04057) hyperparameter table, as implemented by the authors' launch scripts
-# (github.com/mingyuanzhou/SiD, branch sida: run_sida.sh, run_sid_sida.sh, sida_train.py):
-#   batch, per-GPU batch, lr (generator = fake score), EMA half-life (kimg = Mimg x 1000), fp16,
-#   fake-score dropout; teacher architecture from the NVlabs/edm README training table.
+# Network architecture per preset (NVlabs/edm README training table): label_dim, model, channel_mult.
 PAPER = {
-    #                  batch  per-GPU  lr      ema_kimg  fp16   dropout  label_dim  model         channel_mult
-    "cifar10-uncond":  (256,  32,      1e-5,   500,      False, 0.13,    0,         "SongUNet",   [2, 2, 2]),
-    "cifar10-cond":    (256,  32,      1e-5,   500,      False, 0.13,    10,        "SongUNet",   [2, 2, 2]),
-    "imagenet64-cond": (8192, 32,      4e-6,   2000,     True,  0.10,    1000,      "DhariwalUNet", [1, 2, 3, 4]),
-    "ffhq64":          (512,  64,      1e-5,   500,      True,  0.05,    0,         "SongUNet",   [1, 2, 2, 2]),
-    "afhqv2-64":       (512,  64,      5e-6,   500,      True,  0.05,    0,         "SongUNet",   [1, 2, 2, 2]),
+    "cifar10-uncond":  (0,    "SongUNet",     [2, 2, 2]),
+    "cifar10-cond":    (10,   "SongUNet",     [2, 2, 2]),
+    "imagenet64-cond": (1000, "DhariwalUNet", [1, 2, 3, 4]),
+    "ffhq64":          (0,    "SongUNet",     [1, 2, 2, 2]),
+    "afhqv2-64":       (0,    "SongUNet",     [1, 2, 2, 2]),
+}
+
+# The authors' launch scripts, github.com/mingyuanzhou/SiD branch `sida`: run `sid` = run_sid.sh,
+# `sida` = run_sida.sh, `sid2a` = run_sid_sida.sh, each under its dataset's `if` block; where a
+# script passes nothing, the click defaults of sid_train.py / sida_train.py (--dropout 0.13,
+# --augment 0.12, --ema 0.5, --g_beta1 0). Last column: the image count (kimg) in the file name of
+# the released checkpoint of that run (the duration behind the reported FID).
+#   (batch, --batch-gpu, --lr (fake score), --glr, --alpha, --fp16, --dropout, --augment, --ema Mimg,
+#    --g_beta1, released kimg)
+OFFICIAL = {
+    "cifar10-uncond": {"sid":   (256, 16, 1e-5, 1e-5, 1.2, 0, 0.13, 0.12, 0.5, 0.0, 403968),
+                       "sida":  (256, 32, 1e-5, 1e-5, 1.0, 0, 0.13, 0.12, 0.5, 0.0, 217920),
+                       "sid2a": (256, 32, 1e-5, 1e-5, 1.0, 0, 0.13, 0.12, 0.5, 0.0, 28160)},
+    "cifar10-cond":   {"sid":   (256, 16, 1e-5, 1e-5, 1.2, 0, 0.13, 0.12, 0.5, 0.0, 713312),
+                       "sida":  (256, 32, 1e-5, 1e-5, 1.0, 0, 0.13, 0.12, 0.5, 0.0, 293184),
+                       "sid2a": (256, 32, 1e-5, 1e-5, 1.0, 0, 0.13, 0.12, 0.5, 0.0, 38912)},
+    "imagenet64-cond": {"sid":   (8192, 16, 4e-6, 4e-6, 1.2, 1, 0.1, 0.0, 2.0, 0.0, 939176),
+                        "sida":  (8192, 32, 4e-6, 4e-6, 1.0, 1, 0.1, 0.0, 2.0, 0.0, 249167),
+                        "sid2a": (8192, 32, 4e-6, 4e-6, 1.0, 1, 0.1, 0.0, 2.0, 0.0, 29499)},
+    "ffhq64":         {"sid":   (512, 32, 1e-5, 1e-5, 1.2, 1, 0.05, 0.15, 0.5, 0.9, 498176),
+                       "sida":  (512, 64, 1e-5, 1e-5, 1.0, 1, 0.05, 0.15, 0.5, 0.0, 185856),
+                       "sid2a": (512, 64, 1e-5, 1e-5, 1.0, 1, 0.05, 0.15, 0.5, 0.0, 168960)},
+    "afhqv2-64":      {"sid":   (512, 32, 5e-6, 5e-6, 1.0, 1, 0.05, 0.15, 0.5, 0.0, 371712),
+                       "sida":  (512, 64, 5e-6, 5e-6, 1.0, 1, 0.05, 0.15, 0.5, 0.0, 127488),
+                       "sid2a": (512, 64, 5e-6, 5e-6, 1.0, 1, 0.05, 0.15, 0.5, 0.0, 175104)},
 }
 TEACHERS = {
     "cifar10-uncond": "edm-cifar10-32x32-uncond-vp.pkl",
@@ -85,44 +105,77 @@ def test_digits_long_is_a_longer_embedded_preset():
 # --- the paper presets carry the papers' numbers ----------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(PAPER))
-def test_paper_preset_values(name):
-    batch, per_gpu, lr, ema_kimg, fp16, dropout, label_dim, model, cmult = PAPER[name]
+def test_paper_preset_network(name):
+    label_dim, model, cmult = PAPER[name]
     cfg = _load(name)
-    d, net = cfg["distill"], cfg["network"]
-    assert (d["batch"], d["batch_per_proc"]) == (batch, per_gpu)
-    assert d["batch"] % (d["batch_per_proc"] * cfg["num_procs"] * cfg["nodes"]) == 0
-    assert d["lr_g"] == pytest.approx(lr) and d["lr_fake"] == pytest.approx(lr)
-    assert d["ema_halflife_kimg"] == ema_kimg
-    assert d["precision"] == ("fp16" if fp16 else "fp32")
-    assert net["use_fp16"] is fp16
-    assert d["adam_eps"] == pytest.approx(1e-6 if fp16 else 1e-8)
-    assert d["dropout"] == pytest.approx(dropout)
-    # shared settings of both papers
-    assert (d["sigma_init"], d["tmax"], d["lambda_sid"], d["lambda_adv"]) == (2.5, 800, 100, 0.01)
-    assert d.get("lambda_d", 1.0) == 1.0 and d["fake_clip"] == 1.0 and d["ema_rampup_ratio"] == 0.05
-    assert d["alpha"] in (1.0, 1.2)
-    # teacher: published EDM network (EDMPrecond, config F) with EDM's architecture
+    net = cfg["network"]
     assert cfg["teacher"]["source"] == "fetch"
+    # teacher: published EDM network (EDMPrecond, config F) with EDM's architecture
     assert net["precond"] == "EDMPrecond" and net["model_type"] == model
     assert net["kwargs"]["channel_mult"] == cmult
     assert net["kwargs"]["dropout"] == pytest.approx(TEACHER_DROPOUT[name])
     assert net["kwargs"]["augment_dim"] == (0 if model == "DhariwalUNet" else 9)
     assert cfg["data"]["kind"] == "edm_zip" and cfg["data"]["label_dim"] == label_dim
     assert cfg["data"]["resolution"] == (32 if name.startswith("cifar") else 64)
+    assert cfg["num_procs"] * cfg["nodes"] == 4  # --nproc_per_node=4 in every script
+
+
+@pytest.mark.parametrize("name,run", [(n, r) for n in sorted(OFFICIAL) for r in ("sid", "sida", "sid2a")])
+def test_paper_preset_run_is_the_launch_script(name, run):
+    """Every setting of every run against the authors' script for it (see OFFICIAL)."""
+    batch, per_gpu, lr, glr, alpha, fp16, dropout, augment, ema, beta1, released = OFFICIAL[name][run]
+    cfg = _load(name)
+    rc = run_config(cfg, run)
+    assert (rc["batch"], rc["batch_per_proc"]) == (batch, per_gpu)
+    assert rc["lr_fake"] == pytest.approx(lr) and rc["lr_g"] == pytest.approx(glr)
+    assert rc["alpha"] == pytest.approx(alpha)
+    assert rc["precision"] == ("fp16" if fp16 else "fp32")
+    assert rc["adam_eps"] == pytest.approx(1e-6 if fp16 else 1e-8)  # sid_train.py / sida_train.py
+    assert rc["dropout"] == pytest.approx(dropout) and rc["augment"] == pytest.approx(augment)
+    assert rc["ema_halflife_kimg"] == pytest.approx(ema * 1000) and rc["ema_rampup_ratio"] == 0.05
+    assert rc["beta1_g"] == pytest.approx(beta1)
+    # shared: --tmax 800 --init_sigma 2.5 --lsg 100 --lsd 1 --lsg_gan 0.01, loss defaults
+    assert (rc["sigma_init"], rc["tmax"], rc["lambda_sid"], rc["lambda_d"], rc["lambda_adv"]) == (2.5, 800, 100, 1, 0.01)
+    assert (rc["P_mean"], rc["P_std"], rc["fake_clip"]) == (-1.2, 1.2, 1.0)
+    # the run ends at the released checkpoint's image count (rounded up to whole iterations)
+    total = sum(p["kimg"] for p in rc["phases"])
+    assert released <= total < released + 1, total
+    if augment:
+        assert cfg["network"]["kwargs"]["augment_dim"] == 9  # the pipe feeds 9 labels
+    # what the run is: SiD data-free from the teacher; SiDA / SiD2A train the discriminator, G
+    # frozen for 100k images, SiD loss alone up to 200k (sida_training_loop.py)
+    assert rc["init"] == "teacher"
+    if run == "sid":
+        assert not rc["discriminator"] and rc["init_generator"] is None
+        assert [p["kind"] for p in rc["phases"]] == ["sid"]
+    else:
+        assert rc["discriminator"] is True
+        assert [(p["kind"], p["kimg"]) for p in rc["phases"][:2]] == [("warmup", 100), ("sid", 100)]
+        assert [p["kind"] for p in rc["phases"]] == ["warmup", "sid", "sida"]
+        assert rc["init_generator"] == ("sid" if run == "sid2a" else None)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
-def test_paper_preset_schedule(name):
-    runs = _load(name)["distill"]["runs"]
-    assert set(runs) == {"sid", "sida", "sid2a"}
-    assert [p["kind"] for p in runs["sid"]["phases"]] == ["sid"]
-    for run in ("sida", "sid2a"):
-        phases = runs[run]["phases"]
-        # 100k images warm-up, 100k SiD, then SiDA (sida_training_loop.py)
-        assert [(p["kind"], p["kimg"]) for p in phases[:2]] == [("warmup", 100), ("sid", 100)]
-        assert phases[2]["kind"] == "sida" and phases[2]["kimg"] >= 10_000  # tens of Mimg or more
-        assert runs[run]["discriminator"] is True
-    assert runs["sid2a"]["init_generator"] == "sid"
+def test_paper_preset_header_names_the_script_lines(name):
+    text = (CONFIG_DIR / f"{name}.yaml").read_text()
+    header = text[:text.index("experiment:")]
+    assert "mingyuanzhou/SiD" in header and "`sida`" in header
+    for script in ("run_sid.sh L", "run_sida.sh L", "run_sid_sida.sh L"):
+        assert script in header, script
+    for kimg in (v[-1] for v in OFFICIAL[name].values()):
+        assert str(kimg) in header
+
+
+def test_run_schema_accepts_every_distill_setting():
+    """A run may set any `distill` key, validated by that key's own rule ($ref, no default)."""
+    from sida.run.config import RUN_ONLY_KEYS, load_schema
+
+    schema = load_schema()
+    settings = set(schema["properties"]["distill"]["properties"]) - {"runs"}
+    run_props = schema["definitions"]["run"]["properties"]
+    assert settings == set(run_props) - set(RUN_ONLY_KEYS)
+    for key in settings:
+        assert run_props[key] == {"$ref": f"#/properties/distill/properties/{key}"}, key
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
@@ -192,6 +245,46 @@ def test_negative_lr(base):
 def test_negative_run_lr(base):
     base["distill"]["runs"]["sida"]["lr_fake"] = -3e-4
     _reject(base, "distill.runs.sida.lr_fake")
+
+
+def test_per_run_setting_wrong_type_or_range(base):
+    base["distill"]["runs"]["sid"]["alpha"] = "big"
+    _reject(base, "distill.runs.sid.alpha")
+    base["distill"]["runs"]["sid"]["alpha"] = 1.0
+    base["distill"]["runs"]["sida"]["augment"] = 1.5
+    _reject(base, "distill.runs.sida.augment")
+    base["distill"]["runs"]["sida"]["augment"] = 0.1
+    base["distill"]["runs"]["sida"]["beta1_g"] = 1.0  # Adam needs beta1 < 1
+    _reject(base, "distill.runs.sida.beta1_g")
+
+
+def test_per_run_unknown_key(base):
+    base["distill"]["runs"]["sid"]["alhpa"] = 1.0
+    _reject(base, "distill.runs.sid", "alhpa")
+
+
+def test_per_run_batch_not_divisible(base):
+    base["num_procs"] = 2
+    base["distill"]["runs"]["sid"]["batch_per_proc"] = 24  # 64 % (24 x 2) != 0
+    _reject(base, "distill.runs.sid.batch_per_proc")
+
+
+def test_run_config_merges_any_setting_per_run(base):
+    base["distill"].update(alpha=1.2, dropout=0.1, precision="fp16")
+    runs = base["distill"]["runs"]
+    runs["sid"].update(alpha=1.0, augment=0.0, beta1_g=0.9, batch_per_proc=16)
+    runs["sida"].update(dropout=None, adam_eps=1e-7)  # an explicit null overrides too
+    cfg = validate(copy.deepcopy(base))
+    sid, sida, sid2a = (run_config(cfg, r) for r in ("sid", "sida", "sid2a"))
+    assert (sid["alpha"], sid["beta1_g"], sid["batch_per_proc"]) == (1.0, 0.9, 16)
+    assert (sida["alpha"], sida["beta1_g"], sida["batch_per_proc"]) == (1.2, 0.0, None)
+    assert sid["dropout"] == 0.1 and sida["dropout"] is None and sid2a["dropout"] == 0.1
+    assert sida["lr_fake"] == 3.0e-4 and sid["lr_fake"] == 1.0e-4  # the embedded default's per-run lr
+    # adam_eps: null -> 1e-6 with fp16 (the official rule), an explicit value stays
+    assert sid["adam_eps"] == 1e-6 and sida["adam_eps"] == 1e-7
+    assert "runs" not in sid and sid["phases"] == runs["sid"]["phases"]
+    # the section itself keeps its values: a run's setting is its own
+    assert cfg["distill"]["alpha"] == 1.2 and "beta1_g" not in cfg["distill"]["runs"]["sida"]
 
 
 def test_phase_kimg_zero(base):

@@ -3,8 +3,9 @@
 The resume tests run the real stage commands: an uninterrupted run gives network A; the same
 command in another out dir is SIGKILLed once its first checkpoint `work/state.pt` exists and
 then rerun, which must say "resuming" and end with a network B bit-identical to A (every
-tensor `torch.equal`). The fake score trains with dropout, so this also checks that torch's
-global RNG (not only the loop's generators) is restored.
+tensor `torch.equal`). G and the fake score train with dropout, so this also checks that torch's
+global RNG (not only the loop's generators) is restored; the fake score's inputs are augmented,
+so the augmentation draws must resume exactly too.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ RUN = "mixed"  # warmup -> sid -> sida with a discriminator: every kind of step 
 
 
 def _resume_config() -> dict:
-    cfg = tiny_config(dropout=0.1)
+    # Dropout (torch's global RNG) on G and the fake score, and augmented fake-score inputs (the
+    # loop's per-slot streams): both must come back exactly on resume.
+    cfg = tiny_config(dropout=0.1, augment=0.5)
+    cfg["network"]["kwargs"]["augment_dim"] = 9
     cfg["distill"]["runs"][RUN]["phases"] = [{"kind": "warmup", "kimg": 0.032}, {"kind": "sid", "kimg": 0.032},
                                              {"kind": "sida", "kimg": 0.096}]  # 10 iterations of 16
     cfg["teacher"].update(kimg=0.128, snapshot_kimg=0.032, tick_kimg=0.032)  # 8 iterations of 16

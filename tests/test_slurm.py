@@ -1,8 +1,9 @@
 """The embedded DAG (config/ci-short.yaml) on a real one-node SLURM cluster started on this machine.
 
 Installs Debian's slurm-wlm and munge when missing (root and apt-get needed, else skipped), starts
-munged, slurmctld and slurmd (tests/slurm_cluster.py) and runs the workflow with the SLURM profile
-and the settings a cluster without accounting needs (squeue status, fast polling). The daemons are
+munged, slurmctld and slurmd (tests/slurm_cluster.py) and runs the workflow as users type it,
+`snakemake --profile slurm` from the repository root (`-d` a temporary work dir), with the
+settings a cluster without accounting needs (squeue status, fast polling). The daemons are
 stopped by PID when the module ends.
 """
 
@@ -48,7 +49,7 @@ def test_embedded_dag_runs_on_slurm(slurm_cluster, tmp_path):
         "--slurm-logdir", str(logdir),
         "--latency-wait", "5",
         "--retries", "0",
-        profile="slurm", configfile=CI, timeout=420,
+        profile="slurm", as_typed=True, configfile=CI, timeout=420,
     )
     elapsed = time.monotonic() - start
     print(f"ci-short DAG on SLURM: {elapsed:.0f} s")

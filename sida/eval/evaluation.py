@@ -214,7 +214,12 @@ def resolve_reference(cfg: dict) -> str:
         return ref
     assets = (cfg.get("fetch") or {}).get("assets") or []
     if any(isinstance(a, dict) and a.get("kind") == "refstats" for a in assets):
-        return str(Path(cfg["results_dir"]) / cfg["experiment"] / "fetch" / "refstats.npz")
+        from .features import resolve_extractor_name
+
+        # A multi-metric statistics file (EDM2's img512.pkl) is split by the fetch stage into
+        # refstats.npz (FID) and refstats-<extractor>.npz (e.g. refstats-dinov2.npz).
+        name = "refstats-dinov2.npz" if resolve_extractor_name(cfg) == "dinov2" else "refstats.npz"
+        return str(Path(cfg["results_dir"]) / cfg["experiment"] / "fetch" / name)
     return "dataset"
 
 
@@ -265,17 +270,29 @@ def score_run(ref: Reference, feats: np.ndarray, probs: np.ndarray | None, cfg: 
     return out
 
 
-def make_generate(net: torch.nn.Module, kind: str, cfg: dict) -> tuple[GenerateFn, int]:
-    """(generate(z, labels) -> images in [-1, 1], NFE) for a one-step generator or the Heun teacher."""
+def make_generate(net: torch.nn.Module, kind: str, cfg: dict, decode: Callable | None = None
+                  ) -> tuple[GenerateFn, int]:
+    """(generate(z, labels) -> images in [-1, 1], NFE) for a one-step generator or the Heun teacher.
+    `decode` (latent-space configs: `LatentDecoder.unit`) turns the network's latents into images."""
     from ..nets.sampler import heun_sampler, one_step_generate
 
     if kind == "generator":
         sigma_init = float(cfg["distill"]["sigma_init"])
-        return (lambda z, c: one_step_generate(net, z, c, sigma_init)), 1
-    if kind == "teacher":
+        fn, nfe = (lambda z, c: one_step_generate(net, z, c, sigma_init)), 1
+    elif kind == "teacher":
         steps = int(cfg["evaluate"]["teacher_steps"])
-        return (lambda z, c: heun_sampler(net, z, c, num_steps=steps)), 2 * steps - 1
-    raise ValueError(f"unknown kind {kind!r} (generator or teacher)")
+        fn, nfe = (lambda z, c: heun_sampler(net, z, c, num_steps=steps)), 2 * steps - 1
+    else:
+        raise ValueError(f"unknown kind {kind!r} (generator or teacher)")
+    return (fn if decode is None else (lambda z, c: decode(fn(z, c)))), nfe
+
+
+def _decode_fn(cfg: dict, device: torch.device | str) -> Callable | None:
+    """The VAE decoding of latent-space configs (None in pixel space)."""
+    from ..io.latents import decoder_from_config
+
+    decoder = decoder_from_config(cfg, device)
+    return None if decoder is None else decoder.unit
 
 
 def _check_network(net: torch.nn.Module, cfg: dict, path: str) -> tuple[int, int, int]:
@@ -310,7 +327,7 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
     for note in ref.notes:
         if info.is_main:
             print(f"[evaluate] {note}", file=sys.stderr, flush=True)
-    generate, nfe = make_generate(net, kind, cfg)
+    generate, nfe = make_generate(net, kind, cfg, _decode_fn(cfg, info.device))
     key = extractor.metric_key
     ranges = seed_ranges(ev["seed"], ev["num_runs"], ev["num_samples"])
     runs, grid = [], None
@@ -360,6 +377,7 @@ class TrainingMonitor:
         self.settings = cfg["evaluate"]["during_training"]
         self._extractor: Extractor | None = None
         self._ref: Reference | None = None
+        self._decode: Callable | None = None
 
     @property
     def enabled(self) -> bool:
@@ -384,11 +402,15 @@ class TrainingMonitor:
             self._extractor = build_extractor(self.cfg, self.device)
             self._extractor.check_images(d["resolution"], d["channels"], "the generator's images")
             self._ref = get_reference(self.cfg, self._extractor, self.info, d["resolution"])
+            self._decode = _decode_fn(self.cfg, self.device)
 
     @torch.no_grad()
     def __call__(self, generate: GenerateFn) -> dict[str, float]:
         """FD/FID of `generate` on `during_training.num_samples` fixed seeds."""
         self._setup()
+        if self._decode is not None:
+            inner = generate
+            generate = lambda z, c: self._decode(inner(z, c))  # noqa: E731
         d, s = self.cfg["data"], self.settings
         seeds = range(s["seed"], s["seed"] + s["num_samples"])
         info = dist.DistInfo(self.info.rank, self.info.world_size, self.info.local_rank, self.device)

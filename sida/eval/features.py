@@ -9,6 +9,9 @@ EDM's fid.py) and returns `(features [N, D] float32, probs [N, K] or None)`:
   `legacy_tensorflow` (the network resizes inside, TF-style: EDM's numbers) and `clean`
   (PIL-equivalent bicubic resize to 299 on the device, then the same layers). Class probabilities
   for the Inception Score come from the output layer without its bias, as StyleGAN2-ADA does.
+- `DINOv2Extractor`: FD-DINOv2 as EDM2 computes it (class token of DINOv2 ViT-L/14 at 224x224,
+  bicubic antialiased resize, ImageNet normalisation) with timm's ViT and the original checkpoint
+  (a local file; the position embedding resampled once as the original does per forward).
 - `DigitsClassifierExtractor`: a small CNN trained by us on scikit-learn's digits, for the
   embedded default where nothing may be downloaded. Features: its penultimate layer ("FD (digits
   classifier)", not FID); probs: its softmax (so IS works). Trained deterministically once and
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -35,7 +39,9 @@ from ..io.images import quantize  # noqa: F401  (re-exported: the extractors' in
 __all__ = ["Extractor", "InceptionExtractor", "DigitsCNN", "DigitsClassifierExtractor", "build_extractor",
            "train_digits_classifier", "load_or_train_digits_classifier", "digits_uint8", "quantize",
            "state_dict_sha256", "file_sha256", "make_random_inception_file", "INCEPTION_URL",
-           "resolve_extractor_name", "inception_weights_path", "cache_dir"]
+           "resolve_extractor_name", "inception_weights_path", "cache_dir", "DINOv2Extractor", "build_dinov2",
+           "dinov2_preprocess", "dinov2_pos_embed_at", "dinov2_timm_state", "save_random_dinov2",
+           "dinov2_weights_path", "DINOV2_ARCHS", "DINOV2_URL"]
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -232,6 +238,133 @@ def make_random_inception_file(path: str | Path, seed: int = 0) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+# DINOv2 (FD-DINOv2, EDM2's second metric): timm's ViT with the original checkpoint's weights
+
+# arch -> (timm model name, class-token width). ViT-L/14 is what EDM2 reports; ViT-S/14 serves
+# lighter uses (e.g. a discriminator backbone).
+DINOV2_ARCHS = {"vits14": ("vit_small_patch14_dinov2", 384), "vitb14": ("vit_base_patch14_dinov2", 768),
+                "vitl14": ("vit_large_patch14_dinov2", 1024)}
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_{arch}/dinov2_{arch}_pretrain.pth"
+DINOV2_RESOLUTION = 224
+DINOV2_PATCH = 14
+DINOV2_POS_OFFSET = 0.1  # the original's interpolate_offset (bicubic, no antialias, scale-factor based)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def dinov2_preprocess(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> DINOv2 input: bicubic antialiased resize to 224x224 (on the float
+    values, EDM2's 'torch' resize mode), /255, ImageNet mean/std normalisation."""
+    x = images_u8.to(torch.float32)
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    x = F.interpolate(x, size=(DINOV2_RESOLUTION, DINOV2_RESOLUTION), mode="bicubic", antialias=True)
+    x = x / 255
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).reshape(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).reshape(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def dinov2_pos_embed_at(pos_embed: torch.Tensor, grid: int, offset: float = DINOV2_POS_OFFSET) -> torch.Tensor:
+    """The original DINOv2's position embedding [1, 1 + M*M, D] as its forward interpolates it for a
+    grid x grid patch input: bicubic with scale factor (grid + offset) / M, no antialiasing; the
+    class token's embedding is kept. Precomputing it for 224x224 inputs gives the same network."""
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:].float()
+    m = int(round(math.sqrt(patch_pos.shape[1])))
+    if m * m != patch_pos.shape[1]:
+        raise CheckpointError(f"DINOv2 position embedding has {patch_pos.shape[1]} patch entries, not a square")
+    if m == grid:
+        return pos_embed
+    d = patch_pos.shape[-1]
+    s = (grid + offset) / m
+    out = F.interpolate(patch_pos.reshape(1, m, m, d).permute(0, 3, 1, 2), scale_factor=(s, s), mode="bicubic",
+                        antialias=False)
+    if out.shape[-2:] != (grid, grid):
+        raise CheckpointError(f"DINOv2 position embedding resampled to {list(out.shape[-2:])}, not {grid}x{grid}")
+    return torch.cat([cls_pos, out.permute(0, 2, 3, 1).reshape(1, grid * grid, d).to(pos_embed.dtype)], dim=1)
+
+
+def build_dinov2(arch: str = "vitl14", weights: str | Path | None = None) -> torch.nn.Module:
+    """DINOv2 `arch` (vits14, vitb14, vitl14) as timm's VisionTransformer for 224x224 inputs,
+    returning the final-norm class token. `weights`: the original checkpoint
+    (``dinov2_<arch>_pretrain.pth``, a plain state dict read weights-only); None = random weights."""
+    if arch not in DINOV2_ARCHS:
+        raise ConfigError(f"evaluate.dinov2_arch: unknown DINOv2 '{arch}' (known: {', '.join(DINOV2_ARCHS)})")
+    import timm
+
+    model = timm.create_model(DINOV2_ARCHS[arch][0], pretrained=False, img_size=DINOV2_RESOLUTION, num_classes=0)
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise AssetError(f"DINOv2 weights {path} do not exist: run the fetch stage, or download "
+                             f"{DINOV2_URL.format(arch=arch)} to that path (or set evaluate.dinov2_weights)")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise CheckpointError(f"DINOv2 weights {path} cannot be read ({first}): download them again") from None
+        model.load_state_dict(dinov2_timm_state(sd, str(path)), strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def dinov2_timm_state(sd: dict, source: str = "DINOv2 checkpoint") -> dict:
+    """The original DINOv2 state dict for timm's 224x224 model: the position embedding resampled
+    as the original does at that input size, the unused mask token dropped (names are the same)."""
+    if not isinstance(sd, dict) or "pos_embed" not in sd:
+        raise CheckpointError(f"{source} is not a DINOv2 state dict (no pos_embed)")
+    out = {k: v for k, v in sd.items() if k != "mask_token"}
+    out["pos_embed"] = dinov2_pos_embed_at(sd["pos_embed"], DINOV2_RESOLUTION // DINOV2_PATCH)
+    return out
+
+
+def save_random_dinov2(path: str | Path, arch: str = "vits14", seed: int = 0) -> Path:
+    """A DINOv2 checkpoint in the original layout (518px position grid, mask token) with random
+    weights: for offline tests and CI only, the numbers are not FD-DINOv2s."""
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(DINOV2_ARCHS[arch][0], pretrained=False, num_classes=0)  # 518x518: 37x37 grid
+    sd = dict(model.state_dict(), mask_token=torch.zeros(1, model.embed_dim))
+    atomic_save_torch(sd, path)
+    return Path(path)
+
+
+class DINOv2Extractor(Extractor):
+    """FD-DINOv2 features: the class token of DINOv2 (ViT-L/14 by default), 224 bicubic antialiased
+    inputs with ImageNet normalisation, as EDM2's calculate_metrics.py."""
+
+    name = "dinov2"
+    metric_key = "fd_dinov2"
+    label = "FD-DINOv2"
+    has_probs = False
+
+    def __init__(self, arch: str = "vitl14", weights: str | Path | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.model = build_dinov2(arch, weights).to(device)
+        self.arch = arch
+        self.mode = f"dinov2_{arch}"
+        self.feature_dim = DINOV2_ARCHS[arch][1]
+        self.path = str(weights) if weights is not None else None
+        self.sha256 = file_sha256(weights) if weights is not None else state_dict_sha256(self.model.state_dict())
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.model(dinov2_preprocess(images)).to(torch.float32), None
+
+    @property
+    def info(self) -> dict:
+        return {**super().info, "arch": self.arch, "path": self.path}
+
+
+def dinov2_weights_path(cfg: dict) -> Path:
+    """`evaluate.dinov2_weights`, default the fetch stage's <results>/<experiment>/fetch/dinov2_<arch>.pth."""
+    p = cfg["evaluate"].get("dinov2_weights")
+    arch = cfg["evaluate"].get("dinov2_arch", "vitl14")
+    return Path(p) if p else Path(cfg["results_dir"]) / cfg["experiment"] / "fetch" / f"dinov2_{arch}.pth"
+
+
+# --------------------------------------------------------------------------------------------
 # The digits classifier (embedded default)
 
 CLASSIFIER_RECIPE = {"arch": "DigitsCNN-v1", "split": "stratified-25%-rs0", "optimizer": "adam", "lr": 1e-3,
@@ -382,6 +515,8 @@ def build_extractor(cfg: dict, device: torch.device | str = "cpu") -> Extractor:
     name = resolve_extractor_name(cfg)
     if name == "inception":
         return InceptionExtractor(inception_weights_path(cfg), ev["inception_mode"], device)
+    if name == "dinov2":
+        return DINOv2Extractor(ev.get("dinov2_arch", "vitl14"), dinov2_weights_path(cfg), device)
     if name == "digits_classifier":
         c = ev["classifier"]
         return load_or_train_digits_classifier(cache_dir(cfg), c["seed"], c["epochs"], device)

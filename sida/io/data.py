@@ -9,6 +9,11 @@ Kinds (``cfg['kind']``):
   process so DataLoader workers and torchrun ranks never share one.
 - ``folder``: a directory of PNG/JPG files (searched recursively) with an optional
   ``dataset.json`` in the same format.
+- ``edm2_latents``: EDM2's encoded dataset (``dataset_tool.py encode``): a zip of per-image float32
+  ``.npy`` arrays [2C, R, R] (C posterior means, then C stds of the Stable Diffusion VAE) plus
+  ``dataset.json`` labels. Read lazily, one file per item (the ImageNet one is 168 GB); a batch is
+  a fresh draw of *final* latents, (mean + N(0,1) std) * scale + bias (`sida.io.latents`), from the
+  caller's generator. Data-free runs only read the labels.
 
 Images come back as float32 NCHW in [-1, 1]; labels as one-hot float32 [N, label_dim] ([N, 0]
 when the config is unconditional). ``xflip`` doubles the dataset with mirrored copies, indexed
@@ -30,7 +35,7 @@ import torch
 from ..errors import DataError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-KINDS = ("digits", "edm_zip", "folder")
+KINDS = ("digits", "edm_zip", "folder", "edm2_latents")
 
 
 class ImageDataset:
@@ -103,8 +108,9 @@ class ImageDataset:
         assert self._onehot is not None
         return self._onehot[torch.as_tensor(raw)]
 
-    def get_batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images float32 NCHW in [-1, 1], labels float32 [N, label_dim]) for `indices`."""
+    def get_batch(self, indices: Any, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images float32 NCHW in [-1, 1], labels float32 [N, label_dim]) for `indices`.
+        `generator` is used by datasets whose items are random draws (EDM2 latents)."""
         imgs = torch.from_numpy(np.ascontiguousarray(self.uint8_images(indices)))
         x = imgs.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
         return x, self.labels(indices)
@@ -135,7 +141,7 @@ class DigitsDataset(ImageDataset):
         self._raw_labels = np.asarray(d.target, dtype=np.int64)
         self._finish_labels()
 
-    def get_batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_batch(self, indices: Any, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One tensor index into the in-memory images (flipped copies mirrored along W)."""
         raw, flip = self._split(indices)
         x = self._images[torch.as_tensor(raw)]
@@ -229,6 +235,8 @@ class _FileImageDataset(ImageDataset):
 class ZipDataset(_FileImageDataset):
     """EDM dataset_tool zip, read lazily; one zip handle per process."""
 
+    _exts: tuple[str, ...] = IMAGE_EXTS  # the members that are items
+
     def __init__(self, path: str | Path, resolution: int, channels: int, label_dim: int = 0,
                  xflip: bool = False) -> None:
         super().__init__(resolution, channels, label_dim, xflip)
@@ -241,7 +249,7 @@ class ZipDataset(_FileImageDataset):
         try:
             zf = self._zipfile()
             files = zf.namelist()
-            names = sorted(f for f in files if f.lower().endswith(IMAGE_EXTS))
+            names = sorted(f for f in files if f.lower().endswith(self._exts))
             meta = zf.read("dataset.json") if "dataset.json" in files else None
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise DataError(f"dataset {self.path} is not a readable zip ({exc}): recreate it with "
@@ -290,12 +298,60 @@ class FolderDataset(_FileImageDataset):
             raise DataError(f"dataset {self.path}: cannot read {self._names[i]} ({exc.strerror})") from None
 
 
-def open_dataset(cfg: dict) -> ImageDataset:
+class EncodedLatentDataset(ZipDataset):
+    """EDM2's encoded dataset: zip of float32 .npy [2C, R, R] (means, stds) + dataset.json labels."""
+
+    _exts = (".npy",)
+
+    def __init__(self, path: str | Path, resolution: int, channels: int, label_dim: int = 0,
+                 codec: Any = None) -> None:
+        from .latents import LatentCodec
+
+        self.codec = codec if codec is not None else LatentCodec()
+        super().__init__(path, resolution, channels, label_dim, xflip=False)
+
+    def _read(self, i: int) -> np.ndarray:
+        name = self._names[i]
+        try:
+            arr = np.load(io.BytesIO(self._read_bytes(i)), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(f"{self.name}: {name} is not a readable .npy array ({type(exc).__name__}): the "
+                            f"encoded dataset is corrupt, encode it again") from None
+        return arr
+
+    def _check_shape(self, arr: np.ndarray, name: str) -> None:
+        want = (2 * self.channels, self.resolution, self.resolution)
+        if arr.shape != want or arr.dtype.kind != "f":
+            raise DataError(f"encoded dataset {self.name} holds {arr.dtype} arrays of shape {list(arr.shape)} ({name}) "
+                            f"but data.channels {self.channels} and data.resolution {self.resolution} need float "
+                            f"{list(want)} (means and stds): fix data.* or the path")
+
+    def mean_std(self, indices: Any) -> torch.Tensor:
+        """The stored posteriors [N, 2C, R, R] float32 of `indices`."""
+        raw, _ = self._split(indices)
+        out = np.empty([len(raw), 2 * self.channels, self.resolution, self.resolution], dtype=np.float32)
+        for j, i in enumerate(raw):
+            arr = self._read(int(i))
+            self._check_shape(arr, self._names[int(i)])
+            out[j] = arr
+        return torch.from_numpy(out)
+
+    def get_batch(self, indices: Any, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final latents [N, C, R, R] freshly drawn from the posteriors with `generator`, labels)."""
+        return self.codec.sample_final(self.mean_std(indices), generator), self.labels(indices)
+
+    def _raw_uint8(self, raw: np.ndarray) -> np.ndarray:
+        raise DataError(f"{self.name} holds VAE latents, not images: use reference statistics from a file "
+                        f"(evaluate.reference, EDM2's img512.pkl through the fetch stage)")
+
+
+def open_dataset(cfg: dict, codec: Any = None) -> ImageDataset:
     """Open the dataset described by a `data:` config section (see module docstring).
 
     Keys: kind ('digits' | 'edm_zip' | 'folder', default 'digits'), path (zip/folder),
     resolution (default 8), channels (default 1), label_dim (default 0 = unconditional),
-    xflip (default False). Raises `DataError` with a one-line message on any mismatch.
+    xflip (default False). `codec`: the `sida.io.latents.LatentCodec` of an ``edm2_latents`` dataset
+    (default: EDM2's constants). Raises `DataError` with a one-line message on any mismatch.
     """
     kind = cfg.get("kind", "digits")
     res, ch = int(cfg.get("resolution", 8)), int(cfg.get("channels", 1))
@@ -309,5 +365,9 @@ def open_dataset(cfg: dict) -> ImageDataset:
     path = cfg.get("path")
     if not path:
         raise DataError(f"data.kind '{kind}' needs data.path")
+    if kind == "edm2_latents":
+        if xflip:
+            raise DataError("data.xflip does not apply to encoded latents (EDM2 trains without it): set it false")
+        return EncodedLatentDataset(path, res, ch, label_dim, codec)
     cls = ZipDataset if kind == "edm_zip" else FolderDataset
     return cls(path, res, ch, label_dim, xflip)

@@ -13,6 +13,15 @@ a `CheckpointError` naming the global. Storages inside EDM pickles are nested le
 ``torch.save`` blobs; we read those with ``torch.load(weights_only=True)``. The captured tensors
 are then loaded, by their dotted names, into our own `sida.nets.precond` class built from the recorded
 constructor kwargs (same parameter names as EDM, so ``strict=True`` works).
+
+EDM2 snapshots (``edm2-img512-*.pkl``) use the same persistence format: ``dict(encoder=
+StabilityVAEEncoder, loss_fn=EDM2Loss, dataset_kwargs, ema=Precond)`` with the network in fp16;
+it becomes our `sida.nets.edm2.EDM2Precond` in fp32. The SiDA authors' EDM2 one-step generators
+(``EDM_2_Precond_Generator``) register a forward pre-hook, a bound method, on every layer; pickle
+writes it as ``builtins.getattr(<the layer>, '<method name>')``. That one call is answered with an
+inert `BoundMethodRef` when its target is a captured object and the name a plain identifier, and
+refused otherwise. `edm_pickle_info` reports the encoder's latent scale/bias and the loss's
+P_mean/P_std for the fetch stage's manifest.
 """
 
 from __future__ import annotations
@@ -38,6 +47,11 @@ CHUNK_BYTES = 1 << 20
 
 # EDM class name (meta['class_name'] is the bare name) -> name in sida.nets.precond.PRECOND_CLASSES.
 _SUPPORTED_PRECONDS = ("EDMPrecond", "VPPrecond", "VEPrecond")
+# EDM2-family class names -> whether the network carries the uncertainty (logvar) head; all become
+# EDM2Precond. Precond: NVlabs' release; EDM_2_Precond_*: the SiDA authors' fake score / generator.
+_EDM2_CLASSES = {"Precond": True, "EDM_2_Precond_EncoderDecoder": True, "EDM_2_Precond_Generator": False}
+# Constructor arguments of the SiDA authors' EDM2 classes that only steer their training code.
+_EDM2_TRAINING_ONLY_KWARGS = ("force_normalization", "use_gan")
 
 
 class PersistentObject:
@@ -96,6 +110,18 @@ class TorchModuleStub:
 def _module_stub(qualname: str) -> type:
     """A `TorchModuleStub` subclass remembering which torch class it replaces."""
     return type("TorchModuleStub", (TorchModuleStub,), {"class_name": qualname})
+
+
+class BoundMethodRef:
+    """Inert record of ``getattr(obj, name)`` in a snapshot (a pickled bound method, e.g. a forward
+    pre-hook of the SiDA authors' EDM2 layers). Nothing is looked up or called."""
+
+    def __init__(self, target: Any, name: str) -> None:
+        self.target_class = getattr(target, "class_name", "?")
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"BoundMethodRef({self.target_class}.{self.name})"
 
 
 class _EasyDict(dict):
@@ -181,11 +207,22 @@ class _SafeUnpickler(pickle.Unpickler):
         self._allowed = _allowed_globals()
 
     def find_class(self, module: str, name: str) -> Any:
+        if module in ("builtins", "__builtin__") and name == "getattr":
+            return self._inert_getattr
         obj = self._allowed.get((module, name))
         if obj is None:
             raise CheckpointError(f"refusing to load {self._source}: it references {module}.{name}, "
                                   f"which could execute code")
         return obj
+
+    def _inert_getattr(self, target: Any = None, name: Any = None, *default: Any) -> BoundMethodRef:
+        # Only the shape a pickled bound method of a captured layer has; anything else (a getattr
+        # on a string, a module, a dunder) is what an attack would use and is refused.
+        if (default or not isinstance(target, (PersistentObject, TorchModuleStub)) or not isinstance(name, str)
+                or not name.isidentifier() or name.startswith("__")):
+            raise CheckpointError(f"refusing to load {self._source}: it references builtins.getattr on "
+                                  f"{type(target).__name__}, which could execute code")
+        return BoundMethodRef(target, name)
 
     def persistent_load(self, pid: Any) -> Any:
         # EDM snapshots are plain pickles; a persistent id means a different (unknown) format.
@@ -341,30 +378,75 @@ def _network_object(raw: dict, source: str, key: str = "ema") -> PersistentObjec
 
 def build_from_captured(obj: PersistentObject, source: str = "EDM pickle") -> torch.nn.Module:
     """Build our `sida.nets.precond` network from a captured EDM network and load its tensors."""
-    if obj.class_name not in _SUPPORTED_PRECONDS:
+    if obj.class_name not in _SUPPORTED_PRECONDS and obj.class_name not in _EDM2_CLASSES:
         raise CheckpointError(f"{source}: network class '{obj.class_name}' is not supported (supported: "
-                              f"{', '.join(_SUPPORTED_PRECONDS)})")
+                              f"{', '.join(_SUPPORTED_PRECONDS + tuple(_EDM2_CLASSES))})")
     classes = _precond_classes()
-    cls = classes[obj.class_name]
+    kwargs = obj.init_kwargs
+    if obj.class_name in _EDM2_CLASSES:
+        cls = classes["EDM2Precond"]
+        kwargs = {k: v for k, v in kwargs.items() if k not in _EDM2_TRAINING_ONLY_KWARGS}
+        kwargs["logvar"] = _EDM2_CLASSES[obj.class_name]
+    else:
+        cls = classes[obj.class_name]
     try:
-        net = cls(*obj.init_args, **obj.init_kwargs)
+        net = cls(*obj.init_args, **kwargs)
     except (TypeError, ValueError, KeyError, AssertionError) as exc:
         raise CheckpointError(f"{source}: cannot build {obj.class_name} from the recorded arguments "
                               f"{sorted(obj.init_kwargs)} ({_first_line(exc)})") from None
+    # Published EDM2 weights are fp16; load_state_dict copies them into our fp32 parameters.
     _load_strict(net, captured_state_dict(obj), source, "stored network")
     return net.eval()
 
 
 def load_edm_pickle(path_or_file: str | os.PathLike | IO[bytes]) -> torch.nn.Module:
-    """Import the EMA network of a published EDM (or SiD) snapshot as our preconditioned network.
+    """Import the EMA network of a published EDM / EDM2 (or SiD / SiDA) snapshot as our network.
 
-    Returns a `sida.nets.precond` module (EDMPrecond/VPPrecond/VEPrecond) in eval mode, with gradients
-    left enabled so callers can copy it into trainable networks; call it as
+    Returns a `sida.nets.precond` module (EDMPrecond/VPPrecond/VEPrecond/EDM2Precond, fp32) in eval
+    mode, with gradients left enabled so callers can copy it into trainable networks; call it as
     ``net(x, sigma, class_labels)``. Nothing from the file is executed.
     """
+    return load_edm_pickle_with_info(path_or_file)[0]
+
+
+def load_edm_pickle_with_info(path_or_file: str | os.PathLike | IO[bytes]) -> tuple[torch.nn.Module, dict]:
+    """`load_edm_pickle` plus `edm_pickle_info` of the same file (read once)."""
     source = _describe(path_or_file)
     raw = read_edm_pickle(path_or_file)
-    return build_from_captured(_network_object(raw, source), source)
+    obj = _network_object(raw, source)
+    return build_from_captured(obj, source), edm_pickle_info(raw)
+
+
+def _plain_value(v: Any) -> Any:
+    """numpy arrays / scalars -> lists / numbers (JSON-able)."""
+    if isinstance(v, np.ndarray):
+        return v.astype(np.float64).tolist() if v.dtype.kind == "f" else v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def edm_pickle_info(raw: dict) -> dict:
+    """JSON-able facts about a snapshot beyond its network, for the fetch stage's manifest:
+    the network class and dtype, the latent encoder (EDM2's StabilityVAEEncoder: vae_name,
+    scale, bias) and the loss (class, P_mean, P_std, sigma_data) when present."""
+    info: dict[str, Any] = {"keys": sorted(str(k) for k in raw)}
+    net = raw.get("ema") if isinstance(raw.get("ema"), PersistentObject) else raw.get("net")
+    if isinstance(net, PersistentObject):
+        dtypes = sorted({str(t.dtype).replace("torch.", "") for _, t in _iter_tensors(net, "")
+                         if isinstance(t, torch.Tensor)})
+        info["network"] = {"class": net.class_name, "stored_dtypes": dtypes}
+    enc = raw.get("encoder")
+    if isinstance(enc, PersistentObject):
+        info["encoder"] = {"class": enc.class_name,
+                           **{k: _plain_value(enc.state[k]) for k in ("vae_name", "scale", "bias", "batch_size")
+                              if k in enc.state}}
+    loss = raw.get("loss_fn")
+    if isinstance(loss, PersistentObject):
+        info["loss"] = {"class": loss.class_name,
+                        **{k: _plain_value(loss.state[k]) for k in ("P_mean", "P_std", "sigma_data")
+                           if k in loss.state}}
+    return info
 
 
 def export_edm_state(net: torch.nn.Module) -> dict:
@@ -398,7 +480,7 @@ def load_edm_state(path: str | os.PathLike) -> torch.nn.Module:
     path = Path(path)
     rec = _read_exported(path, str(path))
     name = str(rec.get("class_name", "")).rsplit(".", 1)[-1]
-    if name not in _SUPPORTED_PRECONDS:
+    if name not in _SUPPORTED_PRECONDS + ("EDM2Precond",):
         raise CheckpointError(f"{path}: network class '{rec.get('class_name')}' is not supported")
     try:
         net = _precond_classes()[name](**dict(rec.get("init_kwargs") or {}))

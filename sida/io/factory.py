@@ -13,8 +13,10 @@ def teacher_kwargs(cfg: dict) -> dict:
     """Constructor kwargs of the teacher's preconditioned network from `data` + `network`."""
     net, data = cfg["network"], cfg["data"]
     kwargs = dict(img_resolution=data["resolution"], img_channels=data["channels"],
-                  label_dim=data["label_dim"], use_fp16=net["use_fp16"], model_type=net["model_type"])
-    if net["precond"] == "EDMPrecond":
+                  label_dim=data["label_dim"], use_fp16=net["use_fp16"])
+    if net["precond"] != "EDM2Precond":  # EDM2Precond has one UNet of its own (sida.nets.edm2)
+        kwargs["model_type"] = net["model_type"]
+    if net["precond"] in ("EDMPrecond", "EDM2Precond"):
         kwargs["sigma_data"] = net["sigma_data"]
     kwargs.update(copy.deepcopy(net["kwargs"]))
     return kwargs
@@ -31,10 +33,10 @@ def network_from_config(cfg: dict, dropout: float | None = None) -> torch.nn.Mod
 def clone_with_dropout(net: torch.nn.Module, dropout: float | None) -> torch.nn.Module:
     """A copy of `net` (same weights), rebuilt with another dropout rate when one is given.
 
-    The fake score trains with its own dropout (0.13 for CIFAR-10 in the official code) while
-    the teacher it starts from may have been built with another.
+    The official code builds the generator and the fake score with `--dropout` (0.13 for
+    CIFAR-10, 0.05 for FFHQ/AFHQv2) whatever rate the teacher they start from was trained with.
     """
-    if dropout is None:
+    if dropout is None or dropout == net.init_kwargs.get("dropout"):
         return copy.deepcopy(net)
     kwargs = dict(net.init_kwargs)
     kwargs["dropout"] = dropout

@@ -20,8 +20,9 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from . import networks
+from .edm2 import EDM2UNet, MPConv, MPFourier
 
-__all__ = ["EDMPrecond", "VPPrecond", "VEPrecond", "PRECOND_CLASSES", "round_sigma", "build_model"]
+__all__ = ["EDMPrecond", "VPPrecond", "VEPrecond", "EDM2Precond", "PRECOND_CLASSES", "round_sigma", "build_model"]
 
 Output = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], List[torch.Tensor]]
 
@@ -81,10 +82,22 @@ class _Precond(torch.nn.Module):
             class_labels = torch.zeros([x.shape[0], self.label_dim], device=x.device)
         else:
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        # EDM runs the UNet in fp16 only on CUDA; on CPU (or under torch.autocast) we stay fp32
-        # and let autocast choose the compute dtype.
-        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == "cuda") else torch.float32
-        return x, sigma, class_labels, dtype
+        return x, sigma, class_labels, self.unet_dtype(x.device, force_fp32)
+
+    # Runtime choice of the UNet's dtype, not part of init_kwargs: a training loop sets it to
+    # run EDM's fp16 path on any device (sida.train.distill.apply_precision).
+    compute_dtype: Optional[torch.dtype] = None
+
+    def unet_dtype(self, device: torch.device, force_fp32: bool = False) -> torch.dtype:
+        """The dtype the UNet runs in. EDM's `use_fp16` rule: fp16 on CUDA, fp32 elsewhere (under
+        torch.autocast the input stays fp32 and autocast picks the op dtypes); `compute_dtype`,
+        when set, overrides it on every device. Weights stay fp32 (each layer casts them), the
+        noise/label embedding runs in fp32, and the output is cast back to fp32."""
+        if force_fp32:
+            return torch.float32
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return torch.float16 if (self.use_fp16 and device.type == "cuda") else torch.float32
 
     def _run(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: Optional[torch.Tensor], dtype: torch.dtype,
              c_skip, c_out, c_in, c_noise, augment_labels: Optional[torch.Tensor], return_flag: str,
@@ -202,4 +215,66 @@ class VEPrecond(_Precond):
                          decode_first)
 
 
-PRECOND_CLASSES = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond}
+class EDM2Precond(_Precond):
+    """EDM2's preconditioner (Karras et al. 2024): EDM's coefficients (sigma_data 0.5) around
+    `sida.nets.edm2.EDM2UNet` at attribute ``unet`` (the release's name), with the learned
+    uncertainty head u(sigma) = logvar_linear(logvar_fourier(c_noise)) (EDM2 eq. 21) at
+    ``logvar_fourier`` / ``logvar_linear`` when ``logvar`` is True (the published teachers have
+    it; the SiDA authors' one-step generators do not). The UNet runs in fp16 on CUDA when use_fp16.
+
+    ``forward(..., return_logvar=True)`` appends the [B,1,1,1] logvar to what ``return_flag``
+    asks for.
+    """
+
+    augment_dim = 0  # EDM2 has no augmentation embedding
+    coefficients = EDMPrecond.coefficients  # c_skip, c_out, c_in, c_noise = ln(sigma)/4
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = True,
+                 sigma_data: float = 0.5, logvar_channels: int = 128, logvar: bool = True,
+                 **unet_kwargs: Any):
+        super().__init__()
+        self.init_kwargs = _plain(dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+                                       use_fp16=use_fp16, sigma_data=sigma_data, logvar_channels=logvar_channels,
+                                       logvar=logvar, **unet_kwargs))
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.sigma_data = sigma_data
+        self.sigma_min = 0
+        self.sigma_max = float("inf")
+        self.model_type = "EDM2UNet"
+        self.has_logvar = bool(logvar)
+        self.unet = EDM2UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+                             **unet_kwargs)
+        if self.has_logvar:
+            self.logvar_fourier = MPFourier(logvar_channels)
+            self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The UNet under the name the shared preconditioning code calls (registered as `unet`)."""
+        return self.unet
+
+    def logvar(self, sigma: Any) -> torch.Tensor:
+        """u(sigma) as [B,1,1,1] float32 (a function of sigma only)."""
+        if not self.has_logvar:
+            raise ValueError("this EDM2Precond was built with logvar=False (no uncertainty head)")
+        sigma = torch.as_tensor(sigma, device=self.logvar_linear.weight.device).to(torch.float32).reshape(-1)
+        return self.logvar_linear(self.logvar_fourier(sigma.log() / 4)).reshape(-1, 1, 1, 1).to(torch.float32)
+
+    def forward(self, x: torch.Tensor, sigma: Any, class_labels: Optional[torch.Tensor] = None,
+                force_fp32: bool = False, augment_labels: Optional[torch.Tensor] = None,
+                return_flag: str = "decoder", decode_first: Optional[int] = None,
+                return_logvar: bool = False) -> Any:
+        x, sigma, class_labels, dtype = self._prepare(x, sigma, class_labels, force_fp32)
+        out = self._run(x, sigma, class_labels, dtype, *self.coefficients(sigma), None, return_flag, decode_first)
+        if not return_logvar:
+            return out
+        lv = self.logvar(sigma)
+        return (*out, lv) if isinstance(out, tuple) else (out, lv)
+
+
+# EDM2Precond wraps its own UNet at attribute `unet`, as EDM2's release does.
+PRECOND_CLASSES = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond,
+                   "EDM2Precond": EDM2Precond}

@@ -87,15 +87,22 @@ def _check_semantics(cfg: dict, source: str) -> None:
         if any(p["kind"] == "sida" for p in run["phases"]) and not run["discriminator"]:
             raise ConfigError(f"{source}: distill.runs.{name}: a 'sida' phase needs discriminator: true")
     _check_cycles(runs, source)
-    for section in ("teacher", "distill"):
-        sec = cfg[section]
-        per = sec.get("batch_per_proc")
-        procs = cfg["num_procs"] * cfg["nodes"]
-        if per is not None and sec["batch"] % (per * procs) != 0:
-            raise ConfigError(f"{source}: {section}.batch_per_proc: batch {sec['batch']} is not a multiple of "
-                              f"batch_per_proc {per} x {procs} processes")
-        if per is None and sec["batch"] % procs != 0:
-            raise ConfigError(f"{source}: {section}.batch: {sec['batch']} is not divisible by {procs} processes")
+    procs = cfg["num_procs"] * cfg["nodes"]
+    _check_batch(cfg["teacher"], "teacher", procs, source)
+    _check_batch(cfg["distill"], "distill", procs, source)
+    for name in runs:  # the merged per-run batch settings (a run may set its own)
+        rc = run_config(cfg, name)
+        where = f"distill.runs.{name}" if {"batch", "batch_per_proc"} & set(runs[name]) else "distill"
+        _check_batch(rc, where, procs, source)
+
+
+def _check_batch(sec: dict, where: str, procs: int, source: str) -> None:
+    per = sec.get("batch_per_proc")
+    if per is not None and sec["batch"] % (per * procs) != 0:
+        raise ConfigError(f"{source}: {where}.batch_per_proc: batch {sec['batch']} is not a multiple of "
+                          f"batch_per_proc {per} x {procs} processes")
+    if per is None and sec["batch"] % procs != 0:
+        raise ConfigError(f"{source}: {where}.batch: {sec['batch']} is not divisible by {procs} processes")
 
 
 def _check_cycles(runs: dict, source: str) -> None:
@@ -176,15 +183,27 @@ def config_hash(cfg: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def distill_defaults() -> dict:
+    """The schema's default of every `distill` setting (not `runs`): what a hand-made run config
+    (tests, benchmarks) falls back on, from the same single source as a validated config."""
+    props = load_schema()["properties"]["distill"]["properties"]
+    return {k: copy.deepcopy(v["default"]) for k, v in props.items() if k != "runs" and "default" in v}
+
+
+# Keys of a run entry that are not `distill` settings: where the run starts, what it trains.
+RUN_ONLY_KEYS = ("init", "init_generator", "discriminator", "phases", "evaluate")
+
+
 def run_config(cfg: dict, run: str) -> dict:
-    """The distillation settings of one run: `distill` with the run's own overrides merged in."""
+    """The distillation settings of one run: `distill` with every setting the run sets itself
+    (`distill.runs.<run>.<key>`, any key of `distill` but `runs`) replacing the section's value,
+    plus the run's own keys. `adam_eps: null` resolves to the official rule (1e-6 with fp16,
+    else 1e-8)."""
     runs = cfg["distill"]["runs"]
     if run not in runs:
         raise ConfigError(f"unknown run '{run}': the config defines {', '.join(runs) or 'no runs'}")
     merged = {k: v for k, v in cfg["distill"].items() if k != "runs"}
-    spec = runs[run]
-    for key in ("lr_g", "lr_fake"):
-        if spec.get(key) is not None:
-            merged[key] = spec[key]
-    merged.update({k: spec[k] for k in ("init", "init_generator", "discriminator", "phases")})
+    merged.update(copy.deepcopy(runs[run]))  # a key present in the run wins, even an explicit null
+    if merged.get("adam_eps") is None:
+        merged["adam_eps"] = 1e-6 if merged.get("precision") == "fp16" else 1e-8
     return merged

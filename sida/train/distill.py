@@ -3,29 +3,39 @@
 A run is a list of phases ({kind, kimg}); `kind` decides what an iteration does:
 - warmup: only the fake score f_psi (and, if the run trains one, the discriminator) learns;
 - sid:    f_psi step, then the generator step on lambda_sid * L_sid;
-- sida:   as sid, but the generator minimises 0.5 lambda_sid L_sid + 0.5 lambda_adv L_adv and
-          the fake score's gradients are clipped by value (SiDA Section 4).
-SiD2A is a run whose generator starts from a SiD generator (`init_generator`).
+- sida:   as sid, but the generator minimises 0.5 lambda_sid L_sid + 0.5 lambda_adv L_adv.
+SiD2A is a run whose generator starts from a SiD generator (`init_generator`). Every setting
+comes from the run's merged config (`sida.run.config.run_config`), so a run can change any of
+them. What the official loops do and this one does too:
+- a run that trains the discriminator clips the fake score's gradients by value (`fake_clip`)
+  in every phase; others never clip;
+- the fake score sees augmented inputs (`augment`, EDM's pipe with its 9 labels; generated and
+  real images drawn independently); the generator step is never augmented;
+- G and f_psi carry `dropout` and train in train mode (the teacher and G_ema never do);
+- labels of class-conditional runs come from dataset samples (the dataset's class frequencies);
+- a sample holding a NaN is dropped from its loss, gradients pass through nan_to_num;
+- `precision: fp16` runs EDM's fp16 path in all networks (no gradient scaler; Adam eps 1e-6).
 Each iteration (DESIGN.md): 1. fake-score (+discriminator) update on x_g.detach();
 2. generator update through frozen teacher and fake score; 3. EMA of G.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..io.data import ImageDataset
+from ..run.config import distill_defaults
 from ..run.dist import DistInfo
 from ..errors import ConfigError
 from ..io.factory import autocast
+from .augment import AUGMENT_DIM, AugmentPipe
 from .loop import accumulation, ema_update, make_adam, make_generators, slot_generator, sync_gradients
-from .losses import (adversarial_generator_loss, discriminator_loss, edm_denoising_loss, edm_loss_weight,
-                     fake_score_objective, generator_objective, sid_generator_loss, sid_weight_factor)
+from .losses import fake_score_losses, fake_score_objective, generator_losses, generator_objective
 from ..nets.sampler import sid_sigma_t
+from ..nets.edm2 import force_weight_norm_
 
 
 @dataclass(frozen=True)
@@ -56,20 +66,45 @@ class Nets:
 
 
 def fake_forward(fake: torch.nn.Module, x_fake: torch.Tensor, x_real: torch.Tensor | None,
-                 sigma: torch.Tensor, labels: torch.Tensor, discriminator: bool):
+                 sigma: torch.Tensor, labels: torch.Tensor, discriminator: bool,
+                 augment_labels: tuple[torch.Tensor, torch.Tensor | None] | None = None):
     """f_psi on noisy fakes (denoised + logits) and, for the discriminator, on noisy reals (logits).
 
     Both encoder passes run as one batched pass: the network decodes only the fake half
     (`decode_first`), so the real images cost an encoder pass and nothing more.
+    `augment_labels`: (fake's, real's or None) augmentation labels, None when not augmenting.
     Returns (denoised_fake, logits_fake | None, logits_real | None).
     """
+    aug_fake, aug_real = augment_labels if augment_labels is not None else (None, None)
     if not discriminator:
-        return fake(x_fake, sigma, labels), None, None
+        return fake(x_fake, sigma, labels, augment_labels=aug_fake), None, None
     b = x_fake.shape[0]
     x = torch.cat([x_fake, x_real])
-    denoised, logits = fake(x, torch.cat([sigma, sigma]), torch.cat([labels, labels]),
+    aug = None if aug_fake is None else torch.cat([aug_fake, aug_real])
+    denoised, logits = fake(x, torch.cat([sigma, sigma]), torch.cat([labels, labels]), augment_labels=aug,
                             return_flag="encoder_decoder", decode_first=b)
     return denoised, logits[:b], logits[b:]
+
+
+def apply_precision(nets: "Nets", precision: str) -> None:
+    """Set every network's compute dtype for the run's `precision`, as the official code does.
+
+    fp16: EDM's `use_fp16` path in all networks (the UNet blocks in fp16, fp32 master weights,
+    embedding and output in fp32); G, G_ema and f_psi are marked use_fp16 like the official
+    ones (their network files then sample in fp16 on CUDA, as the authors' pickles do).
+    fp32 and bf16: the UNets take fp32 inputs (bf16 then comes from torch.autocast), even for a
+    teacher published with use_fp16 (the official code builds all three networks with --fp16).
+    Networks without EDM preconditioning (analytic test doubles) are left alone.
+    """
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    for name in ("teacher", "G", "G_ema", "fake"):
+        net = getattr(nets, name)
+        if not hasattr(net, "unet_dtype"):
+            continue
+        net.compute_dtype = dtype
+        if name != "teacher":
+            net.use_fp16 = precision == "fp16"
+            net.init_kwargs["use_fp16"] = net.use_fp16
 
 
 class DistillLoop:
@@ -78,6 +113,9 @@ class DistillLoop:
     def __init__(self, rc: dict, nets: Nets, dataset: ImageDataset | None, info: DistInfo,
                  gens: dict[str, torch.Generator] | None = None, sigma_data: float = 0.5,
                  seed: int = 0) -> None:
+        rc = {**distill_defaults(), **rc}  # a hand-made rc (tests, benchmarks) gets the schema's defaults
+        if rc["adam_eps"] is None:
+            rc["adam_eps"] = 1e-6 if rc["precision"] == "fp16" else 1e-8
         self.rc = rc
         self.nets = nets
         self.dataset = dataset
@@ -95,6 +133,15 @@ class DistillLoop:
         ref = nets.teacher
         self.img_shape = (ref.img_channels, ref.img_resolution, ref.img_resolution)
         self.label_dim = ref.label_dim
+        self.augment = AugmentPipe(rc["augment"]) if rc["augment"] > 0 else None
+        if self.augment is not None and getattr(nets.fake, "augment_dim", 0) < AUGMENT_DIM:
+            raise ConfigError(f"distill.augment {rc['augment']} feeds {AUGMENT_DIM} augmentation labels to the fake "
+                              f"score, but its network has augment_dim {getattr(nets.fake, 'augment_dim', 0)}: use a "
+                              f"teacher built with network.kwargs.augment_dim: {AUGMENT_DIM}, or set distill.augment: 0")
+        # The official SiDA loop clips the fake score's gradients in every phase of a run that
+        # trains the discriminator (warm-up and SiD stretch included); the SiD loop never clips.
+        self.fake_clip = rc["fake_clip"] if self.discriminator else None
+        apply_precision(nets, rc["precision"])
         nets.teacher.eval().requires_grad_(False)
         nets.G_ema.eval().requires_grad_(False)
         if rc.get("channels_last"):
@@ -103,9 +150,20 @@ class DistillLoop:
             # 32x32 (bench.step). Inputs stay NCHW: the first conv switches the layout.
             for net in (nets.teacher, nets.G, nets.G_ema, nets.fake):
                 net.to(memory_format=torch.channels_last)
+        # EDM2 teachers (latent space): the fake score's uncertainty head weights the losses, and
+        # forced weight normalisation runs after every optimiser step (and here, at the start of the
+        # run: a resumed run then loads its saved weights over it, so resuming stays bit-exact).
+        self.logvar = bool(rc.get("logvar"))
+        self.force_wn = bool(rc.get("force_weight_norm"))
+        if self.logvar and not getattr(nets.fake, "has_logvar", False):
+            raise ConfigError("distill.logvar: true needs a teacher with an uncertainty head (EDM2Precond): "
+                              "set it false for this teacher")
+        if self.force_wn:
+            self._post_step(nets.G)
+            self._post_step(nets.fake)
         self.g_params = list(nets.G.parameters())
         self.f_params = list(nets.fake.parameters())
-        self.opt_g = make_adam(self.g_params, rc["lr_g"], rc["adam_eps"])
+        self.opt_g = make_adam(self.g_params, rc["lr_g"], rc["adam_eps"], betas=(rc["beta1_g"], 0.999))
         self.opt_f = make_adam(self.f_params, rc["lr_fake"], rc["adam_eps"])
         self.nimg = 0
 
@@ -119,17 +177,31 @@ class DistillLoop:
     def phase_name(self) -> str:
         return self.phase().kind
 
+    def _post_step(self, net: torch.nn.Module) -> None:
+        """After an optimiser step: forced weight normalisation of EDM2 layers (a no-op elsewhere)."""
+        if self.force_wn:
+            force_weight_norm_(net)
+
     # -- random draws (all from this rank's generators) --------------------------------------------
     def _labels(self, n: int, r: int) -> torch.Tensor:
+        """Class labels of `n` dataset samples, as the official loops take them from data batches
+        (so unequal class sizes, e.g. ImageNet's, are respected). Without a dataset (analytic
+        tests, benchmarks) labels are uniform over the classes."""
         if self.label_dim == 0:
             return torch.zeros([n, 0], device=self.device)
+        if self.dataset is not None:
+            return self.dataset.labels(self._indices(n, r)).to(self.device, non_blocking=True)
         idx = torch.randint(self.label_dim, (n,), generator=slot_generator(self.gens, "data", r))
         return F.one_hot(idx, self.label_dim).float().to(self.device)
 
+    def _indices(self, n: int, r: int) -> torch.Tensor:
+        """`n` dataset indices drawn with replacement from this slot's data stream."""
+        return torch.randint(len(self.dataset), (n,), generator=slot_generator(self.gens, "data", r))
+
     def _real(self, n: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Real images with their labels; the generator is then conditioned on the same labels."""
-        idx = torch.randint(len(self.dataset), (n,), generator=slot_generator(self.gens, "data", r))
-        x, labels = self.dataset.get_batch(idx)
+        # Latent datasets draw each latent as mean + N(0,1) std: from the same slot stream.
+        x, labels = self.dataset.get_batch(self._indices(n, r), generator=slot_generator(self.gens, "data", r))
         return x.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def _randn(self, shape, r: int) -> torch.Tensor:
@@ -142,6 +214,17 @@ class DistillLoop:
         s = self.rc["sigma_init"]
         return self.nets.G(s * z, torch.full([n], s, device=self.device), labels)
 
+    def _autocast(self):
+        """torch.autocast for `precision: bf16`; fp16 needs none (the networks run EDM's fp16 path
+        themselves, see apply_precision) and fp32 none either."""
+        return autocast(self.device, "bf16" if self.rc["precision"] == "bf16" else "fp32")
+
+    def _augment(self, images: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fake score's input augmentation, drawn from this slot's noise stream."""
+        if self.augment is None:
+            return images, None
+        return self.augment(images, slot_generator(self.gens, "noise", r))
+
     # -- the two updates --------------------------------------------------------------------------
     def fake_step(self, kind: str) -> dict[str, torch.Tensor]:
         """Fake-score (+discriminator) update on x_g.detach() (DESIGN.md step 1)."""
@@ -150,38 +233,48 @@ class DistillLoop:
         nets.G.eval()
         self.opt_f.zero_grad(set_to_none=True)
         total = self.micro * self.rounds
-        stats = {"loss_fake": torch.zeros((), device=self.device)}
+        zero = torch.zeros((), device=self.device)
+        stats = {"loss_fake": zero.clone(), "dropped_fake": zero.clone()}
         if self.discriminator:
-            stats.update(loss_d=torch.zeros((), device=self.device), d_acc=torch.zeros((), device=self.device))
+            stats.update(loss_d=zero.clone(), d_acc=zero.clone())
         for r in range(self.rounds):
             if self.discriminator:
                 real, labels = self._real(self.micro, r)
             else:
                 real, labels = None, self._labels(self.micro, r)
-            with torch.no_grad(), autocast(self.device, rc["precision"]):
+            with torch.no_grad(), self._autocast():
                 x_g = self._generate(labels, r)
-            x_g = x_g.float()
+            # Generated and real images are augmented independently (the official loss calls
+            # the pipe on each); both then get the same sigma and noise.
+            x_g, aug_fake = self._augment(x_g.float(), r)
+            aug_real = None
+            if real is not None:
+                real, aug_real = self._augment(real, r)
             g = slot_generator(self.gens, "noise", r)
             sigma = (torch.randn([self.micro, 1, 1, 1], generator=g, device=self.device) * rc["P_std"]
                      + rc["P_mean"]).exp()
             n = self._randn(x_g.shape, r) * sigma
-            with autocast(self.device, rc["precision"]):
+            with self._autocast():
+                # augment_labels only when augmenting: benchmark stand-ins for fake_forward take
+                # its six positional arguments.
                 denoised, lf, lr = fake_forward(nets.fake, x_g + n, None if real is None else real + n,
-                                                sigma.flatten(), labels, self.discriminator)
-            l_fake = edm_denoising_loss(denoised.float(), x_g, sigma, self.sigma_data)
-            l_d = None
+                                                sigma.flatten(), labels, self.discriminator,
+                                                **({} if aug_fake is None else {"augment_labels": (aug_fake, aug_real)}))
+            logvar = nets.fake.logvar(sigma) if self.logvar else None  # EDM2: u(sigma), a function of sigma only
+            l_fake, l_d, keep = fake_score_losses(denoised.float(), x_g, sigma, lf, lr, self.sigma_data, logvar)
             if self.discriminator:
-                l_d = discriminator_loss(lr, lf, edm_loss_weight(sigma, self.sigma_data))
                 stats["loss_d"] += (l_d.sum() / total).detach()
                 acc = ((lr.detach() > 0).float().mean() + (lf.detach() < 0).float().mean()) / 2
                 stats["d_acc"] += acc / self.rounds
             loss = fake_score_objective(l_fake, l_d, total, rc["lambda_d"])
             loss.backward()
             stats["loss_fake"] += (l_fake.sum() / total).detach()
+            stats["dropped_fake"] += (~keep).sum()
         stats["nonfinite_fake"] = sync_gradients(self.f_params)
-        if kind == "sida":
-            torch.nn.utils.clip_grad_value_(self.f_params, rc["fake_clip"])
+        if self.fake_clip is not None:
+            torch.nn.utils.clip_grad_value_(self.f_params, self.fake_clip)
         self.opt_f.step()
+        self._post_step(nets.fake)
         nets.fake.eval().requires_grad_(False)
         return stats
 
@@ -193,12 +286,13 @@ class DistillLoop:
         nets.fake.eval().requires_grad_(False)
         self.opt_g.zero_grad(set_to_none=True)
         total = self.micro * self.rounds
-        stats = {"loss_g_sid": torch.zeros((), device=self.device)}
+        zero = torch.zeros((), device=self.device)
+        stats = {"loss_g_sid": zero.clone(), "dropped_g": zero.clone()}
         if adversarial:
-            stats["loss_g_adv"] = torch.zeros((), device=self.device)
+            stats["loss_g_adv"] = zero.clone()
         for r in range(self.rounds):
             labels = self._labels(self.micro, r)
-            with autocast(self.device, rc["precision"]):
+            with self._autocast():
                 x_g = self._generate(labels, r).float()
                 t = torch.rand([self.micro, 1, 1, 1], generator=slot_generator(self.gens, "noise", r),
                                device=self.device)
@@ -209,17 +303,20 @@ class DistillLoop:
                     y_fake, logits = nets.fake(x_t, sigma_t.flatten(), labels, return_flag="encoder_decoder")
                 else:
                     y_fake, logits = nets.fake(x_t, sigma_t.flatten(), labels), None
-            y_real, y_fake = y_real.float(), y_fake.float()
-            l_sid = sid_generator_loss(y_real, y_fake, x_g, rc["alpha"])
-            l_adv = None
+            logvar = None
+            if self.logvar:
+                with torch.no_grad():  # the fake score is frozen here: a constant weight
+                    logvar = nets.fake.logvar(sigma_t)
+            l_sid, l_adv, keep = generator_losses(y_real.float(), y_fake.float(), x_g, rc["alpha"], logits, logvar)
             if adversarial:
-                l_adv = adversarial_generator_loss(logits, sid_weight_factor(x_g, y_real), x_g.shape)
                 stats["loss_g_adv"] += (l_adv.sum() / total).detach()
             loss = generator_objective(l_sid, l_adv, rc["lambda_sid"], rc["lambda_adv"], total, adversarial)
             loss.backward()
             stats["loss_g_sid"] += (l_sid.sum() / total).detach()
+            stats["dropped_g"] += (~keep).sum()
         stats["nonfinite_g"] = sync_gradients(self.g_params)
         self.opt_g.step()
+        self._post_step(nets.G)
         nets.G.eval().requires_grad_(False)
         return stats
 
@@ -248,23 +345,21 @@ class DistillLoop:
         self.nimg = int(state["nimg"])
 
 
-def init_nets(teacher: torch.nn.Module, fake_dropout: float | None, init_state: dict | None = None,
+def init_nets(teacher: torch.nn.Module, dropout: float | None, init_state: dict | None = None,
               init_generator: torch.nn.Module | None = None) -> Nets:
     """The run's networks: G and f_psi from the teacher, or from a previous run's final state;
-    G (and its EMA) from another run's EMA generator for SiD2A."""
+    G (and its EMA) from another run's EMA generator for SiD2A. G, G_ema and f_psi get the run's
+    `dropout` (None: keep the rate they were built with), as the official code builds all of
+    them with --dropout; the teacher keeps its own (it never trains)."""
     from ..io.checkpoints import network_from_record
     from ..io.factory import clone_with_dropout
 
     device = next(teacher.parameters()).device
     if init_state is not None:
-        G = network_from_record(init_state["G"], "init state").to(device)
-        G_ema = network_from_record(init_state["G_ema"], "init state").to(device)
-        fake = clone_with_dropout(network_from_record(init_state["fake"], "init state").to(device), fake_dropout)
+        G, G_ema, fake = (network_from_record(init_state[k], "init state").to(device) for k in ("G", "G_ema", "fake"))
     else:
-        G = copy.deepcopy(teacher)
-        G_ema = copy.deepcopy(teacher)
-        fake = clone_with_dropout(teacher, fake_dropout)
+        G, G_ema, fake = teacher, teacher, teacher
     if init_generator is not None:
-        G = copy.deepcopy(init_generator).to(device)
-        G_ema = copy.deepcopy(init_generator).to(device)
+        G = G_ema = init_generator.to(device)
+    G, G_ema, fake = (clone_with_dropout(net, dropout) for net in (G, G_ema, fake))
     return Nets(teacher=teacher, G=G.requires_grad_(True), G_ema=G_ema, fake=fake)

@@ -37,16 +37,23 @@ def accumulation(batch: int, batch_per_proc: int | None, world_size: int) -> tup
 
 def make_adam(params: Iterable[torch.nn.Parameter], lr: float, eps: float,
               betas: tuple[float, float] = (0.0, 0.999)) -> torch.optim.Adam:
-    """Adam as SiD uses it: beta1 = 0, beta2 = 0.999 (floats: torch rejects ints in betas)."""
+    """Adam as SiD uses it: beta1 = 0 (the generator's is a setting), beta2 = 0.999 (floats:
+    torch rejects ints in betas)."""
     return torch.optim.Adam(params, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=float(eps))
 
 
+# What non-finite gradient entries become (the official SiD/SiDA loops and EDM's training loop:
+# torch.nan_to_num(grad, nan=0, posinf=1e5, neginf=-1e5) before clipping and the optimiser step).
+GRAD_NAN, GRAD_POSINF, GRAD_NEGINF = 0.0, 1e5, -1e5
+
+
 def sync_gradients(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """Average gradients over processes, zero non-finite entries, return how many there were.
+    """Average gradients over processes, replace non-finite entries as the official code does
+    (NaN -> 0, +inf -> 1e5, -inf -> -1e5), and return how many there were.
 
     One flat all-reduce instead of one per tensor; the average (not the sum) keeps the loss
     scale independent of the process count. Non-finite entries are counted after averaging so
-    every rank sees (and zeroes) the same ones. The count stays a device tensor: reading it
+    every rank sees (and replaces) the same ones. The count stays a device tensor: reading it
     here would synchronise the host on every iteration.
     """
     grads = [p.grad for p in params if p.grad is not None]
@@ -64,9 +71,8 @@ def sync_gradients(params: list[torch.nn.Parameter]) -> torch.Tensor:
             offset += n
     bad = torch.zeros((), dtype=torch.int64, device=grads[0].device)
     for g in grads:
-        finite = torch.isfinite(g)
-        bad += (~finite).sum()
-        g.masked_fill_(~finite, 0.0)
+        bad += (~torch.isfinite(g)).sum()
+        torch.nan_to_num_(g, nan=GRAD_NAN, posinf=GRAD_POSINF, neginf=GRAD_NEGINF)
     return bad
 
 

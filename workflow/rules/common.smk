@@ -4,6 +4,7 @@
 import json
 import os
 import re
+import sys
 
 import yaml
 
@@ -150,8 +151,8 @@ DISTRIBUTED = {"teacher": True, "distill": True, "evaluate": True, "fetch": Fals
 MULTI_NODE = {"teacher", "distill"}
 
 
-def rule_resources(rule):
-    """Resources of a rule: defaults, then config `resources.default`, then `resources.<rule>`."""
+def _configured_resources(rule):
+    """Defaults, then config `resources.default`, then `resources.<rule>` (per node)."""
     res = dict(DEFAULT_RESOURCES[rule])
     if DISTRIBUTED[rule]:
         res.update(cpus_per_task=PROCS * THREADS_PER_PROC, gpu=GPUS)
@@ -160,6 +161,12 @@ def rule_resources(rule):
     overrides = config.get("resources") or {}
     res.update(overrides.get("default") or {})
     res.update(overrides.get(rule) or {})
+    return res
+
+
+def rule_resources(rule):
+    """Resources as the SLURM plugin reads them (several nodes: GPUs per node)."""
+    res = _configured_resources(rule)
     # The node count is the config's `nodes` (the stages size their process groups and batch
     # checks from it), never a per-rule resource.
     res["nodes"] = config["nodes"] if rule in MULTI_NODE else 1
@@ -185,18 +192,75 @@ def launcher(rule):
     Rules call it as `{params.launch} -m -- stages.X ARGS`: the `--` ends torchrun's own options,
     which it otherwise matches by prefix (`--run` is "ambiguous: --run-path, --run_path").
     One node: `torchrun --standalone`. Several nodes (a SLURM allocation of `nodes` nodes with one
-    task each): srun starts one torchrun per node, which rendezvous at the first node (c10d).
+    task each): srun starts `sida.run.launch` once per node, which runs torchrun with a c10d
+    rendezvous hosted by the first node, the address and interface that reach the other nodes,
+    and a port from the job id (see its docstring). srun is given the CPUs (Slurm >= 22.05 no
+    longer passes the job's --cpus-per-task to steps) and GPUs per node again, and ends the
+    other nodes' processes as soon as one fails instead of leaving them waiting in a collective.
     """
     if not DISTRIBUTED[rule]:
         return "torchrun --standalone --nproc-per-node 1"
-    nodes = rule_resources(rule)["nodes"]
-    if nodes == 1:
+    res = rule_resources(rule)
+    if res["nodes"] == 1:
         return f"torchrun --standalone --nproc-per-node {PROCS}"
+    gpus_per_node = _configured_resources(rule).get("gpu", 0)
+    gpus = f" --gpus-per-node {gpus_per_node}" if gpus_per_node else ""
     return (
-        f"srun --nodes {nodes} --ntasks-per-node 1 torchrun --nnodes $SLURM_NNODES "
-        f"--nproc-per-node {PROCS} --rdzv-id $SLURM_JOB_ID --rdzv-backend c10d "
-        "--rdzv-endpoint $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1):29500"
+        f"srun --nodes {res['nodes']} --ntasks-per-node 1 --cpus-per-task {res['cpus_per_task']}{gpus} "
+        f"--kill-on-bad-exit=1 python -m sida.run.launch --nproc-per-node {PROCS}"
     )
+
+
+# ---- profiles: `--profile slurm` / `--profile local` -----------------------------------------
+# Snakemake resolves a profile name as a relative path first, then under the user's and the
+# system's configuration directories ($XDG_CONFIG_HOME/snakemake, /etc/xdg/snakemake). From the
+# repository root `slurm` and `local` are therefore ours (links to workflow/profiles/): nothing
+# is installed into the user's directories. A profile of the user's with the same name is never
+# touched, but from here it is not the one used: say so once, and how to add it.
+PROFILES_DIR = os.path.join(workflow.basedir, "profiles")
+
+
+def _profile_names(argv, environ):
+    """The values of `--profile` (or $SNAKEMAKE_PROFILE, which Snakemake reads without one)."""
+    names = [a.split("=", 1)[1] for a in argv if a.startswith("--profile=")]
+    names += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--profile"]
+    if not names and environ.get("SNAKEMAKE_PROFILE"):
+        names.append(environ["SNAKEMAKE_PROFILE"])
+    return names
+
+
+def shadowed_profile_notes(argv, environ, launch_dir, config_dirs):
+    """One line per profile named like one of ours whose name resolved to ours in `launch_dir`
+    while the user (or the system) has a profile of that name in `config_dirs`."""
+    notes = []
+    for name in _profile_names(argv, environ):
+        ours = os.path.join(PROFILES_DIR, name)
+        if os.sep in name or not os.path.isdir(ours):
+            continue
+        if os.path.realpath(os.path.join(launch_dir, name)) != os.path.realpath(ours):
+            continue
+        for d in config_dirs:
+            theirs = os.path.join(d, name)
+            if os.path.exists(theirs):
+                notes.append(
+                    f"note: --profile {name} is this repository's ({name} -> workflow/profiles/{name}), "
+                    f"not yours in {theirs} (left as it is); to use yours on top of ours: "
+                    f"--profile {name} --profile {theirs}"
+                )
+                break
+    return notes
+
+
+def note_shadowed_profiles():
+    """Print shadowed_profile_notes for this invocation (the shell's $PWD is where it started:
+    Snakemake has already changed into --directory)."""
+    from snakemake.common import get_appdirs
+
+    dirs = get_appdirs()
+    launch_dir = os.environ.get("PWD") or os.getcwd()
+    for line in shadowed_profile_notes(sys.argv, os.environ, launch_dir,
+                                       [dirs.user_config_dir, dirs.site_config_dir]):
+        print(line, file=sys.stderr)
 
 
 # Every job's shell starts with this: strict mode and `stage_failed RULE LOG`, which each rule
