@@ -31,7 +31,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 __all__ = ["DMD2Head", "FeatureHead", "ADDHeads", "TeacherFeatures", "as_tokens", "probe_features",
-           "num_groups", "seeded"]
+           "num_groups", "seeded", "HEAD_CLASSES", "head_record", "head_from_record", "dmd2_head_for",
+           "add_heads_for"]
 
 FeatureNet = Callable[[torch.Tensor, Optional[torch.Tensor]], List[torch.Tensor]]
 
@@ -62,6 +63,7 @@ class DMD2Head(torch.nn.Module):
         k = resolution // 2
         g = num_groups(channels)
         self.channels, self.resolution = channels, resolution
+        self.init_kwargs = {"channels": int(channels), "resolution": int(resolution)}
         self.net = torch.nn.Sequential(
             torch.nn.Conv2d(channels, channels, kernel_size=4, stride=2, padding=1),  # H -> H/2
             torch.nn.GroupNorm(g, channels),
@@ -141,6 +143,8 @@ class ADDHeads(torch.nn.Module):
         super().__init__()
         if len(channels) != len(tokens) or not channels:
             raise ValueError(f"one channel count and one token count per feature level, got {channels}, {tokens}")
+        self.init_kwargs = {"channels": [int(c) for c in channels], "tokens": [int(n) for n in tokens],
+                            "label_dim": int(label_dim), "cmap_dim": int(cmap_dim), "kernel": int(kernel)}
         self.heads = torch.nn.ModuleList(FeatureHead(c, n, label_dim, cmap_dim, kernel)
                                          for c, n in zip(channels, tokens))
 
@@ -189,3 +193,39 @@ def probe_features(features: FeatureNet, image_shape: Sequence[int], label_dim: 
     labels = torch.zeros([2, label_dim], device=device) if label_dim else None
     toks = [as_tokens(f) for f in features(x, labels)]
     return [int(t.shape[1]) for t in toks], [int(t.shape[2]) for t in toks]
+
+
+HEAD_CLASSES = {"DMD2Head": DMD2Head, "ADDHeads": ADDHeads}
+
+
+def head_record(head: torch.nn.Module) -> dict:
+    """Class name, constructor kwargs and weights of a head, as stored in training states."""
+    return {"class": type(head).__name__, "kwargs": dict(head.init_kwargs),
+            "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}}
+
+
+def head_from_record(rec: dict) -> torch.nn.Module:
+    """Rebuild a head from `head_record` output (strict load)."""
+    head = HEAD_CLASSES[rec["class"]](**rec["kwargs"])
+    head.load_state_dict(rec["state_dict"], strict=True)
+    return head
+
+
+@torch.no_grad()
+def dmd2_head_for(fake: torch.nn.Module, image_shape: Sequence[int], label_dim: int, seed: int,
+                  device: torch.device | str = "cpu") -> DMD2Head:
+    """DMD2's head sized for the fake score's bottleneck, with weights drawn from `seed`."""
+    x = torch.zeros([1, *image_shape], device=device)
+    labels = torch.zeros([1, label_dim], device=device) if label_dim else None
+    was_training = fake.training
+    fake.eval()  # no dropout draws from the global RNG (a resumed run replays it)
+    rep = fake(x, torch.ones([1], device=device), labels, return_flag="encoder_features")[-1]
+    fake.train(was_training)
+    return seeded(lambda: DMD2Head(int(rep.shape[1]), int(rep.shape[-1])), seed).to(device)
+
+
+def add_heads_for(features: FeatureNet, image_shape: Sequence[int], label_dim: int, cmap_dim: int, seed: int,
+                  device: torch.device | str = "cpu") -> ADDHeads:
+    """ADD's heads sized for every level of a feature network, with weights drawn from `seed`."""
+    channels, tokens = probe_features(features, image_shape, label_dim, device)
+    return seeded(lambda: ADDHeads(channels, tokens, label_dim, cmap_dim), seed).to(device)
