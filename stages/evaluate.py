@@ -27,8 +27,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                           "Evaluate a generator (1 NFE) or the teacher (Heun) with FD/FID, IS and precision/recall.")
     parser.add_argument("--network", required=True, help="network file (results/E/<run>/network.pt or teacher)")
     parser.add_argument("--kind", required=True, choices=["generator", "teacher"],
-                        help="generator: one step at sigma_init; teacher: Heun with evaluate.teacher_steps")
+                        help="generator: --steps steps at its generation sigmas; teacher: Heun with evaluate.teacher_steps")
     parser.add_argument("--name", required=True, help="name recorded in metrics.json (run name or 'teacher')")
+    parser.add_argument("--steps", type=int, default=1,
+                        help="generator: sampling steps at the generation sigmas its file records (default 1; ADD: up "
+                             "to its number of student levels)")
+    parser.add_argument("--label", help="the model's name in the report (default: --name)")
     parser.add_argument("--out", required=True, help="metrics.json path; samples.png is written beside it")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -37,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from sida.eval.evaluation import evaluate_network
         from sida.io.images import save_grid
 
-        metrics, grid = evaluate_network(cfg, args.network, args.kind, args.name, info)
+        metrics, grid = evaluate_network(cfg, args.network, args.kind, args.name, info, args.steps, args.label)
         if info.is_main:
             out = Path(args.out)
             if grid is not None:

@@ -24,7 +24,7 @@ from sida.run.config import load_config
 from sida.errors import DataError
 
 EVAL_KEYS = ("fd", "fid", "eval/fd", "eval/fid")   # what a training run may log for its quick metric
-LOSS_KEYS = ("loss_g_sid", "loss_g_adv", "loss_fake", "loss_d")
+LOSS_KEYS = ("loss_g_sid", "loss_g_dm", "loss_g_distill", "loss_g_adv", "loss_fake", "loss_d")
 
 
 def _read_json(path: Path) -> dict:
@@ -59,7 +59,10 @@ def results_table(evaluations: list[dict]) -> list[dict]:
     rows = []
     for m in sorted(evaluations, key=lambda m: (m.get("kind") != "teacher", m.get("name", ""))):
         s = m.get("summary", {})
-        rows.append({"name": m["name"], "kind": m["kind"], "nfe": m["nfe"], "metric": m["metric"],
+        # label: the method's name in the report (a run's `label`, with the step count for ADD's
+        # few-step entries), older metrics.json files without one show their name
+        rows.append({"name": m["name"], "label": m.get("label") or m["name"], "kind": m["kind"], "nfe": m["nfe"],
+                     "steps": m.get("steps"), "metric": m["metric"],
                      "metric_label": m["metric_label"], "value": s.get(m["metric"]), "is": s.get("is"),
                      "precision": s.get("precision"), "recall": s.get("recall"), "num_runs": m["num_runs"],
                      "num_samples": m["num_samples"], "extractor": m["extractor"]["name"],
@@ -128,7 +131,7 @@ def build_report(cfg: dict, out: Path, evaluations: Sequence[str], jsonls: Seque
         grid_files.append((dst.name, Path(g).parent.name))
 
     head = ["model", "kind", "NFE", label, "IS", "precision", "recall", "runs × samples"]
-    body = [[r["name"], r["kind"], str(r["nfe"]), _fmt(r["value"], 3), _fmt(r["is"], 2), _fmt(r["precision"], 3),
+    body = [[r["label"], r["kind"], str(r["nfe"]), _fmt(r["value"], 3), _fmt(r["is"], 2), _fmt(r["precision"], 3),
              _fmt(r["recall"], 3), f"{r['num_runs']} × {r['num_samples']}"] for r in rows]
     extractors = sorted({(r["extractor"], r["mode"], r["extractor_sha256"][:12]) for r in rows})
     md = [f"# {cfg['experiment']}: results", "", cfg.get("description", ""), ""]

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO, Snakemake
+from sida.run.config import evaluation_entries, load_config
 
 PRESETS = sorted(p for p in (REPO / "config").glob("*.yaml"))
 CI = REPO / "config" / "ci-short.yaml"
@@ -63,7 +64,7 @@ def test_dry_run_of_every_preset_follows_its_runs(snakemake, preset):
     runs = cfg["distill"]["runs"]
     stats = _job_stats(r.stdout)
     expected = {name: 1 for name in runs}
-    evaluated = sum(1 for run in runs.values() if run.get("evaluate", True))
+    evaluated = len(evaluation_entries(load_config(preset)))  # a run per entry of its eval_steps
     expected.update(evaluate=1 + evaluated, report=1, all=1)
     expected["fetch" if cfg.get("teacher", {}).get("source") == "fetch" else "teacher"] = 1
     assert stats == expected

@@ -270,15 +270,17 @@ def score_run(ref: Reference, feats: np.ndarray, probs: np.ndarray | None, cfg: 
     return out
 
 
-def make_generate(net: torch.nn.Module, kind: str, cfg: dict, decode: Callable | None = None
-                  ) -> tuple[GenerateFn, int]:
-    """(generate(z, labels) -> images in [-1, 1], NFE) for a one-step generator or the Heun teacher.
-    `decode` (latent-space configs: `LatentDecoder.unit`) turns the network's latents into images."""
-    from ..nets.sampler import heun_sampler, one_step_generate
+def make_generate(net: torch.nn.Module, kind: str, cfg: dict, decode: Callable | None = None,
+                  steps: int = 1) -> tuple[GenerateFn, int]:
+    """(generate(z, labels) -> images in [-1, 1], NFE) for a distilled generator in `steps` steps
+    at the generation sigmas its network file records (SiD family 2.5, DMD2 80, ADD its student
+    levels), or the Heun teacher. `decode` (latent-space configs: `LatentDecoder.unit`) turns the
+    network's latents into images."""
+    from ..nets.sampler import heun_sampler
+    from .sampling import generator_fn
 
     if kind == "generator":
-        sigma_init = float(cfg["distill"]["sigma_init"])
-        fn, nfe = (lambda z, c: one_step_generate(net, z, c, sigma_init)), 1
+        fn, nfe = generator_fn(net, steps, float(cfg["distill"]["sigma_init"])), steps
     elif kind == "teacher":
         steps = int(cfg["evaluate"]["teacher_steps"])
         fn, nfe = (lambda z, c: heun_sampler(net, z, c, num_steps=steps)), 2 * steps - 1
@@ -307,15 +309,17 @@ def _check_network(net: torch.nn.Module, cfg: dict, path: str) -> tuple[int, int
     return res, ch, ld
 
 
-def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info: dist.DistInfo
-                     ) -> tuple[dict, torch.Tensor | None]:
+def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info: dist.DistInfo,
+                     steps: int = 1, label: str | None = None) -> tuple[dict, torch.Tensor | None]:
     """Evaluate a network file over `num_runs` runs of `num_samples` samples.
 
     Returns (metrics dict for metrics.json, the first grid_size² uint8 samples of run 0). All
     ranks take part; the result is complete on every rank.
     """
     from ..io.checkpoints import load_network
+    from ..nets.sampler import sampling_sigmas
     from ..run.config import config_hash
+    from .sampling import generator_sigmas
 
     t0 = time.time()
     ev = cfg["evaluate"]
@@ -327,7 +331,9 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
     for note in ref.notes:
         if info.is_main:
             print(f"[evaluate] {note}", file=sys.stderr, flush=True)
-    generate, nfe = make_generate(net, kind, cfg, _decode_fn(cfg, info.device))
+    generate, nfe = make_generate(net, kind, cfg, _decode_fn(cfg, info.device), steps)
+    # the noise levels a generator is sampled at (its network file's, see make_generate)
+    sigmas = sampling_sigmas(generator_sigmas(net, cfg["distill"]["sigma_init"]), steps) if kind == "generator" else None
     key = extractor.metric_key
     ranges = seed_ranges(ev["seed"], ev["num_runs"], ev["num_samples"])
     runs, grid = [], None
@@ -348,7 +354,8 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
     metrics = {
         "name": name, "kind": kind, "network": str(network), "network_sha256": file_sha256(network),
         "nfe": nfe, "teacher_steps": ev["teacher_steps"] if kind == "teacher" else None,
-        "sigma_init": cfg["distill"]["sigma_init"] if kind == "generator" else None,
+        "label": label or name, "steps": steps if kind == "generator" else ev["teacher_steps"],
+        "sigmas": sigmas, "sigma_init": sigmas[0] if sigmas else None,
         "metric": key, "metric_label": extractor.label, "mode": extractor.mode,
         "extractor": extractor.info, "reference": ref.info, "notes": ref.notes,
         "num_runs": ev["num_runs"], "num_samples": ev["num_samples"],

@@ -22,6 +22,7 @@ import torch
 
 __all__ = ["karras_sigmas", "heun_sampler", "one_step_generate", "sid_sigma_t", "sample_sigma_lognormal",
            "karras_grid_sigma", "sample_karras_grid_sigma", "add_student_sigmas", "few_step_generate",
+           "sampling_sigmas",
            "GRID_STEPS", "DMD2_INDEX_RANGE", "ADD_STUDENT_STEPS"]
 
 
@@ -198,17 +199,32 @@ def add_student_sigmas(steps: Sequence[int] = ADD_STUDENT_STEPS, num_steps: int 
 
 def few_step_generate(G: Callable[..., torch.Tensor], z: torch.Tensor, sigmas: Sequence[float],
                       class_labels: Optional[torch.Tensor] = None,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                      generator: Optional[torch.Generator] = None,
+                      noise: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
     """ADD's multi-step sampling: x_0 = G(sigmas[0] z, sigmas[0]); then for each further level s,
-    x = G(x + s eps, s) with fresh eps ~ N(0, I) from `generator`.
+    x = G(x + s eps, s) with fresh eps ~ N(0, I): from `noise` (one tensor shaped like z per
+    further level) when given, else drawn from `generator`.
 
     Each step denoises to a clean estimate and re-noises it at the next (smaller) student level,
     so N levels cost N network evaluations; one level is exactly ``one_step_generate``.
     """
     if len(sigmas) == 0:
         raise ValueError("few_step_generate needs at least one noise level")
+    if noise is not None and len(noise) != len(sigmas) - 1:
+        raise ValueError(f"{len(sigmas)} levels need {len(sigmas) - 1} noise tensors, got {len(noise)}")
     x = one_step_generate(G, z, class_labels, sigma_init=float(sigmas[0]))
-    for s in sigmas[1:]:
-        eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+    for i, s in enumerate(sigmas[1:]):
+        eps = noise[i] if noise is not None else torch.randn(z.shape, generator=generator, device=z.device,
+                                                              dtype=z.dtype)
         x = _denoise_at(G, x + float(s) * eps, float(s), class_labels)
     return x
+
+
+def sampling_sigmas(gen_sigmas: Sequence[float], steps: int) -> list[float]:
+    """The levels a k-step sampler visits among a generator's N levels (largest first): evenly
+    spaced from the first, indices round(i N / k); k = N visits all, k = 1 the largest only
+    (ADD with N = 4: 2 steps = levels 0 and 2)."""
+    n = len(gen_sigmas)
+    if not 1 <= steps <= n:
+        raise ValueError(f"this generator samples in 1 to {n} steps (its noise levels: {list(gen_sigmas)}), not {steps}")
+    return [float(gen_sigmas[round(i * n / steps)]) for i in range(steps)]

@@ -4,11 +4,12 @@
 import json
 import os
 import re
+import shlex
 import sys
 
 import yaml
 
-from sida.run.config import run_config
+from sida.run.config import evaluation_entries, run_config
 
 
 RESULTS = config["results_dir"]
@@ -20,7 +21,10 @@ CONFIG_RESOLVED = f"{EXP}/config.yaml"
 IMAGE = config["container"].get("image", "containers/sida.sif")
 
 RUNS = config["distill"]["runs"]
-EVALUATED = [name for name, run in RUNS.items() if run["evaluate"]]
+# Generator evaluations: one per run with `evaluate: true` and entry of its `eval_steps`, named
+# `<run>` (one step) or `<run>-<k>steps` (ADD's few-step sampling), each with its report label.
+EVAL_ENTRIES = evaluation_entries(config)
+EVALUATED = list(EVAL_ENTRIES)
 
 def _one_of(names):
     """A wildcard regex matching exactly these names (never matches when there are none)."""
@@ -103,8 +107,16 @@ def evaluate_inputs(wildcards):
     if wildcards.name == "teacher":
         network = TEACHER_PT
     else:
-        network = f"{EXP}/{wildcards.name}/network.pt"
+        network = f"{EXP}/{EVAL_ENTRIES[wildcards.name]['run']}/network.pt"
     return {"network": network, **FETCH_DEPS}
+
+
+def evaluate_steps_args(wildcards):
+    """A generator evaluation's --steps and --label (with a leading space); none for the teacher."""
+    if wildcards.name == "teacher":
+        return ""
+    entry = EVAL_ENTRIES[wildcards.name]
+    return f" --steps {entry['steps']} --label {shlex.quote(entry['label'])}"
 
 
 def evaluate_kind(wildcards):

@@ -1,4 +1,5 @@
-# Evaluation of the teacher (name `teacher`) and of every run with `evaluate: true`.
+# Evaluation of the teacher (name `teacher`) and of every run with `evaluate: true`: one per entry
+# of the run's `eval_steps` (`<run>` in one step, `<run>-<k>steps` in k; EVAL_ENTRIES in common.smk).
 
 
 rule evaluate:
@@ -17,6 +18,7 @@ rule evaluate:
     params:
         config=CONFIG_RESOLVED,
         kind=evaluate_kind,
+        steps=evaluate_steps_args,
         launch=launcher("evaluate"),
         settings=settings("seed", "data", "evaluate"),
     threads: rule_threads("evaluate")
@@ -26,5 +28,5 @@ rule evaluate:
         IMAGE
     shell:
         "{params.launch} -m -- stages.evaluate --config {params.config} --network {input.network} "
-        "--kind {params.kind} --name {wildcards.name} --out {output.metrics} "
+        "--kind {params.kind} --name {wildcards.name}{params.steps} --out {output.metrics} "
         "> {log} 2>&1 || stage_failed evaluate:{wildcards.name} {log}"
