@@ -180,7 +180,9 @@ class DistillLoop:
         self.f_params += list(nets.head.parameters()) if nets.head is not None else []
         opt = dict(kind=rc["optimizer"], eps=rc["adam_eps"], weight_decay=rc["weight_decay"])
         self.opt_g = make_optimizer(self.g_params, lr=rc["lr_g"], betas=(rc["beta1_g"], rc["beta2"]), **opt)
-        self.opt_f = make_optimizer(self.f_params, lr=rc["lr_fake"], betas=(rc["beta1_fake"], rc["beta2"]), **opt)
+        # (none for ADD without a discriminator: its distillation term alone trains the student)
+        self.opt_f = (make_optimizer(self.f_params, lr=rc["lr_fake"], betas=(rc["beta1_fake"], rc["beta2"]), **opt)
+                      if self.f_params else None)
         self.nimg = 0
 
     def _build_heads(self, seed: int) -> None:
@@ -250,7 +252,8 @@ class DistillLoop:
         w = self.rc["lr_warmup_kimg"]
         if w > 0:
             set_lr(self.opt_g, warmup_lr(self.rc["lr_g"], self.nimg, w))
-            set_lr(self.opt_f, warmup_lr(self.rc["lr_fake"], self.nimg, w))
+            if self.opt_f is not None:
+                set_lr(self.opt_f, warmup_lr(self.rc["lr_fake"], self.nimg, w))
 
     def _post_step(self, net: torch.nn.Module) -> None:
         """After an optimiser step: forced weight normalisation of EDM2 layers (a no-op elsewhere)."""
@@ -406,7 +409,9 @@ class DistillLoop:
     def state_dict(self) -> dict:
         n = self.nets
         state = {"G": n.G.state_dict(), "G_ema": n.G_ema.state_dict(), "fake": n.fake.state_dict(),
-                 "opt_g": self.opt_g.state_dict(), "opt_f": self.opt_f.state_dict(), "nimg": self.nimg}
+                 "opt_g": self.opt_g.state_dict(), "nimg": self.nimg}
+        if self.opt_f is not None:
+            state["opt_f"] = self.opt_f.state_dict()
         if n.head is not None:
             state["head"] = n.head.state_dict()
         if self.features_sha256 is not None:
@@ -425,7 +430,8 @@ class DistillLoop:
         if n.head is not None:
             n.head.load_state_dict(state["head"])
         self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_f.load_state_dict(state["opt_f"])
+        if self.opt_f is not None:
+            self.opt_f.load_state_dict(state["opt_f"])
         self.nimg = int(state["nimg"])
 
 
