@@ -87,7 +87,8 @@ def _check_semantics(cfg: dict, source: str) -> None:
         _check_method(cfg, name, source)
     _check_cycles(runs, source)
     procs = cfg["num_procs"] * cfg["nodes"]
-    _check_batch(cfg["teacher"], "teacher", procs, source)
+    if cfg["teacher"]["source"] == "train":  # a fetched teacher is not trained: its batch is unused
+        _check_batch(cfg["teacher"], "teacher", procs, source)
     _check_batch(cfg["distill"], "distill", procs, source)
     for name in runs:  # the merged per-run batch settings (a run may set its own)
         rc = run_config(cfg, name)

@@ -72,6 +72,9 @@ def distill_inputs(run):
         inputs["init"] = f"{EXP}/{spec['init']}/state.pt"
     if spec["init_generator"] is not None:
         inputs["init_generator"] = f"{EXP}/{spec['init_generator']}/network.pt"
+    features = run_config(config, run)["add_features"]
+    if spec.get("discriminator") == "add" and features["kind"] == "dinov2" and features["weights"] is None:
+        inputs.update(FETCH_DEPS)  # ADD's DINOv2 weights: fetch/dinov2_<arch>.pth
     return inputs
 
 
