@@ -7,8 +7,9 @@ generators, see below) and returns per-pixel or per-sample terms for the objecti
 `add_generator_objective`, `add_discriminator_objective`), so one micro-batch is a pure function
 of (networks, draws) and gradient accumulation / several processes give one-big-batch results.
 
-Design of the loop integration (issue 14; a later round wires it into `sida.train.distill`)
-==========================================================================================
+Design of the loop integration (issue 14; as built in `sida.train.distill` and
+`sida.train.baseline_steps`, with the differences noted at the end of this note)
+================================================================================
 
 Phase kinds (a run's `phases: [{kind, kimg}]`, as today)
   - `warmup`, `sid`, `sida`: unchanged.
@@ -97,6 +98,26 @@ is a function of nimg):
   spectral norm (its power iteration would run once per micro-batch), per-sample R1; so
   2 processes == 1 process with 2 accumulation rounds, and a resumed run replays bit-exactly.
 
+As built (where it differs from the plan above)
+  - Settings are the schema's `distill` keys (every one per run): `optimizer`, `beta1_g`,
+    `beta1_fake`, `beta2`, `weight_decay`, `lr_warmup_kimg`, `grad_clip`, `ema`, `critic_ratio`,
+    `lambda_gan`, `lambda_cls`, `dm_index_range`, `lambda_distill`, `r1_gamma`, `add_weighting`,
+    `add_student_steps`, `add_distill_index_range`, `add_features` {kind, sigma, arch, weights,
+    layers}, `add_cmap_dim`; the generation sigmas are `sida.run.config.generation_sigmas`
+    (`gen_sigmas` in the network file's metadata; ADD ignores `sigma_init`).
+  - `warmup` phases train the run's critic alone (DMD: fake score + head; ADD: the heads).
+  - DMD2 runs draw real images with their labels per slot and condition the generator on those
+    labels (as SiDA does); `dmd` runs draw labels only (data-free).
+  - ADD: the student update goes first, then the heads train on the real images and the
+    student's detached outputs of the same batch (one student forward per iteration, the order
+    DMD2 uses too). An `add` run with `discriminator: none` trains the distillation term alone
+    (the ablation the analytic tests use). The feature network is built by the loop; DINOv2's
+    weights file is resolved by the stage (fetch/dinov2_<arch>.pth) and its sha256 is kept in
+    the resume state (a resume with other weights is refused).
+  - k-step sampling visits the levels round(i N / k), i < k (`sampler.sampling_sigmas`); its
+    re-noising is drawn per sample from a generator seeded by that sample's latent
+    (`sida.eval.sampling.latent_noise`), so it does not depend on the batch.
+
 DMD2's published ImageNet-64 settings (tianweiy/DMD2, the stored snapshot read for this note)
   experiments/imagenet/imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch.sh:
     l.5 torchrun --nproc_per_node 7; l.6-7 generator_lr 2e-6, guidance_lr 2e-6; l.10 batch_size 40
@@ -117,9 +138,11 @@ DMD2's published ImageNet-64 settings (tianweiy/DMD2, the stored snapshot read f
     weight 1/sigma^2 + 1/sd^2; l.176-189 GAN inputs noised on grid indices 0..999, bottleneck of
     the fake score; l.199 softplus(-logits); l.209 softplus(fake) + softplus(-real).
   experiments/imagenet/README.md l.9: FID 1.51 after ~200k iterations (checkpoint 193,500; 53 h);
-    l.10: the same without GAN, FID 2.61 after 410k; l.11 and l.13: FID 1.28 = that run resumed
-    with the GAN at lr 5e-7 for 140k iterations (..._lr5e-7_resume.sh: same flags, l.6-7 lr 5e-7,
-    l.31 ckpt_only_path). 200k iterations x 280 = 56 Mimg; 140k x 280 = 39.2 Mimg.
+    l.10: the same without GAN (imagenet_lr2e-6_scratch.sh), FID 2.61 after 410k (checkpoint
+    405,500); l.11 and l.13: FID 1.28 = the no-GAN run's best checkpoint resumed with the GAN at
+    lr 5e-7 for 140k iterations (..._lr5e-7_resume.sh: same flags, l.6-7 lr 5e-7, l.31
+    ckpt_only_path .../imagenet_lr2e-6_scratch_fid2.61_checkpoint_model_405500). config/
+    dmd2-imagenet64.yaml runs all three.
 """
 
 from __future__ import annotations

@@ -1,21 +1,30 @@
-"""The distillation loop: SiD, SiDA and SiD2A as one loop over phases that are data.
+"""The distillation loop: SiD, SiDA, SiD2A and the DMD / DMD2 and ADD baselines as one loop over
+phases that are data.
 
 A run is a list of phases ({kind, kimg}); `kind` decides what an iteration does:
-- warmup: only the fake score f_psi (and, if the run trains one, the discriminator) learns;
+- warmup: only the critic learns (the fake score and / or the run's discriminator);
 - sid:    f_psi step, then the generator step on lambda_sid * L_sid;
-- sida:   as sid, but the generator minimises 0.5 lambda_sid L_sid + 0.5 lambda_adv L_adv.
-SiD2A is a run whose generator starts from a SiD generator (`init_generator`). Every setting
-comes from the run's merged config (`sida.run.config.run_config`), so a run can change any of
-them. What the official loops do and this one does too:
-- a run that trains the discriminator clips the fake score's gradients by value (`fake_clip`)
-  in every phase; others never clip;
+- sida:   as sid, but the generator minimises 0.5 lambda_sid L_sid + 0.5 lambda_adv L_adv;
+- dmd, dmd2: DMD2's iteration (generator on its turn, then the fake score and, with the
+          `dmd2_head` discriminator, its classifier); dmd2 adds the GAN term to the generator;
+- add:    ADD's iteration (student on real images noised at its levels, then the heads).
+The DMD and ADD iterations live in `sida.train.baseline_steps`; a run's phases belong to one
+method. SiD2A is a run whose generator starts from a SiD generator (`init_generator`). Every
+setting comes from the run's merged config (`sida.run.config.run_config`), so a run can change any
+of them. Shared by every method: the optimiser (`optimizer` adam / adamw, betas, weight decay),
+a linear lr warm-up (`lr_warmup_kimg`), gradient-norm clipping (`grad_clip`), the critic /
+generator ratio (`critic_ratio`: the generator updates every k-th iteration, each iteration
+counts `batch` images) and the EMA (`ema: false` keeps G_ema equal to G). What the official SiD
+loops do and this one does too:
+- a run that trains the SiDA discriminator clips the fake score's gradients by value (`fake_clip`)
+  in every phase; others never clip by value;
 - the fake score sees augmented inputs (`augment`, EDM's pipe with its 9 labels; generated and
   real images drawn independently); the generator step is never augmented;
 - G and f_psi carry `dropout` and train in train mode (the teacher and G_ema never do);
 - labels of class-conditional runs come from dataset samples (the dataset's class frequencies);
 - a sample holding a NaN is dropped from its loss, gradients pass through nan_to_num;
 - `precision: fp16` runs EDM's fp16 path in all networks (no gradient scaler; Adam eps 1e-6).
-Each iteration (DESIGN.md): 1. fake-score (+discriminator) update on x_g.detach();
+Each SiD-family iteration (DESIGN.md): 1. fake-score (+discriminator) update on x_g.detach();
 2. generator update through frozen teacher and fake score; 3. EMA of G.
 """
 
