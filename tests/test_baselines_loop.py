@@ -349,3 +349,47 @@ def test_digits_baselines_preset_runs_every_method_under_one_evaluation():
         assert cfg[key] == base[key], key
     assert cfg["evaluate"]["num_samples"] == base["evaluate"]["num_samples"]
     assert yaml.safe_load((CONFIG_DIR / "digits-baselines.yaml").read_text())["experiment"] == "digits-baselines"
+
+
+def test_evaluate_add_in_four_steps_records_steps_sigmas_and_label(tmp_path):
+    """The evaluate stage samples a generator at the sigmas its file records, in --steps steps."""
+    from sida.io import checkpoints
+    from sida.nets.precond import EDMPrecond
+    from stages.evaluate import main
+
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=8, img_channels=1, label_dim=10, model_type="SongUNet", model_channels=16,
+                     channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
+    levels = [80.0, 17.5, 2.5, 0.17]
+    checkpoints.save_network(tmp_path / "add.pt", net, meta={"one_step": True, "sigma_init": 80.0, "gen_sigmas": levels})
+    sets = [f"results_dir={tmp_path / 'results'}", "evaluate.num_runs=1", "evaluate.num_samples=32",
+            "evaluate.batch=32", "evaluate.classifier.epochs=1", "evaluate.pr_max_samples=32",
+            "evaluate.inception_score=false"]
+    args = ["--config", str(CONFIG_DIR / "config.yaml"), *[a for s in sets for a in ("--set", s)],
+            "--network", str(tmp_path / "add.pt"), "--kind", "generator", "--name", "add-4steps"]
+    main([*args, "--steps", "4", "--label", "ADD (4 steps)", "--out", str(tmp_path / "e4" / "metrics.json")])
+    import json
+
+    m = json.loads((tmp_path / "e4" / "metrics.json").read_text())
+    assert (m["nfe"], m["steps"], m["label"]) == (4, 4, "ADD (4 steps)") and m["sigmas"] == levels
+    main([*args, "--out", str(tmp_path / "e1" / "metrics.json")])
+    m1 = json.loads((tmp_path / "e1" / "metrics.json").read_text())
+    assert (m1["nfe"], m1["sigmas"], m1["label"]) == (1, [80.0], "add-4steps")
+    assert m1["summary"]["fd"]["mean"] != m["summary"]["fd"]["mean"]  # other samples
+
+
+def test_generate_in_more_steps_than_the_generator_has_levels_is_one_error_line(tmp_path, capsys):
+    from sida.io import checkpoints
+    from sida.nets.precond import EDMPrecond
+    from sida.run.cli import run_stage
+    from stages.generate import main
+
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=8, img_channels=1, label_dim=10, model_type="SongUNet", model_channels=16,
+                     channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
+    checkpoints.save_network(tmp_path / "dmd2.pt", net, meta={"one_step": True, "sigma_init": 80.0, "gen_sigmas": [80.0]})
+    with pytest.raises(SystemExit) as exc:
+        run_stage(main, ["--network", str(tmp_path / "dmd2.pt"), "--out", str(tmp_path / "g"), "--steps", "2"])
+    errs = error_lines(capsys.readouterr().err)
+    assert exc.value.code == 1 and len(errs) == 1 and "--steps 2" in errs[0] and "1 to 1" in errs[0]
+    assert not (tmp_path / "g").exists()
