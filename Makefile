@@ -37,3 +37,29 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.step --phase sida --res 32 --channels 3 --batch 32 --model-channels 32 \
 	  --channel-mult 1,2,2 --attn-res 16 --iters 10 --warmup 2 --threads 2
+
+# --- containers (README: "Containers and reproduction") ----------------------------------------
+# CONTAINER_BASE: auto (the public Debian + Python image, else a Debian base made here with
+# debootstrap), local (always the latter) or an image name. SIDA_BUILD_HOST_PIP=1/0/auto passes
+# the host's pip settings (proxy CA, indexes, wheel folders) to the build (podman).
+CONTAINER_BASE ?= auto
+CONTAINER_ARCHIVE ?= docker
+.PHONY: container container-test container-base container-clean
+
+## container: build the image (podman, or docker), tag it with the git commit, record its digest
+## in build/sida-image.json and write build/sida-pipeline-<tag>.docker.tar for apptainer build
+container: $(STAMP)
+	$(BIN)/python -m containers.image --base $(CONTAINER_BASE) --archive $(CONTAINER_ARCHIVE)
+
+## container-test: build if needed, run a short distillation in the image and on the host, and
+## fail unless the networks are bit-identical and provenance.json records the image digest
+container-test: $(STAMP)
+	$(BIN)/python -m containers.check --base $(CONTAINER_BASE)
+
+## container-base: the local Debian 12 base image (debootstrap; no registry needed)
+container-base: $(STAMP)
+	$(BIN)/python -m containers.base
+
+## container-clean: remove the project's images (not the base), build cache and archive
+container-clean: $(STAMP)
+	$(BIN)/python -m containers.image --clean

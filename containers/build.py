@@ -7,7 +7,7 @@ definition's relative ``%files`` paths resolve, passing the checkout's git commi
 as build arguments (``SIDA_GIT_COMMIT``/``SIDA_GIT_DIRTY``; provenance reads them inside the
 image). Afterwards it writes ``<image>.sha256``, which provenance records as the image digest
 without hashing gigabytes in every job. Without apptainer (or singularity) it says so in one
-line and points to the Docker route.
+line and points to the podman/docker route (``make container``, ``containers/image.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from . import DEF_FILE, DEFAULT_IMAGE, REPO_ROOT, ContainerError
 from .sync import def_sections
 
 MISSING_APPTAINER = ("apptainer is not installed: install it (https://apptainer.org/docs/admin/main/installation.html) "
-                     "or build with Docker: docker build -f containers/Dockerfile .")
+                     "or build with podman/docker: make container (its build/*.docker.tar converts on an Apptainer "
+                     "site: apptainer build sida.sif docker-archive://FILE)")
 
 
 def find_apptainer() -> str:

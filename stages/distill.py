@@ -16,9 +16,12 @@ for runs that start from this one), samples.png, metrics.jsonl. A killed run res
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Sequence
+
+import torch
 
 from sida.io import checkpoints
 from sida.run.cli import run_stage, stage_parser
@@ -33,7 +36,7 @@ from sida.train.loop import Checkpointer, run
 from sida.eval.evaluation import TrainingMonitor
 from sida.run.runtime import start_stage
 from sida.nets.sampler import one_step_generate
-from sida.io.atomic import atomic_write_json
+from sida.io.killpoint import kill_point
 from sida.eval.sampling import grid_samples
 
 
@@ -50,14 +53,22 @@ def check_teacher(teacher, cfg: dict, path: str) -> None:
 
 class BestKeeper:
     """Evaluate the EMA generator every `evaluate.during_training.every_kimg` and keep the best
-    one (the papers report their lowest-FID snapshot). It and its record live in the work dir,
-    so a resumed run keeps comparing against the best seen before the interruption."""
+    one (the papers report their lowest-FID snapshot). Its record and the best weights are part
+    of the resume checkpoint (`Checkpointer.track`), never files of their own: a run killed after
+    an evaluation resumes from the checkpoint before it and evaluates again, exactly as the
+    uninterrupted run did."""
 
     def __init__(self, monitor: TrainingMonitor, ctx, nets, sigma_init: float) -> None:
         self.monitor, self.ctx, self.nets, self.sigma_init = monitor, ctx, nets, sigma_init
-        self.record_path = ctx.work / "best.json"
-        self.best_path = ctx.work / "best.pt"  # in work/: removed with it once the stage is done
-        self.record = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
+        self.record: dict = {}
+        self.best: dict[str, torch.Tensor] | None = None  # G_ema's state dict at its best (main process)
+
+    def state_dict(self) -> dict:
+        return {"record": json.dumps(self.record), "best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.record = json.loads(state["record"])
+        self.best = state["best"] if self.ctx.info.is_main else None
 
     def maybe_evaluate(self, nimg: int, phase: str) -> dict[str, float]:
         """{metric: value} when an evaluation is due at `nimg` (called on every rank), else {}.
@@ -68,20 +79,30 @@ class BestKeeper:
         if nimg // every == self.record.get("last_nimg", 0) // every:
             return {}
         G = self.nets.G_ema
-        value = self.monitor(lambda z, labels: one_step_generate(G, z, labels, sigma_init=self.sigma_init))
+        # The training streams must not move: the monitor's first call builds its extractor (module
+        # constructors draw from torch's global RNG), and only some processes make that call
+        # first (a resumed one), so a draw here would split resumed runs from uninterrupted ones.
+        device = torch.device(self.ctx.info.device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            value = self.monitor(lambda z, labels: one_step_generate(G, z, labels, sigma_init=self.sigma_init))
         key, v = self.monitor.key, value[self.monitor.key]
         best = self.record.get("best")
         self.record["last_nimg"] = nimg
         if best is None or v < best:
             self.record.update(best=v, best_kimg=nimg / 1000, key=key)
             if self.ctx.info.is_main:
-                checkpoints.save_network(self.best_path, G, meta={"kimg": nimg / 1000, key: v,
-                                                                             "one_step": True,
-                                                                             "sigma_init": self.sigma_init})
-        if self.ctx.info.is_main:
-            atomic_write_json(self.record_path, self.record)
+                self.best = {k: t.detach().cpu().clone() for k, t in G.state_dict().items()}
         self.ctx.log(f"  {key} {v:.4f} (best {self.record['best']:.4f} at {self.record['best_kimg']:.2f} kimg)")
+        kill_point("evaluated")
         return {key: v, f"best_{key}": self.record["best"]}
+
+    def best_network(self) -> torch.nn.Module | None:
+        """A copy of G_ema with the best weights seen (None before any evaluation)."""
+        if self.best is None:
+            return None
+        net = copy.deepcopy(self.nets.G_ema)
+        net.load_state_dict(self.best)
+        return net
 
 
 def resolve_add_features(cfg: dict, rc: dict) -> str | None:
@@ -140,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     loop = DistillLoop(rc, nets, dataset, info, sigma_data=getattr(teacher, "sigma_data", 0.5), seed=ctx.seed)
     loop.features_sha256 = features_sha
     ckpt = Checkpointer(ctx.work, info, ctx.cfg_hash, f"distill/{args.run}")
+    keeper = BestKeeper(TrainingMonitor(cfg, info.device, info), ctx, nets, rc["sigma_init"])
+    ckpt.track("best", keeper)
     if ckpt.load_if_any(loop):
         ctx.log(f"{args.run}: resuming from {ckpt.path} at {loop.nimg / 1000:.2f} kimg")
     else:
@@ -148,16 +171,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{info.world_size} processes) on {info.device}")
     tracker = ctx.tracker("distill", run_name=args.run, resume_kimg=loop.nimg / 1000 if loop.nimg else None)
     grid = rc["grid_size"]
-    keeper = BestKeeper(TrainingMonitor(cfg, info.device, info), ctx, nets, rc["sigma_init"])
 
     def snapshot() -> None:
         if info.is_main:
             save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"],
                                    decode=decoder and decoder.unit), ctx.work / "samples.png", grid)
 
+    watch = {"G": nets.G, "G_ema": nets.G_ema, "fake": nets.fake}
+    if nets.head is not None:  # a DMD2 / ADD discriminator head (built by the loop) must stay finite too
+        watch["head"] = nets.head
     run(loop, loop.total_nimg, rc["tick_kimg"], rc["snapshot_kimg"], ckpt, info,
         on_tick=lambda row: tracker.log({**row, **keeper.maybe_evaluate(loop.nimg, row["phase"])}, loop.nimg / 1000),
-        on_snapshot=snapshot, label=f"{args.run}: ")
+        on_snapshot=snapshot, label=f"{args.run}: ", watch=watch, nonfinite_budget=rc["nonfinite_budget"])
     if info.is_main:
         meta = {"stage": "distill", "run": args.run, "kimg": loop.nimg / 1000, "config_hash": ctx.cfg_hash,
                 "experiment": cfg["experiment"], "sigma_init": rc["sigma_init"], "gen_sigmas": rc["gen_sigmas"],
@@ -169,11 +194,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         checkpoints.save_state(ctx.out / "state.pt", final)
         save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"],
                                decode=decoder and decoder.unit), ctx.out / "samples.png", grid)
-        if keeper.best_path.exists():
+        best = keeper.best_network()
+        if best is not None:
             # The papers report their lowest-FID snapshot: network.pt is the best generator the
             # in-training metric saw, the final one stays as last.pt.
             checkpoints.save_network(ctx.out / "last.pt", nets.G_ema, meta=meta)
-            best = checkpoints.load_network(keeper.best_path)
             meta.update(selected=f"lowest {keeper.record['key']} during training", kimg=keeper.record["best_kimg"],
                         **{keeper.record["key"]: keeper.record["best"]})
             checkpoints.save_network(ctx.out / "network.pt", best, meta=meta)

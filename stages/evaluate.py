@@ -4,8 +4,9 @@
         --out results/E/evaluate/NAME/metrics.json [--set key=value ...]
     torchrun --standalone --nproc-per-node N -m stages.evaluate ...   (features gathered across ranks)
 
-Writes `metrics.json` (per-run values, mean ± std, seeds, extractor + hash, reference + hash) and
-`samples.png` (the first grid_size² samples of run 0) beside it. All the work is in
+Writes `metrics.json` (per-run values, mean, std and standard error, seeds, class counts,
+extractor + hash, reference + hash) and `samples.png` beside it (grid_size columns, one row per
+class for a class-conditional network, enlarged with gaps between cells). All the work is in
 `sida.eval.evaluation`; this module parses, runs and writes.
 """
 
@@ -34,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "to its number of student levels)")
     parser.add_argument("--label", help="the model's name in the report (default: --name)")
     parser.add_argument("--out", required=True, help="metrics.json path; samples.png is written beside it")
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="the training seed of the network (recorded in metrics.json; the workflow sets it "
+                             "when the config lists `seeds`)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     info = dist.init(cfg["device"], cfg["threads"])
@@ -41,18 +45,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         from sida.eval.evaluation import evaluate_network
         from sida.io.images import save_grid
 
-        metrics, grid = evaluate_network(cfg, args.network, args.kind, args.name, info, args.steps, args.label)
+        metrics, grid = evaluate_network(cfg, args.network, args.kind, args.name, info, args.steps, args.label,
+                                         args.train_seed)
         if info.is_main:
             out = Path(args.out)
-            if grid is not None:
-                cols = cfg["evaluate"]["grid_size"]
-                upscale = max(1, 256 // (grid.shape[-1] * cols))  # small digits stay visible
-                save_grid(grid.permute(0, 2, 3, 1).numpy(), out.with_name("samples.png"), cols, upscale)
+            save_grid(grid, out.with_name("samples.png"), cfg["evaluate"]["grid_size"])
             atomic_write_json(out, metrics)
             s = metrics["summary"][metrics["metric"]]
-            print(f"[evaluate] {args.name}: {metrics['metric_label']} {s['mean']:.4f} ± {s['std']:.4f} "
-                  f"({metrics['num_runs']} runs x {metrics['num_samples']} samples, {metrics['nfe']} NFE) -> {out}",
-                  file=sys.stderr, flush=True)
+            se = "n/a (one run)" if s["se"] is None else f"{s['se']:.4f}"
+            print(f"[evaluate] {args.name}: {metrics['metric_label']} {s['mean']:.4f}, std {s['std']:.4f}, se {se} "
+                  f"({metrics['num_runs']} runs x {metrics['num_samples']} samples, {metrics['labels']} labels, "
+                  f"{metrics['nfe']} NFE) -> {out}", file=sys.stderr, flush=True)
         dist.barrier()
     finally:
         dist.shutdown()

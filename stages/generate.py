@@ -64,8 +64,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=256, help="samples per forward pass per process")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
-    if args.num < 1:
-        raise ConfigError("--num must be at least 1")
+    if args.num < 1 or args.batch < 1:
+        raise ConfigError(f"--num and --batch must be at least 1 (got {args.num} and {args.batch})")
     info = dist.init(args.device)
     net = checkpoints.load_network(args.network, info.device)
     meta = getattr(net, "sida_meta", {})

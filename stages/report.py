@@ -1,171 +1,298 @@
-"""Stage `report`: one page per experiment with the results table, training curves and samples.
+"""Stage `report`: one page per experiment: results with their uncertainty, paired differences,
+quality vs training images, sample grids and training curves.
 
     python -m stages.report --config C --out results/E/report/report.md \\
         [--evaluations results/E/evaluate/*/metrics.json ...] \\
         [--metrics-jsonl results/E/<run>/metrics.jsonl ...] [--grids results/E/evaluate/*/samples.png ...]
 
 Writes report.md, report.html (same content, self-contained apart from the PNGs beside it),
-results.json (the table as data) and PNG plots (FD/FID and losses vs kimg) into the --out folder.
+results.json (the table, the comparisons and the evaluation spread as data) and PNG plots into
+the --out folder. The numbers come from `sida.eval.summary`, the figures from `sida.eval.plots`;
+this module reads the inputs and lays the page out (one list of blocks, rendered twice).
 """
 
 from __future__ import annotations
 
 import html
 import json
-import math
 import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from sida.errors import DataError
 from sida.io.atomic import atomic_write, atomic_write_json, atomic_write_text
 from sida.run.cli import run_stage, stage_parser
 from sida.run.config import load_config
-from sida.errors import DataError
 
 EVAL_KEYS = ("fd", "fid", "eval/fd", "eval/fid")   # what a training run may log for its quick metric
 LOSS_KEYS = ("loss_g_sid", "loss_g_dm", "loss_g_distill", "loss_g_adv", "loss_fake", "loss_d")
+DISC_KEYS = ("d_acc_real", "d_acc_fake", "d_acc")
 
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"evaluation {path} does not exist: run the evaluate stage for it first")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        m = json.loads(path.read_text())
+    except ValueError:  # not JSON, or not even text
         raise DataError(f"evaluation {path} is not valid JSON: delete it and rerun the evaluate stage") from None
+    from sida.eval.summary import group_models, results_rows
+    try:
+        results_rows(group_models([m]))
+    except (KeyError, TypeError, AttributeError) as exc:
+        what = f"no key {exc}" if isinstance(exc, KeyError) else "another layout"
+        raise DataError(f"evaluation {path} is not a metrics.json of the evaluate stage ({what}): delete it and "
+                        f"rerun the evaluate stage") from None
+    return m
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"training metrics {path} do not exist: run the distill stage for that run first")
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
             break  # a torn last line of a killed run
+        if isinstance(rec, dict):
+            out.append(rec)
     return out
 
 
-def _fmt(stat: dict | None, digits: int = 3) -> str:
+# ---- number formatting ---------------------------------------------------------------------
+
+def _num(x: float | None, digits: int) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _with_se(stat: dict | None, digits: int) -> str:
+    """'mean ± se' (se over evaluation runs, or over training seeds when there are several)."""
     if not stat:
         return "–"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    return _num(stat["mean"], digits) if stat["se"] is None else f"{stat['mean']:.{digits}f} ± {stat['se']:.{digits}f}"
 
 
-def results_table(evaluations: list[dict]) -> list[dict]:
-    """One row per evaluation: teacher first, then students; values as mean/std dicts."""
-    rows = []
-    for m in sorted(evaluations, key=lambda m: (m.get("kind") != "teacher", m.get("name", ""))):
-        s = m.get("summary", {})
-        # label: the method's name in the report (a run's `label`, with the step count for ADD's
-        # few-step entries), older metrics.json files without one show their name
-        rows.append({"name": m["name"], "label": m.get("label") or m["name"], "kind": m["kind"], "nfe": m["nfe"],
-                     "steps": m.get("steps"), "metric": m["metric"],
-                     "metric_label": m["metric_label"], "value": s.get(m["metric"]), "is": s.get("is"),
-                     "precision": s.get("precision"), "recall": s.get("recall"), "num_runs": m["num_runs"],
-                     "num_samples": m["num_samples"], "extractor": m["extractor"]["name"],
-                     "extractor_sha256": m["extractor"]["sha256"], "mode": m["mode"],
-                     "reference_sha256": m["reference"]["sha256"]})
-    return rows
+def _signed(x: float, digits: int) -> str:
+    return f"{x:+.{digits}f}"
 
 
-def _plot(curves: dict[str, list[dict]], keys: Sequence[str], path: Path, title: str,
-          hlines: dict[str, float] | None = None) -> bool:
-    """One subplot per key that any run logged; a line per run. False when nothing to plot."""
-    import matplotlib
+# ---- page content as blocks ----------------------------------------------------------------
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _results_table(rows: list[dict], label: str) -> tuple[list[str], list[list[str]]]:
+    """Every value as mean ± its standard error; with training seeds also the std over seeds and
+    the evaluation's own standard error of one network, side by side."""
+    seeded = any(r["train_seeds"] for r in rows)
+    head = ["model", "NFE", f"{label} ± SE"]
+    if seeded:
+        head += ["std over training seeds", "evaluation SE of one network"]
+    head += ["IS ± SE", "precision ± SE", "recall ± SE"] + (["training seeds"] if seeded else []) + ["runs × samples"]
+    body = []
+    for r in rows:
+        v = r["value"] or {}
+        cells = [r["label"], str(r["nfe"]), _with_se(r["value"], 3)]
+        if seeded:
+            cells += [_num(v.get("seed_std"), 3), _num(v.get("eval_se"), 3)]
+        cells += [_with_se(r["is"], 2), _with_se(r["precision"], 3), _with_se(r["recall"], 3)]
+        if seeded:
+            cells.append("–" if not r["train_seeds"] else ", ".join(map(str, r["train_seeds"])))
+        body.append(cells + [f"{r['num_runs']} × {r['num_samples']:,}"])
+    return head, body
 
-    present = [k for k in keys if any(k in r and isinstance(r[k], (int, float)) for rs in curves.values() for r in rs)]
-    if not present:
-        return False
-    fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 3.6), squeeze=False)
-    for ax, k in zip(axes[0], present):
-        for run, recs in curves.items():
-            pts = [(r["kimg"], r[k]) for r in recs if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
-            if pts:
-                ax.plot(*zip(*pts), label=run, marker="." if len(pts) < 30 else None)
-        for name, y in (hlines or {}).items():
-            ax.axhline(y, ls="--", c="gray", lw=1, label=name)
-        ax.set_xlabel("kimg")
-        ax.set_ylabel(k)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_write(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return True
+
+def _comparison_table(comps: list[dict], label: str) -> tuple[list[str], list[list[str]]]:
+    head = ["difference", f"Δ {label}", "95 % interval", "paired over", "verdict"]
+    body = []
+    for c in comps:
+        if c.get("unit") is None:
+            body.append([f"{c['a_label']} − {c['b_label']}", "–", "–", "–", c["verdict"]])
+            continue
+        ci = "–" if c["ci"] is None else f"[{_signed(c['ci'][0], 3)}, {_signed(c['ci'][1], 3)}]"
+        body.append([f"{c['a_label']} − {c['b_label']}", _signed(c["mean"], 3), ci, f"{c['n']} {c['unit']}",
+                     c["verdict"]])
+    return head, body
+
+
+def _per_seed_table(rows: list[dict]) -> tuple[list[str], list[list[str]]] | None:
+    seeds = sorted({s for r in rows if r["value"] and r["value"]["per_seed"] for s in r["value"]["per_seed"]}, key=int)
+    if not seeds:
+        return None
+    head = ["model"] + [f"seed {s}" for s in seeds]
+    body = [[r["label"]] + [_num((r["value"]["per_seed"] or {}).get(s), 3) for s in seeds]
+            for r in rows if r["value"] and r["value"]["per_seed"]]
+    return head, body
+
+
+def _spread_sentence(spread: dict | None, label: str) -> str:
+    if not spread:
+        return "The evaluation's own spread is not measured (fewer than 2 evaluation runs of the teacher)."
+    rel = spread["relative_std"]
+    return (f"The evaluation's own spread, measured on the teacher (one network, {spread['n_runs']} runs): std "
+            f"{spread['std']:.3f} over runs = {100 * rel:.1f} % of its {label} {spread['mean']:.3f}; the standard error "
+            f"of the mean {spread['se']:.3f} ({100 * spread['relative_se']:.1f} %).")
+
+
+def _protocol_sentence(rows: list[dict]) -> str:
+    r = rows[0]
+    labels = {"balanced": "balanced class labels (class = seed mod classes; real images class-balanced too)",
+              "random": "one random class label per seed (the papers' protocol)"}.get(r["labels"], r["labels"])
+    seeded = any(x["train_seeds"] for x in rows)
+    unc = ("± is the standard error of the mean over evaluation runs with disjoint seeds" if not seeded else
+           "± is the standard error of the mean: over training seeds for a model trained from several seeds "
+           "(their std and the evaluation's own standard error of one network are the next columns), over "
+           "evaluation runs for a single network")
+    return (f"Each evaluation: {r['num_runs']} runs × {r['num_samples']:,} samples, {labels}; {unc}. "
+            "Differences are paired (the same evaluation seeds, or the same training seed) with a 95 % t "
+            "interval; a difference is called one only when its interval excludes 0.")
+
+
+def _blocks(cfg: dict, rows: list[dict], comps: list[dict], spread: dict | None, plots: list[tuple[str, str]],
+            grids: list[tuple[str, str]]) -> list[tuple]:
+    label = rows[0]["metric_label"] if rows else "FD"
+    b: list[tuple] = [("h1", f"{cfg['experiment']}: results")]
+    if cfg.get("description"):
+        b.append(("p", cfg["description"]))
+    if rows:
+        b += [("table", *_results_table(rows, label)), ("p", _protocol_sentence(rows)),
+              ("p", _spread_sentence(spread, label))]
+        if comps:
+            b += [("h2", "Differences between models"), ("table", *_comparison_table(comps, label))]
+        extractors = sorted({(r["extractor"], r["mode"], r["extractor_sha256"][:12]) for r in rows})
+        b.append(("p", "Features: " + "; ".join(f"{n} ({m}, sha256 {h}…)" for n, m, h in extractors) + "."))
+        if any(r["extractor"] == "digits_classifier" for r in rows):
+            b.append(("p", "FD is measured in a small digit classifier's features, not Inception: it is not an FID "
+                           "and is comparable only at equal sample counts."))
+    for f, cap in plots[:1]:
+        b += [("h2", cap), ("img", f, cap)]
+    if grids:
+        b += [("h2", "Samples"), ("p", "Enlarged (nearest neighbour); one row per class for class-conditional "
+                                       "models; the same latents for every model."), ("grids", grids)]
+    for f, cap in plots[1:]:
+        b += [("h2", cap), ("img", f, cap)]
+    per_seed = _per_seed_table(rows)
+    if per_seed:
+        b += [("h2", f"{label} per training seed (mean over evaluation runs)"), ("table", *per_seed)]
+    return b
+
+
+def _markdown(blocks: list[tuple]) -> str:
+    out = []
+    for blk in blocks:
+        kind = blk[0]
+        if kind in ("h1", "h2"):
+            out += ["#" * int(kind[1]) + " " + blk[1], ""]
+        elif kind == "p":
+            out += [blk[1], ""]
+        elif kind == "table":
+            head, body = blk[1], blk[2]
+            out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            out += ["| " + " | ".join(r) + " |" for r in body] + [""]
+        elif kind == "img":
+            out += [f"![{blk[2]}]({blk[1]})", ""]
+        elif kind == "grids":
+            out += [f"**{name}**\n\n![{name}]({f})\n" for f, name in blk[1]]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _html(blocks: list[tuple], title: str) -> str:
+    e = html.escape
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>"
+           "body{font-family:sans-serif;max-width:1200px;margin:2em auto;line-height:1.4}"
+           "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
+           "td{text-align:right}td:first-child{text-align:left}img{max-width:100%}"
+           ".grids{display:flex;flex-wrap:wrap;gap:24px}.grids figure{margin:0}"
+           ".grids img{image-rendering:pixelated}figcaption{text-align:center;font-weight:bold}"
+           "</style></head><body>"]
+    for blk in blocks:
+        kind = blk[0]
+        if kind in ("h1", "h2"):
+            out.append(f"<{kind}>{e(blk[1])}</{kind}>")
+        elif kind == "p":
+            out.append(f"<p>{e(blk[1])}</p>")
+        elif kind == "table":
+            out.append("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in blk[1]) + "</tr>")
+            out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in blk[2]]
+            out.append("</table>")
+        elif kind == "img":
+            out.append(f"<img src='{e(blk[1])}' alt='{e(blk[2])}'>")
+        elif kind == "grids":
+            out.append("<div class='grids'>" + "".join(
+                f"<figure><figcaption>{e(name)}</figcaption><img src='{e(f)}' alt='{e(name)}'></figure>"
+                for f, name in blk[1]) + "</div>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+# ---- the stage --------------------------------------------------------------------------------
+
+def _copy_grids(grids: Sequence[str], folder: Path, labels: dict[str, str]) -> list[tuple[str, str]]:
+    """Copy one grid per model (the first training seed's) beside the report; (file, caption),
+    the caption the model's label (`labels`: name -> label; the name when missing)."""
+    from sida.eval.plots import run_and_seed
+
+    chosen: dict[str, tuple[int | None, Path]] = {}
+    for g in map(Path, grids):
+        if not g.is_file():
+            raise DataError(f"sample grid {g} does not exist: run the evaluate stage that writes it first")
+        name, seed = run_and_seed(g)
+        if name not in chosen or (seed is not None and (chosen[name][0] is None or seed < chosen[name][0])):
+            chosen[name] = (seed, g)
+    out = []
+    for name, (seed, g) in sorted(chosen.items(), key=lambda kv: (kv[0] != "teacher", kv[0])):
+        dst = folder / f"samples-{name}.png"
+        with atomic_write(dst, suffix=".png") as tmp:
+            shutil.copyfile(g, tmp)
+        caption = labels.get(name, name)
+        out.append((dst.name, caption if seed is None else f"{caption} (training seed {seed})"))
+    return out
 
 
 def build_report(cfg: dict, out: Path, evaluations: Sequence[str], jsonls: Sequence[str],
                  grids: Sequence[str]) -> dict:
     """Write report.md, report.html, results.json and plots into out's folder; return results."""
+    from sida.eval.plots import plot_quality_vs_images, plot_scalars, run_and_seed, upstream_kimg
+    from sida.eval.summary import comparisons, evaluation_spread, group_models, results_rows
+
     folder = out.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    evals = [_read_json(Path(p)) for p in evaluations]
-    rows = results_table(evals)
-    curves = {Path(p).parent.name: _read_jsonl(Path(p)) for p in jsonls}
-    for g in grids:
+    try:
+        models = group_models([_read_json(Path(p)) for p in evaluations])
+    except ValueError as exc:
+        raise DataError(f"evaluations: {exc}: pass each metrics.json once") from None
+    rows, comps, spread = results_rows(models), comparisons(models), evaluation_spread(models)
+    curves: dict = {}
+    for p in jsonls:
+        run, seed = run_and_seed(p)
+        curves.setdefault(run, {})[seed] = _read_jsonl(Path(p))
+    for g in grids:  # every input checked before anything is written
         if not Path(g).is_file():
             raise DataError(f"sample grid {g} does not exist: run the evaluate stage that writes it first")
+    folder.mkdir(parents=True, exist_ok=True)
+    grid_files = _copy_grids(grids, folder, {r["name"]: r["label"] for r in rows})
 
     label = rows[0]["metric_label"] if rows else "FD"
-    teacher = [r for r in rows if r["kind"] == "teacher" and r["value"]]
-    hl = {f"teacher ({teacher[0]['nfe']} NFE)": teacher[0]["value"]["mean"]} if teacher else None
+    offsets = upstream_kimg(cfg["distill"]["runs"])
+    teacher = next((r for r in rows if r["kind"] == "teacher" and r["monitor"] is not None), None)
+    level = None if teacher is None else (f"teacher ({teacher['nfe']} NFE), same sample count", teacher["monitor"])
+    monitor = cfg["evaluate"]["during_training"]
     plots = []
-    if _plot(curves, EVAL_KEYS, folder / "eval_vs_kimg.png", f"{label} during distillation", hl):
-        plots.append(("eval_vs_kimg.png", f"{label} vs kimg (quick metric of the training monitor)"))
-    if _plot(curves, LOSS_KEYS, folder / "losses_vs_kimg.png", "losses"):
-        plots.append(("losses_vs_kimg.png", "losses vs kimg"))
-    # Grids are copied beside the report so the page and its images move together.
-    grid_files = []
-    for g in grids:
-        dst = folder / f"samples-{Path(g).parent.name}.png"
-        with atomic_write(dst, suffix=".png") as tmp:
-            shutil.copyfile(g, tmp)
-        grid_files.append((dst.name, Path(g).parent.name))
+    if plot_quality_vs_images(curves, EVAL_KEYS, offsets, folder / "quality_vs_images.png",
+                              f"{label}, {monitor['num_samples']:,} samples", level):
+        plots.append(("quality_vs_images.png", f"{label} vs training images (the training monitor's "
+                                               f"{monitor['num_samples']:,} samples; log scales)"))
+    if plot_scalars(curves, LOSS_KEYS, offsets, folder / "losses_vs_kimg.png", "losses"):
+        plots.append(("losses_vs_kimg.png", "Losses vs training images"))
+    if plot_scalars(curves, DISC_KEYS, offsets, folder / "discriminator_vs_kimg.png",
+                    "discriminator accuracy (real and fake separately)"):
+        plots.append(("discriminator_vs_kimg.png", "Discriminator accuracy vs training images"))
 
-    head = ["model", "kind", "NFE", label, "IS", "precision", "recall", "runs × samples"]
-    body = [[r["label"], r["kind"], str(r["nfe"]), _fmt(r["value"], 3), _fmt(r["is"], 2), _fmt(r["precision"], 3),
-             _fmt(r["recall"], 3), f"{r['num_runs']} × {r['num_samples']}"] for r in rows]
-    extractors = sorted({(r["extractor"], r["mode"], r["extractor_sha256"][:12]) for r in rows})
-    md = [f"# {cfg['experiment']}: results", "", cfg.get("description", ""), ""]
-    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(b) + " |" for b in body]
-    md += ["", "Mean ± std (ddof 1) over independent runs with disjoint seeds. Features: "
-           + "; ".join(f"{n} ({m}, sha256 {h}…)" for n, m, h in extractors) + "."]
-    if any(r["extractor"] == "digits_classifier" for r in rows):
-        md += ["FD is measured in a small digit classifier's features, not Inception: it is not an FID and "
-               "is comparable only at equal sample counts."]
-    for f, cap in plots:
-        md += ["", f"## {cap}", "", f"![{cap}]({f})"]
-    if grid_files:
-        md += ["", "## Samples", ""] + [f"**{n}**\n\n![{n}]({f})\n" for f, n in grid_files]
-    md_text = "\n".join(md) + "\n"
-
-    h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(cfg['experiment'])}</title>"
-         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-         "td,th{border:1px solid #ccc;padding:4px 8px}img{image-rendering:pixelated;max-width:100%}</style>"
-         f"</head><body><h1>{html.escape(cfg['experiment'])}: results</h1><p>{html.escape(cfg.get('description', ''))}</p>",
-         "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"]
-    h += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in b) + "</tr>" for b in body]
-    h += ["</table><p>Mean ± std (ddof 1) over independent runs with disjoint seeds.</p>"]
-    h += [f"<p>Features: {html.escape('; '.join(f'{n} ({m}, sha256 {x}…)' for n, m, x in extractors))}.</p>"]
-    h += [f"<h2>{html.escape(c)}</h2><img src='{f}'>" for f, c in plots]
-    if grid_files:
-        h += ["<h2>Samples</h2>"] + [f"<h3>{html.escape(n)}</h3><img src='{f}' width='256'>" for f, n in grid_files]
-    h += ["</body></html>"]
-
-    results = {"experiment": cfg["experiment"], "rows": rows, "plots": [p for p, _ in plots],
-               "grids": [f for f, _ in grid_files], "evaluations": [str(p) for p in evaluations],
-               "metrics_jsonl": [str(p) for p in jsonls]}
+    blocks = _blocks(cfg, rows, comps, spread, plots, grid_files)
+    results = {"experiment": cfg["experiment"], "rows": rows, "comparisons": comps, "evaluation_spread": spread,
+               "plots": [p for p, _ in plots], "grids": [f for f, _ in grid_files],
+               "evaluations": [str(p) for p in evaluations], "metrics_jsonl": [str(p) for p in jsonls]}
     atomic_write_json(folder / "results.json", results)
-    atomic_write_text(out.with_suffix(".html"), "\n".join(h) + "\n")
-    atomic_write_text(out, md_text)
+    atomic_write_text(out.with_suffix(".html"), _html(blocks, cfg["experiment"]))
+    atomic_write_text(out, _markdown(blocks))
     return results
 
 
@@ -182,8 +309,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise DataError("nothing to report: pass --evaluations results/E/evaluate/*/metrics.json and/or "
                         "--metrics-jsonl results/E/<run>/metrics.jsonl")
     res = build_report(cfg, Path(args.out), args.evaluations, args.metrics_jsonl, args.grids)
-    print(f"report: {len(res['rows'])} evaluations, {len(res['plots'])} plots -> {args.out}",
-          file=sys.stderr)
+    print(f"report: {len(res['rows'])} models, {len(res['comparisons'])} comparisons, {len(res['plots'])} plots "
+          f"-> {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

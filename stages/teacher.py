@@ -51,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             save_grid(grid_samples(loop.ema, GRID, cfg["seed"], steps=18), ctx.work / "samples.png", GRID)
 
     run(loop, int(t["kimg"] * 1000), t["tick_kimg"], t["snapshot_kimg"], ckpt, info,
-        on_tick=lambda row: tracker.log(row, loop.nimg / 1000), on_snapshot=snapshot, label="teacher: ")
+        on_tick=lambda row: tracker.log(row, loop.nimg / 1000), on_snapshot=snapshot, label="teacher: ",
+        watch={"net": loop.net, "ema": loop.ema}, nonfinite_budget=t["nonfinite_budget"])
     if info.is_main:
         save_grid(grid_samples(loop.ema, GRID, cfg["seed"], steps=18), ctx.out / "samples.png", GRID)
         checkpoints.save_network(ctx.out / "network.pt", loop.ema,

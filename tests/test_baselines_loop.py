@@ -140,7 +140,7 @@ def test_dmd2_run_declares_what_it_does():
     stats = _step(loop)
     assert loop.opt_f.param_groups[0]["lr"] == pytest.approx(1e-4 * 16 / 64)
     assert _moved(f0, n.fake) and _moved(h0, n.head) and not _moved(g0, n.G)
-    assert "loss_g_dm" not in stats and {"loss_fake", "loss_d", "d_acc"} <= set(stats)
+    assert "loss_g_dm" not in stats and {"loss_fake", "loss_d", "d_acc_real", "d_acc_fake"} <= set(stats)
     # dmd2 phase, critic ratio 2: iterations 2 (turn), 3 (critic only), 4 (turn)
     stats = _step(loop)
     assert {"loss_g_dm", "loss_g_adv", "loss_fake"} <= set(stats) and _moved(g0, n.G)
@@ -203,7 +203,7 @@ def test_add_run_trains_heads_not_the_fake_score():
     t0 = _params(n.teacher)
     _step(loop)
     stats = _step(loop)  # warm-up (2 iterations): heads only
-    assert _moved(h0, n.head) and not _moved(g0, n.G) and {"loss_d", "d_acc", "r1"} <= set(stats)
+    assert _moved(h0, n.head) and not _moved(g0, n.G) and {"loss_d", "d_acc_real", "d_acc_fake", "r1"} <= set(stats)
     stats = _step(loop)
     assert _moved(g0, n.G) and {"loss_g_distill", "loss_g_adv"} <= set(stats)
     assert not _moved(f0, n.fake) and not _moved(t0, n.teacher)
@@ -339,7 +339,7 @@ def test_digits_baselines_preset_runs_every_method_under_one_evaluation():
     base = load_config(CONFIG_DIR / "config.yaml")
     for key in ("data", "network", "teacher"):
         assert cfg[key] == base[key], key
-    assert cfg["evaluate"]["num_samples"] == base["evaluate"]["num_samples"]
+    assert cfg["evaluate"] == base["evaluate"]  # same seeds, samples, labels and classifier
     assert yaml.safe_load((CONFIG_DIR / "digits-baselines.yaml").read_text())["experiment"] == "digits-baselines"
 
 
@@ -354,8 +354,8 @@ def test_evaluate_add_in_four_steps_records_steps_sigmas_and_label(tmp_path):
                      channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
     levels = [80.0, 17.5, 2.5, 0.17]
     checkpoints.save_network(tmp_path / "add.pt", net, meta={"one_step": True, "sigma_init": 80.0, "gen_sigmas": levels})
-    sets = [f"results_dir={tmp_path / 'results'}", "evaluate.num_runs=1", "evaluate.num_samples=32",
-            "evaluate.batch=32", "evaluate.classifier.epochs=1", "evaluate.pr_max_samples=32",
+    sets = [f"results_dir={tmp_path / 'results'}", "evaluate.num_runs=1", "evaluate.num_samples=40",
+            "evaluate.batch=40", "evaluate.classifier.epochs=1", "evaluate.pr_max_samples=40",
             "evaluate.inception_score=false"]
     args = ["--config", str(CONFIG_DIR / "config.yaml"), *[a for s in sets for a in ("--set", s)],
             "--network", str(tmp_path / "add.pt"), "--kind", "generator", "--name", "add-4steps"]
@@ -368,6 +368,8 @@ def test_evaluate_add_in_four_steps_records_steps_sigmas_and_label(tmp_path):
     m1 = json.loads((tmp_path / "e1" / "metrics.json").read_text())
     assert (m1["nfe"], m1["sigmas"], m1["label"]) == (1, [80.0], "add-4steps")
     assert m1["summary"]["fd"]["mean"] != m["summary"]["fd"]["mean"]  # other samples
+    # the sample grid is drawn as evaluated (4 steps from its recorded levels vs one step at 80)
+    assert (tmp_path / "e4" / "samples.png").read_bytes() != (tmp_path / "e1" / "samples.png").read_bytes()
 
 
 def test_generate_in_more_steps_than_the_generator_has_levels_is_one_error_line(tmp_path, capsys):

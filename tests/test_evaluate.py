@@ -26,8 +26,9 @@ def setup(tmp_path_factory):
     net = EDMPrecond(img_resolution=8, img_channels=1, label_dim=10, model_type="SongUNet", model_channels=16,
                      channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
     save_network(root / "net.pt", net)
-    sets = [f"results_dir={root / 'results'}", "evaluate.num_runs=2", "evaluate.num_samples=64",
-            "evaluate.batch=64", "evaluate.classifier.epochs=3", "evaluate.pr_max_samples=64"]
+    sets = [f"results_dir={root / 'results'}", "evaluate.num_runs=2", "evaluate.num_samples=60",
+            "evaluate.batch=64", "evaluate.classifier.epochs=3", "evaluate.pr_max_samples=64",
+            "evaluate.labels=balanced", "evaluate.during_training.num_samples=100"]
     return root, sets
 
 
@@ -53,15 +54,27 @@ def test_evaluate_generator_end_to_end(setup):
     root, sets = setup
     out = root / "g" / "metrics.json"
     proc = _run(["--config", CONFIG, "--network", str(root / "net.pt"), "--kind", "generator", "--name", "g",
-                 "--out", str(out), *_args(sets)])
+                 "--out", str(out), "--train-seed", "3", *_args(sets)])
     assert proc.returncode == 0, proc.stderr
     m = json.loads(out.read_text())
-    assert (root / "g" / "samples.png").is_file()
     assert m["metric"] == "fd" and m["metric_label"] == "FD (digits classifier)" and m["nfe"] == 1
-    assert m["seeds"] == [[0, 63], [64, 127]] and len(m["runs"]) == 2
+    assert m["seeds"] == [[0, 59], [60, 119]] and len(m["runs"]) == 2 and m["train_seed"] == 3
     assert len(m["extractor"]["sha256"]) == 64 and len(m["reference"]["sha256"]) == 64
     for k in ("fd", "is", "precision", "recall"):
-        assert set(m["summary"][k]) == {"mean", "std", "values"} and len(m["summary"][k]["values"]) == 2
+        s = m["summary"][k]
+        assert set(s) == {"mean", "std", "se", "n", "values"} and len(s["values"]) == 2 and s["n"] == 2
+        assert s["se"] == pytest.approx(abs(s["values"][0] - s["values"][1]) / 2)  # std/sqrt(2) for 2 runs
+    # Balanced labels: equal class counts in every run, compared with class-balanced real images
+    # (the digits' rarest class has 174 images).
+    assert m["labels"] == "balanced" and all(r["class_counts"] == [6] * 10 for r in m["runs"])
+    assert m["reference"]["class_counts"] == [174] * 10 and m["reference"]["num_images"] == 1740
+    # The FD at the training monitor's sample count (100), from the evaluation's first seeds (they
+    # span both runs here), for the report's curves.
+    assert m["monitor"]["num_samples"] == 100 and m["monitor"]["seeds"] == [0, 99] and np.isfinite(m["monitor"]["fd"])
+    # The grid: grid_size (8) columns, one row per class, cells enlarged 6x with 2-pixel gaps.
+    from PIL import Image
+
+    assert Image.open(root / "g" / "samples.png").size == (8 * 48 + 7 * 2, 10 * 48 + 9 * 2)
     # Same seeds, same numbers: rerun in process (reference and classifier now cached).
     from stages.evaluate import main
 
@@ -70,6 +83,30 @@ def test_evaluate_generator_end_to_end(setup):
           "--out", str(out2), *_args(sets)])
     m2 = json.loads(out2.read_text())
     assert m2["summary"]["fd"]["values"] == pytest.approx(m["summary"]["fd"]["values"], rel=1e-5)
+    assert m2["train_seed"] is None
+
+
+def test_random_labels_and_the_monitor_protocol(setup):
+    from stages.evaluate import main
+
+    root, sets = setup
+    out = root / "r" / "metrics.json"
+    main(["--config", CONFIG, "--network", str(root / "net.pt"), "--kind", "generator", "--name", "r",
+          "--out", str(out), *_args(sets + ["evaluate.labels=random", "evaluate.num_runs=1", "evaluate.num_samples=64",
+                                             "evaluate.precision_recall=false", "evaluate.during_training.every_kimg=0"])])
+    m = json.loads(out.read_text())
+    counts = m["runs"][0]["class_counts"]
+    assert m["labels"] == "random" and sum(counts) == 64 and len(set(counts)) > 1
+    assert m["reference"]["num_images"] == 1797  # every real image: random labels follow no balance
+    assert m["summary"]["fd"]["se"] is None and m["summary"]["fd"]["std"] == 0.0  # one run: no error estimate
+    assert m["monitor"] is None  # no training monitor, no monitor-protocol value
+
+
+def test_balanced_labels_need_a_multiple_of_the_class_count(setup):
+    root, sets = setup
+    proc = _run(["--config", CONFIG, "--network", str(root / "net.pt"), "--kind", "generator", "--name", "x",
+                 "--out", str(root / "x" / "metrics.json"), *_args(sets + ["evaluate.num_samples=65"])])
+    _assert_one_error_line(proc, "evaluate.num_samples: 65", "multiple of 10")
 
 
 def test_evaluate_teacher_uses_heun_nfe(setup):
@@ -125,7 +162,7 @@ def test_training_monitor(setup):
     from sida.nets.sampler import one_step_generate
 
     root, sets = setup
-    cfg = load_config(CONFIG, sets + ["evaluate.during_training.num_samples=64",
+    cfg = load_config(CONFIG, sets + ["evaluate.during_training.num_samples=60",
                                       "evaluate.during_training.every_kimg=0"])
     info = dist.init("cpu")
     try:

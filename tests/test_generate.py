@@ -48,3 +48,22 @@ def test_generate_errors_are_one_line(tmp_path):
     res = run_module("stages.generate", "--network", str(net), "--out", str(tmp_path / "g"), "--class", "12")
     assert res.returncode == 1 and "out of range" in error_lines(res.stderr)[0]
     assert not (tmp_path / "g").exists()
+
+
+def test_grid_array_enlarges_with_gaps_and_rows_per_class():
+    import numpy as np
+    import torch
+
+    from sida.eval.sampling import grid_labels
+    from sida.io.images import auto_upscale, grid_array
+
+    imgs = np.stack([np.full((2, 2, 1), 10 * (i + 1), np.uint8) for i in range(6)])
+    g = grid_array(imgs, cols=3, upscale=2, gap=1, gap_value=255)
+    assert g.shape == (2 * 4 + 1, 3 * 4 + 2, 1)
+    assert (g[0:4, 0:4] == 10).all() and (g[0:4, 5:9] == 20).all() and (g[5:9, 10:14] == 60).all()
+    assert (g[4, :] == 255).all() and (g[:, 4] == 255).all() and (g[:, 9] == 255).all()
+    assert auto_upscale(8) == 6 and auto_upscale(32) == 2 and auto_upscale(64) == 1
+    # Row r holds class r: 10 rows x 3 columns for a 10-class model.
+    labels = grid_labels(10, 3, 10, torch.device("cpu")).argmax(1).view(10, 3)
+    assert torch.equal(labels, torch.arange(10)[:, None].expand(10, 3))
+    assert grid_labels(2, 3, 0, torch.device("cpu")).shape == (6, 0)

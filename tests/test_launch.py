@@ -24,7 +24,7 @@ def test_head_hosts_the_rendezvous_and_the_others_join_it():
     head = launch.torchrun_command(NodeRole(nodes, 0, "10.1.0.5", "ib0"), 4, 123456, REST, python="py")
     other = launch.torchrun_command(NodeRole(nodes, 2, "10.1.0.7", "ib0"), 4, 123456, REST, python="py")
     for cmd in (head, other):
-        assert cmd[:3] == ["py", "-m", "torch.distributed.run"]
+        assert cmd[:3] == ["py", "-m", "sida.run.torchrun"]
         assert _opt(cmd, "--nnodes") == "3" and _opt(cmd, "--nproc-per-node") == "4"
         assert _opt(cmd, "--rdzv-backend") == "c10d" and _opt(cmd, "--rdzv-id") == "123456"
         # every node meets at the first node, on a port of this job

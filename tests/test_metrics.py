@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from sida.eval.evaluation import latents_for_seeds, seed_ranges
+from sida.eval.evaluation import balanced_indices, class_counts, latents_for_seeds, seed_ranges
 from sida.eval.features import load_or_train_digits_classifier, quantize, state_dict_sha256, train_digits_classifier
-from sida.eval.metrics import (fd_from_features, feature_stats, frechet_distance, inception_score, mean_std,
+from sida.eval.metrics import (fd_from_features, feature_stats, frechet_distance, inception_score,
                           precision_recall)
 
 
@@ -61,12 +61,6 @@ def test_precision_recall_identical_sets_and_disjoint_sets():
     assert p == 0.0 and r == 0.0
 
 
-def test_mean_std_uses_sample_std():
-    s = mean_std([1.0, 2.0, 3.0])
-    assert s["mean"] == 2.0 and s["std"] == pytest.approx(1.0) and s["values"] == [1.0, 2.0, 3.0]
-    assert mean_std([5.0])["std"] == 0.0
-
-
 def test_seed_ranges_disjoint_and_reproducible():
     runs = seed_ranges(7, 4, 100)
     assert runs == seed_ranges(7, 4, 100)
@@ -82,6 +76,36 @@ def test_latents_depend_only_on_the_seed():
     labels = latents_for_seeds(range(2000), (1, 1, 1), 10)[1].argmax(1)
     assert set(labels.tolist()) == set(range(10))  # uniform draws cover every class
     assert latents_for_seeds(range(3), (1, 8, 8), 0)[1] is None
+
+
+def test_balanced_labels_equal_counts_from_the_seed_alone():
+    z_r, c_r = latents_for_seeds(range(30, 50), (1, 8, 8), 10, labels="random")
+    z_b, c_b = latents_for_seeds(range(30, 50), (1, 8, 8), 10, labels="balanced")
+    assert torch.equal(z_r, z_b)  # the same noise either way: only the labels differ
+    assert c_b.argmax(1).tolist() == [s % 10 for s in range(30, 50)]
+    # Any batching (here: one seed at a time, in reverse) gives the same labels.
+    one = torch.cat([latents_for_seeds([s], (1, 8, 8), 10, labels="balanced")[1] for s in reversed(range(30, 50))])
+    assert torch.equal(one.flip(0), c_b)
+    # Exactly equal counts in any window whose length is a multiple of the class count.
+    assert class_counts(range(1234, 1234 + 2000), (1, 8, 8), 10, "balanced") == [200] * 10
+    # Random labels are far from equal at 2,000 samples; counts replay the labels actually drawn.
+    counts = class_counts(range(2000), (1, 8, 8), 10, "random")
+    drawn = latents_for_seeds(range(2000), (1, 8, 8), 10)[1].sum(0).long().tolist()
+    assert counts == drawn and sum(counts) == 2000 and max(counts) - min(counts) > 10
+    assert class_counts(range(5), (1, 8, 8), 0, "balanced") is None
+    with pytest.raises(ValueError, match="labels"):
+        latents_for_seeds(range(3), (1, 8, 8), 10, labels="uniform")
+
+
+def test_balanced_indices_take_the_rarest_class_count():
+    classes = np.array([0, 1, 1, 2, 2, 2, 0, 1, 2, 0, 0])  # counts 4, 3, 4
+    idx = balanced_indices(classes, 3)
+    assert np.all(np.diff(idx) > 0) and np.bincount(classes[idx]).tolist() == [3, 3, 3]
+    assert np.array_equal(idx, balanced_indices(classes, 3))  # deterministic
+    assert np.bincount(classes[balanced_indices(classes, 3, per_class=2)]).tolist() == [2, 2, 2]
+    from sida.errors import DataError
+    with pytest.raises(DataError, match="class 3"):
+        balanced_indices(classes, 4)
 
 
 def test_quantize_matches_edm():

@@ -102,6 +102,20 @@ def test_digits_long_is_a_longer_embedded_preset():
     assert long["evaluate"].get("num_samples", 0) > base["evaluate"].get("num_samples", 0)
 
 
+def test_evaluation_labels_and_training_seeds_by_preset():
+    """Embedded presets: balanced labels (the FD's spread in a digit classifier's features comes
+    from class proportions otherwise); the long one trains every run from >= 3 seeds. Paper
+    presets keep the published protocol: one random label per seed, one training."""
+    for name in ("config", "digits-long", "ci-short"):
+        assert load_config(CONFIG_DIR / f"{name}.yaml")["evaluate"]["labels"] == "balanced", name
+    long = _load("digits-long")
+    assert len(long["seeds"]) >= 3 and long["evaluate"]["during_training"]["every_kimg"] > 0
+    assert load_config(CONFIG_DIR / "config.yaml")["seeds"] is None
+    for name in PAPER:
+        cfg = _load(name)
+        assert cfg["evaluate"]["labels"] == "random" and cfg["seeds"] is None, name
+
+
 # --- the paper presets carry the papers' numbers ----------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(PAPER))

@@ -1,59 +1,161 @@
-"""The report stage: table, plots, grids, results.json; missing inputs give one error line."""
+"""The report stage: table with standard errors, paired differences, plots, grids, results.json;
+training seeds; missing inputs give one error line."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "config" / "config.yaml")
+T2 = 0.95 * math.sqrt(2 / 0.0975)  # t quantile 0.975 with 2 degrees of freedom, closed form
 
 
-def _evaluation(path: Path, name: str, kind: str, nfe: int, values: list[float]) -> None:
+def _evaluation(path: Path, name: str, kind: str, nfe: int, values: list[float], train_seed: int | None = None,
+                monitor: float | None = None, label: str | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    stat = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)), "values": values}
+    sd = float(np.std(values, ddof=1))
+    stat = {"mean": float(np.mean(values)), "std": sd, "se": sd / math.sqrt(len(values)), "n": len(values),
+            "values": values}
     path.write_text(json.dumps({
-        "name": name, "kind": kind, "nfe": nfe, "metric": "fd", "metric_label": "FD (digits classifier)",
-        "mode": "digits_classifier", "num_runs": len(values), "num_samples": 2000,
-        "extractor": {"name": "digits_classifier", "sha256": "ab" * 32},
-        "reference": {"sha256": "cd" * 32}, "summary": {"fd": stat, "is": stat}}))
+        "name": name, "kind": kind, "nfe": nfe, "train_seed": train_seed, "metric": "fd",
+        "metric_label": "FD (digits classifier)", "mode": "digits_classifier", "labels": "balanced",
+        "num_runs": len(values), "num_samples": 2000, "seeds": [[0, 1999], [2000, 3999], [4000, 5999]],
+        "extractor": {"name": "digits_classifier", "sha256": "ab" * 32}, "reference": {"sha256": "cd" * 32},
+        "summary": {"fd": stat, "is": stat}, "monitor": None if monitor is None else {"fd": monitor},
+        **({} if label is None else {"label": label, "steps": nfe})}))
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(path.parent / "samples.png")
+
+
+def _jsonl(path: Path, scale: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"kimg": k, "fd": scale * 10.0 / k, "loss_g_sid": -k, "loss_fake": 0.5,
+                                        "d_acc_real": 0.6, "d_acc_fake": 0.7}) + "\n" for k in (1, 2, 4, 8)))
+    return path
 
 
 def _inputs(tmp_path: Path):
     evals = []
-    for name, kind, nfe, vals in [("sid", "generator", 1, [2.3, 2.2, 2.4]), ("teacher", "teacher", 35, [1.3, 1.4, 1.4])]:
+    for name, kind, nfe, vals in [("sid", "generator", 1, [2.3, 2.2, 2.4]), ("teacher", "teacher", 35, [1.3, 1.4, 1.4]),
+                                  ("sida", "generator", 1, [2.35, 2.2, 2.5])]:
         p = tmp_path / "evaluate" / name / "metrics.json"
-        _evaluation(p, name, kind, nfe, vals)
+        _evaluation(p, name, kind, nfe, vals, monitor=3.0 if kind == "teacher" else None)
         evals.append(p)
-    jsonl = tmp_path / "sid" / "metrics.jsonl"
-    jsonl.parent.mkdir(parents=True)
-    jsonl.write_text("".join(json.dumps({"kimg": k, "fd": 10.0 / k, "loss_g": -k, "loss_fake": 0.5}) + "\n"
-                             for k in (1, 2, 3)))
-    return evals, [jsonl], [p.parent / "samples.png" for p in evals]
+    jsonls = [_jsonl(tmp_path / run / "metrics.jsonl", s) for run, s in (("sid", 1.0), ("sida", 0.8))]
+    return evals, jsonls, [p.parent / "samples.png" for p in evals]
 
 
-def test_report_writes_page_plots_and_results(tmp_path):
+def _report(tmp_path, evals, jsonls, grids):
     from stages.report import main
 
-    evals, jsonls, grids = _inputs(tmp_path)
     out = tmp_path / "report" / "report.md"
     main(["--config", CONFIG, "--out", str(out), "--evaluations", *map(str, evals),
           "--metrics-jsonl", *map(str, jsonls), "--grids", *map(str, grids)])
+    return out, json.loads((out.parent / "results.json").read_text())
+
+
+def test_report_writes_page_plots_and_results(tmp_path):
+    evals, jsonls, grids = _inputs(tmp_path)
+    out, res = _report(tmp_path, evals, jsonls, grids)
     md = out.read_text()
-    assert "FD (digits classifier)" in md and "1.367 ± 0.058" in md and "not an FID" in md
-    assert md.index("| teacher | teacher | 35 |") < md.index("| sid | generator | 1 |")  # teacher first
-    for f in ("report.html", "results.json", "eval_vs_kimg.png", "losses_vs_kimg.png", "samples-sid.png"):
+    # Mean ± standard error over runs: teacher 1.3667 ± 0.0577/sqrt(3) = 0.0333.
+    assert "FD (digits classifier) ± SE" in md and "| teacher | 35 | 1.367 ± 0.033 |" in md and "not an FID" in md
+    assert md.index("| teacher | 35 |") < md.index("| sid | 1 |") < md.index("| sida | 1 |")  # teacher first
+    for f in ("report.html", "results.json", "quality_vs_images.png", "losses_vs_kimg.png",
+              "discriminator_vs_kimg.png", "samples-sid.png", "samples-teacher.png"):
         assert (out.parent / f).is_file(), f
-    res = json.loads((out.parent / "results.json").read_text())
-    assert [r["name"] for r in res["rows"]] == ["teacher", "sid"]
-    assert "<table>" in (out.parent / "report.html").read_text()
+    assert [r["name"] for r in res["rows"]] == ["teacher", "sid", "sida"]
+    html = (out.parent / "report.html").read_text()
+    assert "<table>" in html and "image-rendering:pixelated" in html
+    # The evaluation's spread on the teacher: std 0.0577 over 3 runs = 4.2 % of 1.367.
+    sp = res["evaluation_spread"]
+    assert sp["std"] == pytest.approx(0.057735, abs=1e-5) and sp["relative_std"] == pytest.approx(0.057735 / 1.366667, rel=1e-4)
+    assert "4.2 % of its FD (digits classifier) 1.367" in md
+
+
+def test_report_paired_differences_over_evaluation_runs(tmp_path):
+    evals, jsonls, grids = _inputs(tmp_path)
+    _, res = _report(tmp_path, evals, jsonls, grids)
+    comps = {(c["a"], c["b"]): c for c in res["comparisons"]}
+    assert set(comps) == {("sid", "teacher"), ("sida", "teacher"), ("sida", "sid")}
+    # sid - teacher per run: [1.0, 0.8, 1.0]: mean 0.9333, std 0.11547, se 0.066667 -> excludes 0.
+    c = comps[("sid", "teacher")]
+    assert c["unit"] == "evaluation runs" and c["n"] == 3
+    assert c["mean"] == pytest.approx(0.933333, abs=1e-5)
+    assert c["ci"] == pytest.approx([0.933333 - T2 * 0.0666667, 0.933333 + T2 * 0.0666667], abs=1e-5)
+    assert c["significant"] and c["verdict"] == "teacher is better"
+    # sida - sid: [0.05, 0.0, 0.1]: mean 0.05, se 0.028868 -> [-0.074, 0.174] contains 0.
+    c = comps[("sida", "sid")]
+    assert not c["significant"] and c["verdict"].startswith("no difference")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| sid − teacher | +0.933 |" in md
+
+
+def test_report_with_training_seeds(tmp_path):
+    evals = [tmp_path / "evaluate" / "teacher" / "metrics.json"]
+    _evaluation(evals[0], "teacher", "teacher", 35, [1.3, 1.4, 1.4], monitor=3.0)
+    per_seed = {"sid": [[2.3, 2.2, 2.4], [2.6, 2.5, 2.6], [2.0, 2.1, 2.0]],
+                "sida": [[2.0, 2.1, 2.0], [2.4, 2.3, 2.3], [1.8, 1.9, 1.8]]}
+    jsonls = []
+    for name, runs in per_seed.items():
+        for seed, vals in enumerate(runs):
+            p = tmp_path / "evaluate" / f"seed{seed}" / name / "metrics.json"
+            _evaluation(p, name, "generator", 1, vals, train_seed=seed)
+            evals.append(p)
+            jsonls.append(_jsonl(tmp_path / f"seed{seed}" / name / "metrics.jsonl", 1.0 + 0.1 * seed))
+    grids = [p.parent / "samples.png" for p in evals]
+    out, res = _report(tmp_path, evals, jsonls, grids)
+    sid = next(r for r in res["rows"] if r["name"] == "sid")
+    means = [2.3, 2.5666667, 2.0333333]
+    assert sid["train_seeds"] == [0, 1, 2] and sid["value"]["mean"] == pytest.approx(np.mean(means))
+    assert sid["value"]["seed_std"] == pytest.approx(np.std(means, ddof=1), rel=1e-6)
+    # The evaluation's SE of one network: RMS of the per-seed SEs (0.0577, 0.0333, 0.0333).
+    rms = math.sqrt((0.057735 ** 2 + 0.033333 ** 2 + 0.033333 ** 2) / 3)
+    assert sid["value"]["eval_se"] == pytest.approx(rms, rel=1e-4)
+    comps = {(c["a"], c["b"]): c for c in res["comparisons"]}
+    # sida - sid paired by training seed: per-seed means differ by [-0.2667, -0.2333, -0.2] -> excludes 0.
+    c = comps[("sida", "sid")]
+    assert c["unit"] == "training seeds" and c["n"] == 3 and c["mean"] == pytest.approx(-0.233333, abs=1e-5)
+    assert c["significant"] and c["verdict"] == "sida is better"
+    # Against the single teacher: its evaluation error is added (Welch df between 2 and 4).
+    c = comps[("sid", "teacher")]
+    assert c["unit"].startswith("training seeds") and 2 < c["df"] < 4
+    md = out.read_text()
+    assert "std over training seeds" in md and "| sid | 2.300 | 2.567 | 2.033 |" in md
+    assert "samples-sid.png" in res["grids"] and "sid (training seed 0)" in md
+
+
+def test_report_shows_evaluation_entries_by_label_grouped_by_training_seed(tmp_path):
+    """A baseline run evaluated in 1 and 4 steps is two models (`add`, `add-4steps`), each over its
+    training seeds; the page names them by their labels, the data keeps the names."""
+    evals = [tmp_path / "evaluate" / "teacher" / "metrics.json"]
+    _evaluation(evals[0], "teacher", "teacher", 35, [1.3, 1.4, 1.4], monitor=3.0)
+    per_seed = {("add", 1, "ADD (1 step)"): [[3.0, 3.1, 3.2], [3.4, 3.3, 3.5]],
+                ("add-4steps", 4, "ADD (4 steps)"): [[2.0, 2.1, 2.2], [2.3, 2.2, 2.4]]}
+    for (name, nfe, label), runs in per_seed.items():
+        for seed, vals in enumerate(runs):
+            p = tmp_path / "evaluate" / f"seed{seed}" / name / "metrics.json"
+            _evaluation(p, name, "generator", nfe, vals, train_seed=seed, label=label)
+            evals.append(p)
+    jsonls = [_jsonl(tmp_path / f"seed{s}" / "add" / "metrics.jsonl", 1.0) for s in (0, 1)]
+    out, res = _report(tmp_path, evals, jsonls, [p.parent / "samples.png" for p in evals])
+    rows = {r["name"]: r for r in res["rows"]}
+    assert rows["add-4steps"]["label"] == "ADD (4 steps)" and rows["add-4steps"]["train_seeds"] == [0, 1]
+    assert rows["add-4steps"]["value"]["mean"] == pytest.approx((2.1 + 2.3) / 2)
+    c = next(c for c in res["comparisons"] if (c["a"], c["b"]) == ("add-4steps", "add"))
+    # per-seed means 2.1 - 3.1 and 2.3 - 3.4: paired over the 2 training seeds
+    assert c["unit"] == "training seeds" and c["mean"] == pytest.approx(-1.05) and c["a_label"] == "ADD (4 steps)"
+    md = out.read_text()
+    assert "| ADD (4 steps) | 4 | 2.200 ± 0.100 |" in md and "| ADD (4 steps) − ADD (1 step) | -1.050 |" in md
+    assert "ADD (4 steps) (training seed 0)" in md and "samples-add-4steps.png" in res["grids"]
 
 
 def test_report_missing_input_is_one_error_line(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import resource
 import time
@@ -63,9 +64,10 @@ def test_dry_run_of_every_preset_follows_its_runs(snakemake, preset):
     cfg = yaml.safe_load(preset.read_text())
     runs = cfg["distill"]["runs"]
     stats = _job_stats(r.stdout)
-    expected = {name: 1 for name in runs}
+    seeds = len(cfg.get("seeds") or [None])  # training seeds: every run once per seed
+    expected = {name: seeds for name in runs}
     evaluated = len(evaluation_entries(load_config(preset)))  # a run per entry of its eval_steps
-    expected.update(evaluate=1 + evaluated, report=1, all=1)
+    expected.update(evaluate=1 + evaluated * seeds, report=1, all=1)
     expected["fetch" if cfg.get("teacher", {}).get("source") == "fetch" else "teacher"] = 1
     assert stats == expected
     # A dry run downloads nothing and writes no results.
@@ -95,9 +97,76 @@ def test_distill_inputs_follow_init_and_init_generator(snakemake, tmp_path):
     assert stats["more"] == 1 and stats["evaluate"] == 4  # teacher, sid, sida, sid2a; not `more`
     cmd = next(line for line in r.stdout.splitlines() if "--run more" in line)
     assert "--init results/ci-short/sida/state.pt --init-generator results/ci-short/sid/network.pt" in cmd
-    assert cmd.startswith("Shell command: torchrun --standalone --nproc-per-node 1 -m -- stages.distill")
+    assert cmd.startswith("Shell command: python -m sida.run.torchrun --standalone --nproc-per-node 1 -m -- stages.distill")
     assert "--teacher results/ci-short/teacher/network.pt" in cmd
     assert "> results/ci-short/logs/distill/more.log 2>&1 || stage_failed more" in cmd
+
+
+def _fake_outputs(snakemake, configfile) -> None:
+    """Create every output of the DAG as an empty file (mtimes in DAG order), so that dry runs
+    show what a rerun would do without running anything."""
+    r = snakemake("-n", configfile=configfile)
+    assert r.returncode == 0, r.stderr[-2000:]
+    jobs = [(m.group(1), re.search(r"^    output: (.+)$", m.group(2), re.M).group(1))
+            for m in re.finditer(r"^rule (\w+):\n((?:    .*\n)+)", r.stdout, re.M) if "output:" in m.group(2)]
+    order = ["teacher", "warmup", "sid", "sida", "sid2a", "evaluate", "report"]
+    assert {rule for rule, _ in jobs} == set(order)
+    t = time.time() - 1000
+    for rule in order:
+        t += 10
+        for _, outputs in (j for j in jobs if j[0] == rule):
+            for f in map(snakemake.workdir.joinpath, outputs.split(", ")):
+                if rule == "report":
+                    f.mkdir(parents=True, exist_ok=True)
+                else:
+                    f.parent.mkdir(parents=True, exist_ok=True)
+                    f.touch()
+                os.utime(f, (t, t))
+
+
+def test_training_seeds_fan_out_and_rerun_one_seed_alone(snakemake, tmp_path):
+    seeded = _write_config(tmp_path / "seeded.yaml", CI, lambda c: c.update(seeds=[0, 1, 2]))
+    r = snakemake("-n", "-p", configfile=seeded)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _job_stats(r.stdout) == {"teacher": 1, "warmup": 3, "sid": 3, "sida": 3, "sid2a": 3, "evaluate": 10,
+                                    "report": 1, "all": 1}
+    cmd = next(line for line in r.stdout.splitlines() if "--run sid2a" in line and "seed2/" in line)
+    assert ("--out results/ci-short/seed2/sid2a --init results/ci-short/seed2/sid/state.pt "
+            "--init-generator results/ci-short/seed2/sid/network.pt --set seed=2 ") in cmd
+    assert "--teacher results/ci-short/teacher/network.pt" in cmd  # one teacher for every seed
+    cmd = next(line for line in r.stdout.splitlines() if "stages.evaluate" in line and "seed1/sida" in line)
+    assert "--network results/ci-short/seed1/sida/network.pt --kind generator --name sida --train-seed 1" in cmd
+    assert "--out results/ci-short/evaluate/seed1/sida/metrics.json" in cmd
+
+    _fake_outputs(snakemake, seeded)
+    r = snakemake("-n", configfile=seeded)
+    assert "Nothing to be done" in r.stdout + r.stderr
+    # One seed's run: that run, its evaluation and the report; no other seed, no other run.
+    r = snakemake("-n", "--forcerun", "results/ci-short/seed1/sida/network.pt", configfile=seeded)
+    assert _job_stats(r.stdout) == {"sida": 1, "evaluate": 1, "report": 1, "all": 1}
+    outputs = " ".join(re.findall(r"^    output: (.+)$", r.stdout, re.M))
+    assert "results/ci-short/seed1/sida/network.pt" in outputs and "seed0/" not in outputs
+    # One seed's SiD: SiD2A of that seed starts from it, so it reruns too.
+    r = snakemake("-n", "--forcerun", "results/ci-short/seed2/sid/network.pt", configfile=seeded)
+    assert _job_stats(r.stdout) == {"sid": 1, "sid2a": 1, "evaluate": 2, "report": 1, "all": 1}
+    outputs = " ".join(re.findall(r"^    output: (.+)$", r.stdout, re.M))
+    assert "seed2/sid2a/network.pt" in outputs and "seed0/" not in outputs and "seed1/" not in outputs
+    # A rule: every seed of that run.
+    r = snakemake("-n", "--forcerun", "sida", configfile=seeded)
+    assert _job_stats(r.stdout) == {"sida": 3, "evaluate": 3, "report": 1, "all": 1}
+
+
+def test_few_step_evaluations_fan_out_with_training_seeds(snakemake, tmp_path):
+    """ADD's 4-step evaluation is its own model per training seed, from that seed's network."""
+    seeded = _write_config(tmp_path / "seeded.yaml", REPO / "config" / "digits-baselines.yaml",
+                           lambda c: c.update(seeds=[0, 1]))
+    r = snakemake("-n", "-p", configfile=seeded)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _job_stats(r.stdout)["evaluate"] == 1 + 6 * 2  # teacher, then SiD, SiDA, SiD2A, DMD2, ADD x {1, 4}
+    cmd = next(line for line in r.stdout.splitlines() if "stages.evaluate" in line and "seed1/add-4steps" in line)
+    assert ("--network results/digits-baselines/seed1/add/network.pt --kind generator --name add-4steps "
+            "--train-seed 1 --steps 4 --label 'ADD (4 steps)' "
+            "--out results/digits-baselines/evaluate/seed1/add-4steps/metrics.json") in cmd
 
 
 @pytest.mark.parametrize("case,args,message", [
@@ -105,6 +174,8 @@ def test_distill_inputs_follow_init_and_init_generator(snakemake, tmp_path):
     ("pattern", ["--config", "experiment=a/b"], r"experiment: 'a/b' does not match"),
     ("unknown run", None, r"distill\.runs\.sid\.init: unknown run 'nope'"),
     ("reserved name", None, r"distill\.runs\.report: the name 'report' is taken"),
+    ("seed folder name", None, r"distill\.runs\.seed3: the name 'seed3' is taken"),
+    ("balanced labels", None, r"evaluate\.num_samples: 205 is not a multiple of data\.label_dim 10"),
     ("batch", ["--config", "num_procs=3"], r"batch: 64 is not divisible by 3 processes"),
 ])
 def test_bad_config_fails_fast_with_one_line(snakemake, tmp_path, case, args, message):
@@ -112,9 +183,12 @@ def test_bad_config_fails_fast_with_one_line(snakemake, tmp_path, case, args, me
     if case == "unknown run":
         configfile = _write_config(tmp_path / "c.yaml", CI,
                                    lambda c: c["distill"]["runs"]["sid"].update(init="nope"))
-    if case == "reserved name":
+    if case == "balanced labels":
+        configfile = _write_config(tmp_path / "c.yaml", CI, lambda c: c["evaluate"].update(num_samples=205))
+    if case in ("reserved name", "seed folder name"):
+        name = "report" if case == "reserved name" else "seed3"
         configfile = _write_config(tmp_path / "c.yaml", CI, lambda c: c["distill"]["runs"].update(
-            report={"phases": [{"kind": "sid", "kimg": 1}]}))
+            {name: {"phases": [{"kind": "sid", "kimg": 1}]}}))
     # CPU time, not wall time: other tests may share the cores (wall time is only bounded loosely).
     cpu0, start = _children_cpu(), time.monotonic()
     r = snakemake("-n", *(args or []), configfile=configfile)

@@ -2,7 +2,12 @@
 
 - `seed_ranges`: the disjoint seed ranges of N runs of M samples (recorded in metrics.json).
 - `latents_for_seeds`: noise and class label of every sample from its own seed (EDM-style), so a
-  sample does not depend on the batch size, the process count or which rank drew it.
+  sample does not depend on the batch size, the process count or which rank drew it. Labels are
+  `random` (drawn from the seed: EDM's and the papers' protocol) or `balanced` (seed mod
+  label_dim: exactly equal class counts per run, which removes the large run-to-run spread that
+  random class proportions cause in a classifier's features).
+- `reference_indices`: the real images behind computed statistics; class-balanced with balanced
+  labels, so real and generated sets have the same class proportions.
 - `extract_generated` / `dataset_features`: features of generated / real images, sharded over
   ranks (rank r takes every world_size-th item) and gathered back in seed order.
 - `get_reference`: reference statistics from an EDM fid-refs file or computed from the dataset
@@ -26,12 +31,15 @@ import torch
 
 from ..run import dist
 from ..io.atomic import atomic_write
+from ..io.npz import load_npz
 from ..errors import AssetError, DataError
 from .features import Extractor, build_extractor, cache_dir, file_sha256, quantize
-from .metrics import feature_stats, frechet_distance, inception_score, mean_std, precision_recall
+from .metrics import feature_stats, frechet_distance, inception_score, precision_recall
+from .stats import summarize
 
-__all__ = ["seed_ranges", "latents_for_seeds", "extract_generated", "dataset_features", "Reference",
-           "get_reference", "score_run", "make_generate", "evaluate_network", "TrainingMonitor", "Progress"]
+__all__ = ["seed_ranges", "LABEL_MODES", "seed_label", "latents_for_seeds", "class_counts", "balanced_indices",
+           "extract_generated", "dataset_features", "Reference", "reference_indices", "get_reference", "score_run",
+           "make_generate", "sample_grid", "evaluate_network", "TrainingMonitor", "Progress"]
 
 GenerateFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -56,20 +64,70 @@ def seed_ranges(seed: int, num_runs: int, num_samples: int) -> list[range]:
     return [range(seed + r * num_samples, seed + (r + 1) * num_samples) for r in range(num_runs)]
 
 
+LABEL_MODES = ("random", "balanced")
+
+
+def seed_label(seed: int, label_dim: int) -> int:
+    """The class of `seed` under balanced labels: seed mod label_dim.
+
+    Any label_dim consecutive seeds hold every class once, so a seed range whose length is a
+    multiple of label_dim has exactly equal counts, wherever it starts, however it is batched.
+    """
+    return int(seed) % label_dim
+
+
 def latents_for_seeds(seeds: Sequence[int], shape: Sequence[int], label_dim: int,
-                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """z ~ N(0, I) of `shape` and a uniform class label (one-hot) per sample, each from its own seed."""
-    zs, labels = [], []
+                      device: torch.device | str = "cpu", labels: str = "random"
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """z ~ N(0, I) of `shape` and a one-hot class label per sample, each from its own seed.
+
+    `labels`: 'random' draws the class from the seed's generator after z (EDM's protocol, the
+    papers' numbers); 'balanced' takes `seed_label` (equal class counts). z is the same in both.
+    """
+    if labels not in LABEL_MODES:
+        raise ValueError(f"labels must be one of {LABEL_MODES}, not {labels!r}")
+    zs, classes = [], []
     for s in seeds:
         g = torch.Generator().manual_seed(int(s))
         zs.append(torch.randn(list(shape), generator=g))
         if label_dim > 0:
-            labels.append(int(torch.randint(label_dim, (1,), generator=g)))
+            classes.append(seed_label(s, label_dim) if labels == "balanced"
+                           else int(torch.randint(label_dim, (1,), generator=g)))
     z = torch.stack(zs).to(device)
     if label_dim == 0:
         return z, None
-    onehot = torch.nn.functional.one_hot(torch.tensor(labels), label_dim).to(torch.float32).to(device)
+    onehot = torch.nn.functional.one_hot(torch.tensor(classes), label_dim).to(torch.float32).to(device)
     return z, onehot
+
+
+def class_counts(seeds: Sequence[int], shape: Sequence[int], label_dim: int, labels: str) -> list[int] | None:
+    """How many of `seeds` get each class (None when unconditional). Random labels are drawn
+    after z of `shape` from the seed's generator, so they are replayed with the same shape."""
+    if label_dim == 0:
+        return None
+    if labels == "balanced":
+        counts = np.bincount([seed_label(s, label_dim) for s in seeds], minlength=label_dim)
+    else:
+        c = latents_for_seeds(seeds, shape, label_dim, labels=labels)[1]
+        counts = c.sum(0).round().to(torch.int64).numpy()
+    return [int(x) for x in counts]
+
+
+def balanced_indices(classes: np.ndarray, label_dim: int, per_class: int | None = None, seed: int = 0) -> np.ndarray:
+    """Sorted dataset indices with the same number of images of every class.
+
+    `per_class` defaults to the rarest class's count; the images kept of each class are a fixed
+    random choice (`seed`), since datasets are often sorted within a class.
+    """
+    classes = np.asarray(classes)
+    counts = np.bincount(classes, minlength=label_dim)
+    k = int(counts.min()) if per_class is None else min(int(per_class), int(counts.min()))
+    if k < 1:
+        raise DataError(f"the dataset has no images of class {int(counts.argmin())}: balanced evaluation "
+                        f"labels need every class (set evaluate.labels: random)")
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(classes == c))[:k] for c in range(label_dim)]
+    return np.sort(np.concatenate(keep))
 
 
 def _gather_in_order(positions: list[int], feats: np.ndarray, probs: np.ndarray | None,
@@ -96,25 +154,21 @@ def _run_extractor(extractor: Extractor, images_u8: torch.Tensor, want_probs: bo
 @torch.no_grad()
 def extract_generated(extractor: Extractor, generate: GenerateFn, seeds: Sequence[int], shape: Sequence[int],
                       label_dim: int, batch: int, info: dist.DistInfo, desc: str = "samples",
-                      want_probs: bool = True, keep_images: int = 0
-                      ) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor | None]:
+                      want_probs: bool = True, labels: str = "random") -> tuple[np.ndarray, np.ndarray | None]:
     """Features (and class probabilities) of `generate(z, labels)` for every seed, in seed order.
 
     Images are quantised to uint8 exactly as saved PNGs would be, then go through the extractor
     in batches on the device (no per-image numpy round trip). Returns (features [N, D],
-    probs [N, K] or None, the first `keep_images` uint8 images NCHW of rank 0 or None).
+    probs [N, K] or None).
     """
     seeds = list(seeds)
     mine = list(range(info.rank, len(seeds), info.world_size))
-    feats, probs, kept = [], [], []
+    feats, probs = [], []
     prog = Progress(desc, len(seeds), info.is_main)
     for i in range(0, len(mine), batch):
         pos = mine[i:i + batch]
-        z, labels = latents_for_seeds([seeds[j] for j in pos], shape, label_dim, info.device)
-        u8 = quantize(generate(z, labels))
-        if keep_images and sum(len(k) for k in kept) < keep_images:
-            kept.append(u8.cpu())
-        f, p = _run_extractor(extractor, u8, want_probs)
+        z, c = latents_for_seeds([seeds[j] for j in pos], shape, label_dim, info.device, labels)
+        f, p = _run_extractor(extractor, quantize(generate(z, c)), want_probs)
         feats.append(f)
         if p is not None:
             probs.append(p)
@@ -126,8 +180,7 @@ def extract_generated(extractor: Extractor, generate: GenerateFn, seeds: Sequenc
         p_all = np.zeros([0, 1], np.float32)  # a rank with no seeds still answers the gather
     f_all, p_all = _gather_in_order(mine, f_all, p_all, len(seeds))
     prog.update(len(seeds), force=True)
-    images = torch.cat(kept)[:keep_images] if kept else None
-    return f_all, p_all, images
+    return f_all, p_all
 
 
 @torch.no_grad()
@@ -162,6 +215,7 @@ class Reference:
     num_images: int | None
     resolution: int | None
     features: np.ndarray | None = None
+    class_counts: list[int] | None = None   # images per class behind the statistics (None: unknown)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -169,7 +223,8 @@ class Reference:
         """JSON-able description for metrics.json."""
         return {"source": self.source, "path": self.path, "sha256": self.sha256, "num_images": self.num_images,
                 "resolution": self.resolution, "feature_dim": int(self.mu.shape[0]),
-                "pr_real_features": None if self.features is None else int(self.features.shape[0])}
+                "pr_real_features": None if self.features is None else int(self.features.shape[0]),
+                "class_counts": self.class_counts or None}
 
 
 def _ref_cache_key(cfg: dict, extractor: Extractor) -> str:
@@ -177,7 +232,33 @@ def _ref_cache_key(cfg: dict, extractor: Extractor) -> str:
     key = {"data": {k: cfg["data"].get(k) for k in ("kind", "path", "resolution", "channels", "xflip")},
            "extractor": extractor.sha256, "mode": extractor.mode, "max_images": ev["reference_max_images"],
            "pr_max": ev["pr_max_samples"]}
+    if _balanced_reference(cfg):
+        key["labels"] = "balanced"  # (absent for random labels: earlier caches stay valid)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _balanced_reference(cfg: dict) -> bool:
+    """Balanced generated labels are compared with a class-balanced subset of the real images."""
+    return cfg["evaluate"]["labels"] == "balanced" and cfg["data"]["label_dim"] > 0
+
+
+def reference_indices(cfg: dict, ds) -> np.ndarray:
+    """The dataset images behind computed reference statistics, sorted.
+
+    With `evaluate.labels: balanced` (and a labelled dataset) an equal number of every class, so
+    that real and generated sets have the same class proportions; otherwise every image. Capped
+    at `evaluate.reference_max_images` by a fixed random choice (the first n could be sorted by class).
+    """
+    cap = cfg["evaluate"]["reference_max_images"]
+    if _balanced_reference(cfg):
+        label_dim = cfg["data"]["label_dim"]
+        onehot = ds.labels(np.arange(len(ds))).numpy()
+        if not np.array_equal(onehot.sum(1), np.ones(len(ds))) or not np.isin(onehot, (0, 1)).all():
+            raise DataError(f"dataset {cfg['data']['kind']} has non-class (soft) labels: balanced evaluation labels "
+                            f"need one class per image (set evaluate.labels: random)")
+        return balanced_indices(onehot.argmax(1), label_dim, None if cap is None else cap // label_dim)
+    n = len(ds) if cap is None else min(len(ds), cap)
+    return np.arange(len(ds)) if n == len(ds) else np.sort(np.random.default_rng(0).permutation(len(ds))[:n])
 
 
 def _dataset_reference(cfg: dict, extractor: Extractor, info: dist.DistInfo) -> Reference:
@@ -189,20 +270,24 @@ def _dataset_reference(cfg: dict, extractor: Extractor, info: dist.DistInfo) -> 
     if not path.is_file():
         ds = open_dataset(cfg["data"])
         extractor.check_images(ds.resolution, ds.channels, f"dataset {cfg['data']['kind']}")
-        n = len(ds) if ev["reference_max_images"] is None else min(len(ds), ev["reference_max_images"])
-        # A fixed random subset when capped (the first n could be sorted by class).
-        idx = np.arange(len(ds)) if n == len(ds) else np.sort(np.random.default_rng(0).permutation(len(ds))[:n])
+        idx = reference_indices(cfg, ds)
         feats = dataset_features(extractor, ds, idx.tolist(), ev["batch"], info)
         mu, sigma = feature_stats(feats)
         keep = np.random.default_rng(1).permutation(len(feats))[:ev["pr_max_samples"]]
+        counts = ds.labels(idx).sum(0).round().numpy().astype(np.int64) if ds.label_dim else np.zeros(0, np.int64)
         if info.is_main:
             with atomic_write(path) as tmp, open(tmp, "wb") as f:
-                np.savez(f, mu=mu, sigma=sigma, features=feats[np.sort(keep)], num_images=n,
-                         resolution=ds.resolution, channels=ds.channels, extractor_sha256=extractor.sha256)
+                np.savez(f, mu=mu, sigma=sigma, features=feats[np.sort(keep)], num_images=len(idx),
+                         resolution=ds.resolution, channels=ds.channels, extractor_sha256=extractor.sha256,
+                         class_counts=counts)
         dist.barrier()
-    with np.load(path, allow_pickle=False) as z:
+    z = load_npz(path, "reference cache", "delete it and rerun (it is recomputed)")
+    try:
         ref = Reference(z["mu"].astype(np.float64), z["sigma"].astype(np.float64), "dataset", str(path), "",
-                        int(z["num_images"]), int(z["resolution"]), z["features"].astype(np.float32))
+                        int(z["num_images"]), int(z["resolution"]), z["features"].astype(np.float32),
+                        class_counts=[int(c) for c in z["class_counts"]] if "class_counts" in z else None)
+    except KeyError as exc:
+        raise DataError(f"reference cache {path} lacks {exc}: delete it and rerun (it is recomputed)") from None
     ref.sha256 = file_sha256(path)
     return ref
 
@@ -238,8 +323,8 @@ def get_reference(cfg: dict, extractor: Extractor, info: dist.DistInfo, resoluti
         from .refstats import load_ref_stats
 
         mu, sigma = load_ref_stats(which)
-        with np.load(which, allow_pickle=False) as z:
-            res = int(z["resolution"]) if "resolution" in z.files else None
+        z = load_npz(which, "reference statistics", "download them again (run the fetch stage) or fix the path")
+        res = int(z["resolution"]) if "resolution" in z else None
         ref = Reference(mu, sigma, "file", str(which), file_sha256(which), None, res)
     if ref.mu.shape[0] != extractor.feature_dim:
         raise DataError(f"reference statistics {ref.path} hold {ref.mu.shape[0]}-dimensional features but the "
@@ -309,12 +394,42 @@ def _check_network(net: torch.nn.Module, cfg: dict, path: str) -> tuple[int, int
     return res, ch, ld
 
 
+def sample_grid(net: torch.nn.Module, kind: str, cfg: dict, decode: Callable | None = None,
+                sigmas: Sequence[float] | None = None) -> torch.Tensor:
+    """The evaluation's sample grid in [-1, 1]: `grid_size` columns, one row per class (class-
+    conditional) or grid_size rows; the same latents for every model of the experiment.
+    `decode` as in `make_generate` (latent-space networks); `sigmas`: a generator's generation
+    sigmas as evaluated (default: one step at distill.sigma_init)."""
+    from .sampling import grid_samples
+
+    ev = cfg["evaluate"]
+    steps = ev["teacher_steps"] if kind == "teacher" else 1
+    return grid_samples(net, ev["grid_size"], ev["seed"], steps=steps, sigma_init=cfg["distill"]["sigma_init"],
+                        decode=decode, sigmas=sigmas if kind == "generator" else None)
+
+
+def _monitor_protocol(cfg: dict, feats: np.ndarray, ref: Reference, key: str, first_seed: int) -> dict | None:
+    """FD/FID of the first `during_training.num_samples` evaluation samples: the training
+    monitor's sample count and labels (so its bias), from the evaluation's own seeds, so it costs
+    no extra sampling (35-NFE teachers are what evaluation time is spent on). None when the
+    monitor is off or the evaluation has fewer samples."""
+    s = cfg["evaluate"]["during_training"]
+    n = int(s["num_samples"])
+    if float(s["every_kimg"]) <= 0 or len(feats) < n:
+        return None
+    return {key: frechet_distance(*feature_stats(feats[:n]), ref.mu, ref.sigma), "num_samples": n,
+            "seeds": [first_seed, first_seed + n - 1]}
+
+
 def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info: dist.DistInfo,
-                     steps: int = 1, label: str | None = None) -> tuple[dict, torch.Tensor | None]:
+                     steps: int = 1, label: str | None = None, train_seed: int | None = None
+                     ) -> tuple[dict, torch.Tensor | None]:
     """Evaluate a network file over `num_runs` runs of `num_samples` samples.
 
-    Returns (metrics dict for metrics.json, the first grid_size² uint8 samples of run 0). All
-    ranks take part; the result is complete on every rank.
+    Returns (metrics dict for metrics.json, the sample grid in [-1, 1] on the main process, else
+    None). All ranks take part; the metrics are complete on every rank. Every metric's summary
+    carries its standard error over runs; `monitor` is the network's FD/FID at the training
+    monitor's sample count, for plotting next to the training curves (see `_monitor_protocol`).
     """
     from ..io.checkpoints import load_network
     from ..nets.sampler import sampling_sigmas
@@ -331,37 +446,44 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
     for note in ref.notes:
         if info.is_main:
             print(f"[evaluate] {note}", file=sys.stderr, flush=True)
-    generate, nfe = make_generate(net, kind, cfg, _decode_fn(cfg, info.device), steps)
+    decode = _decode_fn(cfg, info.device)
+    generate, nfe = make_generate(net, kind, cfg, decode, steps)
     # the noise levels a generator is sampled at (its network file's, see make_generate)
     sigmas = sampling_sigmas(generator_sigmas(net, cfg["distill"]["sigma_init"]), steps) if kind == "generator" else None
     key = extractor.metric_key
     ranges = seed_ranges(ev["seed"], ev["num_runs"], ev["num_samples"])
-    runs, grid = [], None
+    runs, head = [], []
     for r, seeds in enumerate(ranges):
-        feats, probs, imgs = extract_generated(
+        feats, probs = extract_generated(
             extractor, generate, seeds, (ch, res, res), label_dim, ev["batch"], info,
-            desc=f"{name} run {r + 1}/{len(ranges)}", want_probs=ev["inception_score"],
-            keep_images=ev["grid_size"] ** 2 if r == 0 else 0)
-        if r == 0:
-            grid = imgs
+            desc=f"{name} run {r + 1}/{len(ranges)}", want_probs=ev["inception_score"], labels=ev["labels"])
+        head.append(feats[:max(0, ev["during_training"]["num_samples"] - sum(len(h) for h in head))])
         scores = score_run(ref, feats, probs, cfg, key, info.device) if info.is_main else {}
         scores = dist.broadcast_object(scores)
-        runs.append({"run": r, "seeds": [seeds.start, seeds.stop - 1], **scores})
+        runs.append({"run": r, "seeds": [seeds.start, seeds.stop - 1], **scores,
+                     "class_counts": class_counts(seeds, (ch, res, res), label_dim, ev["labels"])})
         if info.is_main:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
             print(f"[evaluate] {name} run {r + 1}/{len(ranges)}: {shown}", file=sys.stderr, flush=True)
-    summary = {k: mean_std([run[k] for run in runs]) for k in runs[0] if k not in ("run", "seeds")}
+    summary = {k: summarize([run[k] for run in runs]) for k in runs[0] if k not in ("run", "seeds", "class_counts")}
+    monitor = _monitor_protocol(cfg, np.concatenate(head), ref, key, ranges[0].start) if info.is_main else None
+    monitor = dist.broadcast_object(monitor)
+    grid = sample_grid(net, kind, cfg, decode, sigmas).cpu() if info.is_main else None
     metrics = {
-        "name": name, "kind": kind, "network": str(network), "network_sha256": file_sha256(network),
+        "name": name, "kind": kind, "train_seed": train_seed, "network": str(network),
+        "network_sha256": file_sha256(network),
         "nfe": nfe, "teacher_steps": ev["teacher_steps"] if kind == "teacher" else None,
         "label": label or name, "steps": steps if kind == "generator" else ev["teacher_steps"],
         "sigmas": sigmas, "sigma_init": sigmas[0] if sigmas else None,
         "metric": key, "metric_label": extractor.label, "mode": extractor.mode,
         "extractor": extractor.info, "reference": ref.info, "notes": ref.notes,
-        "num_runs": ev["num_runs"], "num_samples": ev["num_samples"],
-        "seeds": [[s.start, s.stop - 1] for s in ranges], "seed_note": "inclusive ranges; z and label from each seed",
+        "num_runs": ev["num_runs"], "num_samples": ev["num_samples"], "labels": ev["labels"],
+        "seeds": [[s.start, s.stop - 1] for s in ranges],
+        "seed_note": ("inclusive ranges; z from each seed, class = seed mod label_dim" if ev["labels"] == "balanced"
+                      else "inclusive ranges; z and class label from each seed"),
         "class_conditional": label_dim > 0, "label_dim": label_dim,
-        "runs": runs, "summary": summary, "std_ddof": 1,
+        "runs": runs, "summary": summary, "std_ddof": 1, "se_note": "se = std / sqrt(num_runs): of the mean over runs",
+        "monitor": monitor,
         "config_hash": config_hash(cfg), "experiment": cfg["experiment"], "world_size": info.world_size,
         "device": str(info.device), "elapsed_s": round(time.time() - t0, 2),
     }
@@ -421,8 +543,8 @@ class TrainingMonitor:
         d, s = self.cfg["data"], self.settings
         seeds = range(s["seed"], s["seed"] + s["num_samples"])
         info = dist.DistInfo(self.info.rank, self.info.world_size, self.info.local_rank, self.device)
-        feats, _, _ = extract_generated(self._extractor, generate, seeds, (d["channels"], d["resolution"], d["resolution"]),
-                                        d["label_dim"], self.cfg["evaluate"]["batch"], info, desc="monitor",
-                                        want_probs=False)
+        feats, _ = extract_generated(self._extractor, generate, seeds, (d["channels"], d["resolution"], d["resolution"]),
+                                     d["label_dim"], self.cfg["evaluate"]["batch"], info, desc="monitor",
+                                     want_probs=False, labels=self.cfg["evaluate"]["labels"])
         value = frechet_distance(*feature_stats(feats), self._ref.mu, self._ref.sigma) if info.is_main else 0.0
         return {self.key: float(dist.broadcast_object(value))}

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io.atomic import atomic_save_torch
-from ..errors import AssetError, CheckpointError, ConfigError
+from ..errors import AssetError, CheckpointError, ConfigError, brief_reason
 from ..io.images import quantize  # noqa: F401  (re-exported: the extractors' input convention)
 # DINOv2's builder lives with the networks (ADD's discriminator uses it too); re-exported here.
 from ..nets.vit import (DINOV2_ARCHS, DINOV2_PATCH, DINOV2_POS_OFFSET, DINOV2_RESOLUTION,  # noqa: F401
@@ -148,7 +148,7 @@ class InceptionExtractor(Extractor):
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, still works
                 self.base = torch.jit.load(str(path), map_location=torch.device(device)).eval()
         except Exception as exc:  # a torn download, an HTML error page saved as .pt, ...
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            first = brief_reason(exc)
             raise CheckpointError(f"Inception weights {path} cannot be loaded ({first}): delete the file and "
                                   f"fetch {INCEPTION_URL} again") from None
         self.mode = mode

@@ -11,8 +11,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["feature_stats", "frechet_distance", "fd_from_features", "inception_score",
-           "precision_recall", "mean_std"]
+__all__ = ["feature_stats", "frechet_distance", "fd_from_features", "inception_score", "precision_recall"]
 
 
 def feature_stats(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -119,10 +118,3 @@ def precision_recall(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.T
     precision = _coverage(f, r, r_radii, batch)
     recall = _coverage(r, f, f_radii, batch)
     return precision, recall
-
-
-def mean_std(values: list[float]) -> dict:
-    """{'mean', 'std', 'values'} over runs; std is the sample std (ddof 1), 0 for one run."""
-    v = np.asarray(values, dtype=np.float64)
-    std = float(v.std(ddof=1)) if v.size > 1 else 0.0
-    return {"mean": float(v.mean()), "std": std, "values": [float(x) for x in v]}

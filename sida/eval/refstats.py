@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import io
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..io.atomic import atomic_write
-from ..errors import DataError
+from ..io.npz import load_npz
+from ..errors import DataError, brief_reason
 
 
 def validate_ref_stats(mu: np.ndarray, sigma: np.ndarray, source: str = "reference statistics") -> None:
@@ -43,20 +43,13 @@ def validate_ref_stats(mu: np.ndarray, sigma: np.ndarray, source: str = "referen
 def load_ref_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Load and validate (mu, sigma) as float64 from an EDM fid-refs or clean-fid `.npz`."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"reference statistics {path} do not exist: run the fetch stage or set the path")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            keys = set(npz.files)
-            if not {"mu", "sigma"} <= keys:
-                raise DataError(f"reference statistics {path} lack 'mu'/'sigma' (keys: "
-                                f"{', '.join(sorted(keys)) or 'none'}): is it an FID statistics file?")
-            mu, sigma = np.asarray(npz["mu"]), np.asarray(npz["sigma"])
-    except DataError:
-        raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-        raise DataError(f"reference statistics {path} cannot be read ({reason}): download them again") from None
+    arrays = load_npz(path, "reference statistics", "download them again (run the fetch stage) or fix the path")
+    if not {"mu", "sigma"} <= arrays.keys():
+        raise DataError(f"reference statistics {path} lack 'mu'/'sigma' (keys: "
+                        f"{', '.join(sorted(arrays)) or 'none'}): is it an FID statistics file?")
+    mu, sigma = np.asarray(arrays["mu"]), np.asarray(arrays["sigma"])
     validate_ref_stats(mu, sigma, f"reference statistics {path}")
     return mu.astype(np.float64), sigma.astype(np.float64)
 
@@ -115,8 +108,8 @@ def load_stats_pickle(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarra
     except DataError:
         raise
     except Exception as exc:  # truncation and corruption surface as many exception types
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-        raise DataError(f"reference statistics {path} cannot be read ({reason}): download them again") from None
+        raise DataError(f"reference statistics {path} cannot be read: it is corrupt or not a statistics pickle "
+                        f"({brief_reason(exc)}): download them again") from None
     if not isinstance(raw, dict) or not raw:
         raise DataError(f"reference statistics {path} are not a dict of metrics (expected {{fid: {{mu, sigma}}, ...}})")
     out = {}

@@ -16,11 +16,13 @@ import torch.nn.functional as F
 from ..nets.sampler import few_step_generate, heun_sampler, one_step_generate, sampling_sigmas
 
 
-def grid_labels(n: int, label_dim: int, device: torch.device) -> torch.Tensor:
-    """One-hot labels cycling through the classes (a grid row shows every class); [n,0] if none."""
+def grid_labels(rows: int, cols: int, label_dim: int, device: torch.device) -> torch.Tensor:
+    """One-hot labels of a rows x cols grid filled row by row: row r shows class r mod
+    label_dim (one row per class when rows == label_dim); [n, 0] when unconditional."""
+    n = rows * cols
     if label_dim == 0:
         return torch.zeros([n, 0], device=device)
-    return F.one_hot(torch.arange(n, device=device) % label_dim, label_dim).float()
+    return F.one_hot((torch.arange(n, device=device) // cols) % label_dim, label_dim).float()
 
 
 def generator_sigmas(net: torch.nn.Module, default_sigma: float = 2.5) -> list[float]:
@@ -89,12 +91,14 @@ def _sample(net, z, labels, steps, sigmas, batch) -> torch.Tensor:
 
 @torch.no_grad()
 def grid_samples(net: torch.nn.Module, cols: int, seed: int, steps: int = 1, sigma_init: float = 2.5,
-                 decode: Callable | None = None) -> torch.Tensor:
-    """A cols x cols grid of samples from a fixed seed (comparable across snapshots and runs);
-    `decode` as in `sample`."""
+                 decode: Callable | None = None, sigmas: Sequence[float] | None = None) -> torch.Tensor:
+    """Grid samples from a fixed seed (comparable across snapshots and runs), row by row with
+    `cols` columns: one row per class for a class-conditional net, else cols rows; `decode` and
+    `sigmas` (a distilled generator's generation sigmas) as in `sample`."""
     device = next(net.parameters()).device
-    n = cols * cols
+    rows = net.label_dim or cols
     g = torch.Generator(device=device)
     g.manual_seed(seed)
-    z = torch.randn([n, net.img_channels, net.img_resolution, net.img_resolution], generator=g, device=device)
-    return sample(net, z, grid_labels(n, net.label_dim, device), steps=steps, sigma_init=sigma_init, decode=decode)
+    z = torch.randn([rows * cols, net.img_channels, net.img_resolution, net.img_resolution], generator=g, device=device)
+    return sample(net, z, grid_labels(rows, cols, net.label_dim, device), steps=steps, sigma_init=sigma_init, decode=decode,
+                  sigmas=sigmas)

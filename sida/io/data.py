@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, FileSystemError, describe_os_error
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 KINDS = ("digits", "edm_zip", "folder", "edm2_latents")
@@ -294,8 +294,8 @@ class FolderDataset(_FileImageDataset):
     def _read_bytes(self, i: int) -> bytes:
         try:
             return (self.path / self._names[i]).read_bytes()
-        except OSError as exc:
-            raise DataError(f"dataset {self.path}: cannot read {self._names[i]} ({exc.strerror})") from None
+        except OSError as exc:  # e.g. removed while a run reads it: path, cause and fix in one line
+            raise FileSystemError(describe_os_error(exc, self.path / self._names[i], "read")) from None
 
 
 class EncodedLatentDataset(ZipDataset):

@@ -37,7 +37,7 @@ from typing import IO, Any, Iterator
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, brief_reason
 
 # EDM's persistence format version; recorded for introspection, not enforced (the layout of
 # `meta` has been stable and we only read `class_name` and `state`).
@@ -251,7 +251,7 @@ def _unpickle(f: IO[bytes], source: str) -> Any:
     except CheckpointError:
         raise
     except Exception as exc:  # truncation and corruption surface as many exception types
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        reason = brief_reason(exc)
         raise CheckpointError(f"EDM pickle {source} is truncated or corrupt ({type(exc).__name__}: "
                               f"{reason}): download it again") from None
 
@@ -334,7 +334,7 @@ def _precond_classes() -> dict:
 
 
 def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return brief_reason(exc)
 
 
 def _summarize_mismatch(net: torch.nn.Module, sd: dict[str, torch.Tensor]) -> str:

@@ -21,23 +21,41 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return quantize(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def grid_array(images_u8: np.ndarray, cols: int) -> np.ndarray:
-    """Tile uint8 NHWC images into one HWC array with `cols` columns."""
-    n, h, w, c = images_u8.shape
+def auto_upscale(resolution: int, min_cell: int = 48) -> int:
+    """Nearest-neighbour factor that makes a cell at least `min_cell` pixels (8x8 digits -> 6)."""
+    return max(1, -(-min_cell // max(1, int(resolution))))
+
+
+def grid_array(images_u8: np.ndarray, cols: int, upscale: int = 1, gap: int = 0, gap_value: int = 255) -> np.ndarray:
+    """Tile uint8 NHWC images into one HWC array with `cols` columns.
+
+    Each image is enlarged `upscale` times by pixel repetition (nearest neighbour: no blur, the
+    pixels stay visible), and cells are separated by `gap` pixels of `gap_value` (none at the border).
+    """
+    imgs = np.asarray(images_u8)
+    if upscale > 1:
+        imgs = imgs.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    n, h, w, c = imgs.shape
     rows = (n + cols - 1) // cols
-    out = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    out = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, c), gap_value, dtype=np.uint8)
     for i in range(n):
         r, q = divmod(i, cols)
-        out[r * h:(r + 1) * h, q * w:(q + 1) * w] = images_u8[i]
+        y, x = r * (h + gap), q * (w + gap)
+        out[y:y + h, x:x + w] = imgs[i]
     return out
 
 
-def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, cols: int, upscale: int = 1) -> None:
-    """Write a sample grid PNG atomically (float [-1,1] NCHW tensors or uint8 NHWC arrays)."""
+def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, cols: int, upscale: int | None = None,
+              gap: int | None = None) -> None:
+    """Write a sample grid PNG atomically (float [-1,1] NCHW tensors or uint8 NHWC arrays).
+
+    `upscale` None: `auto_upscale` of the image size; `gap` None: 2 pixels, or 1 for a 1:1 grid
+    (white lines between cells, so dark-background digits do not run into each other).
+    """
     arr = to_uint8(images) if isinstance(images, torch.Tensor) else images
-    grid = grid_array(arr, cols)
+    upscale = auto_upscale(arr.shape[1]) if upscale is None else upscale
+    gap = (2 if upscale > 1 else 1) if gap is None else gap
+    grid = grid_array(arr, cols, upscale, gap)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    if upscale > 1:
-        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
     with atomic_write(path, suffix=".png") as tmp:
         img.save(tmp, format="PNG")

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import AssetError, ConfigError
+from ..errors import AssetError, ConfigError, brief_reason
 
 VAE_NAME = "stabilityai/sd-vae-ft-mse"
 RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
@@ -117,7 +117,7 @@ def load_vae(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.M
     except ImportError:
         raise AssetError("the diffusers package is missing: pip install -r envs/requirements.txt") from None
     except Exception as exc:  # missing weights, corrupt safetensors, wrong config, ...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = brief_reason(exc)
         raise AssetError(f"VAE folder {path} cannot be loaded ({first}): {hint}") from None
     finally:
         if old is None:

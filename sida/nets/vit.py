@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import AssetError, CheckpointError, ConfigError
+from ..errors import AssetError, CheckpointError, ConfigError, brief_reason
 
 __all__ = ["DINOV2_ARCHS", "DINOV2_URL", "DINOV2_RESOLUTION", "DINOV2_PATCH", "IMAGENET_MEAN", "IMAGENET_STD",
            "imagenet_normalize", "build_dinov2", "dinov2_pos_embed_at", "dinov2_timm_state", "DINOv2Features"]
@@ -76,7 +76,7 @@ def build_dinov2(arch: str = "vitl14", weights: str | Path | None = None) -> tor
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            first = brief_reason(exc)
             raise CheckpointError(f"DINOv2 weights {path} cannot be read ({first}): download them again") from None
         model.load_state_dict(dinov2_timm_state(sd, str(path)), strict=True)
     return model.eval().requires_grad_(False)

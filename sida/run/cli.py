@@ -1,8 +1,11 @@
 """What every stage's command line shares: common flags and one-line errors.
 
 A stage module defines `main(argv) -> None` and ends with
-``if __name__ == "__main__": run_stage(main)``. User errors (`SidaError`) then print one
-line, ``error: ...``, and exit with status 1, with no traceback; bugs still show one.
+``if __name__ == "__main__": run_stage(main)``. User errors (`SidaError`) and operating-system
+failures (`OSError`: a full disk, a read-only or missing directory, a file where a directory
+should be) then print one line, ``error: ...`` naming the path, the cause and the fix, and exit
+with status 1, with no traceback; bugs still show one. ``SIDA_DEBUG=1`` in the environment
+shows the traceback of every error (the one line is printed first).
 """
 
 from __future__ import annotations
@@ -10,14 +13,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from typing import Callable, Sequence
 
-from ..errors import SidaError
+from ..errors import SidaError, describe_os_error
+
+DEBUG_ENV = "SIDA_DEBUG"
+
+
+def debug_enabled() -> bool:
+    """True when `SIDA_DEBUG` asks for tracebacks (any value but '', '0', 'false', 'no')."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """An argument parser with the flags every stage takes: --config and --set."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     epilog=f"{DEBUG_ENV}=1 in the environment shows tracebacks with errors.")
     parser.add_argument("--config", default="config/config.yaml",
                         help="experiment config (YAML; validated against workflow/schemas/config.schema.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -25,14 +37,22 @@ def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(message: str) -> str:
+    """``error: <message>`` on one line, prefixed with the rank on ranks other than 0."""
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+    return f"{prefix}error: {' '.join(message.split())}"
+
+
 def run_stage(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
-    """Run a stage's `main`, turning user errors into one line on stderr and exit status 1."""
+    """Run a stage's `main`, turning user and file-system errors into one line on stderr and exit 1."""
     try:
         main(argv)
-    except SidaError as exc:
-        rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
+    except (SidaError, OSError) as exc:
+        message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+        if debug_enabled():
+            traceback.print_exc()
+        print(error_line(message), file=sys.stderr, flush=True)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; rerun the same command to resume", file=sys.stderr)

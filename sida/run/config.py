@@ -71,9 +71,9 @@ def _check_semantics(cfg: dict, source: str) -> None:
     """Rules a JSON schema cannot say: references between runs, batch divisibility."""
     runs = cfg["distill"]["runs"]
     for name in runs:
-        if name in RESERVED_RUN_NAMES:
+        if name in RESERVED_RUN_NAMES or re.fullmatch(r"seed\d+", name):
             raise ConfigError(f"{source}: distill.runs.{name}: the name '{name}' is taken by a stage or an output "
-                              f"folder ({', '.join(sorted(RESERVED_RUN_NAMES))}): rename the run")
+                              f"folder ({', '.join(sorted(RESERVED_RUN_NAMES))}, seed<K>): rename the run")
     for name, run in runs.items():
         for key in ("init", "init_generator"):
             ref = run.get(key)
@@ -94,6 +94,7 @@ def _check_semantics(cfg: dict, source: str) -> None:
         rc = run_config(cfg, name)
         where = f"distill.runs.{name}" if {"batch", "batch_per_proc"} & set(runs[name]) else "distill"
         _check_batch(rc, where, procs, source)
+    _check_balanced_labels(cfg, source)
 
 
 # Which method a phase kind belongs to (`warmup` trains the critic of whichever method the run
@@ -174,6 +175,18 @@ def _check_batch(sec: dict, where: str, procs: int, source: str) -> None:
         raise ConfigError(f"{source}: {where}.batch: {sec['batch']} is not divisible by {procs} processes")
 
 
+def _check_balanced_labels(cfg: dict, source: str) -> None:
+    """Balanced evaluation labels give equal class counts only for multiples of label_dim samples."""
+    k, ev = cfg["data"]["label_dim"], cfg["evaluate"]
+    if ev["labels"] != "balanced" or k == 0:
+        return
+    for key, n in (("num_samples", ev["num_samples"]), ("during_training.num_samples",
+                                                        ev["during_training"]["num_samples"])):
+        if n % k:
+            raise ConfigError(f"{source}: evaluate.{key}: {n} is not a multiple of data.label_dim {k}, so balanced "
+                              f"labels cannot give every class the same count: use a multiple of {k}")
+
+
 def _check_cycles(runs: dict, source: str) -> None:
     def deps(name: str) -> list[str]:
         run = runs[name]
@@ -232,10 +245,14 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
     """Read a YAML experiment config, apply overrides, fill defaults and validate it."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory: pass --config with a file under config/")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: pass --config with a file under config/")
     try:
         raw = yaml.load(path.read_text(), Loader=_Loader)
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not text (not UTF-8): pass a YAML file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

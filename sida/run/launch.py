@@ -111,9 +111,10 @@ def node_role(env: Mapping[str, str]) -> NodeRole:
 
 def torchrun_command(role: NodeRole, nproc_per_node: int, job_id: int, rest: Sequence[str],
                      python: str = sys.executable) -> list[str]:
-    """The torchrun command line for this node (torchrun run as `python -m torch.distributed.run`,
-    so that it is the same Python as this launcher's)."""
-    cmd = [python, "-m", "torch.distributed.run", "--nnodes", str(len(role.nodes)),
+    """The torchrun command line for this node (torchrun run as `python -m sida.run.torchrun`, so
+    that it is the same Python as this launcher's and a failed stage ends with its one-line error
+    rather than torchrun's traceback)."""
+    cmd = [python, "-m", "sida.run.torchrun", "--nnodes", str(len(role.nodes)),
            "--nproc-per-node", str(nproc_per_node), "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"{role.head}:{rdzv_port(job_id)}", "--rdzv-id", str(job_id),
            "--rdzv-conf", f"is_host={int(role.index == 0)}"]

@@ -36,6 +36,7 @@ CODE_ROOT = Path(__file__).resolve().parents[2]
 PROVENANCE_FILE = "provenance.json"
 RESOLVED_CONFIG_FILE = "config.resolved.yaml"
 DIFF_FILE = "git.diff"
+CONTAINERENV = Path("/run/.containerenv")
 _MAX_DIFF_BYTES = 10 * 1024 * 1024
 
 
@@ -187,25 +188,49 @@ def image_digest(path: str | Path) -> str | None:
         return None
 
 
-def container_info(environ: dict | None = None) -> dict[str, Any] | None:
+def read_containerenv(path: str | Path = CONTAINERENV) -> dict[str, str]:
+    """The ``key="value"`` lines of podman's ``/run/.containerenv`` (filled in for privileged
+    containers only: engine, name, id, image, imageid); {} when absent or empty."""
+    out = {}
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key.strip()] = value.strip().strip('"')
+    return out
+
+
+def container_info(environ: dict | None = None, containerenv: str | Path = CONTAINERENV) -> dict[str, Any] | None:
     """The container this process runs in, or None on a bare host.
 
     Apptainer/Singularity set ``APPTAINER_CONTAINER``/``SINGULARITY_CONTAINER`` to the image
-    path; our image sets ``SIDA_CONTAINER`` (so a Docker run is recognised too) and may carry
-    ``SIDA_IMAGE_DIGEST`` (pass it with ``docker run -e``, Docker hides the digest inside).
+    path (its digest is the file's sha256). podman sets ``container=podman`` and mounts
+    ``/run/.containerenv``; Docker leaves ``/.dockerenv``. Neither tells an unprivileged
+    container which image it runs, so whoever starts it passes ``SIDA_IMAGE`` and
+    ``SIDA_IMAGE_DIGEST`` (the image ID it started, as ``make container-test`` does); podman's
+    containerenv fills them in when it has them. Our image also sets ``SIDA_CONTAINER``.
     """
     env = os.environ if environ is None else environ
-    image = env.get("APPTAINER_CONTAINER") or env.get("SINGULARITY_CONTAINER")
+    sif = env.get("APPTAINER_CONTAINER") or env.get("SINGULARITY_CONTAINER")
     marker = env.get("SIDA_CONTAINER")
-    if not image and not marker and not Path("/.dockerenv").exists():
+    podman = env.get("container") == "podman" or Path(containerenv).exists()
+    docker = Path("/.dockerenv").exists()
+    if not sif and not marker and not podman and not docker:
         return None
-    runtime = ("apptainer" if env.get("APPTAINER_CONTAINER") else "singularity") if image else \
-        ("docker" if Path("/.dockerenv").exists() else "unknown")
+    if sif:
+        runtime = "apptainer" if env.get("APPTAINER_CONTAINER") else "singularity"
+    else:
+        runtime = "podman" if podman else ("docker" if docker else "unknown")
+    cenv = read_containerenv(containerenv) if podman else {}
+    engine_id = f"sha256:{cenv['imageid']}" if cenv.get("imageid") else None
     return {
         "runtime": runtime,
-        "image": image,
+        "image": sif or env.get("SIDA_IMAGE") or cenv.get("image"),
         "name": env.get("APPTAINER_NAME") or env.get("SINGULARITY_NAME") or marker,
-        "digest": env.get("SIDA_IMAGE_DIGEST") or (image_digest(image) if image else None),
+        "digest": env.get("SIDA_IMAGE_DIGEST") or engine_id or (image_digest(sif) if sif else None),
         "sida_image": marker is not None,
         "baked_commit": env.get("SIDA_GIT_COMMIT"),
     }
@@ -283,10 +308,16 @@ def reproduce_command(code: dict[str, Any], container: dict[str, Any] | None,
     if resolved_config is not None:
         cmd = _replace_config_args(cmd, str(resolved_config))
     if container and container.get("image"):
-        cmd = ["apptainer", "exec", "--nv", container["image"]] + cmd
+        if container.get("runtime") in ("podman", "docker"):
+            # The code is the image's; outputs went to the results folder mounted into it.
+            cmd = [container["runtime"], "run", "--rm", "-v", "$PWD/results:/opt/sida-pipeline/results",
+                   container["image"]] + cmd
+        else:
+            cmd = ["apptainer", "exec", "--nv", container["image"]] + cmd
     line = shlex.join(cmd).replace("'$HEAD_NODE:29500'", '"$HEAD_NODE:29500"')
+    line = line.replace("'$PWD/results:/opt/sida-pipeline/results'", '"$PWD/results":/opt/sida-pipeline/results')
     steps = []
-    if code.get("commit"):
+    if code.get("commit") and code.get("source") != "image":
         steps.append(f"git checkout {code['commit']}")
         if code.get("dirty"):
             where = Path(resolved_config).parent if resolved_config is not None else Path("<output dir>")

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import dist
+from ..io.atomic import atomic_write
 from .config import config_hash
 from .tracking import Tracker
 
@@ -54,10 +55,9 @@ class StageContext:
     def publish_metrics(self) -> None:
         """Copy the work dir's metrics JSONL to the declared output (atomic)."""
         if self.info.is_main:
-            src, dst = self.work / "metrics.jsonl", self.out / "metrics.jsonl"
-            tmp = dst.with_name(".metrics.jsonl.tmp")
-            shutil.copyfile(src, tmp) if src.exists() else tmp.write_text("")
-            tmp.replace(dst)
+            src = self.work / "metrics.jsonl"
+            with atomic_write(self.out / "metrics.jsonl") as tmp:
+                shutil.copyfile(src, tmp) if src.exists() else tmp.write_text("")
 
 
 def start_stage(cfg: dict, out: str | Path, salt: str = "") -> StageContext:

@@ -216,13 +216,16 @@ def truncate_jsonl(path: Path, max_step: float) -> None:
     if not path.exists():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             if json.loads(line).get("kimg", 0) <= max_step + 1e-9:
                 keep.append(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, AttributeError):
             break  # a torn last line from a kill: drop it and what follows
-    path.write_text("".join(l + "\n" for l in keep))
+    # Atomic: a kill during the rewrite must not lose the records a resumed run keeps.
+    from ..io.atomic import atomic_write_text
+
+    atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

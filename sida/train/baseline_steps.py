@@ -66,9 +66,12 @@ def _unfreeze(*nets: torch.nn.Module | None) -> None:
             net.train().requires_grad_(True)
 
 
-def _accuracy(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Share of real logits > 0 and fake logits < 0 (the discriminator's accuracy), averaged."""
-    return ((logits_real.detach() > 0).float().mean() + (logits_fake.detach() < 0).float().mean()) / 2
+def _add_accuracy(stats: Stats, logits_real: torch.Tensor, logits_fake: torch.Tensor, rounds: int) -> None:
+    """Add one round's discriminator accuracy to stats: the share of real logits > 0 and of fake
+    logits < 0, logged separately (as the SiDA loop does: a discriminator that calls everything
+    real, or fake, averages 0.5 but shows 1 and 0 here)."""
+    stats["d_acc_real"] += (logits_real.detach() > 0).float().mean() / rounds
+    stats["d_acc_fake"] += (logits_fake.detach() < 0).float().mean() / rounds
 
 
 # -- DMD / DMD2 ------------------------------------------------------------------------------------
@@ -129,7 +132,7 @@ def _dmd_critic_update(loop: "DistillLoop", slots: list, x_gs: list[torch.Tensor
     gan = nets.head is not None
     _unfreeze(nets.fake, nets.head)
     loop.opt_f.zero_grad(set_to_none=True)
-    stats = _zeros(loop, "loss_fake", *(["loss_d", "d_acc"] if gan else []))
+    stats = _zeros(loop, "loss_fake", *(["loss_d", "d_acc_real", "d_acc_fake"] if gan else []))
     for r, ((real, labels), x_g) in enumerate(zip(slots, x_gs)):
         sigma = _grid_sigma(loop, *WHOLE_GRID, r)
         with loop._autocast():
@@ -148,7 +151,7 @@ def _dmd_critic_update(loop: "DistillLoop", slots: list, x_gs: list[torch.Tensor
         stats["loss_fake"] += l_fake.detach().mean(dim=(1, 2, 3)).sum() / total
         if gan:
             stats["loss_d"] += l_cls.detach().sum() / total
-            stats["d_acc"] += _accuracy(lr, lf) / loop.rounds
+            _add_accuracy(stats, lr, lf, loop.rounds)
     stats["nonfinite_fake"] = loop.update(loop.opt_f, loop.f_params, nets.fake)
     _freeze(nets.fake, nets.head)
     return stats
@@ -215,7 +218,7 @@ def _add_heads_update(loop: "DistillLoop", slots: list, x_hats: list[torch.Tenso
     gamma = rc["r1_gamma"]
     _unfreeze(nets.head)
     loop.opt_f.zero_grad(set_to_none=True)
-    stats = _zeros(loop, "loss_d", "d_acc", *(["r1"] if gamma > 0 else []))
+    stats = _zeros(loop, "loss_d", "d_acc_real", "d_acc_fake", *(["r1"] if gamma > 0 else []))
     for (x0, labels, _, _), x_hat in zip(slots, x_hats):
         with loop._autocast():
             if gamma > 0:
@@ -226,7 +229,7 @@ def _add_heads_update(loop: "DistillLoop", slots: list, x_hats: list[torch.Tenso
             l_hinge = hinge_discriminator_loss(lr, lf)
         add_discriminator_objective(l_hinge, r1, total, gamma).backward()
         stats["loss_d"] += l_hinge.detach().sum() / total
-        stats["d_acc"] += _accuracy(lr, lf) / loop.rounds
+        _add_accuracy(stats, lr, lf, loop.rounds)
         if r1 is not None:
             stats["r1"] += r1.detach().sum() / total
     stats["nonfinite_fake"] = loop.update(loop.opt_f, loop.f_params, nets.head)

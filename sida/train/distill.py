@@ -323,7 +323,7 @@ class DistillLoop:
         zero = torch.zeros((), device=self.device)
         stats = {"loss_fake": zero.clone(), "dropped_fake": zero.clone()}
         if self.discriminator:
-            stats.update(loss_d=zero.clone(), d_acc=zero.clone())
+            stats.update({k: torch.zeros((), device=self.device) for k in ("loss_d", "d_acc_real", "d_acc_fake")})
         for r in range(self.rounds):
             if self.discriminator:
                 real, labels = self._real(self.micro, r)
@@ -351,8 +351,9 @@ class DistillLoop:
             l_fake, l_d, keep = fake_score_losses(denoised.float(), x_g, sigma, lf, lr, self.sigma_data, logvar)
             if self.discriminator:
                 stats["loss_d"] += (l_d.sum() / total).detach()
-                acc = ((lr.detach() > 0).float().mean() + (lf.detach() < 0).float().mean()) / 2
-                stats["d_acc"] += acc / self.rounds
+                # Separately: a discriminator that calls everything real (or fake) scores 0.5 on average.
+                stats["d_acc_real"] += (lr.detach() > 0).float().mean() / self.rounds
+                stats["d_acc_fake"] += (lf.detach() < 0).float().mean() / self.rounds
             loss = fake_score_objective(l_fake, l_d, total, rc["lambda_d"])
             loss.backward()
             stats["loss_fake"] += (l_fake.sum() / total).detach()

@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from ..io import checkpoints
 from ..run.dist import DistInfo, gather_objects
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, NonFiniteError
+from ..io.killpoint import kill_point
 
 
 def accumulation(batch: int, batch_per_proc: int | None, world_size: int) -> tuple[int, int]:
@@ -171,11 +172,21 @@ def format_eta(seconds: float) -> str:
     return f"{s}s"
 
 
+class Stateful(Protocol):
+    """Anything whose state belongs in the resume checkpoint beside the loop's."""
+
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 class Checkpointer:
     """The resumable state of one stage in `<out>/work/state.pt` (atomic; rank 0 writes).
 
-    Holds whatever the loop's `state_dict` returns plus every rank's RNG states, and the config
-    hash: resuming under a different config is refused rather than silently mixed.
+    Holds whatever the loop's `state_dict` returns plus every rank's RNG states, the state of the
+    objects registered with `track` (e.g. the best-snapshot keeper), the loop driver's own
+    counters, and the config hash: resuming under a different config is refused rather than
+    silently mixed. Everything that steers what a run does next is in here, so a run killed at
+    any point resumes exactly where its last checkpoint stood.
     """
 
     def __init__(self, work_dir: Path, info: DistInfo, cfg_hash: str, stage: str) -> None:
@@ -184,16 +195,27 @@ class Checkpointer:
         self.info = info
         self.cfg_hash = cfg_hash
         self.stage = stage
+        self.tracked: dict[str, Stateful] = {}
+        self.driver: dict = {}  # `run`'s counters from the checkpoint resumed from
+        self.saved_nimg: int | None = None  # the image count of the checkpoint on disk
 
-    def save(self, loop: Loop) -> None:
+    def track(self, name: str, obj: Stateful) -> None:
+        """Save `obj.state_dict()` with every checkpoint and restore it on resume (register
+        before `load_if_any`)."""
+        self.tracked[name] = obj
+
+    def save(self, loop: Loop, driver: dict | None = None) -> None:
         """Gather RNG states from all ranks; rank 0 writes the checkpoint."""
         rngs = gather_objects(capture_rng(loop.gens))
         if self.info.is_main:
             state = loop.state_dict()
             state["rng"] = rngs
+            state["tracked"] = {name: obj.state_dict() for name, obj in self.tracked.items()}
+            state["driver"] = driver or {}
             state["meta"] = {"stage": self.stage, "config_hash": self.cfg_hash, "nimg": loop.nimg,
                              "world_size": self.info.world_size, "phase": loop.phase_name()}
             checkpoints.save_state(self.path, state)
+        self.saved_nimg = loop.nimg
 
     def load_if_any(self, loop: Loop) -> bool:
         """Resume from the checkpoint if one exists; False when starting fresh."""
@@ -214,7 +236,19 @@ class Checkpointer:
                                   f"this run has {self.info.world_size}: resume with the same process count")
         loop.load_state_dict(state)
         restore_rng(loop.gens, state["rng"][self.info.rank])
+        tracked = state.get("tracked", {})
+        for name, obj in self.tracked.items():
+            if name in tracked:
+                obj.load_state_dict(tracked[name])
+        self.driver = state.get("driver", {})
+        self.saved_nimg = loop.nimg
         return True
+
+    def where(self) -> str:
+        """Which checkpoint a stopped run keeps, for error messages."""
+        if self.saved_nimg is None:
+            return "no checkpoint had been written yet"
+        return f"the last good checkpoint {self.path} ({self.saved_nimg / 1000:.3f} kimg) is kept"
 
     def clear(self) -> None:
         """Remove the work dir once the stage's outputs are written: a forced rerun starts fresh."""
@@ -222,36 +256,132 @@ class Checkpointer:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
+class TickStats:
+    """What one progress tick accumulates: per-stat sums (device tensors: no host sync per
+    iteration), the update count, and how many updates had non-finite gradients (a stat whose
+    name starts with ``nonfinite`` counts the non-finite gradient entries of an update)."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.iters = 0
+        self.skipped = torch.zeros((), dtype=torch.int64)
+
+    def add(self, stats: dict) -> None:
+        bad = None
+        for k, v in stats.items():
+            v = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+            self.counts[k] = self.counts.get(k, 0) + 1
+            if k.startswith("nonfinite"):
+                bad = (v > 0) if bad is None else bad | (v > 0)
+        self.iters += 1
+        if bad is not None:
+            self.skipped = self.skipped + bad
+
+    def means(self) -> dict[str, float]:
+        return {k: float(self.sums[k]) / self.counts[k] for k in self.sums}
+
+    def state_dict(self) -> dict:
+        return {"start": self.start, "sums": {k: v.cpu() for k, v in self.sums.items()},
+                "counts": dict(self.counts), "iters": self.iters, "skipped": self.skipped.cpu()}
+
+    @classmethod
+    def from_state(cls, state: dict | None, start: int) -> "TickStats":
+        """The tick a checkpoint was written in (or a fresh one at `start`)."""
+        tick = cls(start)
+        if state:
+            tick.start, tick.iters = int(state["start"]), int(state["iters"])
+            tick.sums, tick.counts = dict(state["sums"]), dict(state["counts"])
+            tick.skipped = state["skipped"]
+        return tick
+
+
+class NonFiniteGuard:
+    """Stops a run before a non-finite result can be written.
+
+    After every update the largest |value| of every watched parameter is folded into one
+    device flag (NaN/inf propagate through it; no host sync); the flag is read at tick ends and
+    before each checkpoint, so no checkpoint or output ever holds NaN/inf weights. A tick in
+    which more than `budget` updates had non-finite gradients also stops the run (`budget`
+    None: all of them, i.e. a whole tick of skipped updates).
+    """
+
+    def __init__(self, nets: dict[str, torch.nn.Module], budget: int | None, label: str = "") -> None:
+        self.nets = nets
+        self.params = [p for net in nets.values() for p in net.parameters()]
+        self.budget = budget
+        self.label = label
+        self.flag: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def after_update(self) -> None:
+        if self.params:
+            peak = torch.nn.utils.get_total_norm(self.params, float("inf"))
+            self.flag = peak if self.flag is None else torch.maximum(self.flag, peak)
+
+    def check_params(self, nimg: int, checkpointer: Checkpointer) -> None:
+        """Raise `NonFiniteError` naming the first non-finite tensor, if any update made one."""
+        flag, self.flag = self.flag, None
+        if flag is None or bool(torch.isfinite(flag)):
+            return
+        for net_name, net in self.nets.items():
+            bad = checkpoints.nonfinite_tensors({k: v.detach() for k, v in net.state_dict().items()})
+            if bad:
+                name, count = bad[0]
+                raise NonFiniteError(
+                    f"{self.label}training diverged: {net_name}.{name} holds {count} NaN/inf value(s) after the "
+                    f"updates up to {nimg / 1000:.3f} kimg; {checkpointer.where()} and no network was written: "
+                    f"lower the learning rate or check the inputs, then delete {checkpointer.work_dir} and rerun")
+
+    def end_tick(self, tick: TickStats, nimg: int, checkpointer: Checkpointer) -> None:
+        """The checks of a tick's end: parameters, then the skipped-update budget."""
+        self.check_params(nimg, checkpointer)
+        skipped = int(tick.skipped)
+        allowed = tick.iters - 1 if self.budget is None else self.budget
+        if skipped > allowed:
+            what = "all" if skipped == tick.iters else f"{skipped} of the"
+            raise NonFiniteError(
+                f"{self.label}{what} {tick.iters} updates of the tick ending at {nimg / 1000:.3f} kimg had NaN/inf "
+                f"gradients (nonfinite_budget: {'a whole tick' if self.budget is None else self.budget}); "
+                f"{checkpointer.where()} and no network was written: check the teacher, the data and the "
+                f"learning rates (or raise nonfinite_budget), then delete {checkpointer.work_dir} and rerun")
+
+
 def run(loop: Loop, total_nimg: int, tick_kimg: float, snapshot_kimg: float,
         checkpointer: Checkpointer, info: DistInfo,
         on_tick: Callable[[dict[str, float]], None] | None = None,
-        on_snapshot: Callable[[], None] | None = None, label: str = "") -> None:
+        on_snapshot: Callable[[], None] | None = None, label: str = "",
+        watch: dict[str, torch.nn.Module] | None = None, nonfinite_budget: int | None = None) -> None:
     """Drive `loop` from its current `nimg` to `total_nimg` images: ticks (progress + `on_tick`),
     snapshots and checkpoints. Call `checkpointer.load_if_any` first to resume.
 
     Losses are averaged over the iterations of a tick on the host only at tick boundaries, so
-    the hot loop has no device-to-host synchronisation.
+    the hot loop has no device-to-host synchronisation. The networks in `watch` must stay finite
+    and at most `nonfinite_budget` updates per tick may have non-finite gradients (see
+    `NonFiniteGuard`); otherwise the run stops with `NonFiniteError`, keeping its last checkpoint.
+    The tick's accumulators go into every checkpoint, so a resumed run ticks (and evaluates, in
+    `on_tick`) at the same image counts, with the same numbers, as an uninterrupted one.
     """
     tick_nimg = int(tick_kimg * 1000)
     snap_nimg = int(snapshot_kimg * 1000)
+    guard = NonFiniteGuard(watch or {}, nonfinite_budget, label)
     start_time = tick_time = time.time()
-    start_nimg = tick_start = loop.nimg
+    start_nimg = loop.nimg
     last_snapshot = loop.nimg
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    tick = TickStats.from_state(checkpointer.driver.get("tick"), loop.nimg)
     while loop.nimg < total_nimg:
         phase = loop.phase_name()  # before the step: the counter moves on during it
         stats = loop.step()
         loop.nimg += loop.batch
-        for k, v in stats.items():
-            v = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-            sums[k] = sums[k] + v if k in sums else v.clone()
-            counts[k] = counts.get(k, 0) + 1
+        guard.after_update()
+        tick.add(stats)
         done = loop.nimg >= total_nimg
-        if loop.nimg - tick_start >= tick_nimg or done:
+        if loop.nimg - tick.start >= tick_nimg or done:
             now = time.time()
-            row = {k: float(sums[k]) / counts[k] for k in sums}
-            row["images_per_sec"] = (loop.nimg - tick_start) / max(now - tick_time, 1e-9)
+            row = tick.means()
+            row["images_per_sec"] = (loop.nimg - max(tick.start, start_nimg)) / max(now - tick_time, 1e-9)
             rate = (loop.nimg - start_nimg) / max(now - start_time, 1e-9)
             row["phase"] = phase
             if info.is_main:
@@ -260,12 +390,15 @@ def run(loop: Loop, total_nimg: int, tick_kimg: float, snapshot_kimg: float,
                 parts += [f"{k} {v:9.4g}" for k, v in row.items() if k not in ("images_per_sec", "phase")]
                 parts.append(f"eta {format_eta((total_nimg - loop.nimg) / max(rate, 1e-9))}")
                 print("  ".join(parts), file=sys.stderr, flush=True)
+            guard.end_tick(tick, loop.nimg, checkpointer)
             if on_tick is not None:
                 on_tick(row)
-            sums, counts = {}, {}
-            tick_start, tick_time = loop.nimg, time.time()
+            tick, tick_time = TickStats(loop.nimg), time.time()
+            kill_point("tick")
         if (loop.nimg - last_snapshot >= snap_nimg) and not done:
+            guard.check_params(loop.nimg, checkpointer)
             if on_snapshot is not None:
                 on_snapshot()
-            checkpointer.save(loop)
+            checkpointer.save(loop, driver={"tick": tick.state_dict()})
             last_snapshot = loop.nimg
+            kill_point("checkpointed")

@@ -25,14 +25,35 @@ RUNS = config["distill"]["runs"]
 # `<run>` (one step) or `<run>-<k>steps` (ADD's few-step sampling), each with its report label.
 EVAL_ENTRIES = evaluation_entries(config)
 EVALUATED = list(EVAL_ENTRIES)
+# Training seeds: with a `seeds` list every distillation run is trained once per seed, under
+# <exp>/seed<K>/<run>/ (a `seed` wildcard), so rerunning one seed's run touches no other seed.
+SEEDS = config["seeds"]
+
+
+def run_dir(run, seed="{seed}"):
+    """A run's output folder: <exp>/<run>, or <exp>/seed<seed>/<run> with training seeds (by
+    default the `{seed}` wildcard, so the same path serves as an output pattern and an input)."""
+    return f"{EXP}/{run}" if SEEDS is None else f"{EXP}/seed{seed}/{run}"
+
+
+def run_instances(run):
+    """The folders of every trained copy of a run: one per training seed."""
+    return [run_dir(run)] if SEEDS is None else [run_dir(run, s) for s in SEEDS]
+
 
 def _one_of(names):
     """A wildcard regex matching exactly these names (never matches when there are none)."""
     return "|".join(re.escape(n) for n in sorted(names)) or "(?!)"
 
 
+# Evaluated models: `teacher` and each evaluation entry, or `seed<K>/<entry>` per training seed
+# (an entry's name in the folder layout of its run).
+EVALUATED_MODELS = [os.path.relpath(d, EXP) for entry in EVALUATED for d in run_instances(entry)]
+
+
 wildcard_constraints:
-    name=_one_of(["teacher", *EVALUATED]),
+    name=_one_of(["teacher", *EVALUATED_MODELS]),
+    seed=_one_of([str(s) for s in SEEDS or []]),
 
 
 # ---- external assets (fetch) and the teacher: trained here or fetched -----------------------
@@ -65,33 +86,44 @@ FETCH_DEPS = {"fetched": FETCH_OUTPUTS["manifest"]} if FETCH_ASSETS else {}
 # ---- distillation runs: inputs derived from `init` / `init_generator` -----------------------
 def distill_inputs(run):
     """Teacher network, plus the final state of the `init` run and the generator of the
-    `init_generator` run when the run starts from another one."""
+    `init_generator` run when the run starts from another one (of the same training seed)."""
     spec = RUNS[run]
     inputs = {"teacher": TEACHER_PT}
     if spec["init"] != "teacher":
-        inputs["init"] = f"{EXP}/{spec['init']}/state.pt"
+        inputs["init"] = f"{run_dir(spec['init'])}/state.pt"
     if spec["init_generator"] is not None:
-        inputs["init_generator"] = f"{EXP}/{spec['init_generator']}/network.pt"
+        inputs["init_generator"] = f"{run_dir(spec['init_generator'])}/network.pt"
     features = run_config(config, run)["add_features"]
     if spec.get("discriminator") == "add" and features["kind"] == "dinov2" and features["weights"] is None:
         inputs.update(FETCH_DEPS)  # ADD's DINOv2 weights: fetch/dinov2_<arch>.pth
     return inputs
 
 
-def distill_init_args(run):
-    """The stage's --init / --init-generator flags (with a leading space), from distill_inputs."""
-    inputs = distill_inputs(run)
+def distill_init_args(wildcards, input):
+    """The stage's --init / --init-generator flags (with a leading space), from the job's inputs,
+    and its training seed (--set seed=K) when the config lists `seeds`."""
+    inputs = dict(input.items())
     args = ""
     if "init" in inputs:
         args += f" --init {inputs['init']}"
     if "init_generator" in inputs:
         args += f" --init-generator {inputs['init_generator']}"
+    if SEEDS is not None:
+        args += f" --set seed={wildcards.seed}"
     return args
 
 
+def job_label(run):
+    """How errors name a distillation job: the run, prefixed by its training seed folder."""
+    if SEEDS is None:
+        return run
+    return lambda wildcards: f"seed{wildcards.seed}/{run}"
+
+
 # ---- evaluations and the report ----------------------------------------------------------
-EVALUATIONS = [f"{EXP}/evaluate/{name}/metrics.json" for name in ["teacher", *EVALUATED]]
-EVALUATION_GRIDS = [f"{EXP}/evaluate/{name}/samples.png" for name in ["teacher", *EVALUATED]]
+EVALUATIONS = [f"{EXP}/evaluate/{name}/metrics.json" for name in ["teacher", *EVALUATED_MODELS]]
+EVALUATION_GRIDS = [f"{EXP}/evaluate/{name}/samples.png" for name in ["teacher", *EVALUATED_MODELS]]
+TRAINING_METRICS = [f"{d}/metrics.jsonl" for run in RUNS for d in run_instances(run)]
 REPORT_DIR = f"{EXP}/report"
 REPORT_MD = f"{REPORT_DIR}/report.md"
 REPORT_HTML = f"{REPORT_DIR}/report.html"
@@ -105,25 +137,36 @@ def settings(*sections, **extra):
     return json.dumps(picked, sort_keys=True, default=str)
 
 
+def _evaluated_model(wildcards):
+    """(evaluation entry, training seed or None) of a model name `<entry>` or `seed<K>/<entry>`."""
+    seed, _, entry = wildcards.name.rpartition("/")
+    return entry, (seed[len("seed"):] if seed else None)
+
+
 def evaluate_inputs(wildcards):
-    """The network to evaluate (the teacher's or a run's EMA generator) and fetched assets."""
+    """The network to evaluate (the teacher's or, for an evaluation entry, its run's EMA
+    generator of the model's training seed) and fetched assets."""
     if wildcards.name == "teacher":
         network = TEACHER_PT
     else:
-        network = f"{EXP}/{EVAL_ENTRIES[wildcards.name]['run']}/network.pt"
+        entry, seed = _evaluated_model(wildcards)
+        network = f"{run_dir(EVAL_ENTRIES[entry]['run'], seed)}/network.pt"
     return {"network": network, **FETCH_DEPS}
-
-
-def evaluate_steps_args(wildcards):
-    """A generator evaluation's --steps and --label (with a leading space); none for the teacher."""
-    if wildcards.name == "teacher":
-        return ""
-    entry = EVAL_ENTRIES[wildcards.name]
-    return f" --steps {entry['steps']} --label {shlex.quote(entry['label'])}"
 
 
 def evaluate_kind(wildcards):
     return "teacher" if wildcards.name == "teacher" else "generator"
+
+
+def evaluate_name_args(wildcards):
+    """--name ENTRY (the report groups training seeds by it), plus --train-seed K for a model
+    `seed<K>/<entry>` and, for a generator, the entry's --steps and --label."""
+    if wildcards.name == "teacher":
+        return "--name teacher"
+    entry, seed = _evaluated_model(wildcards)
+    spec = EVAL_ENTRIES[entry]
+    args = f"--name {entry}" + (f" --train-seed {seed}" if seed is not None else "")
+    return args + f" --steps {spec['steps']} --label {shlex.quote(spec['label'])}"
 
 
 def output_dir(wildcards, output):
@@ -201,6 +244,9 @@ def rule_threads(rule):
     return rule_resources(rule)["cpus_per_task"]
 
 
+TORCHRUN = "python -m sida.run.torchrun"
+
+
 def launcher(rule):
     """The command that starts a stage's processes.
 
@@ -212,12 +258,14 @@ def launcher(rule):
     and a port from the job id (see its docstring). srun is given the CPUs (Slurm >= 22.05 no
     longer passes the job's --cpus-per-task to steps) and GPUs per node again, and ends the
     other nodes' processes as soon as one fails instead of leaving them waiting in a collective.
+    torchrun itself is started as `python -m sida.run.torchrun` (the same options), so a failed
+    stage's log ends with the stage's one-line error, not torchrun's traceback.
     """
     if not DISTRIBUTED[rule]:
-        return "torchrun --standalone --nproc-per-node 1"
+        return f"{TORCHRUN} --standalone --nproc-per-node 1"
     res = rule_resources(rule)
     if res["nodes"] == 1:
-        return f"torchrun --standalone --nproc-per-node {PROCS}"
+        return f"{TORCHRUN} --standalone --nproc-per-node {PROCS}"
     gpus_per_node = _configured_resources(rule).get("gpu", 0)
     gpus = f" --gpus-per-node {gpus_per_node}" if gpus_per_node else ""
     return (

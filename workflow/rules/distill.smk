@@ -1,7 +1,9 @@
 # One rule per distillation run in `distill.runs` (warmup, sid, sida, sid2a, ...), all made from
 # this single template and named after the run, so `--forcerun sida` or `--until sid` address a
 # run directly. A run's inputs come from its `init` and `init_generator` (distill_inputs in
-# common.smk): the DAG follows the config, and a new run needs no new rule.
+# common.smk): the DAG follows the config, and a new run needs no new rule. With training
+# `seeds` the paths carry a `{seed}` wildcard (run_dir): one job per run and seed, and
+# `--forcerun results/E/seed1/sida/network.pt` reruns that seed's run and what depends on it only.
 
 for _run in RUNS:
 
@@ -11,22 +13,27 @@ for _run in RUNS:
         input:
             **distill_inputs(_run),
         output:
-            network=f"{EXP}/{_run}/network.pt",
-            state=f"{EXP}/{_run}/state.pt",
+            network=f"{run_dir(_run)}/network.pt",
+            state=f"{run_dir(_run)}/state.pt",
             samples=report(
-                f"{EXP}/{_run}/samples.png",
+                f"{run_dir(_run)}/samples.png",
                 caption="../report/distill.rst",
                 category="Distillation runs",
-                labels={"run": _run, "figure": "samples at the end of training"},
+                labels={
+                    "run": _run,
+                    **({} if SEEDS is None else {"seed": "{seed}"}),
+                    "figure": "samples at the end of training",
+                },
             ),
-            metrics=f"{EXP}/{_run}/metrics.jsonl",
+            metrics=f"{run_dir(_run)}/metrics.jsonl",
         log:
-            f"{LOGS}/distill/{_run}.log",
+            f"{LOGS}/distill/{os.path.relpath(run_dir(_run), EXP)}.log",
         params:
             config=CONFIG_RESOLVED,
             run=_run,
+            label=job_label(_run),
             out=output_dir,
-            init=distill_init_args(_run),
+            init=distill_init_args,
             launch=launcher("distill"),
             settings=distill_settings(_run),
         threads: rule_threads("distill")
@@ -37,4 +44,4 @@ for _run in RUNS:
         shell:
             "{params.launch} -m -- stages.distill --config {params.config} --run {params.run} "
             "--teacher {input.teacher} --out {params.out}{params.init} "
-            "> {log} 2>&1 || stage_failed {params.run} {log}"
+            "> {log} 2>&1 || stage_failed {params.label} {log}"

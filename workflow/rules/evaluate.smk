@@ -1,5 +1,6 @@
 # Evaluation of the teacher (name `teacher`) and of every run with `evaluate: true`: one per entry
-# of the run's `eval_steps` (`<run>` in one step, `<run>-<k>steps` in k; EVAL_ENTRIES in common.smk).
+# of the run's `eval_steps` (`<run>` in one step, `<run>-<k>steps` in k; EVAL_ENTRIES in common.smk),
+# as `seed<K>/<entry>` per training seed when the config lists `seeds`.
 
 
 rule evaluate:
@@ -18,7 +19,7 @@ rule evaluate:
     params:
         config=CONFIG_RESOLVED,
         kind=evaluate_kind,
-        steps=evaluate_steps_args,
+        name=evaluate_name_args,
         launch=launcher("evaluate"),
         settings=settings("seed", "data", "evaluate"),
     threads: rule_threads("evaluate")
@@ -28,5 +29,5 @@ rule evaluate:
         IMAGE
     shell:
         "{params.launch} -m -- stages.evaluate --config {params.config} --network {input.network} "
-        "--kind {params.kind} --name {wildcards.name}{params.steps} --out {output.metrics} "
+        "--kind {params.kind} {params.name} --out {output.metrics} "
         "> {log} 2>&1 || stage_failed evaluate:{wildcards.name} {log}"

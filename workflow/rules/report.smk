@@ -6,12 +6,12 @@
 rule report:
     input:
         evaluations=EVALUATIONS,
-        metrics=[f"{EXP}/{run}/metrics.jsonl" for run in RUNS],
+        metrics=TRAINING_METRICS,
         grids=EVALUATION_GRIDS,
     output:
         report(
             directory(REPORT_DIR),
-            patterns=["{name}.html", "{name}_vs_kimg.png"],
+            patterns=["{name}.html", "{name}_vs_{axis}.png"],
             caption="../report/results.rst",
             category="Results",
         ),
