@@ -1,7 +1,9 @@
-"""Stage `evaluate`: sample quality of a one-step generator or of the multi-step teacher.
+"""Stage `evaluate`: sample quality of a distilled generator (one step, or --steps at the
+generation sigmas its network file records) or of the multi-step teacher.
 
     python -m stages.evaluate --config C --network PATH --kind {generator,teacher} --name NAME \\
-        --out results/E/evaluate/NAME/metrics.json [--set key=value ...]
+        [--steps K] [--label LABEL] [--train-seed K] --out results/E/evaluate/NAME/metrics.json \\
+        [--set key=value ...]
     torchrun --standalone --nproc-per-node N -m stages.evaluate ...   (features gathered across ranks)
 
 Writes `metrics.json` (per-run values, mean, std and standard error, seeds, class counts,
@@ -25,7 +27,7 @@ from sida.run.config import load_config
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line, evaluate, write metrics.json and samples.png (main process)."""
     parser = stage_parser("python -m stages.evaluate",
-                          "Evaluate a generator (1 NFE) or the teacher (Heun) with FD/FID, IS and precision/recall.")
+                          "Evaluate a generator (1 NFE, or --steps) or the teacher (Heun) with FD/FID, IS and precision/recall.")
     parser.add_argument("--network", required=True, help="network file (results/E/<run>/network.pt or teacher)")
     parser.add_argument("--kind", required=True, choices=["generator", "teacher"],
                         help="generator: --steps steps at its generation sigmas; teacher: Heun with evaluate.teacher_steps")
