@@ -1,5 +1,5 @@
-"""Stage `distill`: one distillation run (warmup / SiD / SiDA / SiD2A) as configured in
-`distill.runs.<name>`.
+"""Stage `distill`: one distillation run (warmup / SiD / SiDA / SiD2A / DMD / DMD2 / ADD) as
+configured in `distill.runs.<name>`.
 
     python -m stages.distill --config C --run sid --teacher results/E/teacher/network.pt \
         [--init results/E/warmup/state.pt] [--init-generator results/E/sid/network.pt] [--out DIR]
@@ -8,24 +8,28 @@
     rejected as "ambiguous: --run-path, --run_path")
 
 Outputs (in --out, default <results_dir>/<experiment>/<run>): network.pt (the EMA one-step
-generator), state.pt (G, G_ema and the fake score, for runs that start from this one),
-samples.png, metrics.jsonl. A killed run resumes from --out/work/state.pt.
+generator, or the raw one with `ema: false`; its metadata holds the generation sigmas that
+generate / evaluate use), state.pt (G, G_ema, the fake score and a DMD2 / ADD discriminator head,
+for runs that start from this one), samples.png, metrics.jsonl. A killed run resumes from
+--out/work/state.pt.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from sida.io import checkpoints
 from sida.run.cli import run_stage, stage_parser
-from sida.run.config import load_config, run_config
+from sida.run.config import discriminator_kind, load_config, run_config, run_method
 from sida.io.data import open_dataset
 from sida.io.latents import codec_from_config, decoder_from_config
 from sida.train.distill import DistillLoop, init_nets
+from sida.nets.heads import head_record
 from sida.errors import CheckpointError, ConfigError
 from sida.io.images import save_grid
 from sida.train.loop import Checkpointer, Timings, run
@@ -101,6 +105,24 @@ class BestKeeper:
         return net
 
 
+def resolve_add_features(cfg: dict, rc: dict) -> str | None:
+    """ADD runs on DINOv2: the weights file (default the fetch stage's dinov2_<arch>.pth), checked
+    to exist before anything is written, and its sha256 (kept in the resume state: a resumed run
+    must see the same frozen features). None for every other run."""
+    spec = rc["add_features"]
+    if discriminator_kind(rc["discriminator"]) != "add" or spec["kind"] != "dinov2":
+        return None
+    from sida.errors import AssetError
+    from sida.eval.features import file_sha256
+
+    if spec["weights"] is None:
+        spec["weights"] = f"{cfg['results_dir']}/{cfg['experiment']}/fetch/dinov2_{spec['arch']}.pth"
+    if not Path(spec["weights"]).is_file():
+        raise AssetError(f"ADD's feature network: DINOv2 weights {spec['weights']} do not exist: add a fetch asset of "
+                         f"kind dinov2 with arch {spec['arch']}, or set distill.add_features.weights")
+    return file_sha256(spec["weights"])
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = stage_parser("python -m stages.distill", "Run one distillation run of the config.")
     parser.add_argument("--run", required=True, help="name of the run in distill.runs (e.g. warmup, sid, sida, sid2a)")
@@ -124,17 +146,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_teacher(teacher, cfg0, args.teacher)
     init_state = checkpoints.load_state(args.init) if args.init else None
     init_gen = checkpoints.load_network(args.init_generator) if args.init_generator else None
+    features_sha = resolve_add_features(cfg0, rc)
     ctx = start_stage(cfg0, out, salt=f"distill/{args.run}")
     cfg, info = ctx.cfg, ctx.info
     teacher = teacher.to(info.device)
     init_gen = init_gen.to(info.device) if init_gen is not None else None
     nets = init_nets(teacher, rc["dropout"], init_state, init_gen)
-    # Real images for the discriminator; class labels (drawn from dataset samples, as the official
-    # loop does) for every class-conditional run; data-free latent runs read only the labels.
-    needs_data = rc["discriminator"] or cfg["data"]["label_dim"] > 0
+    # Real images for a discriminator and for ADD's student; class labels (drawn from dataset
+    # samples, as the official loop does) for every class-conditional run; data-free latent runs
+    # read only the labels.
+    needs_data = (discriminator_kind(rc["discriminator"]) != "none" or run_method(rc["phases"]) == "add"
+                  or cfg["data"]["label_dim"] > 0)
     dataset = open_dataset(cfg["data"], codec_from_config(cfg)) if needs_data else None
     decoder = decoder_from_config(cfg, info.device)  # latent-space runs: samples.png shows decoded images
     loop = DistillLoop(rc, nets, dataset, info, sigma_data=getattr(teacher, "sigma_data", 0.5), seed=ctx.seed)
+    loop.features_sha256 = features_sha
     ckpt = Checkpointer(ctx.work, info, ctx.cfg_hash, f"distill/{args.run}")
     keeper = BestKeeper(TrainingMonitor(cfg, info.device, info), ctx, nets, rc["sigma_init"])
     ckpt.track("best", keeper)
@@ -158,16 +184,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         with timings("logging"):
             tracker.log({**row, **scores}, loop.nimg / 1000)
 
+    watch = {"G": nets.G, "G_ema": nets.G_ema, "fake": nets.fake}
+    if nets.head is not None:  # a DMD2 / ADD discriminator head (built by the loop) must stay finite too
+        watch["head"] = nets.head
     run(loop, loop.total_nimg, rc["tick_kimg"], rc["snapshot_kimg"], ckpt, info, on_tick=on_tick,
-        on_snapshot=snapshot, label=f"{args.run}: ", watch={"G": nets.G, "G_ema": nets.G_ema, "fake": nets.fake},
-        nonfinite_budget=rc["nonfinite_budget"], timings=timings)
+        on_snapshot=snapshot, label=f"{args.run}: ", watch=watch, nonfinite_budget=rc["nonfinite_budget"],
+        timings=timings)
     with timings("checkpoint"):  # the final writes, timed apart like the checkpoints
         if info.is_main:
             meta = {"stage": "distill", "run": args.run, "kimg": loop.nimg / 1000, "config_hash": ctx.cfg_hash,
-                    "experiment": cfg["experiment"], "sigma_init": rc["sigma_init"], "one_step": True}
-            checkpoints.save_state(ctx.out / "state.pt", {
-                "G": checkpoints.network_record(nets.G), "G_ema": checkpoints.network_record(nets.G_ema),
-                "fake": checkpoints.network_record(nets.fake), "meta": meta})
+                    "experiment": cfg["experiment"], "sigma_init": rc["sigma_init"], "gen_sigmas": rc["gen_sigmas"],
+                    "method": run_method(rc["phases"]), "ema": rc["ema"], "one_step": True}
+            final = {"G": checkpoints.network_record(nets.G), "G_ema": checkpoints.network_record(nets.G_ema),
+                     "fake": checkpoints.network_record(nets.fake), "meta": meta}
+            if nets.head is not None:
+                final["head"] = head_record(nets.head)
+            checkpoints.save_state(ctx.out / "state.pt", final)
             save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"],
                                    decode=decoder and decoder.unit), ctx.out / "samples.png", grid)
             best = keeper.best_network()

@@ -1,7 +1,9 @@
-"""Stage `evaluate`: sample quality of a one-step generator or of the multi-step teacher.
+"""Stage `evaluate`: sample quality of a distilled generator (one step, or --steps at the
+generation sigmas its network file records) or of the multi-step teacher.
 
     python -m stages.evaluate --config C --network PATH --kind {generator,teacher} --name NAME \\
-        --out results/E/evaluate/NAME/metrics.json [--set key=value ...]
+        [--steps K] [--label LABEL] [--train-seed K] --out results/E/evaluate/NAME/metrics.json \\
+        [--set key=value ...]
     torchrun --standalone --nproc-per-node N -m stages.evaluate ...   (features gathered across ranks)
 
 Writes `metrics.json` (per-run values, mean, std and standard error, seeds, class counts,
@@ -25,11 +27,15 @@ from sida.run.config import load_config
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line, evaluate, write metrics.json and samples.png (main process)."""
     parser = stage_parser("python -m stages.evaluate",
-                          "Evaluate a generator (1 NFE) or the teacher (Heun) with FD/FID, IS and precision/recall.")
+                          "Evaluate a generator (1 NFE, or --steps) or the teacher (Heun) with FD/FID, IS and precision/recall.")
     parser.add_argument("--network", required=True, help="network file (results/E/<run>/network.pt or teacher)")
     parser.add_argument("--kind", required=True, choices=["generator", "teacher"],
-                        help="generator: one step at sigma_init; teacher: Heun with evaluate.teacher_steps")
+                        help="generator: --steps steps at its generation sigmas; teacher: Heun with evaluate.teacher_steps")
     parser.add_argument("--name", required=True, help="name recorded in metrics.json (run name or 'teacher')")
+    parser.add_argument("--steps", type=int, default=1,
+                        help="generator: sampling steps at the generation sigmas its file records (default 1; ADD: up "
+                             "to its number of student levels)")
+    parser.add_argument("--label", help="the model's name in the report (default: --name)")
     parser.add_argument("--out", required=True, help="metrics.json path; samples.png is written beside it")
     parser.add_argument("--train-seed", type=int, default=None,
                         help="the training seed of the network (recorded in metrics.json; the workflow sets it "
@@ -41,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         from sida.eval.evaluation import evaluate_network
         from sida.io.images import save_grid
 
-        metrics, grid = evaluate_network(cfg, args.network, args.kind, args.name, info, args.train_seed)
+        metrics, grid = evaluate_network(cfg, args.network, args.kind, args.name, info, args.steps, args.label,
+                                         args.train_seed)
         if info.is_main:
             out = Path(args.out)
             save_grid(grid, out.with_name("samples.png"), cfg["evaluate"]["grid_size"])

@@ -71,9 +71,11 @@ def check_assets(fetch_cfg: dict) -> list[dict]:
         where = f"fetch.assets[{i}]"
         if not isinstance(a, dict):
             raise ConfigError(f"{where} must be a mapping with name, kind and url or path")
-        unknown = set(a) - {"name", "kind", "url", "path", "sha256", "files"}
+        unknown = set(a) - {"name", "kind", "url", "path", "sha256", "files", "arch"}
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        if a.get("arch") is not None and a.get("kind") != "dinov2":
+            raise ConfigError(f"{where}.arch applies to kind dinov2 only")
         name, kind = a.get("name"), a.get("kind")
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ConfigError(f"{where}.name must be a simple name (letters, digits, _.-), not {name!r}")
@@ -98,9 +100,13 @@ def check_assets(fetch_cfg: dict) -> list[dict]:
             raise ConfigError(f"{where} ('{name}'): a vae url is a folder's base url: list its files under files")
         out.append(dict(a, sha256=sha.lower() if sha else None, index=i,
                         files={f: (h.lower() if h else None) for f, h in (files or {}).items()}))
-    for kind in ("teacher", "refstats", "dataset", "vae", "dinov2"):
+    for kind in ("teacher", "refstats", "dataset", "vae"):
         if sum(a["kind"] == kind for a in out) > 1:
             raise ConfigError(f"fetch.assets: at most one asset of kind '{kind}'")
+    archs = [a.get("arch") for a in out if a["kind"] == "dinov2"]  # None: evaluate.dinov2_arch
+    if len(archs) != len(set(archs)):
+        raise ConfigError("fetch.assets: at most one asset of kind 'dinov2' per arch (set `arch` on each: e.g. "
+                          "vits14 for ADD's features, vitl14 for FD-DINOv2)")
     return out
 
 
@@ -356,7 +362,8 @@ def convert_asset(asset: dict, path: Path, digest: str | None, stage: Path, cfg:
         import torch
         from sida.eval.features import dinov2_timm_state
 
-        arch = (cfg.get("evaluate") or {}).get("dinov2_arch", "vitl14")
+        # the asset's own arch (ADD's ViT-S/14 feature network), else FD-DINOv2's
+        arch = asset.get("arch") or (cfg.get("evaluate") or {}).get("dinov2_arch", "vitl14")
         out = f"dinov2_{arch}.pth"
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)

@@ -26,7 +26,7 @@ from sida.run.cli import run_stage, stage_parser
 from sida.run.config import load_config
 
 EVAL_KEYS = ("fd", "fid", "eval/fd", "eval/fid")   # what a training run may log for its quick metric
-LOSS_KEYS = ("loss_g_sid", "loss_g_adv", "loss_fake", "loss_d")
+LOSS_KEYS = ("loss_g_sid", "loss_g_dm", "loss_g_distill", "loss_g_adv", "loss_fake", "loss_d")
 DISC_KEYS = ("d_acc_real", "d_acc_fake", "d_acc")
 
 
@@ -93,7 +93,7 @@ def _results_table(rows: list[dict], label: str) -> tuple[list[str], list[list[s
     body = []
     for r in rows:
         v = r["value"] or {}
-        cells = [r["name"], str(r["nfe"]), _with_se(r["value"], 3)]
+        cells = [r["label"], str(r["nfe"]), _with_se(r["value"], 3)]
         if seeded:
             cells += [_num(v.get("seed_std"), 3), _num(v.get("eval_se"), 3)]
         xs = {x["metric"]: x["value"] for x in r.get("extra") or []}
@@ -110,10 +110,11 @@ def _comparison_table(comps: list[dict], label: str) -> tuple[list[str], list[li
     body = []
     for c in comps:
         if c.get("unit") is None:
-            body.append([f"{c['a']} − {c['b']}", "–", "–", "–", c["verdict"]])
+            body.append([f"{c['a_label']} − {c['b_label']}", "–", "–", "–", c["verdict"]])
             continue
         ci = "–" if c["ci"] is None else f"[{_signed(c['ci'][0], 3)}, {_signed(c['ci'][1], 3)}]"
-        body.append([f"{c['a']} − {c['b']}", _signed(c["mean"], 3), ci, f"{c['n']} {c['unit']}", c["verdict"]])
+        body.append([f"{c['a_label']} − {c['b_label']}", _signed(c["mean"], 3), ci, f"{c['n']} {c['unit']}",
+                     c["verdict"]])
     return head, body
 
 
@@ -122,7 +123,7 @@ def _per_seed_table(rows: list[dict]) -> tuple[list[str], list[list[str]]] | Non
     if not seeds:
         return None
     head = ["model"] + [f"seed {s}" for s in seeds]
-    body = [[r["name"]] + [_num((r["value"]["per_seed"] or {}).get(s), 3) for s in seeds]
+    body = [[r["label"]] + [_num((r["value"]["per_seed"] or {}).get(s), 3) for s in seeds]
             for r in rows if r["value"] and r["value"]["per_seed"]]
     return head, body
 
@@ -229,8 +230,9 @@ def _html(blocks: list[tuple], title: str) -> str:
 
 # ---- the stage --------------------------------------------------------------------------------
 
-def _copy_grids(grids: Sequence[str], folder: Path) -> list[tuple[str, str]]:
-    """Copy one grid per model (the first training seed's) beside the report; (file, caption)."""
+def _copy_grids(grids: Sequence[str], folder: Path, labels: dict[str, str]) -> list[tuple[str, str]]:
+    """Copy one grid per model (the first training seed's) beside the report; (file, caption),
+    the caption the model's label (`labels`: name -> label; the name when missing)."""
     from sida.eval.plots import run_and_seed
 
     chosen: dict[str, tuple[int | None, Path]] = {}
@@ -245,7 +247,8 @@ def _copy_grids(grids: Sequence[str], folder: Path) -> list[tuple[str, str]]:
         dst = folder / f"samples-{name}.png"
         with atomic_write(dst, suffix=".png") as tmp:
             shutil.copyfile(g, tmp)
-        out.append((dst.name, name if seed is None else f"{name} (training seed {seed})"))
+        caption = labels.get(name, name)
+        out.append((dst.name, caption if seed is None else f"{caption} (training seed {seed})"))
     return out
 
 
@@ -269,7 +272,7 @@ def build_report(cfg: dict, out: Path, evaluations: Sequence[str], jsonls: Seque
         if not Path(g).is_file():
             raise DataError(f"sample grid {g} does not exist: run the evaluate stage that writes it first")
     folder.mkdir(parents=True, exist_ok=True)
-    grid_files = _copy_grids(grids, folder)
+    grid_files = _copy_grids(grids, folder, {r["name"]: r["label"] for r in rows})
 
     label = rows[0]["metric_label"] if rows else "FD"
     offsets = upstream_kimg(cfg["distill"]["runs"])

@@ -54,6 +54,24 @@ def tiny_config(**distill_overrides) -> dict:
     return cfg
 
 
+def baseline_runs(iters: tuple[int, int] = (2, 6), batch: int = 16) -> dict:
+    """A DMD2 and an ADD run for `tiny_config` (critic-only warm-up, then the method; `iters`
+    iterations of `batch` each). DMD2 with its head, AdamW, lr warm-up, grad-norm clip, critic
+    ratio 2 (a resume can land between generator turns) and no EMA; ADD with its heads on the
+    teacher's encoder and R1. No augmentation (the baselines do not take it)."""
+    def phases(kind: str) -> list[dict]:
+        return [{"kind": "warmup", "kimg": iters[0] * batch / 1000}, {"kind": kind, "kimg": iters[1] * batch / 1000}]
+
+    return {
+        "dmd2": {"init": "teacher", "discriminator": "dmd2_head", "sigma_init": 80.0, "critic_ratio": 2,
+                 "optimizer": "adamw", "beta1_g": 0.9, "beta1_fake": 0.9, "weight_decay": 0.01,
+                 "lr_warmup_kimg": 4 * batch / 1000, "grad_clip": 10.0, "ema": False, "augment": 0.0,
+                 "phases": phases("dmd2")},
+        "add": {"init": "teacher", "discriminator": "add", "grad_clip": 1.0, "augment": 0.0, "eval_steps": [1, 4],
+                "phases": phases("add")},
+    }
+
+
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

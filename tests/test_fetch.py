@@ -211,3 +211,22 @@ def test_corrupt_download_is_deleted(tmp_path, server):
     with pytest.raises(AssetError, match="sha256 mismatch"):
         main(["--config", str(cfg), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "cache" / "teacher.pkl").exists()
+
+
+def test_dinov2_assets_per_arch_for_add_features_and_fd_dinov2(tmp_path):
+    """ADD's ViT-S/14 and FD-DINOv2's ViT-L/14 side by side: each asset names its arch and is
+    written as dinov2_<arch>.pth; two assets of one arch are refused before anything is read."""
+    from sida.eval.features import save_random_dinov2
+    from stages.fetch import check_assets, fetch
+
+    small = save_random_dinov2(tmp_path / "s.pth", "vits14")
+    assets = [{"name": "add_features", "kind": "dinov2", "arch": "vits14", "path": str(small)}]
+    cfg = {"experiment": "fetchtest", "evaluate": {"dinov2_arch": "vitl14"},
+           "fetch": {"cache_dir": str(tmp_path / "cache"), "assets": assets}}
+    manifest = fetch(cfg, tmp_path / "out")
+    assert manifest["assets"][0]["output"] == "dinov2_vits14.pth" and manifest["assets"][0]["arch"] == "vits14"
+    assert (tmp_path / "out" / "dinov2_vits14.pth").is_file()
+    with pytest.raises(Exception, match="per arch"):
+        check_assets({"assets": assets + [dict(assets[0], name="again")]})
+    with pytest.raises(Exception, match="kind dinov2 only"):
+        check_assets({"assets": [{"name": "t", "kind": "teacher", "arch": "vits14", "path": "x"}]})

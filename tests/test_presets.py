@@ -373,3 +373,56 @@ def test_missing_file_is_one_line(tmp_path):
         load_config(missing)
     msg = str(exc.value)
     assert "\n" not in msg and str(missing) in msg
+
+
+# --- the baselines' presets ----------------------------------------------------------------------
+
+# DMD2's published ImageNet-64 settings (github.com/tianweiy/DMD2: the three experiments/imagenet
+# scripts, main/edm/train_edm.py defaults, experiments/imagenet/README.md): run -> (lr, GAN,
+# iterations of the released checkpoint, init).
+DMD2_IMAGENET = {"dmd2": (2e-6, True, 193500, "teacher"), "dmd": (2e-6, False, 405500, "teacher"),
+                 "dmd2_resume": (5e-7, True, 140000, "dmd")}
+
+
+@pytest.mark.parametrize("run", sorted(DMD2_IMAGENET))
+def test_dmd2_imagenet64_is_the_published_recipe(run):
+    lr, gan, iters, init = DMD2_IMAGENET[run]
+    cfg = _load("dmd2-imagenet64")
+    rc = run_config(cfg, run)
+    assert cfg["num_procs"] * cfg["nodes"] == 7 and rc["batch"] == 7 * 40 and cfg["seed"] == 10
+    assert rc["lr_g"] == rc["lr_fake"] == pytest.approx(lr) and rc["init"] == init
+    assert (rc["optimizer"], rc["beta1_g"], rc["beta1_fake"], rc["beta2"], rc["weight_decay"], rc["adam_eps"]) == \
+        ("adamw", 0.9, 0.9, 0.999, 0.01, 1e-8)
+    assert rc["critic_ratio"] == 5 and rc["grad_clip"] == 10 and rc["ema"] is False
+    assert rc["sigma_init"] == 80 and rc["dm_index_range"] == [20, 980] and rc["precision"] == "bf16"
+    assert rc["lr_warmup_kimg"] == pytest.approx(500 / 7 * 280 / 1000) and rc["dropout"] == 0.0
+    assert rc["discriminator"] == ("dmd2_head" if gan else False)
+    assert [p["kind"] for p in rc["phases"]] == ["dmd2" if gan else "dmd"]
+    assert sum(p["kimg"] for p in rc["phases"]) == pytest.approx(iters * 280 / 1000)
+    if gan:
+        assert (rc["lambda_gan"], rc["lambda_cls"]) == (0.003, 0.01)
+    net = cfg["network"]
+    assert net["model_type"] == "DhariwalUNet" and net["kwargs"]["channel_mult"] == [1, 2, 3, 4]
+    header = (CONFIG_DIR / "dmd2-imagenet64.yaml").read_text().split("experiment:")[0]
+    assert "tianweiy/DMD2" in header and "ours" not in header.replace("nothing here is ours", "")
+
+
+@pytest.mark.parametrize("name", ["dmd2-cifar10", "add-cifar10", "add-imagenet64"])
+def test_baseline_presets_with_our_settings_say_so(name):
+    cfg = _load(name)
+    header = (CONFIG_DIR / f"{name}.yaml").read_text().split("experiment:")[0]
+    assert "OURS" in header and "# ours" in (CONFIG_DIR / f"{name}.yaml").read_text()
+    assert cfg["teacher"]["source"] == "fetch" and cfg["evaluate"]["num_samples"] == 50000
+    (run,) = cfg["distill"]["runs"]
+    rc = run_config(cfg, run)
+    if name.startswith("add"):
+        # ADD's method: the paper's weights and levels, DINOv2 ViT-S/14 from the fetch stage
+        assert rc["discriminator"] == "add" and rc["eval_steps"] == [1, 4]
+        assert (rc["lambda_distill"], rc["r1_gamma"], rc["add_weighting"]) == (2.5, 1e-5, "exponential")
+        assert rc["add_student_steps"] == [999, 749, 499, 249] and rc["add_features"]["kind"] == "dinov2"
+        assert rc["add_features"]["arch"] == "vits14" and rc["add_features"]["weights"] is None
+        fetch = pytest.importorskip("stages.fetch")
+        kinds = {a["name"]: (a["kind"], a.get("arch")) for a in fetch.check_assets(cfg["fetch"])}
+        assert kinds["dinov2_vits14"] == ("dinov2", "vits14")
+    else:
+        assert rc["discriminator"] == "dmd2_head" and rc["sigma_init"] == 80 and rc["critic_ratio"] == 5

@@ -20,7 +20,7 @@ T2 = 0.95 * math.sqrt(2 / 0.0975)  # t quantile 0.975 with 2 degrees of freedom,
 
 
 def _evaluation(path: Path, name: str, kind: str, nfe: int, values: list[float], train_seed: int | None = None,
-                monitor: float | None = None) -> None:
+                monitor: float | None = None, label: str | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = float(np.std(values, ddof=1))
     stat = {"mean": float(np.mean(values)), "std": sd, "se": sd / math.sqrt(len(values)), "n": len(values),
@@ -30,7 +30,8 @@ def _evaluation(path: Path, name: str, kind: str, nfe: int, values: list[float],
         "metric_label": "FD (digits classifier)", "mode": "digits_classifier", "labels": "balanced",
         "num_runs": len(values), "num_samples": 2000, "seeds": [[0, 1999], [2000, 3999], [4000, 5999]],
         "extractor": {"name": "digits_classifier", "sha256": "ab" * 32}, "reference": {"sha256": "cd" * 32},
-        "summary": {"fd": stat, "is": stat}, "monitor": None if monitor is None else {"fd": monitor}}))
+        "summary": {"fd": stat, "is": stat}, "monitor": None if monitor is None else {"fd": monitor},
+        **({} if label is None else {"label": label, "steps": nfe})}))
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(path.parent / "samples.png")
 
 
@@ -130,6 +131,31 @@ def test_report_with_training_seeds(tmp_path):
     md = out.read_text()
     assert "std over training seeds" in md and "| sid | 2.300 | 2.567 | 2.033 |" in md
     assert "samples-sid.png" in res["grids"] and "sid (training seed 0)" in md
+
+
+def test_report_shows_evaluation_entries_by_label_grouped_by_training_seed(tmp_path):
+    """A baseline run evaluated in 1 and 4 steps is two models (`add`, `add-4steps`), each over its
+    training seeds; the page names them by their labels, the data keeps the names."""
+    evals = [tmp_path / "evaluate" / "teacher" / "metrics.json"]
+    _evaluation(evals[0], "teacher", "teacher", 35, [1.3, 1.4, 1.4], monitor=3.0)
+    per_seed = {("add", 1, "ADD (1 step)"): [[3.0, 3.1, 3.2], [3.4, 3.3, 3.5]],
+                ("add-4steps", 4, "ADD (4 steps)"): [[2.0, 2.1, 2.2], [2.3, 2.2, 2.4]]}
+    for (name, nfe, label), runs in per_seed.items():
+        for seed, vals in enumerate(runs):
+            p = tmp_path / "evaluate" / f"seed{seed}" / name / "metrics.json"
+            _evaluation(p, name, "generator", nfe, vals, train_seed=seed, label=label)
+            evals.append(p)
+    jsonls = [_jsonl(tmp_path / f"seed{s}" / "add" / "metrics.jsonl", 1.0) for s in (0, 1)]
+    out, res = _report(tmp_path, evals, jsonls, [p.parent / "samples.png" for p in evals])
+    rows = {r["name"]: r for r in res["rows"]}
+    assert rows["add-4steps"]["label"] == "ADD (4 steps)" and rows["add-4steps"]["train_seeds"] == [0, 1]
+    assert rows["add-4steps"]["value"]["mean"] == pytest.approx((2.1 + 2.3) / 2)
+    c = next(c for c in res["comparisons"] if (c["a"], c["b"]) == ("add-4steps", "add"))
+    # per-seed means 2.1 - 3.1 and 2.3 - 3.4: paired over the 2 training seeds
+    assert c["unit"] == "training seeds" and c["mean"] == pytest.approx(-1.05) and c["a_label"] == "ADD (4 steps)"
+    md = out.read_text()
+    assert "| ADD (4 steps) | 4 | 2.200 ± 0.100 |" in md and "| ADD (4 steps) − ADD (1 step) | -1.050 |" in md
+    assert "ADD (4 steps) (training seed 0)" in md and "samples-add-4steps.png" in res["grids"]
 
 
 def test_report_missing_input_is_one_error_line(tmp_path):

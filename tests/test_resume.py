@@ -21,10 +21,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import (PYTHON, REPO, assert_state_dicts_equal, env, error_lines, files_under, run_module,  # noqa: E402
-                     tiny_config, write_config, write_teacher)
+from helpers import (PYTHON, REPO, assert_state_dicts_equal, baseline_runs, env, error_lines, files_under,  # noqa: E402
+                     run_module, tiny_config, write_config, write_teacher)
 
 RUN = "mixed"  # warmup -> sid -> sida with a discriminator: every kind of step is checkpointed
+BASELINE_RUNS = baseline_runs()  # dmd2 and add, 8 iterations of 16 each (helpers.py)
 
 
 def _resume_config() -> dict:
@@ -34,6 +35,7 @@ def _resume_config() -> dict:
     cfg["network"]["kwargs"]["augment_dim"] = 9
     cfg["distill"]["runs"][RUN]["phases"] = [{"kind": "warmup", "kimg": 0.032}, {"kind": "sid", "kimg": 0.032},
                                              {"kind": "sida", "kimg": 0.096}]  # 10 iterations of 16
+    cfg["distill"]["runs"].update(BASELINE_RUNS)
     cfg["teacher"].update(kimg=0.128, snapshot_kimg=0.032, tick_kimg=0.032)  # 8 iterations of 16
     return cfg
 
@@ -87,9 +89,10 @@ def resume_setup(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_distill_kill_and_resume_is_bit_exact(resume_setup, tmp_path):
-    args = ["--config", str(resume_setup["config"]), "--run", RUN, "--teacher", str(resume_setup["teacher"])]
-    _kill_resume_compare(tmp_path, "stages.distill", args, ["G", "G_ema", "fake"])
+@pytest.mark.parametrize("run", [RUN, *BASELINE_RUNS])
+def test_distill_kill_and_resume_is_bit_exact(resume_setup, tmp_path, run):
+    args = ["--config", str(resume_setup["config"]), "--run", run, "--teacher", str(resume_setup["teacher"])]
+    _kill_resume_compare(tmp_path, "stages.distill", args, ["G", "G_ema", "fake"] + (["head"] if run != RUN else []))
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from conftest import REPO, Snakemake
+from sida.run.config import evaluation_entries, load_config
 
 PRESETS = sorted(p for p in (REPO / "config").glob("*.yaml"))
 CI = REPO / "config" / "ci-short.yaml"
@@ -65,7 +66,7 @@ def test_dry_run_of_every_preset_follows_its_runs(snakemake, preset):
     stats = _job_stats(r.stdout)
     seeds = len(cfg.get("seeds") or [None])  # training seeds: every run once per seed
     expected = {name: seeds for name in runs}
-    evaluated = sum(1 for run in runs.values() if run.get("evaluate", True))
+    evaluated = len(evaluation_entries(load_config(preset)))  # a run per entry of its eval_steps
     expected.update(evaluate=1 + evaluated * seeds, report=1, all=1)
     expected["fetch" if cfg.get("teacher", {}).get("source") == "fetch" else "teacher"] = 1
     assert stats == expected
@@ -176,6 +177,19 @@ def test_training_seeds_fan_out_and_rerun_one_seed_alone(snakemake, tmp_path):
     # A rule: every seed of that run.
     r = snakemake("-n", "--forcerun", "sida", configfile=seeded)
     assert _job_stats(r.stdout) == {"sida": 3, "evaluate": 3, "report": 1, "all": 1}
+
+
+def test_few_step_evaluations_fan_out_with_training_seeds(snakemake, tmp_path):
+    """ADD's 4-step evaluation is its own model per training seed, from that seed's network."""
+    seeded = _write_config(tmp_path / "seeded.yaml", REPO / "config" / "digits-baselines.yaml",
+                           lambda c: c.update(seeds=[0, 1]))
+    r = snakemake("-n", "-p", configfile=seeded)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _job_stats(r.stdout)["evaluate"] == 1 + 6 * 2  # teacher, then SiD, SiDA, SiD2A, DMD2, ADD x {1, 4}
+    cmd = next(line for line in r.stdout.splitlines() if "stages.evaluate" in line and "seed1/add-4steps" in line)
+    assert ("--network results/digits-baselines/seed1/add/network.pt --kind generator --name add-4steps "
+            "--train-seed 1 --steps 4 --label 'ADD (4 steps)' "
+            "--out results/digits-baselines/evaluate/seed1/add-4steps/metrics.json") in cmd
 
 
 @pytest.mark.parametrize("case,args,message", [

@@ -370,15 +370,17 @@ def score_run(ref: Reference, feats: np.ndarray, probs: np.ndarray | None, cfg: 
     return out
 
 
-def make_generate(net: torch.nn.Module, kind: str, cfg: dict, decode: Callable | None = None
-                  ) -> tuple[GenerateFn, int]:
-    """(generate(z, labels) -> images in [-1, 1], NFE) for a one-step generator or the Heun teacher.
-    `decode` (latent-space configs: `LatentDecoder.unit`) turns the network's latents into images."""
-    from ..nets.sampler import heun_sampler, one_step_generate
+def make_generate(net: torch.nn.Module, kind: str, cfg: dict, decode: Callable | None = None,
+                  steps: int = 1) -> tuple[GenerateFn, int]:
+    """(generate(z, labels) -> images in [-1, 1], NFE) for a distilled generator in `steps` steps
+    at the generation sigmas its network file records (SiD family 2.5, DMD2 80, ADD its student
+    levels), or the Heun teacher. `decode` (latent-space configs: `LatentDecoder.unit`) turns the
+    network's latents into images."""
+    from ..nets.sampler import heun_sampler
+    from .sampling import generator_fn
 
     if kind == "generator":
-        sigma_init = float(cfg["distill"]["sigma_init"])
-        fn, nfe = (lambda z, c: one_step_generate(net, z, c, sigma_init)), 1
+        fn, nfe = generator_fn(net, steps, float(cfg["distill"]["sigma_init"])), steps
     elif kind == "teacher":
         steps = int(cfg["evaluate"]["teacher_steps"])
         fn, nfe = (lambda z, c: heun_sampler(net, z, c, num_steps=steps)), 2 * steps - 1
@@ -407,16 +409,18 @@ def _check_network(net: torch.nn.Module, cfg: dict, path: str) -> tuple[int, int
     return res, ch, ld
 
 
-def sample_grid(net: torch.nn.Module, kind: str, cfg: dict, decode: Callable | None = None) -> torch.Tensor:
+def sample_grid(net: torch.nn.Module, kind: str, cfg: dict, decode: Callable | None = None,
+                sigmas: Sequence[float] | None = None) -> torch.Tensor:
     """The evaluation's sample grid in [-1, 1]: `grid_size` columns, one row per class (class-
     conditional) or grid_size rows; the same latents for every model of the experiment.
-    `decode` as in `make_generate` (latent-space networks)."""
+    `decode` as in `make_generate` (latent-space networks); `sigmas`: a generator's generation
+    sigmas as evaluated (default: one step at distill.sigma_init)."""
     from .sampling import grid_samples
 
     ev = cfg["evaluate"]
     steps = ev["teacher_steps"] if kind == "teacher" else 1
     return grid_samples(net, ev["grid_size"], ev["seed"], steps=steps, sigma_init=cfg["distill"]["sigma_init"],
-                        decode=decode)
+                        decode=decode, sigmas=sigmas if kind == "generator" else None)
 
 
 def _monitor_protocol(cfg: dict, feats: np.ndarray, ref: Reference, key: str, first_seed: int) -> dict | None:
@@ -450,7 +454,8 @@ def _extra_metrics(cfg: dict, info: dist.DistInfo, res: int, ch: int, what: str)
 
 
 def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info: dist.DistInfo,
-                     train_seed: int | None = None) -> tuple[dict, torch.Tensor | None]:
+                     steps: int = 1, label: str | None = None, train_seed: int | None = None
+                     ) -> tuple[dict, torch.Tensor | None]:
     """Evaluate a network file over `num_runs` runs of `num_samples` samples.
 
     Returns (metrics dict for metrics.json, the sample grid in [-1, 1] on the main process, else
@@ -459,7 +464,9 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
     monitor's sample count, for plotting next to the training curves (see `_monitor_protocol`).
     """
     from ..io.checkpoints import load_network
+    from ..nets.sampler import sampling_sigmas
     from ..run.config import config_hash
+    from .sampling import generator_sigmas
 
     t0 = time.time()
     ev = cfg["evaluate"]
@@ -473,7 +480,9 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
         if info.is_main:
             print(f"[evaluate] {note}", file=sys.stderr, flush=True)
     decode = _decode_fn(cfg, info.device)
-    generate, nfe = make_generate(net, kind, cfg, decode)
+    generate, nfe = make_generate(net, kind, cfg, decode, steps)
+    # the noise levels a generator is sampled at (its network file's, see make_generate)
+    sigmas = sampling_sigmas(generator_sigmas(net, cfg["distill"]["sigma_init"]), steps) if kind == "generator" else None
     key = extractor.metric_key
     ranges = seed_ranges(ev["seed"], ev["num_runs"], ev["num_samples"])
     runs, head = [], []
@@ -495,12 +504,13 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
     summary = {k: summarize([run[k] for run in runs]) for k in runs[0] if k not in ("run", "seeds", "class_counts")}
     monitor = _monitor_protocol(cfg, np.concatenate(head), ref, key, ranges[0].start) if info.is_main else None
     monitor = dist.broadcast_object(monitor)
-    grid = sample_grid(net, kind, cfg, decode).cpu() if info.is_main else None
+    grid = sample_grid(net, kind, cfg, decode, sigmas).cpu() if info.is_main else None
     metrics = {
         "name": name, "kind": kind, "train_seed": train_seed, "network": str(network),
         "network_sha256": file_sha256(network),
         "nfe": nfe, "teacher_steps": ev["teacher_steps"] if kind == "teacher" else None,
-        "sigma_init": cfg["distill"]["sigma_init"] if kind == "generator" else None,
+        "label": label or name, "steps": steps if kind == "generator" else ev["teacher_steps"],
+        "sigmas": sigmas, "sigma_init": sigmas[0] if sigmas else None,
         "metric": key, "metric_label": extractor.label, "mode": extractor.mode,
         "extractor": extractor.info, "reference": ref.info, "notes": ref.notes + [n for x in extras for n in x[1].notes],
         "extra_metrics": [{"metric": x.metric_key, "metric_label": x.label, "mode": x.mode, "extractor": x.info,

@@ -49,6 +49,12 @@ class Model:
     def has_seeds(self) -> bool:
         return self.seeds != [None]
 
+    @property
+    def label(self) -> str:
+        """The model's name in the report: its evaluation's `label` (e.g. 'ADD (4 steps)'),
+        else its name (older metrics.json files have none)."""
+        return self.first.get("label") or self.name
+
 
 def group_models(evaluations: list[dict]) -> list[Model]:
     """Evaluations grouped by model name; the teacher first, then students by name."""
@@ -106,7 +112,8 @@ def model_row(model: Model) -> dict:
     """The results-table row of a model (JSON-able)."""
     m = model.first
     key = m["metric"]
-    return {"name": model.name, "kind": model.kind, "nfe": m["nfe"], "metric": key,
+    return {"name": model.name, "label": model.label, "kind": model.kind, "nfe": m["nfe"], "steps": m.get("steps"),
+            "metric": key,
             "metric_label": m["metric_label"], "value": metric_stat(model, key),
             **{k: metric_stat(model, k) for k in SUMMARY_KEYS},
             "extra": [{"metric": x["metric"], "metric_label": x["metric_label"], "value": metric_stat(model, x["metric"])}
@@ -182,8 +189,8 @@ def comparisons(models: list[Model], level: float = 0.95) -> list[dict]:
             if other.first["metric"] != key:
                 continue
             d = _pair(other, base, key, level)
-            out.append({"a": other.name, "b": base.name, "metric": key, **d,
-                        "verdict": _verdict(other.name, base.name, d, key)})
+            out.append({"a": other.name, "b": base.name, "a_label": other.label, "b_label": base.label,
+                        "metric": key, **d, "verdict": _verdict(other.label, base.label, d, key)})
     return out
 
 

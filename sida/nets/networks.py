@@ -9,7 +9,11 @@ EDM weights load with ``load_state_dict(strict=True)`` (code written independent
 - 'encoder': discriminator logits = channel mean of the tensor left after the encoder loop
   (the output of the last encoder block at the lowest resolution, i.e. exactly what the decoder
   receives as input), shape [B, 1, H / 2^(L-1), W / 2^(L-1)]; the decoder is not run;
-- 'encoder_decoder': (decoder output, logits) from one pass.
+- 'encoder_decoder': (decoder output, logits) from one pass;
+- 'encoder_features': the encoder's per-level feature maps, a list (highest resolution first) of
+  the output of each resolution level's last block, [B, C_l, H / 2^l, W / 2^l]; the last entry
+  is the bottleneck the decoder starts from (DMD2's `return_bottleneck`, the input of its
+  classifier head); the decoder is not run. Feature extractors of the baselines use it.
 This follows the SiDA authors' implementation (logits = x.mean(dim=1, keepdim=True) after the
 encoder loop); the discriminator adds no parameters.
 """
@@ -17,7 +21,7 @@ encoder loop); the discriminator adds no parameters.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +31,9 @@ from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbed
 
 __all__ = ["SongUNet", "DhariwalUNet", "RETURN_FLAGS"]
 
-RETURN_FLAGS = ("decoder", "encoder", "encoder_decoder")
+RETURN_FLAGS = ("decoder", "encoder", "encoder_decoder", "encoder_features")
 
-Output = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+Output = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], List[torch.Tensor]]
 
 
 def _check_flag(return_flag: str) -> None:
@@ -61,6 +65,18 @@ def _run_block(net: torch.nn.Module, block: UNetBlock, x: torch.Tensor, emb: tor
     if getattr(net, "checkpoint_blocks", False) and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(block, x, emb, use_reentrant=False)
     return block(x, emb)
+
+
+def _level_features(skips: list) -> List[torch.Tensor]:
+    """The last encoder output at each resolution (levels strictly halve the resolution, so the
+    skip list groups by spatial size); the last one is the bottleneck."""
+    out: List[torch.Tensor] = []
+    for t in skips:
+        if out and out[-1].shape[-1] == t.shape[-1]:
+            out[-1] = t
+        else:
+            out.append(t)
+    return out
 
 
 def _finish(x_enc: torch.Tensor, run_decoder, return_flag: str) -> Output:
@@ -203,6 +219,8 @@ class SongUNet(torch.nn.Module):
             else:
                 x = _run_block(self, block, x, emb) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)  # a reference only; aux_skip/aux_residual overwrite the last one
+        if return_flag == "encoder_features":
+            return _level_features(skips)
 
         def decoder() -> torch.Tensor:
             # decode_first: decode only the first samples (SiDA's discriminator batches real
@@ -319,6 +337,8 @@ class DhariwalUNet(torch.nn.Module):
             x = _run_block(self, block, x, emb) if isinstance(block, UNetBlock) else block(x)
             if need_skips:
                 skips.append(x)
+        if return_flag == "encoder_features":
+            return _level_features(skips)
 
         def decoder() -> torch.Tensor:
             h, emb_d, skips_d = _decoder_inputs(x, emb, skips, decode_first)

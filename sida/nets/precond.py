@@ -6,13 +6,16 @@ with the underlying UNet F at attribute ``model`` (so state-dict keys are ``mode
 EDM's published pickles). ``return_flag`` ('decoder' | 'encoder' | 'encoder_decoder') is passed to
 the UNet; the 'encoder' logits are returned as the UNet produces them (float32), not preconditioned.
 
+'encoder_features' returns the UNet's list of per-level encoder features (float32, raw UNet
+activations of the input c_in(sigma) x at noise label c_noise(sigma)).
+
 ``init_kwargs`` holds every constructor argument (JSON-serialisable plain types), so a network can
 be rebuilt with ``type(net)(**net.init_kwargs)`` / ``PRECOND_CLASSES[name](**init_kwargs)``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -21,7 +24,7 @@ from .edm2 import EDM2UNet, MPConv, MPFourier
 
 __all__ = ["EDMPrecond", "VPPrecond", "VEPrecond", "EDM2Precond", "PRECOND_CLASSES", "round_sigma", "build_model"]
 
-Output = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+Output = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], List[torch.Tensor]]
 
 
 def round_sigma(sigma: Any) -> torch.Tensor:
@@ -105,6 +108,8 @@ class _Precond(torch.nn.Module):
                          augment_labels=augment_labels, return_flag=return_flag, **extra)
         if return_flag == "encoder":
             return out.to(torch.float32)
+        if return_flag == "encoder_features":
+            return [f.to(torch.float32) for f in out]
         F_x, logits = (out, None) if return_flag == "decoder" else out
         if decode_first is not None:  # the decoder ran on the first samples only
             x, c_skip, c_out = (t[:decode_first] if torch.is_tensor(t) and t.ndim else t for t in (x, c_skip, c_out))

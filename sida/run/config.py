@@ -84,11 +84,11 @@ def _check_semantics(cfg: dict, source: str) -> None:
                                   f"(known: teacher, {', '.join(runs)})")
             if ref == name:
                 raise ConfigError(f"{source}: distill.runs.{name}.{key}: a run cannot start from itself")
-        if any(p["kind"] == "sida" for p in run["phases"]) and not run["discriminator"]:
-            raise ConfigError(f"{source}: distill.runs.{name}: a 'sida' phase needs discriminator: true")
+        _check_method(cfg, name, source)
     _check_cycles(runs, source)
     procs = cfg["num_procs"] * cfg["nodes"]
-    _check_batch(cfg["teacher"], "teacher", procs, source)
+    if cfg["teacher"]["source"] == "train":  # a fetched teacher is not trained: its batch is unused
+        _check_batch(cfg["teacher"], "teacher", procs, source)
     _check_batch(cfg["distill"], "distill", procs, source)
     for name in runs:  # the merged per-run batch settings (a run may set its own)
         rc = run_config(cfg, name)
@@ -96,6 +96,75 @@ def _check_semantics(cfg: dict, source: str) -> None:
         _check_batch(rc, where, procs, source)
     _check_balanced_labels(cfg, source)
     _check_extra_extractors(cfg, source)
+
+
+# Which method a phase kind belongs to (`warmup` trains the critic of whichever method the run
+# runs) and which discriminators each method's phases can train or use.
+PHASE_METHOD = {"sid": "sid", "sida": "sid", "dmd": "dmd", "dmd2": "dmd", "add": "add"}
+METHOD_DISCRIMINATORS = {"sid": ("none", "sida"), "dmd": ("none", "dmd2_head"), "add": ("none", "add")}
+PHASE_NEEDS = {"sida": "sida", "dmd2": "dmd2_head"}  # phases whose generator loss uses that discriminator
+
+
+def discriminator_kind(value: bool | str | None) -> str:
+    """A run's `discriminator` as a kind: booleans are today's (true = sida, false = none)."""
+    if value is True:
+        return "sida"
+    if value is False or value is None:
+        return "none"
+    return str(value)
+
+
+def run_method(phases: list[dict]) -> str:
+    """The method a run's phases belong to ('sid', 'dmd' or 'add'); a warm-up-only run is 'sid'.
+    Raises ValueError when phases of several methods are mixed in one run."""
+    methods = {PHASE_METHOD[p["kind"]] for p in phases if p["kind"] in PHASE_METHOD}
+    if len(methods) > 1:
+        raise ValueError(f"phases of several methods ({', '.join(sorted(methods))}) in one run")
+    return methods.pop() if methods else "sid"
+
+
+def _check_method(cfg: dict, name: str, source: str) -> None:
+    """A run's phases, discriminator and method-specific settings fit together."""
+    rc = run_config(cfg, name)
+    where = f"{source}: distill.runs.{name}"
+    try:
+        method = run_method(rc["phases"])
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}: split them into runs that start from each other") from None
+    disc = discriminator_kind(rc["discriminator"])
+    kinds = [p["kind"] for p in rc["phases"]]
+    for kind, needed in PHASE_NEEDS.items():
+        if kind in kinds and disc != needed:
+            value = "true" if needed == "sida" else needed
+            raise ConfigError(f"{where}: a '{kind}' phase needs discriminator: {value} (the run has {disc})")
+    if disc not in METHOD_DISCRIMINATORS[method]:
+        raise ConfigError(f"{where}: discriminator {disc} does not go with {method} phases (allowed: "
+                          f"{', '.join(METHOD_DISCRIMINATORS[method])})")
+    if method == "add" and "warmup" in kinds and disc == "none":
+        raise ConfigError(f"{where}: a 'warmup' phase of an ADD run trains its discriminator heads: set "
+                          f"discriminator: add or drop the phase")
+    if method != "sid":
+        for key, off in (("augment", 0), ("logvar", False)):
+            if rc[key] != off:
+                raise ConfigError(f"{where}.{key}: {method} runs do not support it yet: set {key}: {off}")
+        if rc["init_generator"] is not None:
+            raise ConfigError(f"{where}.init_generator: only SiD-family runs start their generator from another run's")
+        if method == "add" and "sigma_init" in cfg["distill"]["runs"][name]:
+            raise ConfigError(f"{where}.sigma_init: an ADD run generates from its largest student level "
+                              f"(add_student_steps[0]): drop sigma_init")
+    for key in ("dm_index_range", "add_distill_index_range"):
+        lo, hi = rc[key]
+        if lo > hi:
+            raise ConfigError(f"{where}.{key}: {rc[key]} is not a range (low > high)")
+    steps = rc["eval_steps"]
+    most = len(rc["add_student_steps"]) if method == "add" else 1
+    if max(steps) > most:
+        raise ConfigError(f"{where}.eval_steps: {max(steps)} steps, but this run's generator samples in at most "
+                          f"{most} (ADD: one per student level)")
+    names = set(cfg["distill"]["runs"]) | {"teacher"}
+    for entry in evaluation_entries({"distill": {"runs": {name: cfg["distill"]["runs"][name]}}}):
+        if entry in names and entry != name:
+            raise ConfigError(f"{where}.eval_steps: its evaluation '{entry}' has the name of a run: rename the run")
 
 
 def _check_batch(sec: dict, where: str, procs: int, source: str) -> None:
@@ -224,7 +293,7 @@ def distill_defaults() -> dict:
 
 
 # Keys of a run entry that are not `distill` settings: where the run starts, what it trains.
-RUN_ONLY_KEYS = ("init", "init_generator", "discriminator", "phases", "evaluate")
+RUN_ONLY_KEYS = ("init", "init_generator", "discriminator", "phases", "evaluate", "label", "eval_steps")
 
 
 def run_config(cfg: dict, run: str) -> dict:
@@ -239,4 +308,34 @@ def run_config(cfg: dict, run: str) -> dict:
     merged.update(copy.deepcopy(runs[run]))  # a key present in the run wins, even an explicit null
     if merged.get("adam_eps") is None:
         merged["adam_eps"] = 1e-6 if merged.get("precision") == "fp16" else 1e-8
+    merged["gen_sigmas"] = generation_sigmas(merged)
+    merged["sigma_init"] = merged["gen_sigmas"][0]
     return merged
+
+
+def generation_sigmas(rc: dict) -> list[float]:
+    """The generation sigmas of a run, recorded in its network file and read by generate and
+    evaluate: [sigma_init] (SiD family 2.5, DMD2 80), or ADD's student levels, largest first
+    (one-step sampling starts from the first, k-step sampling visits k of them)."""
+    if any(p["kind"] == "add" for p in rc["phases"]):
+        from ..nets.sampler import add_student_sigmas  # late: torch only for ADD runs
+
+        return add_student_sigmas(rc["add_student_steps"])
+    return [float(rc["sigma_init"])]
+
+
+def evaluation_entries(cfg: dict) -> dict[str, dict]:
+    """The generator evaluations of a config: name -> {run, steps, label}. A run with
+    `evaluate: true` is evaluated once per entry of its `eval_steps`: the one-step evaluation is
+    named after the run, a k-step one `<run>-<k>steps`; labels are the run's `label` (default its
+    name), with the step count when the run has several ('ADD (1 step)', 'ADD (4 steps)')."""
+    out = {}
+    for run, spec in cfg["distill"]["runs"].items():
+        if not spec.get("evaluate", True):
+            continue
+        steps = spec.get("eval_steps") or [1]
+        base = spec.get("label") or run
+        for k in steps:
+            label = base if len(steps) == 1 and k == 1 else f"{base} ({k} step{'s' if k > 1 else ''})"
+            out[run if k == 1 else f"{run}-{k}steps"] = {"run": run, "steps": int(k), "label": label}
+    return out

@@ -1,21 +1,30 @@
-"""The distillation loop: SiD, SiDA and SiD2A as one loop over phases that are data.
+"""The distillation loop: SiD, SiDA, SiD2A and the DMD / DMD2 and ADD baselines as one loop over
+phases that are data.
 
 A run is a list of phases ({kind, kimg}); `kind` decides what an iteration does:
-- warmup: only the fake score f_psi (and, if the run trains one, the discriminator) learns;
+- warmup: only the critic learns (the fake score and / or the run's discriminator);
 - sid:    f_psi step, then the generator step on lambda_sid * L_sid;
-- sida:   as sid, but the generator minimises 0.5 lambda_sid L_sid + 0.5 lambda_adv L_adv.
-SiD2A is a run whose generator starts from a SiD generator (`init_generator`). Every setting
-comes from the run's merged config (`sida.run.config.run_config`), so a run can change any of
-them. What the official loops do and this one does too:
-- a run that trains the discriminator clips the fake score's gradients by value (`fake_clip`)
-  in every phase; others never clip;
+- sida:   as sid, but the generator minimises 0.5 lambda_sid L_sid + 0.5 lambda_adv L_adv;
+- dmd, dmd2: DMD2's iteration (generator on its turn, then the fake score and, with the
+          `dmd2_head` discriminator, its classifier); dmd2 adds the GAN term to the generator;
+- add:    ADD's iteration (student on real images noised at its levels, then the heads).
+The DMD and ADD iterations live in `sida.train.baseline_steps`; a run's phases belong to one
+method. SiD2A is a run whose generator starts from a SiD generator (`init_generator`). Every
+setting comes from the run's merged config (`sida.run.config.run_config`), so a run can change any
+of them. Shared by every method: the optimiser (`optimizer` adam / adamw, betas, weight decay),
+a linear lr warm-up (`lr_warmup_kimg`), gradient-norm clipping (`grad_clip`), the critic /
+generator ratio (`critic_ratio`: the generator updates every k-th iteration, each iteration
+counts `batch` images) and the EMA (`ema: false` keeps G_ema equal to G). What the official SiD
+loops do and this one does too:
+- a run that trains the SiDA discriminator clips the fake score's gradients by value (`fake_clip`)
+  in every phase; others never clip by value;
 - the fake score sees augmented inputs (`augment`, EDM's pipe with its 9 labels; generated and
   real images drawn independently); the generator step is never augmented;
 - G and f_psi carry `dropout` and train in train mode (the teacher and G_ema never do);
 - labels of class-conditional runs come from dataset samples (the dataset's class frequencies);
 - a sample holding a NaN is dropped from its loss, gradients pass through nan_to_num;
 - `precision: fp16` runs EDM's fp16 path in all networks (no gradient scaler; Adam eps 1e-6).
-Each iteration (DESIGN.md): 1. fake-score (+discriminator) update on x_g.detach();
+Each SiD-family iteration (DESIGN.md): 1. fake-score (+discriminator) update on x_g.detach();
 2. generator update through frozen teacher and fake score; 3. EMA of G.
 """
 
@@ -27,15 +36,18 @@ import torch
 import torch.nn.functional as F
 
 from ..io.data import ImageDataset
-from ..run.config import distill_defaults
+from ..run.config import discriminator_kind, distill_defaults, generation_sigmas, run_method
 from ..run.dist import DistInfo
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..io.factory import autocast
 from .augment import AUGMENT_DIM, AugmentPipe
-from .loop import accumulation, ema_update, make_adam, make_generators, slot_generator, sync_gradients
+from .baseline_steps import add_iteration, dmd_iteration
+from .baselines import generator_turn, make_optimizer, warmup_lr
+from .loop import accumulation, ema_update, make_generators, set_lr, slot_generator, sync_gradients
 from .losses import fake_score_losses, fake_score_objective, generator_losses, generator_objective
 from ..nets.sampler import sid_sigma_t
 from ..nets.edm2 import force_weight_norm_
+from ..nets.heads import ADDHeads, DMD2Head, add_heads_for, dmd2_head_for, head_from_record
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,8 @@ class Nets:
     G: torch.nn.Module
     G_ema: torch.nn.Module
     fake: torch.nn.Module
+    head: torch.nn.Module | None = None      # DMD2's classifier head or ADD's heads (trained by the critic)
+    features: torch.nn.Module | None = None  # ADD's frozen feature network (not trained, not stored)
 
 
 def fake_forward(fake: torch.nn.Module, x_fake: torch.Tensor, x_real: torch.Tensor | None,
@@ -124,9 +138,15 @@ class DistillLoop:
         self.sigma_data = sigma_data
         self.phases = build_phases(rc["phases"])
         self.total_nimg = self.phases[-1].end_nimg
-        self.discriminator = bool(rc["discriminator"])
-        if self.discriminator and dataset is None:
-            raise ConfigError("a run with discriminator: true needs real images: configure `data`")
+        # The method (sid, dmd, add) decides what an iteration does; the discriminator kind what
+        # the critic trains besides (or, for ADD, instead of) the fake score.
+        self.method = run_method(rc["phases"])
+        self.disc = discriminator_kind(rc["discriminator"])
+        self.discriminator = self.disc == "sida"  # SiDA's logits in fake_step / generator_step
+        if (self.disc != "none" or self.method == "add") and dataset is None:
+            raise ConfigError(f"a run with discriminator {self.disc} or ADD phases needs real images: configure `data`")
+        self.gen_sigmas = generation_sigmas(rc)
+        rc["sigma_init"] = self.gen_sigmas[0]
         self.batch = rc["batch"]
         self.micro, self.rounds = accumulation(self.batch, rc["batch_per_proc"], info.world_size)
         self.gens = gens if gens is not None else make_generators(seed, info.rank, info.device, self.rounds)
@@ -176,11 +196,40 @@ class DistillLoop:
             _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
             for net in (nets.teacher, nets.G, nets.fake):
                 net.compile(dynamic=False)
+        self._build_heads(seed)
+        self.features_sha256: str | None = None  # ADD's DINOv2 weights (set by the stage), checked on resume
         self.g_params = list(nets.G.parameters())
-        self.f_params = list(nets.fake.parameters())
-        self.opt_g = make_adam(self.g_params, rc["lr_g"], rc["adam_eps"], betas=(rc["beta1_g"], 0.999))
-        self.opt_f = make_adam(self.f_params, rc["lr_fake"], rc["adam_eps"])
+        # The critic: the fake score (SiD family, DMD) with DMD2's head, or ADD's heads alone.
+        self.f_params = [] if self.method == "add" else list(nets.fake.parameters())
+        self.f_params += list(nets.head.parameters()) if nets.head is not None else []
+        opt = dict(kind=rc["optimizer"], eps=rc["adam_eps"], weight_decay=rc["weight_decay"])
+        self.opt_g = make_optimizer(self.g_params, lr=rc["lr_g"], betas=(rc["beta1_g"], rc["beta2"]), **opt)
+        # (none for ADD without a discriminator: its distillation term alone trains the student)
+        self.opt_f = (make_optimizer(self.f_params, lr=rc["lr_fake"], betas=(rc["beta1_fake"], rc["beta2"]), **opt)
+                      if self.f_params else None)
         self.nimg = 0
+
+    def _build_heads(self, seed: int) -> None:
+        """DMD2's head on the fake score's bottleneck or ADD's heads on the frozen feature network,
+        unless the run starts from a state that holds one (`init_nets`). Weights come from a
+        private seed, so every process builds the same head and the global RNG does not move."""
+        nets, rc = self.nets, self.rc
+        if self.disc == "dmd2_head" and not isinstance(nets.head, DMD2Head):
+            nets.head = dmd2_head_for(nets.fake, self.img_shape, self.label_dim, seed + 7, self.device)
+        elif self.disc == "add":
+            if nets.features is None:
+                from ..nets.heads import TeacherFeatures
+                from ..nets.vit import DINOv2Features, build_dinov2
+
+                spec = rc["add_features"]
+                nets.features = (TeacherFeatures(nets.teacher, spec["sigma"]) if spec["kind"] == "teacher_encoder" else
+                                 DINOv2Features(build_dinov2(spec["arch"], spec["weights"]), spec["layers"]))
+                nets.features.to(self.device)
+            if not isinstance(nets.head, ADDHeads):
+                nets.head = add_heads_for(nets.features, self.img_shape, self.label_dim, rc["add_cmap_dim"], seed + 7,
+                                          self.device)
+        elif self.disc not in ("dmd2_head", "add"):
+            nets.head = None
 
     # -- schedule ---------------------------------------------------------------------------------
     def phase(self) -> Phase:
@@ -191,6 +240,45 @@ class DistillLoop:
 
     def phase_name(self) -> str:
         return self.phase().kind
+
+    def update(self, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], net: torch.nn.Module,
+               value_clip: float | None = None) -> torch.Tensor:
+        """One optimiser step on accumulated gradients: average over processes (non-finite entries
+        counted and replaced), clip by value (`fake_clip`) then by norm (`grad_clip`), step, and
+        the network's post-step (EDM2's forced weight norm). Returns the non-finite count."""
+        bad = sync_gradients(params)
+        if value_clip is not None:
+            torch.nn.utils.clip_grad_value_(params, value_clip)
+        if self.rc["grad_clip"] is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.rc["grad_clip"])
+        opt.step()
+        self._post_step(net)
+        opt.zero_grad(set_to_none=True)  # freed at once: the next pass builds its graph without them
+        return bad
+
+    def generator_turn(self) -> bool:
+        """Whether this iteration updates the generator (every `critic_ratio`-th; a function of
+        the image count, so a resumed run keeps the turn)."""
+        return generator_turn(self.nimg, self.batch, self.rc["critic_ratio"])
+
+    def update_ema(self) -> None:
+        """After a generator update: EMA of G, or, with `ema: false`, G_ema is a copy of G (so the
+        raw generator is what is saved and evaluated, as DMD2 does)."""
+        if self.rc["ema"]:
+            ema_update(self.nets.G_ema, self.nets.G, self.nimg + self.batch, self.batch,
+                       self.rc["ema_halflife_kimg"], self.rc["ema_rampup_ratio"])
+        else:
+            with torch.no_grad():
+                for dst, src in zip(self.nets.G_ema.state_dict().values(), self.nets.G.state_dict().values()):
+                    dst.copy_(src)
+
+    def _set_lrs(self) -> None:
+        """`lr_warmup_kimg`: both learning rates ramp linearly with the run's images."""
+        w = self.rc["lr_warmup_kimg"]
+        if w > 0:
+            set_lr(self.opt_g, warmup_lr(self.rc["lr_g"], self.nimg, w))
+            if self.opt_f is not None:
+                set_lr(self.opt_f, warmup_lr(self.rc["lr_fake"], self.nimg, w))
 
     def _post_step(self, net: torch.nn.Module) -> None:
         """After an optimiser step: forced weight normalisation of EDM2 layers (a no-op elsewhere)."""
@@ -287,12 +375,7 @@ class DistillLoop:
             loss.backward()
             stats["loss_fake"] += (l_fake.sum() / total).detach()
             stats["dropped_fake"] += (~keep).sum()
-        stats["nonfinite_fake"] = sync_gradients(self.f_params)
-        if self.fake_clip is not None:
-            torch.nn.utils.clip_grad_value_(self.f_params, self.fake_clip)
-        self.opt_f.step()
-        self._post_step(nets.fake)
-        self.opt_f.zero_grad(set_to_none=True)  # freed before the generator step builds its graph
+        stats["nonfinite_fake"] = self.update(self.opt_f, self.f_params, nets.fake, self.fake_clip)  # grads freed before the generator step
         nets.fake.eval().requires_grad_(False)
         return stats
 
@@ -331,35 +414,50 @@ class DistillLoop:
             loss.backward()
             stats["loss_g_sid"] += (l_sid.sum() / total).detach()
             stats["dropped_g"] += (~keep).sum()
-        stats["nonfinite_g"] = sync_gradients(self.g_params)
-        self.opt_g.step()
-        self._post_step(nets.G)
-        self.opt_g.zero_grad(set_to_none=True)
+        stats["nonfinite_g"] = self.update(self.opt_g, self.g_params, nets.G)
         nets.G.eval().requires_grad_(False)
         return stats
 
     def step(self) -> dict[str, torch.Tensor]:
         kind = self.phase().kind
+        self._set_lrs()
+        if self.method == "dmd":
+            return dmd_iteration(self, kind)
+        if self.method == "add":
+            return add_iteration(self, kind)
         stats = self.fake_step(kind)
-        if kind != "warmup":
+        if kind != "warmup" and self.generator_turn():
             stats.update(self.generator_step(kind))
-            ema_update(self.nets.G_ema, self.nets.G, self.nimg + self.batch, self.batch,
-                       self.rc["ema_halflife_kimg"], self.rc["ema_rampup_ratio"])
+            self.update_ema()
         return stats
 
     # -- checkpoint state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         n = self.nets
-        return {"G": n.G.state_dict(), "G_ema": n.G_ema.state_dict(), "fake": n.fake.state_dict(),
-                "opt_g": self.opt_g.state_dict(), "opt_f": self.opt_f.state_dict(), "nimg": self.nimg}
+        state = {"G": n.G.state_dict(), "G_ema": n.G_ema.state_dict(), "fake": n.fake.state_dict(),
+                 "opt_g": self.opt_g.state_dict(), "nimg": self.nimg}
+        if self.opt_f is not None:
+            state["opt_f"] = self.opt_f.state_dict()
+        if n.head is not None:
+            state["head"] = n.head.state_dict()
+        if self.features_sha256 is not None:
+            state["features_sha256"] = self.features_sha256
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         n = self.nets
+        if state.get("features_sha256") != self.features_sha256:
+            raise CheckpointError(f"the checkpoint was written with ADD features of sha256 {state.get('features_sha256')}, "
+                                  f"this run's are {self.features_sha256}: restore those weights, or delete the "
+                                  f"stage's work dir to start over")
         n.G.load_state_dict(state["G"])
         n.G_ema.load_state_dict(state["G_ema"])
         n.fake.load_state_dict(state["fake"])
+        if n.head is not None:
+            n.head.load_state_dict(state["head"])
         self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_f.load_state_dict(state["opt_f"])
+        if self.opt_f is not None:
+            self.opt_f.load_state_dict(state["opt_f"])
         self.nimg = int(state["nimg"])
 
 
@@ -380,4 +478,7 @@ def init_nets(teacher: torch.nn.Module, dropout: float | None, init_state: dict 
     if init_generator is not None:
         G = G_ema = init_generator.to(device)
     G, G_ema, fake = (clone_with_dropout(net, dropout) for net in (G, G_ema, fake))
-    return Nets(teacher=teacher, G=G.requires_grad_(True), G_ema=G_ema, fake=fake)
+    # A run that starts from a DMD2 / ADD run's state keeps its discriminator head (the loop
+    # builds a fresh one when the state has none or one of another kind).
+    head = head_from_record(init_state["head"]).to(device) if init_state and "head" in init_state else None
+    return Nets(teacher=teacher, G=G.requires_grad_(True), G_ema=G_ema, fake=fake, head=head)

@@ -4,11 +4,12 @@
 import json
 import os
 import re
+import shlex
 import sys
 
 import yaml
 
-from sida.run.config import run_config
+from sida.run.config import evaluation_entries, run_config
 
 
 RESULTS = config["results_dir"]
@@ -20,7 +21,10 @@ CONFIG_RESOLVED = f"{EXP}/config.yaml"
 IMAGE = config["container"].get("image", "containers/sida.sif")
 
 RUNS = config["distill"]["runs"]
-EVALUATED = [name for name, run in RUNS.items() if run["evaluate"]]
+# Generator evaluations: one per run with `evaluate: true` and entry of its `eval_steps`, named
+# `<run>` (one step) or `<run>-<k>steps` (ADD's few-step sampling), each with its report label.
+EVAL_ENTRIES = evaluation_entries(config)
+EVALUATED = list(EVAL_ENTRIES)
 # Training seeds: with a `seeds` list every distillation run is trained once per seed, under
 # <exp>/seed<K>/<run>/ (a `seed` wildcard), so rerunning one seed's run touches no other seed.
 SEEDS = config["seeds"]
@@ -42,8 +46,9 @@ def _one_of(names):
     return "|".join(re.escape(n) for n in sorted(names)) or "(?!)"
 
 
-# Evaluated models: `teacher` and each evaluated run, or `seed<K>/<run>` per training seed.
-EVALUATED_MODELS = [os.path.relpath(d, EXP) for run in EVALUATED for d in run_instances(run)]
+# Evaluated models: `teacher` and each evaluation entry, or `seed<K>/<entry>` per training seed
+# (an entry's name in the folder layout of its run).
+EVALUATED_MODELS = [os.path.relpath(d, EXP) for entry in EVALUATED for d in run_instances(entry)]
 
 
 wildcard_constraints:
@@ -88,6 +93,9 @@ def distill_inputs(run):
         inputs["init"] = f"{run_dir(spec['init'])}/state.pt"
     if spec["init_generator"] is not None:
         inputs["init_generator"] = f"{run_dir(spec['init_generator'])}/network.pt"
+    features = run_config(config, run)["add_features"]
+    if spec.get("discriminator") == "add" and features["kind"] == "dinov2" and features["weights"] is None:
+        inputs.update(FETCH_DEPS)  # ADD's DINOv2 weights: fetch/dinov2_<arch>.pth
     return inputs
 
 
@@ -146,12 +154,20 @@ def settings(*sections, **extra):
     return json.dumps(picked, sort_keys=True, default=str)
 
 
+def _evaluated_model(wildcards):
+    """(evaluation entry, training seed or None) of a model name `<entry>` or `seed<K>/<entry>`."""
+    seed, _, entry = wildcards.name.rpartition("/")
+    return entry, (seed[len("seed"):] if seed else None)
+
+
 def evaluate_inputs(wildcards):
-    """The network to evaluate (the teacher's or a run's EMA generator) and fetched assets."""
+    """The network to evaluate (the teacher's or, for an evaluation entry, its run's EMA
+    generator of the model's training seed) and fetched assets."""
     if wildcards.name == "teacher":
         network = TEACHER_PT
     else:
-        network = f"{EXP}/{wildcards.name}/network.pt"
+        entry, seed = _evaluated_model(wildcards)
+        network = f"{run_dir(EVAL_ENTRIES[entry]['run'], seed)}/network.pt"
     return {"network": network, **FETCH_DEPS}
 
 
@@ -160,9 +176,14 @@ def evaluate_kind(wildcards):
 
 
 def evaluate_name_args(wildcards):
-    """--name RUN, plus --train-seed K for a model `seed<K>/<run>`."""
-    seed, _, run = wildcards.name.rpartition("/")
-    return f"--name {run}" + (f" --train-seed {seed[len('seed'):]}" if seed else "")
+    """--name ENTRY (the report groups training seeds by it), plus --train-seed K for a model
+    `seed<K>/<entry>` and, for a generator, the entry's --steps and --label."""
+    if wildcards.name == "teacher":
+        return "--name teacher"
+    entry, seed = _evaluated_model(wildcards)
+    spec = EVAL_ENTRIES[entry]
+    args = f"--name {entry}" + (f" --train-seed {seed}" if seed is not None else "")
+    return args + f" --steps {spec['steps']} --label {shlex.quote(spec['label'])}"
 
 
 def output_dir(wildcards, output):
