@@ -281,7 +281,8 @@ def build_report(cfg: dict, out: Path, evaluations: Sequence[str], jsonls: Seque
     monitor = cfg["evaluate"]["during_training"]
     plots = []
     if plot_quality_vs_images(curves, EVAL_KEYS, offsets, folder / "quality_vs_images.png",
-                              f"{label}, {monitor['num_samples']:,} samples", level):
+                              f"{label}, {monitor['num_samples']:,} samples", level,
+                              names={run: spec.get("label") or run for run, spec in cfg["distill"]["runs"].items()}):
         plots.append(("quality_vs_images.png", f"{label} vs training images (the training monitor's "
                                                f"{monitor['num_samples']:,} samples; log scales)"))
     if plot_scalars(curves, LOSS_KEYS, offsets, folder / "losses_vs_kimg.png", "losses"):

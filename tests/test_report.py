@@ -168,3 +168,17 @@ def test_report_missing_input_is_one_error_line(tmp_path):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "missing/metrics.jsonl" in lines[0]
     assert not (tmp_path / "r" / "report.md").exists()
+
+
+def test_quality_plot_names_runs_by_their_labels(tmp_path, monkeypatch):
+    """The FD-vs-images legend says 'DMD2 (mean of 2 seeds, ...)', not the run's file name."""
+    from sida.eval import plots
+
+    seen = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.update(
+        legend=[t.get_text() for t in fig.axes[0].get_legend().get_texts()]))
+    rows = [{"kimg": k, "fd": 10.0 / k} for k in (1.0, 2.0, 4.0)]
+    curves = {"dmd2": {0: rows, 1: rows}, "sid": {None: rows}}
+    assert plots.plot_quality_vs_images(curves, ("fd",), {}, tmp_path / "q.png", "FD", ("teacher", 1.0),
+                                        names={"dmd2": "DMD2", "sid": "sid"})
+    assert seen["legend"][:2] == ["DMD2 (mean of 2 seeds, band min-max)", "sid"]

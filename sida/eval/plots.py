@@ -72,8 +72,10 @@ def _pyplot():
     return plt
 
 
-def _draw(ax, curves: Curves, key: str, offsets: dict[str, float], colors: dict[str, str]) -> bool:
-    """A mean line per run (a min-max band over training seeds when there are several)."""
+def _draw(ax, curves: Curves, key: str, offsets: dict[str, float], colors: dict[str, str],
+          names: dict[str, str] | None = None) -> bool:
+    """A mean line per run (a min-max band over training seeds when there are several), named by
+    `names` (the runs' labels, e.g. 'DMD2') where given."""
     drawn = False
     for run, per_seed in curves.items():
         band = seed_band(per_seed, key)
@@ -82,7 +84,8 @@ def _draw(ax, curves: Curves, key: str, offsets: dict[str, float], colors: dict[
         x, mean, lo, hi = band
         x = x + offsets.get(run, 0.0)
         n = len(per_seed)
-        label = run if n == 1 else f"{run} (mean of {n} seeds, band min-max)"
+        name = (names or {}).get(run, run)
+        label = name if n == 1 else f"{name} (mean of {n} seeds, band min-max)"
         ax.plot(x, mean, color=colors[run], label=label, marker="." if len(x) < 30 else None)
         if n > 1:
             ax.fill_between(x, lo, hi, color=colors[run], alpha=0.2, lw=0)
@@ -101,7 +104,8 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_quality_vs_images(curves: Curves, keys: Sequence[str], offsets: dict[str, float], path: Path,
-                           label: str, teacher: tuple[str, float] | None = None) -> bool:
+                           label: str, teacher: tuple[str, float] | None = None,
+                           names: dict[str, str] | None = None) -> bool:
     """Monitor FD/FID vs training images, both axes log; the teacher's level (same protocol) as a
     dashed line. False (and no file) when no run logged any of `keys`."""
     key = next((k for k in keys if any(seed_band(ps, k) for ps in curves.values())), None)
@@ -109,7 +113,7 @@ def plot_quality_vs_images(curves: Curves, keys: Sequence[str], offsets: dict[st
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    _draw(ax, curves, key, offsets, _colors(list(curves)))
+    _draw(ax, curves, key, offsets, _colors(list(curves)), names)
     if teacher is not None:
         ax.axhline(teacher[1], ls="--", c="black", lw=1.2, label=teacher[0])
     ax.set_xscale("log")
