@@ -38,6 +38,7 @@ def ci_edm2(tmp_path_factory):
 
 def test_full_latent_dag(ci_edm2):
     from sida.io import checkpoints
+    from sida.io.images import auto_upscale
     from sida.nets.edm2 import MPConv
     from sida.nets.precond import EDM2Precond
 
@@ -67,7 +68,10 @@ def test_full_latent_dag(ci_edm2):
         # The fake score's uncertainty head learned (it starts from the teacher's).
         assert not torch.equal(fake.logvar_linear.weight, teacher.logvar_linear.weight)
         grid = np.asarray(Image.open(exp / run / "samples.png"))
-        assert grid.shape == (32, 32, 3)  # 2x2 decoded 16x16 RGB images, not latents
+        # Decoded 16x16 RGB images, not 8x8x4 latents: grid_size 2 columns, one row per class
+        # (10), cells enlarged by auto_upscale with 2-pixel gaps.
+        u = auto_upscale(16)
+        assert grid.shape == (10 * 16 * u + 9 * 2, 2 * 16 * u + 2, 3)
     for name in ("teacher", "sid", "sida"):
         m = json.loads((exp / "evaluate" / name / "metrics.json").read_text())
         assert m["metric"] == "fd_dinov2" and m["metric_label"] == "FD-DINOv2"
