@@ -476,7 +476,8 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
     extractor.check_images(res, ch, f"network {network}")
     ref = get_reference(cfg, extractor, info, res, need_features=ev["precision_recall"])
     extras = _extra_metrics(cfg, info, res, ch, str(network))
-    for note in ref.notes + [n for x in extras for n in x[1].notes]:
+    notes = ref.notes + [n for _, xref in extras for n in xref.notes]
+    for note in notes:
         if info.is_main:
             print(f"[evaluate] {note}", file=sys.stderr, flush=True)
     decode = _decode_fn(cfg, info.device)
@@ -512,7 +513,7 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
         "label": label or name, "steps": steps if kind == "generator" else ev["teacher_steps"],
         "sigmas": sigmas, "sigma_init": sigmas[0] if sigmas else None,
         "metric": key, "metric_label": extractor.label, "mode": extractor.mode,
-        "extractor": extractor.info, "reference": ref.info, "notes": ref.notes + [n for x in extras for n in x[1].notes],
+        "extractor": extractor.info, "reference": ref.info, "notes": notes,
         "extra_metrics": [{"metric": x.metric_key, "metric_label": x.label, "mode": x.mode, "extractor": x.info,
                            "reference": xref.info} for x, xref in extras],
         "num_runs": ev["num_runs"], "num_samples": ev["num_samples"], "labels": ev["labels"],
