@@ -342,7 +342,7 @@ class DistillLoop:
         zero = torch.zeros((), device=self.device)
         stats = {"loss_fake": zero.clone(), "dropped_fake": zero.clone()}
         if self.discriminator:
-            stats.update({k: torch.zeros((), device=self.device) for k in ("loss_d", "d_acc_real", "d_acc_fake")})
+            stats.update({k: zero.clone() for k in ("loss_d", "d_acc_real", "d_acc_fake")})
         for r in range(self.rounds):
             if self.discriminator:
                 real, labels = self._real(self.micro, r)
@@ -375,7 +375,8 @@ class DistillLoop:
             loss.backward()
             stats["loss_fake"] += (l_fake.sum() / total).detach()
             stats["dropped_fake"] += (~keep).sum()
-        stats["nonfinite_fake"] = self.update(self.opt_f, self.f_params, nets.fake, self.fake_clip)  # grads freed before the generator step
+        # update() frees the gradients, so the generator step builds its graph without them.
+        stats["nonfinite_fake"] = self.update(self.opt_f, self.f_params, nets.fake, self.fake_clip)
         nets.fake.eval().requires_grad_(False)
         return stats
 
