@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sida.eval.evaluation import balanced_indices, class_counts, latents_for_seeds, seed_ranges
+from sida.eval.evaluation import balanced_indices, class_counts, latents_for_seeds, seed_ranges, sobol_latents
 from sida.eval.features import load_or_train_digits_classifier, quantize, state_dict_sha256, train_digits_classifier
 from sida.eval.metrics import (fd_from_features, feature_stats, frechet_distance, inception_score,
                           precision_recall)
@@ -95,6 +95,53 @@ def test_balanced_labels_equal_counts_from_the_seed_alone():
     assert class_counts(range(5), (1, 8, 8), 0, "balanced") is None
     with pytest.raises(ValueError, match="labels"):
         latents_for_seeds(range(3), (1, 8, 8), 10, labels="uniform")
+
+
+def test_sobol_latents_are_a_randomized_qmc_point_set_per_run_and_class():
+    from scipy.stats import norm
+
+    shape, start = (1, 8, 8), 5000
+    seeds = range(start, start + 2560)  # 256 per class: a power of two, where Sobol nets are exact
+    z, c = latents_for_seeds(seeds, shape, 10, labels="balanced", latents="sobol", run_start=start)
+    assert c.argmax(1).tolist() == [s % 10 for s in seeds]  # labels as with iid noise
+    # Every 1-D projection of 2^k scrambled Sobol points is stratified: exactly one point in each
+    # of the 2^k equal-probability intervals of N(0, 1), in every class and every dimension.
+    # Independent draws almost never are (the probability is 256!/256^256).
+    for k in (0, 7):
+        u = norm.cdf(z[c.argmax(1) == k].reshape(256, -1).double().numpy())
+        for d in range(64):
+            assert sorted(np.floor(u[:, d] * 256).astype(int).tolist()) == list(range(256)), (k, d)
+    iid = latents_for_seeds(range(256), shape, 0)[0].reshape(256, -1).double().numpy()
+    assert any(len(set(np.floor(norm.cdf(iid[:, d]) * 256).astype(int))) < 256 for d in range(64))
+    # Still standard normal marginally (moments over all 2560 x 64 values).
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+
+
+def test_sobol_latents_do_not_depend_on_batching_or_rank():
+    shape, start = (1, 8, 8), 200
+    full = sobol_latents(range(start, start + 200), start, shape, 10, "balanced")
+    # one seed at a time, in reverse; and rank 1 of 3 taking every third sample
+    one = torch.cat([sobol_latents([s], start, shape, 10, "balanced") for s in reversed(range(start, start + 200))])
+    assert torch.equal(one.flip(0), full)
+    assert torch.equal(sobol_latents(range(start + 1, start + 200, 3), start, shape, 10, "balanced"), full[1::3])
+    # Another run (another first seed) is another, independent scrambling; so is another class.
+    other = sobol_latents(range(400, 600), 400, shape, 10, "balanced")
+    assert not torch.equal(other, full) and not torch.equal(full[0], full[1])
+    # Unconditional / random labels: one stream per run; the labels are the iid ones.
+    z_r, c_r = latents_for_seeds(range(30, 50), shape, 10, labels="random", latents="sobol", run_start=30)
+    assert torch.equal(c_r, latents_for_seeds(range(30, 50), shape, 10, labels="random")[1])
+    assert torch.equal(z_r, sobol_latents(range(30, 50), 30, shape, 0, "random"))
+    with pytest.raises(ValueError, match="run_start"):
+        latents_for_seeds(range(3), shape, 10, latents="sobol")
+    with pytest.raises(ValueError, match="precedes"):
+        sobol_latents([3], 4, shape, 10, "balanced")
+
+
+def test_sobol_latents_refuse_more_dimensions_than_sobol_has():
+    from sida.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="latents: iid"):
+        sobol_latents(range(2), 0, (3, 128, 128), 0, "random")
 
 
 def test_balanced_indices_take_the_rarest_class_count():

@@ -108,12 +108,16 @@ def test_evaluation_labels_and_training_seeds_by_preset():
     presets keep the published protocol: one random label per seed, one training."""
     for name in ("config", "digits-long", "ci-short"):
         assert load_config(CONFIG_DIR / f"{name}.yaml")["evaluate"]["labels"] == "balanced", name
+    # and randomized-QMC noise where the spread is reported against a 5 % target
+    for name in ("config", "digits-long"):
+        assert load_config(CONFIG_DIR / f"{name}.yaml")["evaluate"]["latents"] == "sobol", name
     long = _load("digits-long")
     assert len(long["seeds"]) >= 3 and long["evaluate"]["during_training"]["every_kimg"] > 0
     assert load_config(CONFIG_DIR / "config.yaml")["seeds"] is None
     for name in PAPER:
         cfg = _load(name)
         assert cfg["evaluate"]["labels"] == "random" and cfg["seeds"] is None, name
+        assert cfg["evaluate"]["latents"] == "iid", name  # EDM's per-seed noise, as published
 
 
 # --- the paper presets carry the papers' numbers ----------------------------------------------
@@ -334,7 +338,17 @@ def test_batch_not_divisible(base):
 
 def test_batch_not_divisible_by_procs(base):
     base["num_procs"] = 3  # teacher batch 128 % 3 != 0
+    base["resources"] = {}  # (the default gives its teacher 2 processes of its own)
     _reject(base, "teacher.batch")
+
+
+def test_batch_not_divisible_by_a_rules_own_procs(base):
+    base["resources"] = {"teacher": {"procs": 3}}  # the teacher's own process count: 128 % 3 != 0
+    _reject(base, "teacher.batch", "3 processes")
+    base["resources"] = {"teacher": {"procs": 2}, "distill": {"procs": 3}}  # 128 % 2 == 0, 64 % 3 != 0
+    _reject(base, "distill.batch", "3 processes")
+    base["resources"] = {"teacher": {"procs": 2}}  # 2 divides both
+    validate(copy.deepcopy(base))
 
 
 def test_sida_phase_without_discriminator(base):

@@ -104,7 +104,7 @@ def test_distill_inputs_follow_init_and_init_generator(snakemake, tmp_path):
 
 def test_embedded_default_runs_branches_side_by_side_with_one_thread_each(snakemake, tmp_path):
     """The default gives every job one thread (two jobs at a time on 2 cores) except the teacher,
-    which runs alone and gets both: its job asks Snakemake for 2 and its stage uses 2 threads."""
+    which runs alone and gets both: its job asks Snakemake for 2 and runs as 2 one-thread processes."""
     r = snakemake("-n", "-p", "--cores", "2", configfile=REPO / "config" / "config.yaml")
     assert r.returncode == 0, r.stderr[-2000:]
     blocks = {m.group(1): m.group(2) for m in re.finditer(r"^rule (\w+):\n((?:    .*\n)+)", r.stdout, re.M)}
@@ -117,7 +117,10 @@ def test_embedded_default_runs_branches_side_by_side_with_one_thread_each(snakem
     assert "priority" not in blocks["sida"] and "priority" not in blocks["sid2a"]
     cmds = [line for line in r.stdout.splitlines() if line.startswith("Shell command:")]
     teacher = next(c for c in cmds if "stages.teacher" in c)
-    assert "--config results/digits/config.yaml --set threads=2 --out" in teacher
+    assert teacher.startswith("Shell command: python -m sida.run.torchrun --standalone --nproc-per-node 2 -m")
+    assert "--config results/digits/config.yaml --set threads=1 --out" in teacher
+    others = [c for c in cmds if "stages.distill" in c or "stages.evaluate" in c]
+    assert others and all("--nproc-per-node 1 " in c for c in others)  # the rest: num_procs
     # Jobs without a `resources.<rule>.cpus_per_task` of their own keep the config's `threads`.
     assert not [c for c in cmds if "stages.teacher" not in c and "--set threads=" in c]
     # A preset without per-rule CPUs has no override at all.

@@ -86,9 +86,11 @@ def _check_semantics(cfg: dict, source: str) -> None:
                 raise ConfigError(f"{source}: distill.runs.{name}.{key}: a run cannot start from itself")
         _check_method(cfg, name, source)
     _check_cycles(runs, source)
-    procs = cfg["num_procs"] * cfg["nodes"]
+    # A rule's own process count (resources.<rule>.procs) is what its batches are split over.
+    own = {rule: (cfg.get("resources") or {}).get(rule, {}).get("procs", cfg["num_procs"]) for rule in ("teacher", "distill")}
     if cfg["teacher"]["source"] == "train":  # a fetched teacher is not trained: its batch is unused
-        _check_batch(cfg["teacher"], "teacher", procs, source)
+        _check_batch(cfg["teacher"], "teacher", own["teacher"] * cfg["nodes"], source)
+    procs = own["distill"] * cfg["nodes"]
     _check_batch(cfg["distill"], "distill", procs, source)
     for name in runs:  # the merged per-run batch settings (a run may set its own)
         rc = run_config(cfg, name)
