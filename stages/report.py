@@ -141,6 +141,9 @@ def _protocol_sentence(rows: list[dict]) -> str:
     r = rows[0]
     labels = {"balanced": "balanced class labels (class = seed mod classes; real images class-balanced too)",
               "random": "one random class label per seed (the papers' protocol)"}.get(r["labels"], r["labels"])
+    if r.get("latents") == "sobol":
+        labels += ("; noise by randomized quasi-Monte Carlo (a scrambled Sobol sequence per run and class "
+                   "through the normal quantile: each z is N(0, I), each run an independent scrambling)")
     seeded = any(x["train_seeds"] for x in rows)
     unc = ("± is the standard error of the mean over evaluation runs with disjoint seeds" if not seeded else
            "± is the standard error of the mean: over training seeds for a model trained from several seeds "

@@ -339,7 +339,15 @@ def test_digits_baselines_preset_runs_every_method_under_one_evaluation():
     base = load_config(CONFIG_DIR / "config.yaml")
     for key in ("data", "network", "teacher"):
         assert cfg[key] == base[key], key
-    assert cfg["evaluate"] == base["evaluate"]  # same seeds, samples, labels and classifier
+    assert cfg["evaluate"] == base["evaluate"]  # same seeds, samples, labels, noise and classifier
+    assert cfg["resources"] == base["resources"]  # the same teacher needs the same process layout
+    # the SiD family as the default runs it, for longer: same settings, same structure
+    for run in ("sid", "sida", "sid2a"):
+        ours, theirs = methods[run], run_config(base, run)
+        assert (ours["init"], ours["init_generator"]) == (theirs["init"], theirs["init_generator"]), run
+        for key in ("lambda_adv", "lr_fake", "lr_g", "alpha", "discriminator"):
+            assert ours[key] == theirs[key], (run, key)
+        assert [p["kind"] for p in ours["phases"]] == [p["kind"] for p in theirs["phases"]], run
     assert yaml.safe_load((CONFIG_DIR / "digits-baselines.yaml").read_text())["experiment"] == "digits-baselines"
 
 

@@ -99,6 +99,21 @@ def test_report_paired_differences_over_evaluation_runs(tmp_path):
     assert "| sid − teacher | +0.933 |" in md
 
 
+def test_report_pairs_only_evaluations_with_the_same_noise(tmp_path):
+    """Sobol and iid noise of the same seeds are different samples: no pairing over runs."""
+    evals, jsonls, grids = _inputs(tmp_path)
+    for p in evals:  # every model on sobol noise, except sida (metrics without the key: iid)
+        m = json.loads(p.read_text())
+        if m["name"] != "sida":
+            p.write_text(json.dumps({**m, "latents": "sobol"}))
+    out, res = _report(tmp_path, evals, jsonls, grids)
+    comps = {(c["a"], c["b"]): c for c in res["comparisons"]}
+    assert comps[("sid", "teacher")]["unit"] == "evaluation runs"
+    assert comps[("sida", "sid")]["unit"] is None and comps[("sida", "sid")]["note"] == "different evaluation latents"
+    assert [r["latents"] for r in res["rows"]] == ["sobol", "sobol", "iid"]
+    assert "randomized quasi-Monte Carlo" in out.read_text()
+
+
 def test_report_with_training_seeds(tmp_path):
     evals = [tmp_path / "evaluate" / "teacher" / "metrics.json"]
     _evaluation(evals[0], "teacher", "teacher", 35, [1.3, 1.4, 1.4], monitor=3.0)

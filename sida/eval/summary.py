@@ -119,7 +119,8 @@ def model_row(model: Model) -> dict:
             "extra": [{"metric": x["metric"], "metric_label": x["metric_label"], "value": metric_stat(model, x["metric"])}
                       for x in m.get("extra_metrics") or []],
             "monitor": _monitor_value(model, key),
-            "labels": m.get("labels", "random"), "num_runs": m["num_runs"], "num_samples": m["num_samples"],
+            "labels": m.get("labels", "random"), "latents": m.get("latents", "iid"),
+            "num_runs": m["num_runs"], "num_samples": m["num_samples"],
             "train_seeds": None if not model.has_seeds else model.seeds,
             "extractor": m["extractor"]["name"], "extractor_sha256": m["extractor"]["sha256"], "mode": m["mode"],
             "reference_sha256": m["reference"]["sha256"]}
@@ -132,8 +133,9 @@ def results_rows(models: list[Model]) -> list[dict]:
 
 def _same_protocol(a: dict, b: dict) -> str | None:
     """Why two evaluations cannot be paired over runs (None when they can)."""
-    for k in ("seeds", "num_samples", "metric", "labels"):
-        if a.get(k) != b.get(k):
+    default = {"latents": "iid"}  # (metrics written before the option existed)
+    for k in ("seeds", "num_samples", "metric", "labels", "latents"):
+        if a.get(k, default.get(k)) != b.get(k, default.get(k)):
             return f"different evaluation {k}"
     if a["reference"]["sha256"] != b["reference"]["sha256"]:
         return "different reference statistics"
