@@ -132,9 +132,15 @@ def _spread_sentence(spread: dict | None, label: str) -> str:
     if not spread:
         return "The evaluation's own spread is not measured (fewer than 2 evaluation runs of the teacher)."
     rel = spread["relative_std"]
-    return (f"The evaluation's own spread, measured on the teacher (one network, {spread['n_runs']} runs): std "
+    text = (f"The evaluation's own spread, measured on the teacher (one network, {spread['n_runs']} runs): std "
             f"{spread['std']:.3f} over runs = {100 * rel:.1f} % of its {label} {spread['mean']:.3f}; the standard error "
             f"of the mean {spread['se']:.3f} ({100 * spread['relative_se']:.1f} %).")
+    students = [m for m in spread.get("models", []) if m["model"] != spread["model"] and m["relative_teacher"] is not None]
+    if students:
+        text += (" Every other model's std over its runs (one network), as % of the teacher's and of its own "
+                 f"{label}: " + "; ".join(f"{m['label']} {m['std']:.3f} ({100 * m['relative_teacher']:.1f} %, "
+                                          f"{100 * m['relative_own']:.1f} %)" for m in students) + ".")
+    return text
 
 
 def _protocol_sentence(rows: list[dict]) -> str:

@@ -79,6 +79,12 @@ def test_report_writes_page_plots_and_results(tmp_path):
     sp = res["evaluation_spread"]
     assert sp["std"] == pytest.approx(0.057735, abs=1e-5) and sp["relative_std"] == pytest.approx(0.057735 / 1.366667, rel=1e-4)
     assert "4.2 % of its FD (digits classifier) 1.367" in md
+    # and every student's: sid [2.3, 2.2, 2.4] has std 0.1 = 7.3 % of the teacher's 1.367, 4.3 % of its 2.3
+    by = {m["model"]: m for m in sp["models"]}
+    assert set(by) == {"teacher", "sid", "sida"}
+    assert by["sid"]["std"] == pytest.approx(0.1) and by["sid"]["relative_teacher"] == pytest.approx(0.1 / 1.366667, rel=1e-4)
+    assert by["sid"]["relative_own"] == pytest.approx(0.1 / 2.3, rel=1e-4)
+    assert "sid 0.100 (7.3 %, 4.3 %)" in md
 
 
 def test_report_paired_differences_over_evaluation_runs(tmp_path):

@@ -198,7 +198,8 @@ def comparisons(models: list[Model], level: float = 0.95) -> list[dict]:
 
 def evaluation_spread(models: list[Model]) -> dict | None:
     """The evaluation's own spread on the teacher (one network): std and se over evaluation runs,
-    absolute and relative to its mean."""
+    absolute and relative to its mean; and under 'models' every model's std over the runs of one
+    network (its first training seed's), relative to its own mean and to the teacher's."""
     teacher = next((md for md in models if md.kind == "teacher"), None)
     if teacher is None:
         return None
@@ -206,6 +207,13 @@ def evaluation_spread(models: list[Model]) -> dict | None:
     if st is None or st["n"] < 2:
         return None
     mean = st["mean"]
+    per_model = []
+    for md in models:
+        ms = _eval_stat(md.first, teacher.first["metric"]) if md.first["metric"] == teacher.first["metric"] else None
+        if ms is not None and ms["n"] >= 2:
+            per_model.append({"model": md.name, "label": md.label, "std": ms["std"], "n_runs": ms["n"],
+                              "relative_own": ms["std"] / ms["mean"] if ms["mean"] else None,
+                              "relative_teacher": ms["std"] / mean if mean else None})
     return {"model": teacher.name, "metric": teacher.first["metric"], "mean": mean, "std": st["std"], "se": st["se"],
             "n_runs": st["n"], "relative_std": st["std"] / mean if mean else None,
-            "relative_se": st["se"] / mean if mean else None}
+            "relative_se": st["se"] / mean if mean else None, "models": per_model}
