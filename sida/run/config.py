@@ -87,7 +87,8 @@ def _check_semantics(cfg: dict, source: str) -> None:
         _check_method(cfg, name, source)
     _check_cycles(runs, source)
     # A rule's own process count (resources.<rule>.procs) is what its batches are split over.
-    own = {rule: (cfg.get("resources") or {}).get(rule, {}).get("procs", cfg["num_procs"]) for rule in ("teacher", "distill")}
+    resources = cfg.get("resources") or {}
+    own = {rule: (resources.get(rule) or {}).get("procs", cfg["num_procs"]) for rule in ("teacher", "distill")}
     if cfg["teacher"]["source"] == "train":  # a fetched teacher is not trained: its batch is unused
         _check_batch(cfg["teacher"], "teacher", own["teacher"] * cfg["nodes"], source)
     procs = own["distill"] * cfg["nodes"]
