@@ -1,0 +1,94 @@
+"""The evaluation's own spread: one network's FD/FID over independent evaluation runs, with each
+kind of evaluation noise (`evaluate.latents`), side by side.
+
+    python -m bench.eval_spread --config config/config.yaml --network results/digits/teacher/network.pt \
+        --kind teacher --runs 6 --samples 2000,5120 --latents iid,sobol [--threads 1]
+
+For every (noise, sample count) it evaluates `--runs` runs the way the evaluate stage does (the
+config's labels, reference statistics and extractor; run r takes seeds start + r*n ...), from
+seeds disjoint from the config's own evaluation seeds, and prints the mean, the std over runs and
+the std as a percentage of the mean. This is where the README's and config/config.yaml's spread
+figures come from. Last line: the numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+
+from sida.errors import SidaError
+
+
+def _list(text: str, kind: type) -> list:
+    return [kind(x) for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sida.eval.evaluation import (LATENT_MODES, extract_generated, get_reference, make_generate, seed_ranges)
+    from sida.eval.features import build_extractor
+    from sida.eval.metrics import feature_stats, frechet_distance
+    from sida.io.checkpoints import load_network
+    from sida.run import dist
+    from sida.run.config import load_config
+
+    p = argparse.ArgumentParser(prog="python -m bench.eval_spread", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="experiment config (its data, evaluate and extractor settings)")
+    p.add_argument("--network", required=True, help="network file to evaluate")
+    p.add_argument("--kind", choices=["generator", "teacher"], default="generator")
+    p.add_argument("--runs", type=int, default=6, help="independent evaluation runs per setting (>= 2)")
+    p.add_argument("--samples", default="2000,5120", help="comma-separated samples per run")
+    p.add_argument("--latents", default=",".join(LATENT_MODES), help="comma-separated noise kinds")
+    p.add_argument("--seed", type=int, default=10_000_000,
+                   help="first seed (default far from the evaluation's and the training monitor's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    try:
+        if args.runs < 2:
+            raise SidaError("--runs: a spread needs at least 2 runs")
+        latents = _list(args.latents, str)
+        if unknown := set(latents) - set(LATENT_MODES):
+            raise SidaError(f"--latents: unknown {sorted(unknown)} (known: {', '.join(LATENT_MODES)})")
+        cfg = load_config(args.config, args.set)
+        info = dist.init(cfg["device"], args.threads)  # one process (a group of one, as the stages make)
+        net = load_network(args.network, info.device)
+        res, ch, label_dim = int(net.img_resolution), int(net.img_channels), int(net.label_dim)
+        extractor = build_extractor(cfg, info.device)
+        extractor.check_images(res, ch, f"network {args.network}")
+        ref = get_reference(cfg, extractor, info, res)
+        generate, nfe = make_generate(net, args.kind, cfg)
+        ev = cfg["evaluate"]
+        if ev["labels"] == "balanced" and label_dim and any(n % label_dim for n in _list(args.samples, int)):
+            raise SidaError(f"--samples: balanced labels need multiples of {label_dim}")
+    except (SidaError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    results = []
+    print(f"{args.network} ({args.kind}, {nfe} NFE), {ev['labels']} labels, {args.runs} runs each, "
+          f"{extractor.label}", flush=True)
+    for n in _list(args.samples, int):
+        for mode in latents:
+            t0, values = time.time(), []
+            for seeds in seed_ranges(args.seed, args.runs, n):
+                feats, _ = extract_generated(extractor, generate, seeds, (ch, res, res), label_dim, ev["batch"], info,
+                                             desc=f"{mode} {n}", want_probs=False, labels=ev["labels"], latents=mode)
+                values.append(frechet_distance(*feature_stats(feats), ref.mu, ref.sigma))
+            v = np.asarray(values)
+            row = {"latents": mode, "samples": n, "runs": args.runs, "mean": float(v.mean()),
+                   "std": float(v.std(ddof=1)), "relative_std": float(v.std(ddof=1) / v.mean()),
+                   "values": [float(x) for x in v], "seconds": round(time.time() - t0, 1)}
+            results.append(row)
+            print(f"  {mode:6s} {n:7,d} samples: mean {row['mean']:.3f}  std {row['std']:.3f} "
+                  f"({100 * row['relative_std']:.1f} % of the mean)  [{row['seconds']:.0f} s]", flush=True)
+    dist.shutdown()
+    print(json.dumps({"network": args.network, "kind": args.kind, "labels": ev["labels"], "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
