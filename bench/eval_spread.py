@@ -29,10 +29,8 @@ def _list(text: str, kind: type) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sida.eval.evaluation import (LATENT_MODES, extract_generated, get_reference, make_generate, seed_ranges)
-    from sida.eval.features import build_extractor
+    from sida.eval.evaluation import LATENT_MODES, extract_generated, prepare_evaluand, seed_ranges
     from sida.eval.metrics import feature_stats, frechet_distance
-    from sida.io.checkpoints import load_network
     from sida.run import dist
     from sida.run.config import load_config
 
@@ -56,28 +54,23 @@ def main(argv: list[str] | None = None) -> int:
             raise SidaError(f"--latents: unknown {sorted(unknown)} (known: {', '.join(LATENT_MODES)})")
         cfg = load_config(args.config, args.set)
         info = dist.init(cfg["device"], args.threads)  # one process (a group of one, as the stages make)
-        net = load_network(args.network, info.device)
-        res, ch, label_dim = int(net.img_resolution), int(net.img_channels), int(net.label_dim)
-        extractor = build_extractor(cfg, info.device)
-        extractor.check_images(res, ch, f"network {args.network}")
-        ref = get_reference(cfg, extractor, info, res)
-        generate, nfe = make_generate(net, args.kind, cfg)
-        ev = cfg["evaluate"]
+        e = prepare_evaluand(cfg, args.network, args.kind, info)  # as the evaluate stage scores
+        ev, label_dim = cfg["evaluate"], e.label_dim
         if ev["labels"] == "balanced" and label_dim and any(n % label_dim for n in _list(args.samples, int)):
             raise SidaError(f"--samples: balanced labels need multiples of {label_dim}")
     except (SidaError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     results = []
-    print(f"{args.network} ({args.kind}, {nfe} NFE), {ev['labels']} labels, {args.runs} runs each, "
-          f"{extractor.label}", flush=True)
+    print(f"{args.network} ({args.kind}, {e.nfe} NFE), {ev['labels']} labels, {args.runs} runs each, "
+          f"{e.extractor.label}", flush=True)
     for n in _list(args.samples, int):
         for mode in latents:
             t0, values = time.time(), []
             for seeds in seed_ranges(args.seed, args.runs, n):
-                feats, _ = extract_generated(extractor, generate, seeds, (ch, res, res), label_dim, ev["batch"], info,
+                feats, _ = extract_generated(e.extractor, e.generate, seeds, e.shape, label_dim, ev["batch"], info,
                                              desc=f"{mode} {n}", want_probs=False, labels=ev["labels"], latents=mode)
-                values.append(frechet_distance(*feature_stats(feats), ref.mu, ref.sigma))
+                values.append(frechet_distance(*feature_stats(feats), e.ref.mu, e.ref.sigma))
             v = np.asarray(values)
             row = {"latents": mode, "samples": n, "runs": args.runs, "mean": float(v.mean()),
                    "std": float(v.std(ddof=1)), "relative_std": float(v.std(ddof=1) / v.mean()),

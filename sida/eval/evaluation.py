@@ -41,7 +41,7 @@ from .stats import summarize
 
 __all__ = ["seed_ranges", "LABEL_MODES", "LATENT_MODES", "seed_label", "sobol_latents", "latents_for_seeds", "class_counts", "balanced_indices",
            "extract_generated", "extract_generated_multi", "dataset_features", "Reference", "reference_indices", "get_reference", "score_run",
-           "make_generate", "sample_grid", "extractor_config", "evaluate_network", "TrainingMonitor", "Progress"]
+           "make_generate", "sample_grid", "extractor_config", "Evaluand", "prepare_evaluand", "evaluate_network", "TrainingMonitor", "Progress"]
 
 GenerateFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -533,6 +533,38 @@ def _seed_note(labels: str, latents: str) -> str:
     return f"inclusive ranges; {z}, {label}"
 
 
+@dataclass
+class Evaluand:
+    """A network ready to be scored: `generate(z, labels)` (decoded to images for latent
+    networks), its NFE, the noise shape (C, H, W) and label_dim, the extractor and its reference."""
+
+    net: torch.nn.Module
+    generate: GenerateFn
+    nfe: int
+    shape: tuple[int, int, int]
+    label_dim: int
+    extractor: Extractor
+    ref: Reference
+    decode: Callable | None
+
+
+def prepare_evaluand(cfg: dict, network: str | Path, kind: str, info: dist.DistInfo, steps: int = 1,
+                     need_features: bool = False) -> Evaluand:
+    """Load `network` (checked against the config's data), the config's extractor (checked against
+    the images) and reference statistics, and the sampler of `kind` ('generator' in `steps`
+    steps, or the Heun 'teacher'): what `evaluate_network` and `bench.eval_spread` score with."""
+    from ..io.checkpoints import load_network
+
+    net = load_network(network, info.device)
+    res, ch, label_dim = _check_network(net, cfg, str(network))
+    extractor = build_extractor(cfg, info.device)
+    extractor.check_images(res, ch, f"network {network}")
+    ref = get_reference(cfg, extractor, info, res, need_features=need_features)
+    decode = _decode_fn(cfg, info.device)
+    generate, nfe = make_generate(net, kind, cfg, decode, steps)
+    return Evaluand(net, generate, nfe, (ch, res, res), label_dim, extractor, ref, decode)
+
+
 def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info: dist.DistInfo,
                      steps: int = 1, label: str | None = None, train_seed: int | None = None
                      ) -> tuple[dict, torch.Tensor | None]:
@@ -543,25 +575,21 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
     carries its standard error over runs; `monitor` is the network's FD/FID at the training
     monitor's sample count, for plotting next to the training curves (see `_monitor_protocol`).
     """
-    from ..io.checkpoints import load_network
     from ..nets.sampler import sampling_sigmas
     from ..run.config import config_hash
     from .sampling import generator_sigmas
 
     t0 = time.time()
     ev = cfg["evaluate"]
-    net = load_network(network, info.device)
-    res, ch, label_dim = _check_network(net, cfg, str(network))
-    extractor = build_extractor(cfg, info.device)
-    extractor.check_images(res, ch, f"network {network}")
-    ref = get_reference(cfg, extractor, info, res, need_features=ev["precision_recall"])
+    e = prepare_evaluand(cfg, network, kind, info, steps, need_features=ev["precision_recall"])
+    net, extractor, ref, decode, generate, nfe, label_dim = (e.net, e.extractor, e.ref, e.decode, e.generate, e.nfe,
+                                                             e.label_dim)
+    ch, res, _ = e.shape
     extras = _extra_metrics(cfg, info, res, ch, str(network))
     notes = ref.notes + [n for _, xref in extras for n in xref.notes]
     for note in notes:
         if info.is_main:
             print(f"[evaluate] {note}", file=sys.stderr, flush=True)
-    decode = _decode_fn(cfg, info.device)
-    generate, nfe = make_generate(net, kind, cfg, decode, steps)
     # the noise levels a generator is sampled at (its network file's, see make_generate)
     sigmas = sampling_sigmas(generator_sigmas(net, cfg["distill"]["sigma_init"]), steps) if kind == "generator" else None
     key = extractor.metric_key
