@@ -125,8 +125,8 @@ def sobol_latents(seeds: Sequence[int], run_start: int, shape: Sequence[int], la
         lo = min(i for _, i in items)
         engine.fast_forward(lo)
         points = engine.draw(max(i for _, i in items) - lo + 1, dtype=torch.float64)
-        for pos, i in items:
-            z[pos] = points[i - lo]
+        pos, index = torch.tensor(items).T
+        z[pos] = points[index - lo]
     # scrambled points are never exactly 0 or 1 in exact arithmetic; the clamp keeps ndtri finite
     eps = torch.finfo(torch.float64).eps
     return torch.special.ndtri(z.clamp(eps, 1 - eps)).to(torch.float32).reshape([len(seeds)] + shape)
