@@ -118,8 +118,18 @@ def worker(out_dir: str) -> None:
     if info.rank == 1:
         first.grad.view(-1)[0] = float("nan")
     bad2 = sync_gradients(params)
-    torch.save({"grads": grads, "bad": int(bad), "bad2": int(bad2), "first_after_nan": first.grad.clone()},
-               Path(out_dir) / f"rank{info.rank}.pt")
+    # A one-rank group (a benchmark's one-process loop inside a 2-process job): rank 0's gradients
+    # are not averaged with anyone's; rank 1 takes no part.
+    solo = torch.distributed.new_group([0])
+    solo_kept = None
+    if info.rank == 0:
+        own = _nets()
+        _accumulate(own, [0], FULL // 2)
+        before = _grads(own)
+        sync_gradients(list(own[1].parameters()) + list(own[2].parameters()), solo)
+        solo_kept = all(torch.equal(v, before[k]) for k, v in _grads(own).items())
+    torch.save({"grads": grads, "bad": int(bad), "bad2": int(bad2), "first_after_nan": first.grad.clone(),
+                "solo_kept": solo_kept}, Path(out_dir) / f"rank{info.rank}.pt")
     dist.shutdown()
 
 
@@ -147,6 +157,7 @@ def test_two_process_gradient_equals_one_process_accumulation(tmp_path):
     ref = _grads(nets)
 
     assert r0["bad"] == r1["bad"] == 0
+    assert r0["solo_kept"] is True and r1["solo_kept"] is None
     assert ref.keys() == r0["grads"].keys() == r1["grads"].keys()
     assert any(k.startswith("G.") for k in ref) and any(k.startswith("fake.") for k in ref)
     for k in ref:

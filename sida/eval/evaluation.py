@@ -24,7 +24,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -689,7 +689,7 @@ class TrainingMonitor:
             generate = lambda z, c: self._decode(inner(z, c))  # noqa: E731
         d, s = self.cfg["data"], self.settings
         seeds = range(s["seed"], s["seed"] + s["num_samples"])
-        info = dist.DistInfo(self.info.rank, self.info.world_size, self.info.local_rank, self.device)
+        info = replace(self.info, device=self.device)
         feats, _ = extract_generated(self._extractor, generate, seeds, (d["channels"], d["resolution"], d["resolution"]),
                                      d["label_dim"], self.cfg["evaluate"]["batch"], info, desc="monitor",
                                      want_probs=False, labels=self.cfg["evaluate"]["labels"],

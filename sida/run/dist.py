@@ -24,6 +24,9 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    # The process group the training loops average gradients over: None is the whole job. A
+    # subgroup lets a benchmark run a one-process loop on rank 0 beside a job-wide one.
+    group: object = None
 
     @property
     def is_main(self) -> bool:

@@ -246,7 +246,7 @@ class DistillLoop:
         """One optimiser step on accumulated gradients: average over processes (non-finite entries
         counted and replaced), clip by value (`fake_clip`) then by norm (`grad_clip`), step, and
         the network's post-step (EDM2's forced weight norm). Returns the non-finite count."""
-        bad = sync_gradients(params)
+        bad = sync_gradients(params, self.info.group)
         if value_clip is not None:
             torch.nn.utils.clip_grad_value_(params, value_clip)
         if self.rc["grad_clip"] is not None:

@@ -57,8 +57,8 @@ def make_adam(params: Iterable[torch.nn.Parameter], lr: float, eps: float,
 GRAD_NAN, GRAD_POSINF, GRAD_NEGINF = 0.0, 1e5, -1e5
 
 
-def sync_gradients(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """Average gradients over processes, replace non-finite entries as the official code does
+def sync_gradients(params: list[torch.nn.Parameter], group: object = None) -> torch.Tensor:
+    """Average gradients over processes (the job's, or `group`'s), replace non-finite entries as the official code does
     (NaN -> 0, +inf -> 1e5, -inf -> -1e5), and return how many there were.
 
     One flat all-reduce instead of one per tensor; the average (not the sum) keeps the loss
@@ -69,10 +69,10 @@ def sync_gradients(params: list[torch.nn.Parameter]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros((), dtype=torch.int64)
-    world = dist.get_world_size()
+    world = dist.get_world_size(group)
     if world > 1:
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         flat /= world
         offset = 0
         for g in grads:

@@ -63,7 +63,7 @@ class TeacherLoop:
             loss = edm_denoising_loss(denoised.float(), x, sigma, self.sigma_data).sum() / total
             loss.backward()
             loss_sum += loss.detach()
-        bad = sync_gradients(self.params)
+        bad = sync_gradients(self.params, self.info.group)
         self.opt.step()
         ema_update(self.ema, self.net, self.nimg + self.batch, self.batch,
                    self.t["ema_halflife_kimg"], self.t["ema_rampup_ratio"])
