@@ -3,6 +3,7 @@
     python -m bench.compare --preset small32 --phase sida --ours fp32,fp32-cl,bf16 --iters 6 --threads 2
     python -m bench.compare --preset digits --phase sid --ours fp32 --json out.json
     python -m bench.compare --device cuda --ours fp32,bf16,fp16,fp32-cl-compile,bf16-cl-compile
+    python -m bench.compare --preset digits --phase sid --ours fp32,fp32-p2,fp32-cl-p2 --threads 2
 
 `--device auto` (the default) runs on the GPU when one is visible, else on the CPU; on CUDA the
 device is drained around every timed iteration and the peak memory is the allocator's.
@@ -17,10 +18,16 @@ iteration time and images/s, the ratio to the official loop (official time / our
 ours is faster; also in process CPU time, which a loaded machine distorts less when one thread
 runs), and the peak memory of one iteration (see `PeakMemory`).
 
-Variant names: `<precision>[-cl][-compile]` with precision fp32, bf16 (autocast) or fp16 (EDM's
-fp16 path, as `precision: fp16` runs it; CUDA only). `-cl` runs our networks channels-last (`distill.channels_last`), `-compile`
-compiles them with torch.compile (`distill.compile`); compile time (the first iterations) is
-reported apart, not in the rates.
+Variant names: `<precision>[-cl][-compile][-pN]` with precision fp32, bf16 (autocast) or fp16
+(EDM's fp16 path, as `precision: fp16` runs it; CUDA only). `-cl` runs our networks channels-last
+(`distill.channels_last`), `-compile` compiles them with torch.compile (`distill.compile`);
+compile time (the first iterations) is reported apart, not in the rates. `-pN` runs our loop as
+N processes (gloo on the CPU, one GPU each on CUDA) with threads / N threads each, splitting
+the batch as a run with `resources.distill.procs: N` does (each process draws its own slots'
+noise, so the result is the one-process result): the benchmark then re-runs itself under
+`sida.run.torchrun` with N processes, the official loop and the one-process variants run in
+rank 0 with all `--threads` while the other ranks wait asleep, and a `-pN` iteration's time is
+its slowest process's (`bench.procs`). Peak memory is per process (one GPU's share).
 
 Presets (overridable with the network flags): `small32` is the issue's SongUNet (32x32x3, 32
 channels, mult 1,2,2, 2 blocks, attention at 16, batch 32); `digits` the embedded default's
@@ -39,17 +46,18 @@ import platform
 import re
 import statistics
 import sys
-import time
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import sida  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 import torch
+import torch.distributed as dist
 
 from bench.official import OfficialIteration
 from bench.step import MemoryDataset, build_teacher, run_config
+from bench.procs import gathered, inside_job, launch, timed_together
 from sida.run.dist import init as dist_init
 from sida.train.distill import DistillLoop, init_nets
-from sida.train.loop import make_generators
 
 PRESETS = {
     "small32": dict(res=32, channels=3, model_channels=32, channel_mult="1,2,2", num_blocks=2, attn_res="16",
@@ -61,11 +69,14 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def parse_variant(name: str) -> dict:
-    """'bf16-cl-compile' -> {precision: bf16, channels_last: True, compile: True}."""
+    """'bf16-cl-compile-p2' -> {precision: bf16, channels_last: True, compile: True, procs: 2}."""
     parts = name.split("-")
-    if parts[0] not in PRECISIONS or any(p not in ("cl", "compile") for p in parts[1:]):
-        raise SystemExit(f"error: unknown variant {name!r}: use <fp32|bf16|fp16>[-cl][-compile]")
-    return {"precision": parts[0], "channels_last": "cl" in parts[1:], "compile": "compile" in parts[1:]}
+    procs = [int(p[1:]) for p in parts[1:] if re.fullmatch(r"p[1-9][0-9]*", p)]
+    if (parts[0] not in PRECISIONS or len(procs) > 1
+            or any(p not in ("cl", "compile") and not re.fullmatch(r"p[1-9][0-9]*", p) for p in parts[1:])):
+        raise SystemExit(f"error: unknown variant {name!r}: use <fp32|bf16|fp16>[-cl][-compile][-pN]")
+    return {"precision": parts[0], "channels_last": "cl" in parts[1:], "compile": "compile" in parts[1:],
+            "procs": procs[0] if procs else 1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,10 +162,13 @@ def state_bytes(*objs) -> int:
 
 
 class Contestant:
-    """One timed iteration function plus what it holds."""
+    """One timed iteration function plus what it holds, run by `procs` processes of `threads`
+    threads each (`step` and `holds` are None in the processes that do not take part)."""
 
-    def __init__(self, name: str, step: Callable[[], object], holds: Callable[[], list], batch: int) -> None:
+    def __init__(self, name: str, step: Callable[[], object] | None, holds: Callable[[], list] | None, batch: int,
+                 procs: int = 1, threads: int = 0) -> None:
         self.name, self.step, self.holds, self.batch = name, step, holds, batch
+        self.procs, self.threads = procs, threads
         self.times: list[float] = []
         self.cpu_times: list[float] = []  # process CPU seconds: steadier than wall time on a loaded machine
         self.first_s: list[float] = []  # untimed first iterations (compile, allocator warm-up)
@@ -167,67 +181,78 @@ def _args_ns(a: argparse.Namespace, channels_last: bool) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace, info) -> list[Contestant]:
+    """The official iteration (rank 0, all `args.threads` threads) and our variants: a `-pN`
+    variant runs in all N processes of the job with threads / N threads each, the others in
+    rank 0 alone (a one-process group of their own)."""
+    world = info.world_size
+    solo = replace(info, rank=0, world_size=1, group=dist.new_group([0])) if world > 1 else info  # every rank makes the group
     teacher = build_teacher(args).to(info.device)
     dataset = (MemoryDataset(max(4 * args.batch, 256), args.channels, args.res, args.label_dim)
                if args.phase == "sida" else None)
     out = []
-    off_rc = run_config(_args_ns(args, False))
-    off = OfficialIteration(off_rc, init_nets(copy.deepcopy(teacher), None), dataset,
-                            discriminator=args.phase == "sida", seed=1)
-    out.append(Contestant("official", off.step, lambda o=off: [o.nets.teacher, o.nets.G, o.nets.G_ema,
-                                                                o.nets.fake, o.opt_f, o.opt_g], args.batch))
+    step = holds = None
+    if info.rank == 0:
+        off_rc = run_config(_args_ns(args, False))
+        off = OfficialIteration(off_rc, init_nets(copy.deepcopy(teacher), None), dataset,
+                                discriminator=args.phase == "sida", seed=1)
+        step, holds = off.step, (lambda o=off: [o.nets.teacher, o.nets.G, o.nets.G_ema, o.nets.fake, o.opt_f, o.opt_g])
+    out.append(Contestant("official", step, holds, args.batch, 1, args.threads))
     for name in args.ours:
         v = parse_variant(name)
         if v["precision"] == "fp16" and info.device.type != "cuda":
             raise SystemExit("error: fp16 (EDM's fp16 path) is a CUDA option: drop fp16 variants on the CPU")
-        rc = run_config(_args_ns(args, v["channels_last"]))
-        rc.update(precision=v["precision"], compile=v["compile"])
-        loop = DistillLoop(rc, init_nets(copy.deepcopy(teacher), None), dataset, info,
-                           make_generators(0, 0, info.device))
+        if v["procs"] not in (1, world):
+            raise SystemExit(f"error: variant {name!r} asks for {v['procs']} processes in a job of {world}: "
+                             f"start bench.compare without a launcher, it starts its own")
+        step = holds = None
+        if v["procs"] == world or info.rank == 0:
+            rc = run_config(_args_ns(args, v["channels_last"]))
+            rc.update(precision=v["precision"], compile=v["compile"])
+            # Each process draws from its own slot's generators, so N processes compute what one does.
+            loop = DistillLoop(rc, init_nets(copy.deepcopy(teacher), None), dataset, info if v["procs"] > 1 else solo)
 
-        def step(loop=loop):
-            stats = loop.step()
-            loop.nimg += loop.batch
-            return stats
+            def step(loop=loop):
+                stats = loop.step()
+                loop.nimg += loop.batch
+                return stats
 
-        out.append(Contestant(f"ours-{name}", step, lambda lp=loop: [lp.nets.teacher, lp.nets.G, lp.nets.G_ema,
-                                                                     lp.nets.fake, lp.opt_f, lp.opt_g], args.batch))
+            holds = lambda lp=loop: [lp.nets.teacher, lp.nets.G, lp.nets.G_ema, lp.nets.fake, lp.opt_f, lp.opt_g]
+        out.append(Contestant(f"ours-{name}", step, holds, args.batch, v["procs"], max(args.threads // v["procs"], 1)))
     return out
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of `fn()`, the device drained before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
     dev = info.device
     load0 = os.getloadavg()
     cs = build(args, info)
+
+    def run(c: Contestant) -> tuple[float, float]:
+        return timed_together(c.step, dev, c.threads)
+
     for c in cs:  # first iterations: compile, oneDNN primitive creation, allocator growth
         for _ in range(args.first):
-            c.first_s.append(_timed(c.step, dev)[0])
+            c.first_s.append(run(c)[0])
     for _ in range(args.warmup):
         for c in cs:
-            c.step()
+            run(c)
     for i in range(args.iters):
         k = i % len(cs)
         for c in cs[k:] + cs[:k]:  # rotate the order from round to round
-            wall, cpu = _timed(c.step, dev)
+            wall, cpu = run(c)
             c.times.append(wall)
             c.cpu_times.append(cpu)
     mem = PeakMemory(dev)
-    peaks = {}
+    peaks, peaks_all = {}, {}
     if mem.available and not args.no_memory:
         for c in cs:
-            c.step()  # one iteration under the memory pass's allocation policy first
-            peaks[c.name] = state_bytes(*c.holds()) + mem(c.step)
+            run(c)  # one iteration under the memory pass's allocation policy first
+            peak = 0
+            if c.step is not None:
+                if c.threads > 0:
+                    torch.set_num_threads(c.threads)
+                peak = state_bytes(*c.holds()) + mem(c.step)
+            per_proc = gathered([peak], dev)[:, 0]
+            peaks[c.name], peaks_all[c.name] = float(per_proc.max()), float(per_proc.sum())
     load1 = os.getloadavg()
 
     off = cs[0]
@@ -240,9 +265,11 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
                "images_per_sec_best": c.batch / best, "first_iters_s": [round(t, 3) for t in c.first_s],
                "speedup_vs_official": off_med / med, "speedup_vs_official_best": off_best / best,
                "cpu_ms_median": cpu * 1e3, "cpu_speedup_vs_official": off_cpu / cpu}
-        if c.name in peaks:
+        row.update(procs=c.procs, threads_per_proc=c.threads)
+        if c.name in peaks:  # per process (what one GPU must hold), and over all of them
             row["peak_memory_mb"] = peaks[c.name] / 2 ** 20
             row["peak_memory_vs_official"] = peaks[c.name] / peaks["official"]
+            row["peak_memory_all_procs_mb"] = peaks_all[c.name] / 2 ** 20
         rows[c.name] = row
         mem_s = (f", peak memory {row['peak_memory_mb']:8.1f} MB ({row['peak_memory_vs_official']:.2f}x official)"
                  if "peak_memory_mb" in row else "")
@@ -259,7 +286,7 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
         "model_channels": args.model_channels, "channel_mult": args.channel_mult, "num_blocks": args.num_blocks,
         "attn_res": args.attn_res, "label_dim": args.label_dim, "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
-        "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+        "cpus": os.cpu_count(), "threads": args.threads, "interop_threads": torch.get_num_interop_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup, "first": args.first,
         "load_avg_start": load0[0], "load_avg_end": load1[0], "variants": rows,
@@ -300,29 +327,41 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.ours = [v for v in args.ours.split(",") if v]
-    for v in args.ours:
-        parse_variant(v)
+    counts = {parse_variant(v)["procs"] for v in args.ours} - {1}
+    if len(counts) > 1:
+        raise SystemExit(f"error: variants ask for {sorted(counts)} processes: one run takes one process count "
+                         f"besides 1")
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
+    procs = max([parse_variant(v)["procs"] for v in args.ours] + [1])
+    if procs > 1 and not inside_job():
+        # The machine's thread budget, fixed here: the official loop and one-process variants
+        # get all of it, a -pN variant's processes a share each.
+        threads = args.threads or torch.get_num_threads()
+        sys.exit(launch("bench.compare", [*argv, "--threads", str(threads)], procs))
     info = dist_init(args.device, args.threads)
+    args.threads = args.threads or torch.get_num_threads()
+    out = sys.stdout if info.is_main else open(os.devnull, "w")
     if info.device.type == "cuda":  # the authors' settings: cuDNN autotuning, no TF32
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     print(f"[bench.compare] {args.preset} {args.phase}: {args.res}x{args.res}x{args.channels}, batch {args.batch}, "
           f"model_channels {args.model_channels}, mult {args.channel_mult}, blocks {args.num_blocks}, "
-          f"attn {args.attn_res}, labels {args.label_dim}; {info.device}, threads {torch.get_num_threads()}; "
-          f"ours: {', '.join(args.ours)}", flush=True)
-    result = measure(args, info)
+          f"attn {args.attn_res}, labels {args.label_dim}; {info.device}, threads {args.threads}"
+          f"{f' ({procs} processes for -p{procs})' if procs > 1 else ''}; ours: {', '.join(args.ours)}",
+          file=out, flush=True)
+    result = measure(args, info, out)
     line = json.dumps(result)
-    if args.json:
+    if args.json and info.is_main:
         from sida.io.atomic import atomic_write_text
 
         atomic_write_text(args.json, line + "\n")
-    print(line, flush=True)
+    print(line, file=out, flush=True)
     return result
 
 

@@ -2,7 +2,7 @@
 
     python -m bench.step --phase {sid,sida} --res 32 --channels 3 --batch 32 --model-channels 32 \
         --channel-mult 1,2,2 --attn-res 16 [--num-blocks 2] --iters 10 --warmup 2 --threads 2 \
-        [--channels-last] [--compare-separate] [--profile N]
+        [--channels-last] [--compare-separate] [--profile N] [--procs N]
 
 Builds a teacher-sized trio (teacher, generator, fake score: random EDMPrecond SongUNets with
 DDPM++ settings, dropout 0, label_dim 0), an in-memory dataset for SiDA's real images, and times
@@ -14,18 +14,20 @@ median iteration time / median floor time.
 
 --compare-separate also times iterations whose discriminator runs the real and fake encoder
 passes as two network calls (as the official SiDA code does) instead of one batched call, and
-reports separate / batched time. Human-readable lines go to stdout first; the last line is one
-JSON object (images_per_sec = median, images_per_sec_best = best-of, floor_ratio, ...).
+reports separate / batched time. --procs N runs the loop as N processes (gloo) with threads / N
+threads each and the batch split between them, the layout of a stage with
+`resources.distill.procs: N` (see bench.procs); times are the slowest process's.
+Human-readable lines go to stdout first; the last line is one JSON object (images_per_sec =
+median, images_per_sec_best = best-of, floor_ratio, ...).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import statistics
 import sys
-import time
 from contextlib import contextmanager
 from typing import Callable, Sequence
 
@@ -33,6 +35,7 @@ import sida  # noqa: F401  (first: sets the OpenMP wait policy before torch load
 import torch
 
 from sida.train import distill as distill_mod
+from bench.procs import inside_job, launch, timed_together
 from sida.run.dist import init as dist_init
 from sida.train.distill import DistillLoop, init_nets
 from sida.train.loop import make_generators
@@ -166,14 +169,13 @@ def build_loop(args: argparse.Namespace, info) -> DistillLoop:
     teacher = build_teacher(args)
     nets = init_nets(teacher, None)
     dataset = MemoryDataset(max(4 * args.batch, 256), args.channels, args.res, args.label_dim) if args.phase == "sida" else None
-    gens = make_generators(0, 0, info.device)
+    gens = make_generators(0, info.rank, info.device)  # each process its own slot: N processes = one
     return DistillLoop(run_config(args), nets, dataset, info, gens)
 
 
 def _timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    """Wall seconds of `fn()` in every process of the job (the slowest one's)."""
+    return timed_together(fn, torch.device("cpu"))[0]
 
 
 def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
@@ -207,7 +209,8 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.profile):
                 loop.step()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
+        if info.is_main:
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
 
     B = args.batch
     res = {}
@@ -223,7 +226,8 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
     result = {
         "phase": args.phase, "res": args.res, "channels": args.channels, "batch": B,
         "model_channels": args.model_channels, "channel_mult": _ints(args.channel_mult),
-        "attn_res": _ints(args.attn_res), "num_blocks": args.num_blocks, "label_dim": args.label_dim, "threads": torch.get_num_threads(),
+        "attn_res": _ints(args.attn_res), "num_blocks": args.num_blocks, "label_dim": args.label_dim,
+        "threads": args.threads, "procs": info.world_size, "threads_per_proc": torch.get_num_threads(),
         "channels_last": bool(args.channels_last), "iters": args.iters, "warmup": args.warmup,
         "images_per_sec": b["ips"], "images_per_sec_best": b["ips_best"],
         "iter_ms_median": b["median_s"] * 1e3, "iter_ms_best": b["best_s"] * 1e3,
@@ -256,7 +260,10 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-dim", type=int, default=0, help="class labels (0: unconditional; digits: 10)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in all (0: torch's default)")
+    p.add_argument("--procs", type=int, default=1,
+                   help="run the loop as N processes (gloo) with threads / N threads each, the batch split "
+                        "between them, as resources.distill.procs does; the time is the slowest process's")
     cl = p.add_mutually_exclusive_group()
     cl.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
                     help="run the networks channels-last (distill.channels_last)")
@@ -270,15 +277,24 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
-    info = dist_init("cpu", args.threads)
+    if args.procs < 1:
+        raise SystemExit("error: --procs must be at least 1")
+    if args.procs > 1 and not inside_job():
+        threads = args.threads or torch.get_num_threads()  # the budget, split between the processes
+        sys.exit(launch("bench.step", [*argv, "--threads", str(threads)], args.procs))
+    args.threads = args.threads or torch.get_num_threads()
+    info = dist_init("cpu", max(args.threads // max(args.procs, 1), 1))
+    out = sys.stdout if info.is_main else open(os.devnull, "w")
     print(f"[bench.step] phase {args.phase}, {args.res}x{args.res}x{args.channels}, batch {args.batch}, "
           f"model_channels {args.model_channels}, mult {args.channel_mult}, attn {args.attn_res}, "
-          f"blocks {args.num_blocks}, labels {args.label_dim}, threads {torch.get_num_threads()}, channels_last {args.channels_last}",
-          flush=True)
-    result = measure(args, info)
-    print(json.dumps(result), flush=True)
+          f"blocks {args.num_blocks}, labels {args.label_dim}, threads {args.threads} "
+          f"({info.world_size} process(es) x {torch.get_num_threads()}), channels_last {args.channels_last}",
+          file=out, flush=True)
+    result = measure(args, info, out)
+    print(json.dumps(result), file=out, flush=True)
     return result
 
 

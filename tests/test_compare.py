@@ -212,10 +212,34 @@ def test_compare_prints_ratios_and_memory_json(tmp_path):
     assert result["variants"]["official"]["speedup_vs_official"] == 1.0
 
 
-def test_compare_rejects_unknown_variants():
-    out = subprocess.run([sys.executable, "-m", "bench.compare", "--ours", "fp64"], cwd=ROOT, capture_output=True,
+def test_compare_runs_process_variants_beside_the_official_loop(tmp_path):
+    """-p2: the benchmark re-runs itself as 2 processes; the official loop and the one-process
+    variant run in rank 0 alone with the whole thread budget, the -p2 loop in both with half."""
+    cmd = [sys.executable, "-m", "bench.compare", "--preset", "digits", "--phase", "sid", "--ours", "fp32,fp32-p2",
+           "--res", "8", "--channels", "1", "--batch", "4", "--model-channels", "8", "--iters", "2", "--warmup", "0",
+           "--threads", "2"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("[bench.compare]") == 1  # rank 0 prints, rank 1 does not
+    rows = json.loads(out.stdout.strip().splitlines()[-1])["variants"]
+    layout = {k: (r["procs"], r["threads_per_proc"]) for k, r in rows.items()}
+    assert layout == {"official": (1, 2), "ours-fp32": (1, 2), "ours-fp32-p2": (2, 1)}
+    assert all(r["images_per_sec"] > 0 for r in rows.values())
+    if sys.platform.startswith("linux"):  # per process, and both processes together
+        p2 = rows["ours-fp32-p2"]
+        assert 0 < p2["peak_memory_mb"] < p2["peak_memory_all_procs_mb"]
+
+
+@pytest.mark.parametrize("variants, message", [
+    ("fp64", "error: unknown variant 'fp64'"),
+    ("fp32-p0", "error: unknown variant 'fp32-p0'"),
+    ("fp32-p2-p2", "error: unknown variant 'fp32-p2-p2'"),
+    ("fp32-p2,bf16-p3", "error: variants ask for [2, 3] processes"),
+])
+def test_compare_rejects_unknown_variants(variants, message):
+    out = subprocess.run([sys.executable, "-m", "bench.compare", "--ours", variants], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
-    assert out.returncode != 0 and "error: unknown variant 'fp64'" in out.stderr
+    assert out.returncode != 0 and message in out.stderr
 
 
 def test_generator_checkpointing_keeps_less_and_gives_the_same_gradients():
