@@ -2,7 +2,7 @@
 
     python -m bench.step --phase {sid,sida} --res 32 --channels 3 --batch 32 --model-channels 32 \
         --channel-mult 1,2,2 --attn-res 16 [--num-blocks 2] --iters 10 --warmup 2 --threads 2 \
-        [--channels-last] [--compare-separate] [--profile N] [--procs N]
+        [--channels-last] [--compare-separate] [--profile N] [--procs N] [--flops]
 
 Builds a teacher-sized trio (teacher, generator, fake score: random EDMPrecond SongUNets with
 DDPM++ settings, dropout 0, label_dim 0), an in-memory dataset for SiDA's real images, and times
@@ -178,6 +178,26 @@ def _timed(fn: Callable[[], object]) -> float:
     return timed_together(fn, torch.device("cpu"))[0]
 
 
+def flop_counts(loop: DistillLoop) -> dict:
+    """GFLOP of one iteration in this process (torch's FLOP counter: convolutions and matrix
+    products; SDPA attention has no formula there) and of its convolutions, and the GFLOP/s of a
+    2048x2048 float32 matrix product run by every process at once: the arithmetic rate one
+    process reaches in this thread layout."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        loop.step()
+    loop.nimg += loop.batch
+    counts = counter.get_flop_counts()["Global"]
+    a = torch.randn(2048, 2048)
+    a @ a  # warm-up
+    reps = 5
+    wall = _timed(lambda: [a @ a for _ in range(reps)])
+    return {"gflop": sum(counts.values()) / 1e9,
+            "conv_gflop": sum(v for op, v in counts.items() if "convolution" in str(op)) / 1e9,
+            "sgemm_gflops": reps * 2 * 2048 ** 3 / wall / 1e9}
+
+
 def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
     loop = build_loop(args, info)
     modes = ["batched"] + (["separate"] if args.compare_separate and args.phase == "sida" else [])
@@ -204,13 +224,19 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
         for m in (modes if i % 2 == 0 else modes[::-1]):  # alternate the order: drift hits both
             one(m, True)
 
+    flops = flop_counts(loop) if args.flops else None
+    conv_s = None
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.profile):
                 loop.step()
+        events = prof.key_averages()
+        conv_s = sum(e.self_cpu_time_total for e in events if "convolution" in e.key) / 1e6 / args.profile
         if info.is_main:
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
+            print(events.table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
+            print(f"convolutions: {100 * conv_s * args.profile * 1e6 / max(sum(e.self_cpu_time_total for e in events), 1):.1f}% "
+                  f"of the self CPU time", file=sys.stderr)
 
     B = args.batch
     res = {}
@@ -235,6 +261,15 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
         "floor_ratio": b["floor_ratio"], "floor_ratio_best": b["floor_ratio_best"],
         "first_iter_ms": t_first * 1e3,
     }
+    if flops is not None:  # what one process computes per iteration, against what its cores can
+        result.update(gflop_per_iter=flops["gflop"], conv_gflop_per_iter=flops["conv_gflop"],
+                      gflops_achieved=flops["gflop"] / b["median_s"], sgemm_gflops=flops["sgemm_gflops"])
+        line = (f"per process: {flops['gflop']:.1f} GFLOP per iteration ({flops['conv_gflop']:.1f} in convolutions), "
+                f"{result['gflops_achieved']:.1f} GFLOP/s achieved")
+        if conv_s:  # the convolutions' own rate, from the profiled iterations
+            result["conv_gflops"] = flops["conv_gflop"] / conv_s
+            line += f", the convolutions at {result['conv_gflops']:.1f} GFLOP/s"
+        print(f"{line}; a 2048^2 float32 matrix product runs at {flops['sgemm_gflops']:.1f} GFLOP/s", file=out)
     if "separate" in res:
         s = res["separate"]
         result.update(separate_images_per_sec=s["ips"], separate_images_per_sec_best=s["ips_best"],
@@ -270,7 +305,11 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     cl.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--compare-separate", action="store_true",
                    help="also time separate real/fake discriminator encoder passes (official layout)")
-    p.add_argument("--profile", type=int, default=0, help="profile N extra iterations (table to stderr)")
+    p.add_argument("--profile", type=int, default=0,
+                   help="profile N extra iterations (table and the convolutions' share of the time to stderr)")
+    p.add_argument("--flops", action="store_true",
+                   help="count one iteration's FLOPs and report the achieved GFLOP/s (with --profile, the "
+                        "convolutions' own) next to a float32 matrix product's in the same thread layout")
     args = p.parse_args(argv)
     if args.channels_last is None:
         args.channels_last = False

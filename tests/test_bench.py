@@ -12,7 +12,7 @@ KEYS = {"images_per_sec", "images_per_sec_best", "floor_ratio"}
 
 
 @pytest.mark.parametrize("extra", [["--phase", "sid"], ["--phase", "sida", "--compare-separate", "--channels-last"],
-                                   ["--phase", "sida", "--procs", "2"]])
+                                   ["--phase", "sida", "--procs", "2"], ["--phase", "sid", "--flops", "--profile", "1"]])
 def test_bench_step_prints_json_last(extra):
     cmd = [sys.executable, "-m", "bench.step", "--res", "8", "--channels", "1", "--batch", "4",
            "--model-channels", "8", "--channel-mult", "1,2", "--attn-res", "4", "--num-blocks", "1",
@@ -27,6 +27,10 @@ def test_bench_step_prints_json_last(extra):
     assert result["floor_ratio"] > 0
     if "--compare-separate" in extra:
         assert result["batched_speedup_vs_separate"] > 0
+    if "--flops" in extra:  # counted FLOPs; the convolutions' rate from the profiled iteration
+        assert 0 < result["conv_gflop_per_iter"] <= result["gflop_per_iter"]
+        assert result["conv_gflops"] > 0 and result["sgemm_gflops"] > 0 and result["gflops_achieved"] > 0
+        assert "convolutions:" in out.stderr
     # --procs: the benchmark re-ran itself as a 2-process job; only rank 0 printed
     assert (result["procs"], result["threads_per_proc"]) == ((2, 1) if "--procs" in extra else (1, 1))
     assert out.stdout.count("[bench.step]") == 1
