@@ -23,8 +23,8 @@ Variant names: `<precision>[-cl][-compile][-pN]` with precision fp32, bf16 (auto
 (`distill.channels_last`), `-compile` compiles them with torch.compile (`distill.compile`);
 compile time (the first iterations) is reported apart, not in the rates. `-pN` runs our loop as
 N processes (gloo on the CPU, one GPU each on CUDA) with threads / N threads each, splitting
-the batch as a run with `resources.distill.procs: N` does (each process draws its own slots'
-noise, so the result is the one-process result): the benchmark then re-runs itself under
+the batch as a run with `resources.distill.procs: N` does (each process draws its batch slot's
+noise: the same computation as one process with N accumulation rounds): the benchmark then re-runs itself under
 `sida.run.torchrun` with N processes, the official loop and the one-process variants run in
 rank 0 with all `--threads` while the other ranks wait asleep, and a `-pN` iteration's time is
 its slowest process's (`bench.procs`). Peak memory is per process (one GPU's share).
@@ -208,7 +208,7 @@ def build(args: argparse.Namespace, info) -> list[Contestant]:
         if v["procs"] == world or info.rank == 0:
             rc = run_config(_args_ns(args, v["channels_last"]))
             rc.update(precision=v["precision"], compile=v["compile"])
-            # Each process draws from its own slot's generators, so N processes compute what one does.
+            # Each process draws from its own batch slot's generators, as a run with N processes does.
             loop = DistillLoop(rc, init_nets(copy.deepcopy(teacher), None), dataset, info if v["procs"] > 1 else solo)
 
             def step(loop=loop):

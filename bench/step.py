@@ -169,7 +169,7 @@ def build_loop(args: argparse.Namespace, info) -> DistillLoop:
     teacher = build_teacher(args)
     nets = init_nets(teacher, None)
     dataset = MemoryDataset(max(4 * args.batch, 256), args.channels, args.res, args.label_dim) if args.phase == "sida" else None
-    gens = make_generators(0, info.rank, info.device)  # each process its own slot: N processes = one
+    gens = make_generators(0, info.rank, info.device)  # each process its own batch slot, as in a run
     return DistillLoop(run_config(args), nets, dataset, info, gens)
 
 
