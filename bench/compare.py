@@ -24,10 +24,11 @@ Variant names: `<precision>[-cl][-compile][-pN]` with precision fp32, bf16 (auto
 compile time (the first iterations) is reported apart, not in the rates. `-pN` runs our loop as
 N processes (gloo on the CPU, one GPU each on CUDA) with threads / N threads each, splitting
 the batch as a run with `resources.distill.procs: N` does (each process draws its batch slot's
-noise: the same computation as one process with N accumulation rounds): the benchmark then re-runs itself under
-`sida.run.torchrun` with N processes, the official loop and the one-process variants run in
-rank 0 with all `--threads` while the other ranks wait asleep, and a `-pN` iteration's time is
-its slowest process's (`bench.procs`). Peak memory is per process (one GPU's share).
+noise: the computation of one process with N accumulation rounds). The benchmark then re-runs
+itself under `sida.run.torchrun` with N processes; the official loop and the one-process
+variants run in rank 0 with all `--threads` while the other ranks wait asleep, and a `-pN`
+iteration's time is its slowest process's (`bench.procs`). Peak memory is per process (one
+GPU's share).
 
 Presets (overridable with the network flags): `small32` is the issue's SongUNet (32x32x3, 32
 channels, mult 1,2,2, 2 blocks, attention at 16, batch 32); `digits` the embedded default's
@@ -185,7 +186,8 @@ def build(args: argparse.Namespace, info) -> list[Contestant]:
     variant runs in all N processes of the job with threads / N threads each, the others in
     rank 0 alone (a one-process group of their own)."""
     world = info.world_size
-    solo = replace(info, rank=0, world_size=1, group=dist.new_group([0])) if world > 1 else info  # every rank makes the group
+    # The one-process contestants' own group (new_group is called by every rank).
+    solo = replace(info, rank=0, world_size=1, group=dist.new_group([0])) if world > 1 else info
     teacher = build_teacher(args).to(info.device)
     dataset = (MemoryDataset(max(4 * args.batch, 256), args.channels, args.res, args.label_dim)
                if args.phase == "sida" else None)

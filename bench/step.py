@@ -34,8 +34,8 @@ from typing import Callable, Sequence
 import sida  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 import torch
 
-from sida.train import distill as distill_mod
 from bench.procs import inside_job, launch, timed_together
+from sida.train import distill as distill_mod
 from sida.run.dist import init as dist_init
 from sida.train.distill import DistillLoop, init_nets
 from sida.train.loop import make_generators
@@ -232,11 +232,12 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
             for _ in range(args.profile):
                 loop.step()
         events = prof.key_averages()
-        conv_s = sum(e.self_cpu_time_total for e in events if "convolution" in e.key) / 1e6 / args.profile
+        conv_us = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
+        conv_s = conv_us / 1e6 / args.profile  # per iteration
         if info.is_main:
+            share = conv_us / max(sum(e.self_cpu_time_total for e in events), 1)
             print(events.table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
-            print(f"convolutions: {100 * conv_s * args.profile * 1e6 / max(sum(e.self_cpu_time_total for e in events), 1):.1f}% "
-                  f"of the self CPU time", file=sys.stderr)
+            print(f"convolutions: {100 * share:.1f}% of the self CPU time", file=sys.stderr)
 
     B = args.batch
     res = {}
