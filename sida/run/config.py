@@ -86,12 +86,10 @@ def _check_semantics(cfg: dict, source: str) -> None:
                 raise ConfigError(f"{source}: distill.runs.{name}.{key}: a run cannot start from itself")
         _check_method(cfg, name, source)
     _check_cycles(runs, source)
-    # A rule's own process count (resources.<rule>.procs) is what its batches are split over.
-    resources = cfg.get("resources") or {}
-    own = {rule: (resources.get(rule) or {}).get("procs", cfg["num_procs"]) for rule in ("teacher", "distill")}
+    # A rule's own process count is what its batches are split over.
     if cfg["teacher"]["source"] == "train":  # a fetched teacher is not trained: its batch is unused
-        _check_batch(cfg["teacher"], "teacher", own["teacher"] * cfg["nodes"], source)
-    procs = own["distill"] * cfg["nodes"]
+        _check_batch(cfg["teacher"], "teacher", rule_procs(cfg, "teacher") * cfg["nodes"], source)
+    procs = rule_procs(cfg, "distill") * cfg["nodes"]
     _check_batch(cfg["distill"], "distill", procs, source)
     for name in runs:  # the merged per-run batch settings (a run may set its own)
         rc = run_config(cfg, name)
@@ -297,6 +295,12 @@ def distill_defaults() -> dict:
 
 # Keys of a run entry that are not `distill` settings: where the run starts, what it trains.
 RUN_ONLY_KEYS = ("init", "init_generator", "discriminator", "phases", "evaluate", "label", "eval_steps")
+
+
+def rule_procs(cfg: dict, rule: str) -> int:
+    """Processes per node of a distributed workflow rule's jobs (teacher, distill, evaluate):
+    `resources.<rule>.procs`, else `num_procs`."""
+    return ((cfg.get("resources") or {}).get(rule) or {}).get("procs", cfg["num_procs"])
 
 
 def run_config(cfg: dict, run: str) -> dict:

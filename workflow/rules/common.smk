@@ -10,6 +10,7 @@ import sys
 import yaml
 
 from sida.run.config import evaluation_entries, run_config
+from sida.run.config import rule_procs as sida_rule_procs
 
 
 RESULTS = config["results_dir"]
@@ -227,11 +228,8 @@ MULTI_NODE = {"teacher", "distill"}
 
 
 def rule_procs(rule):
-    """Processes per node that torchrun starts for `rule`: `resources.<rule>.procs`, else the
-    config's `num_procs` (one for rules that are not distributed)."""
-    if not DISTRIBUTED[rule]:
-        return 1
-    return ((config.get("resources") or {}).get(rule) or {}).get("procs", PROCS)
+    """Processes per node that torchrun starts for `rule` (one for rules that are not distributed)."""
+    return sida_rule_procs(config, rule) if DISTRIBUTED[rule] else 1
 
 
 def _configured_resources(rule):
