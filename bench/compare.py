@@ -56,8 +56,8 @@ import torch.distributed as dist
 
 from bench.official import OfficialIteration
 from bench.step import MemoryDataset, build_teacher, run_config
-from bench.procs import gathered, inside_job, launch, timed_together
-from sida.run.dist import init as dist_init
+from bench.procs import gathered, launch, timed_together
+from sida.run.dist import init as dist_init, launched
 from sida.train.distill import DistillLoop, init_nets
 
 PRESETS = {
@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     procs = max([parse_variant(v)["procs"] for v in args.ours] + [1])
-    if procs > 1 and not inside_job():
+    if procs > 1 and not launched():
         # The machine's thread budget, fixed here: the official loop and one-process variants
         # get all of it, a -pN variant's processes a share each.
         threads = args.threads or torch.get_num_threads()

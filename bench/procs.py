@@ -21,11 +21,6 @@ import torch
 import torch.distributed as dist
 
 
-def inside_job() -> bool:
-    """True in a process that torchrun started (or any launcher setting WORLD_SIZE)."""
-    return "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
-
-
 def launch(module: str, argv: Sequence[str], procs: int) -> int:
     """Run `python -m module argv` as `procs` processes (sida.run.torchrun, standalone) and
     return its exit status. The benchmarks print from rank 0 only."""

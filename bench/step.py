@@ -34,9 +34,9 @@ from typing import Callable, Sequence
 import sida  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 import torch
 
-from bench.procs import inside_job, launch, timed_together
+from bench.procs import launch, timed_together
 from sida.train import distill as distill_mod
-from sida.run.dist import init as dist_init
+from sida.run.dist import init as dist_init, launched
 from sida.train.distill import DistillLoop, init_nets
 from sida.train.loop import make_generators
 from sida.nets.precond import EDMPrecond
@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     args = parse(argv)
     if args.procs < 1:
         raise SystemExit("error: --procs must be at least 1")
-    if args.procs > 1 and not inside_job():
+    if args.procs > 1 and not launched():
         threads = args.threads or torch.get_num_threads()  # the budget, split between the processes
         sys.exit(launch("bench.step", [*argv, "--threads", str(threads)], args.procs))
     args.threads = args.threads or torch.get_num_threads()

@@ -43,6 +43,11 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def launched() -> bool:
+    """True in a process a launcher started as part of a job (torchrun sets these)."""
+    return "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
 def init(device_pref: str = "auto", threads: int = 0) -> DistInfo:
     """Join (or create) the process group; idempotent."""
     if threads > 0:
@@ -53,7 +58,7 @@ def init(device_pref: str = "auto", threads: int = 0) -> DistInfo:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        if launched():
             dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
