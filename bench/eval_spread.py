@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 import numpy as np
@@ -28,7 +27,7 @@ def _list(text: str, kind: type) -> list:
     return [kind(x) for x in text.split(",") if x]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     from sida.eval.evaluation import LATENT_MODES, extract_generated, prepare_evaluand, seed_ranges
     from sida.eval.metrics import feature_stats, frechet_distance
     from sida.run import dist
@@ -46,21 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    try:
-        if args.runs < 2:
-            raise SidaError("--runs: a spread needs at least 2 runs")
-        latents = _list(args.latents, str)
-        if unknown := set(latents) - set(LATENT_MODES):
-            raise SidaError(f"--latents: unknown {sorted(unknown)} (known: {', '.join(LATENT_MODES)})")
-        cfg = load_config(args.config, args.set)
-        info = dist.init(cfg["device"], args.threads)  # one process (a group of one, as the stages make)
-        e = prepare_evaluand(cfg, args.network, args.kind, info)  # as the evaluate stage scores
-        ev, label_dim = cfg["evaluate"], e.label_dim
-        if ev["labels"] == "balanced" and label_dim and any(n % label_dim for n in _list(args.samples, int)):
-            raise SidaError(f"--samples: balanced labels need multiples of {label_dim}")
-    except (SidaError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.runs < 2:
+        raise SidaError("--runs: a spread needs at least 2 runs")
+    latents = _list(args.latents, str)
+    if unknown := set(latents) - set(LATENT_MODES):
+        raise SidaError(f"--latents: unknown {sorted(unknown)} (known: {', '.join(LATENT_MODES)})")
+    cfg = load_config(args.config, args.set)
+    info = dist.init(cfg["device"], args.threads)  # one process (a group of one, as the stages make)
+    e = prepare_evaluand(cfg, args.network, args.kind, info)  # as the evaluate stage scores
+    ev, label_dim = cfg["evaluate"], e.label_dim
+    if ev["labels"] == "balanced" and label_dim and any(n % label_dim for n in _list(args.samples, int)):
+        raise SidaError(f"--samples: balanced labels need multiples of {label_dim}")
     results = []
     print(f"{args.network} ({args.kind}, {e.nfe} NFE), {ev['labels']} labels, {args.runs} runs each, "
           f"{e.extractor.label}", flush=True)
@@ -80,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"({100 * row['relative_std']:.1f} % of the mean)  [{row['seconds']:.0f} s]", flush=True)
     dist.shutdown()
     print(json.dumps({"network": args.network, "kind": args.kind, "labels": ev["labels"], "results": results}))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sida.run.cli import run_stage
+
+    run_stage(main)  # errors (bad arguments, missing files) as one `error:` line
