@@ -92,15 +92,15 @@ def sobol_latents(seeds: Sequence[int], run_start: int, shape: Sequence[int], la
                   labels: str) -> torch.Tensor:
     """z of `seeds` (seeds of the run whose first seed is `run_start`) by randomized quasi-Monte
     Carlo: a scrambled Sobol sequence (torch.quasirandom: linear matrix scrambling and a random
-    digital shift) mapped through the normal quantile, so every z is still exactly N(0, I) but the points of one run cover the noise
-    space evenly instead of clumping as independent draws do.
+    digital shift) mapped through the normal quantile, so every z is still exactly N(0, I) but
+    the points of one run cover the noise space evenly instead of clumping as independent draws do.
 
     Why: the FD of n samples moves with the luck of the draw; the same network evaluated on
-    different seed ranges spreads by several times the differences between models. On the embedded
-    digits default a SiD student's FD over scrambled Sobol runs of 4,000 samples has a quarter of
-    the spread it has over 4,000 independent draws; the 35-NFE teacher's std was 0.110 at 2,560
-    Sobol samples against 0.468 at 2,000 independent ones (the README's figures). Each run is one independent scrambling, so the runs
-    are independent replicates and their standard error still means what it says.
+    different seed ranges spreads by several times the differences between models. On the
+    embedded digits default a SiD student's FD over scrambled Sobol runs of 4,000 samples has a
+    quarter of the spread it has over 4,000 independent draws (`python -m bench.eval_spread`, the
+    README's figures). Each run is one independent scrambling, so the runs are independent
+    replicates and their standard error still means what it says.
 
     Streams: with balanced labels one stream per class (class = seed mod label_dim; the k-th
     sample of a class in the run is the stream's point k), else one per run (point = seed -
