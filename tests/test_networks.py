@@ -398,6 +398,40 @@ def test_fused_group_norm_silu_matches_plain_ops(fmt):
         torch.testing.assert_close(gn.forward_silu(x), ref)
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_attention_channels_last_matches_contiguous_and_einsum(heads):
+    """The attention of a channels-last block (regrouped from its own memory order) gives what
+    the NCHW block gives, bit for bit, and both match EDM's einsum formulation; so do the
+    gradients, which reach the qkv convolution channels-last (no layout copy before its backward)."""
+    torch.manual_seed(0)
+    C, B, R = 32, 3, 4
+    blk = _perturb(layers.UNetBlock(C, C, 16, attention=True, num_heads=heads)).double()
+    x = torch.randn(B, C, R, R, dtype=torch.double)
+    emb = torch.randn(B, 16, dtype=torch.double)
+    qkv = blk.qkv(blk.norm2(x))
+
+    def einsum_attention(qkv):  # EDM's: q, k, v interleaved per channel, softmax in float32
+        q, k, v = qkv.reshape(B * heads, C // heads, 3, R * R).unbind(2)
+        w = torch.einsum("ncq,nck->nqk", q, k / math.sqrt(C // heads)).softmax(dim=2)
+        return torch.einsum("nqk,nck->ncq", w, v).reshape(B, C, R, R)
+
+    outs, grads = [], []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        q = qkv.detach().contiguous(memory_format=fmt).requires_grad_()
+        a = blk._attention(q, x.contiguous(memory_format=fmt))
+        g = torch.linspace(-1, 1, a.numel(), dtype=a.dtype).reshape(a.shape)
+        (gq,) = torch.autograd.grad(a, q, g)
+        if fmt is torch.channels_last:
+            assert a.is_contiguous(memory_format=fmt) and gq.is_contiguous(memory_format=fmt)
+        outs.append(a)
+        grads.append(gq)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+    q = qkv.detach().requires_grad_()
+    ref = einsum_attention(q)
+    torch.testing.assert_close(outs[0], ref)
+    torch.testing.assert_close(grads[0], torch.autograd.grad(ref, q, g)[0])
+
+
 def _saved_during(fn):
     """The tensors autograd saves for the backward while `fn()` runs, and fn's result."""
     saved = []

@@ -389,12 +389,21 @@ class UNetBlock(torch.nn.Module):
         scale 1/sqrt(C/heads); `attention` states it in that layout. Here one copy regroups the
         three into [3, B, heads, H*W, C/heads] with unit-stride channels, the layout SDPA's
         fused (flash) CPU kernel takes, instead of strided views that send SDPA to its unfused
-        math path (bmm + softmax with a materialised H*W x H*W matrix).
+        math path (bmm + softmax with a materialised H*W x H*W matrix). A channels-last `qkv` is
+        regrouped from its own memory order ([B, H, W, 3C]), so the forward and the backward make
+        one copy each, where a reshape of its NCHW view made two (a copy to NCHW, then the
+        regrouping) and handed the qkv convolution's backward an NCHW gradient to copy back.
+        `unbind` instead of three index selections: its backward stacks the three gradients into
+        one tensor instead of zero-filling and summing three full-size ones.
         """
         B, C, H, W = like.shape
         heads = self.num_heads
-        qkv = qkv.reshape(B, heads, C // heads, 3, H * W).permute(3, 0, 1, 4, 2).contiguous()
-        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, heads, HW, C/heads]
+        if qkv.is_contiguous(memory_format=torch.channels_last) and not qkv.is_contiguous():
+            qkv = qkv.permute(0, 2, 3, 1).reshape(B, H * W, heads, C // heads, 3).permute(4, 0, 2, 1, 3)
+        else:
+            qkv = qkv.reshape(B, heads, C // heads, 3, H * W).permute(3, 0, 1, 4, 2)
+        q, k, v = qkv.contiguous().unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, C/heads]
         if like.is_contiguous(memory_format=torch.channels_last):
             return a.permute(0, 2, 1, 3).reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous(
                 memory_format=torch.channels_last)
