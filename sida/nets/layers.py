@@ -382,8 +382,9 @@ class UNetBlock(torch.nn.Module):
         return x
 
     def _attention(self, qkv: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Multi-head self-attention of the ``qkv`` conv output, returned shaped and laid out
-        (memory format) like ``like``.
+        """Multi-head self-attention of the ``qkv`` conv output, returned shaped like ``like`` and
+        channels-last when it is (otherwise NCHW order; with one head a transposed view, which
+        the proj convolution makes contiguous as it would any input).
 
         EDM's layout: qkv channels are [heads, C/heads, 3] (q, k, v interleaved per channel),
         scale 1/sqrt(C/heads); `attention` states it in that layout. Here one copy regroups the
