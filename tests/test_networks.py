@@ -407,10 +407,9 @@ def test_attention_channels_last_matches_contiguous_and_einsum(heads):
     C, B, R = 32, 3, 4
     blk = _perturb(layers.UNetBlock(C, C, 16, attention=True, num_heads=heads)).double()
     x = torch.randn(B, C, R, R, dtype=torch.double)
-    emb = torch.randn(B, 16, dtype=torch.double)
     qkv = blk.qkv(blk.norm2(x))
 
-    def einsum_attention(qkv):  # EDM's: q, k, v interleaved per channel, softmax in float32
+    def einsum_attention(qkv):  # EDM's: q, k, v interleaved per channel
         q, k, v = qkv.reshape(B * heads, C // heads, 3, R * R).unbind(2)
         w = torch.einsum("ncq,nck->nqk", q, k / math.sqrt(C // heads)).softmax(dim=2)
         return torch.einsum("nqk,nck->ncq", w, v).reshape(B, C, R, R)
