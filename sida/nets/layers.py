@@ -399,7 +399,7 @@ class UNetBlock(torch.nn.Module):
         """
         B, C, H, W = like.shape
         heads = self.num_heads
-        if qkv.is_contiguous(memory_format=torch.channels_last) and not qkv.is_contiguous():
+        if _memory_format(qkv) is torch.channels_last:
             qkv = qkv.permute(0, 2, 3, 1).reshape(B, H * W, heads, C // heads, 3).permute(4, 0, 2, 1, 3)
         else:
             qkv = qkv.reshape(B, heads, C // heads, 3, H * W).permute(3, 0, 1, 4, 2)
