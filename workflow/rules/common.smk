@@ -9,8 +9,7 @@ import sys
 
 import yaml
 
-from sida.run.config import evaluation_entries, run_config
-from sida.run.config import rule_procs as sida_rule_procs
+from sida.run.config import evaluation_entries, run_config, rule_procs as sida_rule_procs
 
 
 RESULTS = config["results_dir"]
