@@ -409,10 +409,8 @@ def test_attention_channels_last_matches_contiguous_and_einsum(heads):
     x = torch.randn(B, C, R, R, dtype=torch.double)
     qkv = blk.qkv(blk.norm2(x))
 
-    def einsum_attention(qkv):  # EDM's: q, k, v interleaved per channel
-        q, k, v = qkv.reshape(B * heads, C // heads, 3, R * R).unbind(2)
-        w = torch.einsum("ncq,nck->nqk", q, k / math.sqrt(C // heads)).softmax(dim=2)
-        return torch.einsum("nqk,nck->ncq", w, v).reshape(B, C, R, R)
+    def einsum_attention(qkv):  # EDM's layout: q, k, v interleaved per channel
+        return _einsum_attention(*qkv.reshape(B * heads, C // heads, 3, R * R).unbind(2)).reshape(B, C, R, R)
 
     outs, grads = [], []
     for fmt in (torch.contiguous_format, torch.channels_last):
