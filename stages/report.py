@@ -128,6 +128,34 @@ def _per_seed_table(rows: list[dict]) -> tuple[list[str], list[list[str]]] | Non
     return head, body
 
 
+def _reach_blocks(reach: dict | None, label: str, labels: dict[str, str]) -> list[tuple]:
+    """The 'training images to reach' table and its paired differences (see `sida.eval.reach`)."""
+    if not reach or not reach["runs"]:
+        return []
+    name = lambda run: labels.get(run, run)  # noqa: E731
+    seeds = list(reach["runs"][0]["per_seed"])
+    head = ["model", "reached (seeds)", "kimg: mean", "std"] + ([f"seed {s}" for s in seeds] if seeds != ["-"] else [])
+    body = []
+    for r in reach["runs"]:
+        cells = [name(r["run"]), f"{r['reached']} of {r['seeds']}", _num(r["mean"], 1), _num(r["std"], 1)]
+        if seeds != ["-"]:
+            cells += ["not reached" if r["per_seed"].get(s) is None else f"{r['per_seed'][s]:.1f}" for s in seeds]
+        body.append(cells)
+    out = [("h2", f"Training images to reach {label} ≤ {reach['threshold']:.3f}"),
+           ("p", f"kimg until the training monitor's {label} first falls to {reach['threshold']:.3f} or below "
+                 f"({reach['source']}), counting every image a method trained on, the runs it started from "
+                 "included; a run that never gets there within its schedule is 'not reached'."),
+           ("table", head, body)]
+    comps = [c for c in reach["comparisons"] if c["mean"] is not None]
+    if comps:
+        chead = ["difference", "Δ kimg", "95 % interval", "paired over", "note"]
+        cbody = [[f"{name(c['a'])} − {name(c['b'])}", _signed(c["mean"], 1),
+                  "–" if c["ci"] is None else f"[{_signed(c['ci'][0], 1)}, {_signed(c['ci'][1], 1)}]",
+                  f"{c['n']} training seeds", c["note"] or "–"] for c in comps]
+        out.append(("table", chead, cbody))
+    return out
+
+
 def _spread_sentence(spread: dict | None, label: str) -> str:
     if not spread:
         return "The evaluation's own spread is not measured (fewer than 2 evaluation runs of the teacher)."
@@ -161,7 +189,7 @@ def _protocol_sentence(rows: list[dict]) -> str:
 
 
 def _blocks(cfg: dict, rows: list[dict], comps: list[dict], spread: dict | None, plots: list[tuple[str, str]],
-            grids: list[tuple[str, str]]) -> list[tuple]:
+            grids: list[tuple[str, str]], reach: dict | None = None) -> list[tuple]:
     label = rows[0]["metric_label"] if rows else "FD"
     b: list[tuple] = [("h1", f"{cfg['experiment']}: results")]
     if cfg.get("description"):
@@ -171,6 +199,7 @@ def _blocks(cfg: dict, rows: list[dict], comps: list[dict], spread: dict | None,
               ("p", _spread_sentence(spread, label))]
         if comps:
             b += [("h2", "Differences between models"), ("table", *_comparison_table(comps, label))]
+        b += _reach_blocks(reach, label, {run: spec.get("label") or run for run, spec in cfg["distill"]["runs"].items()})
         extractors = sorted({(r["extractor"], r["mode"], r["extractor_sha256"][:12]) for r in rows})
         b.append(("p", "Features: " + "; ".join(f"{n} ({m}, sha256 {h}…)" for n, m, h in extractors) + "."))
         if any(r["extractor"] == "digits_classifier" for r in rows):
@@ -261,6 +290,22 @@ def _copy_grids(grids: Sequence[str], folder: Path, labels: dict[str, str]) -> l
     return out
 
 
+def _reach(curves: dict, offsets: dict[str, float], monitor: dict, teacher: dict | None) -> dict | None:
+    """`sida.eval.reach.reach_summary` at the configured threshold, else the teacher's FD under the
+    monitor's protocol; None when there is neither or no run logged a monitor value."""
+    from sida.eval.reach import reach_summary
+
+    key = next((k for k in EVAL_KEYS if any(k in r for recs in curves.values() for rs in recs.values() for r in rs)),
+               None)
+    threshold, source = monitor.get("reach_threshold"), "evaluate.during_training.reach_threshold"
+    if threshold is None and teacher is not None:
+        threshold = teacher["monitor"]
+        source = f"the teacher's {teacher['nfe']}-NFE value on the monitor's {monitor['num_samples']:,} samples"
+    if key is None or threshold is None:
+        return None
+    return {**reach_summary(curves, key, float(threshold), offsets), "source": source}
+
+
 def build_report(cfg: dict, out: Path, evaluations: Sequence[str], jsonls: Sequence[str],
                  grids: Sequence[str]) -> dict:
     """Write report.md, report.html, results.json and plots into out's folder; return results."""
@@ -300,8 +345,10 @@ def build_report(cfg: dict, out: Path, evaluations: Sequence[str], jsonls: Seque
                     "discriminator accuracy (real and fake separately)"):
         plots.append(("discriminator_vs_kimg.png", "Discriminator accuracy vs training images"))
 
-    blocks = _blocks(cfg, rows, comps, spread, plots, grid_files)
+    reach = _reach(curves, offsets, monitor, teacher)
+    blocks = _blocks(cfg, rows, comps, spread, plots, grid_files, reach)
     results = {"experiment": cfg["experiment"], "rows": rows, "comparisons": comps, "evaluation_spread": spread,
+               "reach": reach,
                "plots": [p for p, _ in plots], "grids": [f for f, _ in grid_files],
                "evaluations": [str(p) for p in evaluations], "metrics_jsonl": [str(p) for p in jsonls]}
     atomic_write_json(folder / "results.json", results)

@@ -150,6 +150,11 @@ def test_report_with_training_seeds(tmp_path):
     c = comps[("sid", "teacher")]
     assert c["unit"].startswith("training seeds") and 2 < c["df"] < 4
     md = out.read_text()
+    # Images to reach the teacher's monitor FD 3.0: the curves 10 s / k (s = 1, 1.1, 1.2) first get
+    # there at k = 4 for every seed, plus the 2 kimg shared warm-up both runs start from.
+    reach = {r["run"]: r for r in res["reach"]["runs"]}
+    assert res["reach"]["threshold"] == 3.0 and reach["sid"]["per_seed"] == {"0": 6.0, "1": 6.0, "2": 6.0}
+    assert "Training images to reach FD (digits classifier) ≤ 3.000" in md and "| sida | 3 of 3 | 6.0 |" in md
     assert "std over training seeds" in md and "| sid | 2.300 | 2.567 | 2.033 |" in md
     assert "samples-sid.png" in res["grids"] and "sid (training seed 0)" in md
 
