@@ -38,7 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.step --phase sida --res 32 --channels 3 --batch 32 --model-channels 32 \
 	  --channel-mult 1,2,2 --attn-res 16 --iters 10 --warmup 2 --threads 2
 
-# --- containers (README: "Containers and reproduction") ----------------------------------------
+# --- containers (docs/containers.md) -------------------------------------------------------------
 # CONTAINER_BASE: auto (the public Debian + Python image, else a Debian base made here with
 # debootstrap), local (always the latter) or an image name. SIDA_BUILD_HOST_PIP=1/0/auto passes
 # the host's pip settings (proxy CA, indexes, wheel folders) to the build (podman).

@@ -7,8 +7,8 @@ kind of evaluation noise (`evaluate.latents`), side by side.
 For every (noise, sample count) it evaluates `--runs` runs the way the evaluate stage does (the
 config's labels, reference statistics and extractor; run r takes seeds start + r*n ...), from
 seeds disjoint from the config's own evaluation seeds, and prints the mean, the std over runs and
-the std as a percentage of the mean. This is where the README's and config/config.yaml's spread
-figures come from. Last line: the numbers as JSON.
+the std as a percentage of the mean. This is where the spread figures of docs/evaluation.md and
+docs/results.md come from. Last line: the numbers as JSON.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of the README's speed section in one short run (a few minutes on one GPU):
+# The GPU figures of docs/performance.md's speed section in one short run (a few minutes on one GPU):
 # bench.compare on CUDA for every precision, channels-last and compile, on the 32x32x3
 # SongUNet (SiDA) and the embedded default's network (SiD). JSON files and the log go to $1.
 #   bash bench/gpu.sh OUT_DIR

@@ -335,7 +335,7 @@ def test_digits_baselines_preset_runs_every_method_under_one_evaluation():
     methods = {name: run_config(cfg, name) for name in cfg["distill"]["runs"]}
     assert methods["dmd2"]["discriminator"] == "dmd2_head" and methods["dmd2"]["gen_sigmas"] == [80.0]
     assert methods["add"]["discriminator"] == "add" and methods["add"]["eval_steps"] == [1, 4]
-    # the embedded default's teacher, data and evaluation: the numbers compare with the README's
+    # the embedded default's teacher, data and evaluation: the numbers compare with docs/baselines.md's
     base = load_config(CONFIG_DIR / "config.yaml")
     for key in ("data", "network", "teacher"):
         assert cfg[key] == base[key], key

@@ -98,9 +98,9 @@ def sobol_latents(seeds: Sequence[int], run_start: int, shape: Sequence[int], la
     Why: the FD of n samples moves with the luck of the draw; the same network evaluated on
     different seed ranges spreads by several times the differences between models. On the
     embedded digits default a SiD student's FD over scrambled Sobol runs of 4,000 samples has a
-    quarter of the spread it has over 4,000 independent draws (`python -m bench.eval_spread`, the
-    README's figures). Each run is one independent scrambling, so the runs are independent
-    replicates and their standard error still means what it says.
+    quarter of the spread it has over 4,000 independent draws (`python -m bench.eval_spread`; the
+    figures are in docs/evaluation.md). Each run is one independent scrambling, so the runs are
+    independent replicates and their standard error still means what it says.
 
     Streams: with balanced labels one stream per class (class = seed mod label_dim; the k-th
     sample of a class in the run is the stream's point k), else one per run (point = seed -

@@ -24,7 +24,7 @@ loops do and this one does too:
 - labels of class-conditional runs come from dataset samples (the dataset's class frequencies);
 - a sample holding a NaN is dropped from its loss, gradients pass through nan_to_num;
 - `precision: fp16` runs EDM's fp16 path in all networks (no gradient scaler; Adam eps 1e-6).
-Each SiD-family iteration (DESIGN.md): 1. fake-score (+discriminator) update on x_g.detach();
+Each SiD-family iteration (docs/design.md): 1. fake-score (+discriminator) update on x_g.detach();
 2. generator update through frozen teacher and fake score; 3. EMA of G.
 """
 
@@ -333,7 +333,7 @@ class DistillLoop:
 
     # -- the two updates --------------------------------------------------------------------------
     def fake_step(self, kind: str) -> dict[str, torch.Tensor]:
-        """Fake-score (+discriminator) update on x_g.detach() (DESIGN.md step 1)."""
+        """Fake-score (+discriminator) update on x_g.detach() (docs/design.md step 1)."""
         nets, rc = self.nets, self.rc
         nets.fake.train().requires_grad_(True)
         nets.G.eval()
@@ -381,7 +381,7 @@ class DistillLoop:
         return stats
 
     def generator_step(self, kind: str) -> dict[str, torch.Tensor]:
-        """Generator update through the frozen teacher and fake score (DESIGN.md step 2)."""
+        """Generator update through the frozen teacher and fake score (docs/design.md step 2)."""
         nets, rc = self.nets, self.rc
         adversarial = kind == "sida"
         nets.G.train().requires_grad_(True)

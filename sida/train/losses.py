@@ -188,7 +188,7 @@ def generator_losses(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tens
 
 def generator_objective(l_sid: torch.Tensor, l_adv: torch.Tensor | None, lambda_sid: float,
                         lambda_adv: float, batch_total: int, adversarial: bool) -> torch.Tensor:
-    """The scalar the generator step minimises for one micro-batch (DESIGN.md step 2).
+    """The scalar the generator step minimises for one micro-batch (docs/design.md step 2).
 
     SiD phase: lambda_sid * sum(L_sid) / batch. Adversarial phase:
     0.5 * lambda_sid * sum(L_sid) / batch + 0.5 * lambda_adv * sum(L_adv) / batch.
