@@ -86,6 +86,46 @@ def probe(cfg: dict, state_path: str, samples: int = 1024, seed: int = 0) -> dic
     return {"state": str(state_path), "samples": samples, "logit_map": shape, "bands": rows}
 
 
+def grad_split(cfg: dict, run: str, state_path: str, teacher_path: str, batch: int = 64, seed: int = 0,
+               lambda_adv: float | None = None) -> dict:
+    """The generator's gradient from each half of SiDA's objective on one batch, at the run's
+    final G and fake score: 0.5 * lambda_sid * L_sid and 0.5 * lambda_adv * L_adv (DESIGN step 2,
+    `generator_objective`), their norms, ratio and cosine. `lambda_adv` None: the run's."""
+    from sida.io.checkpoints import load_network, load_state, network_from_record
+    from sida.nets.sampler import sid_sigma_t
+    from sida.io.data import open_dataset
+    from sida.run.config import run_config
+    from sida.train.losses import generator_losses
+
+    rc = run_config(cfg, run)
+    lam_adv = rc["lambda_adv"] if lambda_adv is None else lambda_adv
+    state = load_state(state_path)
+    G = network_from_record(state["G"], "generator").train()
+    fake = network_from_record(state["fake"], "fake score").eval().requires_grad_(False)
+    teacher = load_network(teacher_path).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    data = open_dataset(cfg["data"])
+    _, labels = data.get_batch(torch.randint(len(data), (batch,), generator=g))
+    s0 = rc["sigma_init"]
+    shape = [batch, cfg["data"]["channels"], cfg["data"]["resolution"], cfg["data"]["resolution"]]
+    x_g = G(s0 * torch.randn(shape, generator=g), torch.full([batch], s0), labels).float()
+    sigma_t = sid_sigma_t(torch.rand([batch, 1, 1, 1], generator=g) * rc["tmax"] / 1000)
+    x_t = x_g + sigma_t * torch.randn(shape, generator=g)
+    y_real = teacher(x_t, sigma_t.flatten(), labels)
+    y_fake, logits = fake(x_t, sigma_t.flatten(), labels, return_flag="encoder_decoder")
+    l_sid, l_adv, _ = generator_losses(y_real.float(), y_fake.float(), x_g, rc["alpha"], logits)
+    params = [p for p in G.parameters() if p.requires_grad]
+    terms = {"sid": 0.5 * rc["lambda_sid"] * l_sid.sum() / batch, "adv": 0.5 * lam_adv * l_adv.sum() / batch}
+    flat = {}
+    for k, loss in terms.items():
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        flat[k] = torch.cat([(torch.zeros_like(p) if gr is None else gr).reshape(-1) for p, gr in zip(params, grads)])
+    n_sid, n_adv = flat["sid"].norm().item(), flat["adv"].norm().item()
+    cos = (flat["sid"] @ flat["adv"]).item() / max(n_sid * n_adv, 1e-30)
+    return {"state": str(state_path), "lambda_adv": lam_adv, "batch": batch, "grad_norm_sid": n_sid,
+            "grad_norm_adv": n_adv, "ratio_adv_to_sid": n_adv / max(n_sid, 1e-30), "cosine": cos}
+
+
 def _table(res: dict) -> str:
     head = f"{'sigma band':>14} {'acc real':>9} {'acc fake':>9} {'acc':>6} {'BCE real':>9} {'BCE fake':>9} " \
            f"{'fake-loss σ':>12} {'gen σ_t':>8}"
@@ -107,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--state", required=True, nargs="+", help="state.pt of SiDA / SiD2A runs")
     p.add_argument("--samples", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run", nargs="+", help="with --teacher: the run name of each --state (its lambda_adv, alpha)")
+    p.add_argument("--teacher", help="the teacher's network.pt: also split the generator's gradient into its SiD "
+                                     "and adversarial halves (norms, ratio, cosine)")
     p.add_argument("--json", help="write the numbers here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -114,6 +157,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = [probe(cfg, s, args.samples, args.seed) for s in args.state]
     for res in out:
         print(_table(res))
+    if args.teacher:
+        if not args.run or len(args.run) != len(args.state):
+            raise SystemExit("error: --teacher needs --run with one run name per --state")
+        for res, s, run in zip(out, args.state, args.run):
+            res["grad_split"] = grad_split(cfg, run, s, args.teacher, seed=args.seed)
+            gs = res["grad_split"]
+            print(f"{s}: generator gradient of 0.5*lambda_sid*L_sid {gs['grad_norm_sid']:.4g}, of "
+                  f"0.5*lambda_adv*L_adv {gs['grad_norm_adv']:.4g} (lambda_adv {gs['lambda_adv']}): ratio "
+                  f"{gs['ratio_adv_to_sid']:.3f}, cosine {gs['cosine']:+.3f}")
     if args.json:
         from sida.io.atomic import atomic_write_json
 

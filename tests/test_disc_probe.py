@@ -53,3 +53,23 @@ def test_probe_of_a_state_reports_every_band_and_the_logit_map(tmp_path):
         assert 0 <= r["acc_real"] <= 1 and 0 <= r["acc_fake"] <= 1 and r["acc"] == pytest.approx(
             (r["acc_real"] + r["acc_fake"]) / 2)
         assert r["bce_real"] > 0 and r["bce_fake"] > 0
+
+
+def test_grad_split_scales_with_lambda_adv_and_leaves_the_sid_half_alone(tmp_path):
+    from bench.disc_probe import grad_split
+    from sida.io import checkpoints
+    from sida.io.factory import network_from_config
+    from sida.run.config import validate
+
+    cfg = validate(copy.deepcopy(tiny_config()))
+    torch.manual_seed(0)
+    G, fake = network_from_config(cfg), network_from_config(cfg)
+    state = tmp_path / "state.pt"
+    checkpoints.save_state(state, {"G": checkpoints.network_record(G), "fake": checkpoints.network_record(fake)})
+    teacher = tmp_path / "teacher.pt"
+    checkpoints.save_network(teacher, network_from_config(cfg), meta={"stage": "test"})
+    a, b = (grad_split(cfg, "mixed", str(state), str(teacher), batch=8, lambda_adv=lam) for lam in (0.1, 0.2))
+    assert a["grad_norm_sid"] == pytest.approx(b["grad_norm_sid"], rel=1e-6) and a["grad_norm_sid"] > 0
+    assert b["grad_norm_adv"] == pytest.approx(2 * a["grad_norm_adv"], rel=1e-5) and a["grad_norm_adv"] > 0
+    assert b["cosine"] == pytest.approx(a["cosine"], abs=1e-5) and -1 <= a["cosine"] <= 1
+    assert grad_split(cfg, "mixed", str(state), str(teacher), batch=8, lambda_adv=0.0)["grad_norm_adv"] == 0
