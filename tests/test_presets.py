@@ -102,6 +102,30 @@ def test_digits_long_is_a_longer_embedded_preset():
     assert long["evaluate"].get("num_samples", 0) > base["evaluate"].get("num_samples", 0)
 
 
+def test_weak_teacher_presets_change_only_the_teacher_length():
+    """The imperfect-teacher experiment is the default with one stated change (teacher.kimg 40
+    instead of 200), 3 training seeds and added runs; the default's runs are kept as they are (the
+    long variant only lengthens sid and sida's last phase)."""
+    base = load_config(CONFIG_DIR / "config.yaml")
+    for name in ("digits-weak-teacher", "digits-weak-teacher-long"):
+        cfg = load_config(CONFIG_DIR / f"{name}.yaml")
+        assert cfg["experiment"] == name and cfg["seeds"] == [0, 1, 2]
+        assert cfg["teacher"] == {**base["teacher"], "kimg": 40}, name
+        for key in ("data", "network", "evaluate", "threads", "resources"):
+            assert cfg[key] == base[key], (name, key)
+        assert {k: v for k, v in cfg["distill"].items() if k != "runs"} == \
+            {k: v for k, v in base["distill"].items() if k != "runs"}
+    weak = load_config(CONFIG_DIR / "digits-weak-teacher.yaml")
+    for run, spec in base["distill"]["runs"].items():
+        assert weak["distill"]["runs"][run] == spec, run
+    long = load_config(CONFIG_DIR / "digits-weak-teacher-long.yaml")
+    for run in ("sid", "sida"):
+        b, l = base["distill"]["runs"][run], long["distill"]["runs"][run]
+        assert {k: v for k, v in l.items() if k != "phases"} == {k: v for k, v in b.items() if k != "phases"}
+        assert [p["kind"] for p in l["phases"]] == [p["kind"] for p in b["phases"]]
+        assert sum(p["kimg"] for p in l["phases"]) == 30
+
+
 def test_evaluation_labels_and_training_seeds_by_preset():
     """Embedded presets: balanced labels (the FD's spread in a digit classifier's features comes
     from class proportions otherwise); the long one trains every run from >= 3 seeds. Paper
