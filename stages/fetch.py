@@ -119,9 +119,13 @@ def _cache_path(cache_dir: Path, asset: dict) -> Path:
     return cache_dir / f"{asset['name']}{suffix}"
 
 
+def _path_key(asset: dict) -> str:
+    """The config key that names an asset's local path (a diffusers teacher's is teacher.path)."""
+    return "teacher.path" if asset["index"] == "teacher" else f"fetch.assets[{asset['index']}].path"
+
+
 def _hint(asset: dict, cache_path: Path) -> str:
-    return (f"download it elsewhere and set fetch.assets[{asset['index']}].path: /path/to/file "
-            f"(or place it at {cache_path})")
+    return f"download it elsewhere and set {_path_key(asset)}: /path/to/file (or place it at {cache_path})"
 
 
 def _reason(exc: BaseException) -> str:
@@ -201,7 +205,7 @@ def _resolve_folder(asset: dict, cache_dir: Path, timeout: float) -> Path:
         except AssetError:
             files = ", ".join(asset["files"])
             raise AssetError(f"asset '{asset['name']}' not available: {base + fname} could not be reached; place "
-                             f"{files} in {folder} (or set fetch.assets[{asset['index']}].path to a folder holding "
+                             f"{files} in {folder} (or set {_path_key(asset)} to a folder holding "
                              f"them)") from None
     return folder
 

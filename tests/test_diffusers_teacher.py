@@ -153,8 +153,10 @@ def test_config_validation_and_folder_import(tmp_path):
     def config(**teacher):
         return {"experiment": "x", "teacher": {"source": "diffusers", **teacher}}
 
-    with pytest.raises(ConfigError, match="teacher.path: diffusers teacher: folder .* does not exist"):
-        validate(config(path=str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="teacher.path: diffusers teacher: .* has no config.json"):
+        validate(config(path=str(tmp_path / "empty")))
+    validate(config(path=str(tmp_path / "nope")))  # made later (presets): the fetch job says it is missing
     with pytest.raises(ConfigError, match="needs teacher.path"):
         validate(config())
     folder = save_tiny_teacher(tmp_path / "m", "epsilon", label_dim=10)
@@ -166,3 +168,11 @@ def test_config_validation_and_folder_import(tmp_path):
     assert net.label_dim == 10 and net.img_resolution == 8 and net.img_channels == 1
     with torch.no_grad():
         assert torch.equal(net(x, 2.5, labels), ref(x, 2.5, labels))
+
+
+def test_fetch_names_a_missing_folder_in_one_line(tmp_path):
+    from stages.fetch import fetch
+
+    cfg = {"experiment": "x", "teacher": {"source": "diffusers", "path": str(tmp_path / "nope"), "url": None}}
+    with pytest.raises(AssetError, match=r"asset 'teacher' not available: .*nope does not exist; .* set teacher\.path"):
+        fetch(cfg, tmp_path / "out")

@@ -104,8 +104,9 @@ def _check_semantics(cfg: dict, source: str) -> None:
 
 
 def _check_diffusers_teacher(cfg: dict, source: str) -> None:
-    """teacher.source diffusers: a path or url, and a local folder that holds a supported model
-    (its JSON files are read; weights are loaded by the fetch stage)."""
+    """teacher.source diffusers: a path or url; a local folder that exists must hold a supported
+    model (its JSON files are read; weights are loaded by the fetch stage). A folder that does
+    not exist yet is the fetch job's error (one line too): presets may name folders made later."""
     t = cfg["teacher"]
     if t["source"] != "diffusers":
         if t["path"] is not None or t["url"] is not None:
@@ -114,9 +115,9 @@ def _check_diffusers_teacher(cfg: dict, source: str) -> None:
     if any(a.get("kind") == "teacher" for a in (cfg.get("fetch") or {}).get("assets") or [] if isinstance(a, dict)):
         raise ConfigError(f"{source}: fetch.assets: teacher.source diffusers takes the teacher from teacher.path / "
                           f"teacher.url: remove the asset of kind 'teacher'")
-    if t["path"] is None:
-        if t["url"] is None:
-            raise ConfigError(f"{source}: teacher.source diffusers needs teacher.path (a local folder) or teacher.url")
+    if t["path"] is None and t["url"] is None:
+        raise ConfigError(f"{source}: teacher.source diffusers needs teacher.path (a local folder) or teacher.url")
+    if t["path"] is None or not Path(t["path"]).expanduser().exists():
         return
     from ..errors import AssetError
     from ..io.diffusers_teacher import check_folder  # JSON only: no torch, no diffusers
