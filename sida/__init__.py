@@ -17,3 +17,11 @@ import os as _os
 # per parallel region on an idle machine; OMP_WAIT_POLICY=ACTIVE in the environment restores
 # spinning. Only effective before torch is first imported: entry points import sida first.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def load_generator(path, device="cpu"):
+    """A generator exported by `python -m stages.export`: ``G(z, labels=None, steps=1) -> images``
+    (see `sida.io.export`; needs torch and safetensors only, diffusers for diffusers UNets)."""
+    from .io.export import load_generator as _load
+
+    return _load(path, device)

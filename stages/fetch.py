@@ -15,7 +15,9 @@ dataset, refstats, inception, sid_generator, vae, dinov2):
    at ``inception-2015-12-05.pt``, DINOv2 weights at ``dinov2_<arch>.pth``, the VAE folder (kind
    ``vae``: ``url`` is the folder's base URL and ``files`` maps each file to its sha256) at ``vae/``
    (loaded once with diffusers, local files only), datasets are opened (checked) with the ``data:``
-   settings; EDM2 teachers' latent scale/bias and loss P_mean/P_std go to the manifest;
+   settings; EDM2 teachers' latent scale/bias and loss P_mean/P_std go to the manifest; with
+   ``teacher.source: diffusers`` the teacher is ``teacher.path`` (or the pipeline folder at
+   ``teacher.url``): a diffusers UNet2DModel + scheduler wrapped as an EDM denoiser;
 4. write ``manifest.json`` (what came from where, with hashes) last.
 Outputs are staged in a temporary folder and moved into place only when every asset succeeded,
 so a failed run leaves the previous outputs (or none) and never half of a new set.
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sida.io.atomic import atomic_write_json
+from sida.io.diffusers_teacher import diffusers_teacher_assets
 from sida.run.cli import run_stage, stage_parser
 from sida.errors import AssetError, ConfigError
 
@@ -116,9 +119,13 @@ def _cache_path(cache_dir: Path, asset: dict) -> Path:
     return cache_dir / f"{asset['name']}{suffix}"
 
 
+def _path_key(asset: dict) -> str:
+    """The config key that names an asset's local path (a diffusers teacher's is teacher.path)."""
+    return "teacher.path" if asset["index"] == "teacher" else f"fetch.assets[{asset['index']}].path"
+
+
 def _hint(asset: dict, cache_path: Path) -> str:
-    return (f"download it elsewhere and set fetch.assets[{asset['index']}].path: /path/to/file "
-            f"(or place it at {cache_path})")
+    return f"download it elsewhere and set {_path_key(asset)}: /path/to/file (or place it at {cache_path})"
 
 
 def _reason(exc: BaseException) -> str:
@@ -198,7 +205,7 @@ def _resolve_folder(asset: dict, cache_dir: Path, timeout: float) -> Path:
         except AssetError:
             files = ", ".join(asset["files"])
             raise AssetError(f"asset '{asset['name']}' not available: {base + fname} could not be reached; place "
-                             f"{files} in {folder} (or set fetch.assets[{asset['index']}].path to a folder holding "
+                             f"{files} in {folder} (or set {_path_key(asset)} to a folder holding "
                              f"them)") from None
     return folder
 
@@ -212,7 +219,7 @@ def resolve_asset(asset: dict, cache_dir: Path, timeout: float) -> tuple[Path, s
         if not p.exists():
             raise AssetError(f"asset '{name}' not available: {p} does not exist; {_hint(asset, cache)}")
         return p, None
-    if asset["kind"] == "vae":
+    if asset.get("files"):  # a folder: the VAE, a diffusers teacher
         return _resolve_folder(asset, cache_dir, timeout), None
     if cache.is_file():
         digest = sha256_file(cache) if want else None
@@ -261,8 +268,14 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 
 def _import_network(path: Path) -> tuple[Any, dict]:
-    """(our network, snapshot facts) from an EDM/EDM2/SiD pickle (no code executed) or a file we wrote."""
+    """(our network, snapshot facts) from an EDM/EDM2/SiD pickle (no code executed), a file we
+    wrote, or a diffusers folder (a UNet2DModel and its scheduler, see sida.io.diffusers_teacher)."""
     from sida.io.edm_pickle import load_edm_pickle_with_info, load_edm_state
+
+    if path.is_dir():
+        from sida.io.diffusers_teacher import load_teacher
+
+        return load_teacher(path), {}
 
     if zipfile.is_zipfile(path):  # torch.save output: our network format or an EDM-style export
         import torch
@@ -392,7 +405,7 @@ def convert_asset(asset: dict, path: Path, digest: str | None, stage: Path, cfg:
 def fetch(cfg: dict, out_dir: Path) -> dict:
     """Resolve, verify and convert every asset of `cfg['fetch']`; write outputs and the manifest."""
     fcfg = cfg.get("fetch") or {}
-    assets = check_assets(fcfg)
+    assets = check_assets(fcfg) + diffusers_teacher_assets(cfg)
     cache_dir = Path(fcfg.get("cache_dir") or "results/cache")
     timeout = float(fcfg.get("timeout_s", 30))
     # Resolve and verify everything before writing any output: a missing asset fails fast.

@@ -68,7 +68,10 @@ def test_dry_run_of_every_preset_follows_its_runs(snakemake, preset):
     expected = {name: seeds for name in runs}
     evaluated = len(evaluation_entries(load_config(preset)))  # a run per entry of its eval_steps
     expected.update(evaluate=1 + evaluated * seeds, report=1, all=1)
-    expected["fetch" if cfg.get("teacher", {}).get("source") == "fetch" else "teacher"] = 1
+    expected["fetch" if cfg.get("teacher", {}).get("source") in ("fetch", "diffusers") else "teacher"] = 1
+    exports = (cfg.get("export") or {}).get("runs") or []
+    if exports:  # export.runs: one export job each
+        expected["export"] = len(exports)
     assert stats == expected
     # A dry run downloads nothing and writes no results.
     assert not (snakemake.workdir / "results").exists()

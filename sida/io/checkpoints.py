@@ -28,9 +28,10 @@ VERSION = 1
 
 
 def _precond_classes() -> dict:
-    from ..nets.precond import PRECOND_CLASSES  # late: keeps `import sida.io.checkpoints` light
+    from ..nets.diffusers_vp import DiffusersVPPrecond  # late: keeps `import sida.io.checkpoints` light
+    from ..nets.precond import PRECOND_CLASSES
 
-    return PRECOND_CLASSES
+    return {**PRECOND_CLASSES, "DiffusersVPPrecond": DiffusersVPPrecond}
 
 
 def build_network(class_name: str, kwargs: dict) -> torch.nn.Module:

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 # Names of stages and output folders under results/<experiment>/: a run cannot use them.
-RESERVED_RUN_NAMES = frozenset({"teacher", "fetch", "evaluate", "report", "logs", "wandb", "all"})
+RESERVED_RUN_NAMES = frozenset({"teacher", "fetch", "evaluate", "report", "export", "logs", "wandb", "all"})
 
 
 def _with_defaults(cls):
@@ -97,6 +97,35 @@ def _check_semantics(cfg: dict, source: str) -> None:
         _check_batch(rc, where, procs, source)
     _check_balanced_labels(cfg, source)
     _check_extra_extractors(cfg, source)
+    _check_diffusers_teacher(cfg, source)
+    for name in cfg["export"]["runs"]:
+        if name not in runs:
+            raise ConfigError(f"{source}: export.runs: unknown run '{name}' (known: {', '.join(runs)})")
+
+
+def _check_diffusers_teacher(cfg: dict, source: str) -> None:
+    """teacher.source diffusers: a path or url; a local folder that exists must hold a supported
+    model (its JSON files are read; weights are loaded by the fetch stage). A folder that does
+    not exist yet is the fetch job's error (one line too): presets may name folders made later."""
+    t = cfg["teacher"]
+    if t["source"] != "diffusers":
+        if t["path"] is not None or t["url"] is not None:
+            raise ConfigError(f"{source}: teacher.path / teacher.url apply to teacher.source: diffusers only")
+        return
+    if any(a.get("kind") == "teacher" for a in (cfg.get("fetch") or {}).get("assets") or [] if isinstance(a, dict)):
+        raise ConfigError(f"{source}: fetch.assets: teacher.source diffusers takes the teacher from teacher.path / "
+                          f"teacher.url: remove the asset of kind 'teacher'")
+    if t["path"] is None and t["url"] is None:
+        raise ConfigError(f"{source}: teacher.source diffusers needs teacher.path (a local folder) or teacher.url")
+    if t["path"] is None or not Path(t["path"]).expanduser().exists():
+        return
+    from ..errors import AssetError
+    from ..io.diffusers_teacher import check_folder  # JSON only: no torch, no diffusers
+
+    try:
+        check_folder(t["path"])
+    except AssetError as exc:
+        raise ConfigError(f"{source}: teacher.path: {exc}") from None
 
 
 # Which method a phase kind belongs to (`warmup` trains the critic of whichever method the run

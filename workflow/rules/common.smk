@@ -70,8 +70,17 @@ for _asset in FETCH_ASSETS:
     elif _asset.get("kind") == "sid_generator":
         FETCH_OUTPUTS[f"generator_{_asset.get('name')}"] = f"{FETCH_DIR}/{_asset.get('name')}.pt"
 
+# teacher.source diffusers: the fetch stage imports teacher.path / teacher.url as teacher.pt.
+DIFFUSERS_TEACHER = config["teacher"]["source"] == "diffusers"
+if DIFFUSERS_TEACHER:
+    FETCH_OUTPUTS["teacher"] = f"{FETCH_DIR}/teacher.pt"
+# What the fetch job's outputs depend on (its rerun trigger): the teacher's folder for diffusers.
+FETCH_SETTINGS = {"diffusers_teacher": {k: config["teacher"][k] for k in ("path", "url")}} if DIFFUSERS_TEACHER else {}
+
 if config["teacher"]["source"] == "train":
     TEACHER_PT = f"{EXP}/teacher/network.pt"
+elif DIFFUSERS_TEACHER:
+    TEACHER_PT = FETCH_OUTPUTS["teacher"]
 else:
     if "teacher" not in FETCH_KINDS:
         sys.exit(
@@ -144,6 +153,15 @@ TRAINING_METRICS = [f"{d}/metrics.jsonl" for run in RUNS for d in run_instances(
 REPORT_DIR = f"{EXP}/report"
 REPORT_MD = f"{REPORT_DIR}/report.md"
 REPORT_HTML = f"{REPORT_DIR}/report.html"
+
+
+# ---- exported generators (export.runs) -----------------------------------------------------
+EXPORTS = [f"{EXP}/export/{run}" for run in config["export"]["runs"]]
+
+
+def export_network(wildcards):
+    """The network file an export job reads: the run's final EMA generator (first training seed)."""
+    return f"{run_instances(wildcards.run)[0]}/network.pt"
 
 
 # ---- what each job's result depends on (Snakemake's `params` rerun trigger) ----------------

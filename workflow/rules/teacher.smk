@@ -1,5 +1,6 @@
-# The teacher network: trained on `data` (teacher.source: train) or a published EDM checkpoint
-# imported safely (teacher.source: fetch). Downstream rules use TEACHER_PT (common.smk).
+# The teacher network: trained on `data` (teacher.source: train), a published EDM checkpoint
+# imported safely (teacher.source: fetch) or a diffusers UNet2DModel folder with its scheduler
+# (teacher.source: diffusers, imported by the fetch job). Downstream rules use TEACHER_PT (common.smk).
 
 
 rule teacher:
@@ -38,7 +39,7 @@ rule fetch:
         config=CONFIG_RESOLVED,
         out=output_dir,
         launch=launcher("fetch"),
-        settings=settings("network", "fetch"),
+        settings=settings("network", "fetch", **FETCH_SETTINGS),
     threads: rule_threads("fetch")
     resources:
         **rule_resources("fetch"),
