@@ -68,7 +68,7 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     _state.signame = name
     if _state.raise_now:
         _write(f"received {name}: stopping; finished work is kept")
-        raise Preempted(f"stopped by {name}")
+        raise Preempted(f"stopped by {name}: the finished work is kept; rerun the same command to resume")
     _write(f"received {name}: writing a checkpoint after the iteration in progress, then exiting")
 
 
