@@ -261,6 +261,13 @@ def rule_resources(rule):
         res.setdefault("tasks", res["nodes"])
         extra = "--ntasks-per-node=1" + (f" --gpus-per-node={gpus_per_node}" if gpus_per_node else "")
         res["slurm_extra"] = f"{res.get('slurm_extra', '')} {extra}".strip()
+    lead = config["slurm"]["signal_seconds"]
+    if DISTRIBUTED[rule] and lead and "--signal" not in res.get("slurm_extra", ""):
+        # The early warning goes to every process of the job's steps (not `B:`, the batch shell
+        # only, which the plugin's job script does not pass on), as SIGTERM: the jobstep Snakemake
+        # waits for its running job on SIGTERM but dies of SIGUSR1. The stage checkpoints, exits
+        # 75, and Snakemake's retries resubmit the job, which resumes.
+        res["slurm_extra"] = f"{res.get('slurm_extra', '')} --signal=TERM@{lead}".strip()
     return res
 
 
@@ -282,6 +289,10 @@ def stage_threads_arg(rule):
 
 
 TORCHRUN = "python -m sida.run.torchrun"
+# SLURM signals every process of a job step, the job's shell too, which would die of SIGTERM
+# while its stage writes the checkpoint (and the step would end, killing the stage): the shell
+# ignores it, the stage's launcher handles it (sida.run.torchrun, sida.run.signals).
+KEEP_SHELL = "trap '' TERM; "
 
 
 def launcher(rule):
@@ -303,11 +314,11 @@ def launcher(rule):
         return f"{TORCHRUN} --standalone --nproc-per-node 1"
     res = rule_resources(rule)
     if res["nodes"] == 1:
-        return f"{TORCHRUN} --standalone --nproc-per-node {procs}"
+        return f"{KEEP_SHELL}{TORCHRUN} --standalone --nproc-per-node {procs}"
     gpus_per_node = _configured_resources(rule).get("gpu", 0)
     gpus = f" --gpus-per-node {gpus_per_node}" if gpus_per_node else ""
     return (
-        f"srun --nodes {res['nodes']} --ntasks-per-node 1 --cpus-per-task {res['cpus_per_task']}{gpus} "
+        f"{KEEP_SHELL}srun --nodes {res['nodes']} --ntasks-per-node 1 --cpus-per-task {res['cpus_per_task']}{gpus} "
         f"--kill-on-bad-exit=1 python -m sida.run.launch --nproc-per-node {procs}"
     )
 
@@ -367,11 +378,12 @@ def note_shadowed_profiles():
 # Every job's shell starts with this: strict mode and `stage_failed RULE LOG`, which each rule
 # calls when its stage fails (the stage's output goes to the rule's log). It repeats the stage's
 # one-line error (the first `error: ...` line of the log: torchrun's own report follows it, so
-# the last line is not it) with the log path, then fails the job.
+# the last line is not it) with the log path, then fails the job: with status 75 when the stage
+# stopped on a signal after writing its checkpoint (its last line says so), else 1.
 shell.prefix(
     "set -euo pipefail; "
-    "stage_failed() {{ echo \"[$1] $(grep -m 1 -E '^(\\[rank [0-9]+\\] )?error: ' \"$2\" "
-    "|| tail -n 1 \"$2\") (log: $2)\" >&2; exit 1; }}; "
+    "stage_failed() {{ rc=$?; echo \"[$1] $(grep -m 1 -E '^(\\[rank [0-9]+\\] )?error: ' \"$2\" "
+    "|| tail -n 1 \"$2\") (log: $2)\" >&2; [ $rc = 75 ] && exit 75; exit 1; }}; "
 )
 
 
