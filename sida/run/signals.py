@@ -33,8 +33,10 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): checkpointed on a signal, rerun
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-class Preempted(Exception):
-    """A stage stopped on a signal; what it finished is on disk and a rerun resumes it."""
+class Preempted(BaseException):
+    """A stage stopped on a signal; what it finished is on disk and a rerun resumes it. A
+    BaseException, like KeyboardInterrupt: raised in the middle of evaluation code, no
+    `except Exception` there may take it for an error and carry on."""
 
 
 class _State:

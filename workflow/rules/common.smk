@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import sys
 
 import yaml
@@ -28,6 +29,19 @@ EVALUATED = list(EVAL_ENTRIES)
 # Training seeds: with a `seeds` list every distillation run is trained once per seed, under
 # <exp>/seed<K>/<run>/ (a `seed` wildcard), so rerunning one seed's run touches no other seed.
 SEEDS = config["seeds"]
+
+# Inside a SLURM job (Snakemake in remote mode: the plugin's job-step Snakemake and the one srun
+# starts for the rule), Snakemake and, by inheritance, the job's shell ignore SIGUSR1 and SIGINT,
+# so that `scancel --signal=USR1|INT` reaches the stage's launcher (which handles them: checkpoint,
+# exit 75) instead of killing Snakemake, which would end the job step and the stage with it.
+# (SIGTERM: Snakemake waits for its job, the shell ignores it, see KEEP_SHELL.)
+_argv = sys.argv + [""]
+if "SLURM_JOB_ID" in os.environ and "--mode" in sys.argv and _argv[_argv.index("--mode") + 1] == "remote":
+    for _sig in (signal.SIGUSR1, signal.SIGINT):
+        try:
+            signal.signal(_sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
 
 
 def run_dir(run, seed="{seed}"):
