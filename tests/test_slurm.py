@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
 import time
 
 import pytest
@@ -72,8 +73,23 @@ def test_embedded_dag_runs_on_slurm(slurm_cluster, tmp_path):
     assert queue == ""
 
 
-def test_time_limit_shorter_than_the_run_finishes_through_resubmissions(slurm_cluster, tmp_path):
-    """A distill job whose time limit (2 min) is shorter than its run: SLURM's early SIGTERM
+def _preempt_once(stage_log, timeout: float = 300) -> None:
+    """`scancel --signal=USR1` the running job once its stage has logged its first tick (as a
+    preemption's early warning would come; the workflow runs one job at a time here)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stage_log.is_file() and "kimg" in stage_log.read_text():
+            jobs = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i"], capture_output=True, text=True,
+                                  timeout=30).stdout.split()
+            if jobs:
+                subprocess.run(["scancel", "--signal=USR1", *jobs], timeout=30)
+                return
+        time.sleep(1)
+
+
+def test_preempted_and_time_limited_distill_job_finishes_through_resubmissions(slurm_cluster, tmp_path):
+    """A distill job preempted once (`scancel --signal=USR1` once its stage is training) and whose
+    time limit (2 min) is shorter than its run: SLURM's early SIGTERM
     (`slurm.signal_seconds` before the limit, `--signal=TERM@N` from the workflow) makes the stage
     write its checkpoint and exit 75; Snakemake resubmits (retries) and the next job resumes. The
     network is bit-identical to an uninterrupted run's, and each job's SLURM log shows its stop.
@@ -94,6 +110,9 @@ def test_time_limit_shorter_than_the_run_finishes_through_resubmissions(slurm_cl
     sm.env["SIDA_SLOW_ITER"] = "2"
     logdir = tmp_path / "slurm_logs"
     start = time.monotonic()
+    stage_log = tmp_path / "results" / exp / "logs" / "distill" / "warmup.log"
+    preempt = threading.Thread(target=_preempt_once, args=(stage_log,), daemon=True)
+    preempt.start()
     r = sm(f"results/{exp}/warmup/network.pt",
            "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
            "--seconds-between-status-checks", "1", "--slurm-logdir", str(logdir), "--latency-wait", "5",
@@ -103,10 +122,11 @@ def test_time_limit_shorter_than_the_run_finishes_through_resubmissions(slurm_cl
     assert r.returncode == 0, out[-6000:]
     logs = sorted((logdir / "rule_warmup").glob("*.log"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
     texts = [p.read_text() for p in logs]
-    stops = [t for t in texts if re.search(r"stopped by SIGTERM at [0-9.]+ kimg: checkpoint \S+ written", t)]
-    assert len(logs) >= 2 and len(stops) == len(logs) - 1, "\n----\n".join(t[-1500:] for t in texts)
-    stage_log = (tmp_path / "results" / exp / "logs" / "distill" / "warmup.log").read_text()
-    assert "resuming from" in stage_log, stage_log[-2000:]
+    stops = [m.group(1) for t in texts for m in [re.search(r"stopped by (SIG\w+) at [0-9.]+ kimg: checkpoint \S+ "
+                                                             r"written", t)] if m]
+    assert len(logs) >= 3 and len(stops) == len(logs) - 1, "\n----\n".join(t[-1500:] for t in texts)
+    assert stops.count("SIGUSR1") == 1 and set(stops) == {"SIGUSR1", "SIGTERM"}, stops  # preemption, time limits
+    assert "resuming from" in stage_log.read_text(), stage_log.read_text()[-2000:]
     # The same run uninterrupted, outside SLURM: bit-identical outputs.
     res = tmp_path / "results" / exp
     ref = tmp_path / "ref"
