@@ -53,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         keep = (out.parent / "work", out.stem)  # finished runs, taken by a rerun
         metrics, grid = evaluate_network(cfg, args.network, args.kind, args.name, info, args.steps, args.label,
                                          args.train_seed, keep=keep)
+        signals.ignore_from_now()  # all computed: a late signal must not lose metrics.json and the kept runs
         if info.is_main:
             save_grid(grid, out.with_name("samples.png"), cfg["evaluate"]["grid_size"])
             atomic_write_json(out, metrics)

@@ -158,6 +158,17 @@ def test_second_signal_during_the_checkpoint_write_corrupts_nothing(setup, tmp_p
 
 
 @pytest.mark.slow
+def test_signal_after_the_last_iteration_lets_the_stage_finish(setup, tmp_path):
+    """SIGTERM while the final network.pt is being written: the outputs are complete, the stage
+    exits 0 (a failed job would get them deleted) and they are the uninterrupted run's."""
+    ref = _reference(setup, "distill", lambda out: [PYTHON, *_distill_args(setup, out)])
+    out = tmp_path / "out"
+    res = _run([PYTHON, *_distill_args(setup, out)], SIDA_KILL_AT="write:network.pt", SIDA_KILL_SIGNAL="TERM")
+    assert res.returncode == 0 and "received SIGTERM" in res.stderr, res.stderr[-3000:]
+    _assert_same_outputs(ref, out)
+
+
+@pytest.mark.slow
 def test_teacher_signal_resumes_bit_exactly(setup, tmp_path):
     args = ["-m", "stages.teacher", "--config", str(setup["config"])]
     ref = _reference(setup, "teacher", lambda out: [PYTHON, *args, "--out", str(out)])

@@ -17,7 +17,7 @@ import traceback
 from typing import Callable, Sequence
 
 from ..errors import SidaError, describe_os_error
-from .signals import EXIT_PREEMPTED, Preempted
+from .signals import EXIT_PREEMPTED, Preempted, ignore_from_now
 
 DEBUG_ENV = "SIDA_DEBUG"
 
@@ -55,6 +55,7 @@ def run_stage(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] 
     and exit `EXIT_PREEMPTED` (75)."""
     try:
         main(argv)
+        ignore_from_now()  # done and written: a late signal must not fail the job now
     except Preempted as exc:
         print(f"{rank_prefix()}stopped: {exc} (exit {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
         sys.exit(EXIT_PREEMPTED)

@@ -6,6 +6,7 @@ SLURM ends jobs by signal (SIGTERM at preemption and at the time limit, then SIG
 - Training stages (`install(raise_now=False)`): the handler only records the request. The
   training loop asks `stop_agreed` once per iteration; when any rank was signalled, every rank
   finishes the same iteration, the loop writes its resume checkpoint and raises `Preempted`.
+  A signal after the last iteration is ignored: the stage writes its outputs and exits 0.
   A second signal during that write is only noted, so nothing is ever half-written.
 - Evaluation (`install(raise_now=True)`): the first signal raises `Preempted` at once (the
   finished evaluation runs are already on disk, atomically; only the run in progress is lost);
@@ -45,6 +46,7 @@ class _State:
     signame: str | None = None  # the first signal received
     count = 0
     raise_now = False
+    installed = False
     gloo_group: object = None
 
 
@@ -76,9 +78,19 @@ def _handler(signum: int, frame: FrameType | None) -> None:
 
 def install(raise_now: bool = False) -> None:
     """Handle SIGTERM, SIGUSR1 and SIGINT in this process (main thread only) as described above."""
-    _state.raise_now = raise_now
+    _state.raise_now, _state.installed = raise_now, True
     for sig in STOP_SIGNALS:
         signal.signal(sig, _handler)
+
+
+def ignore_from_now() -> None:
+    """Ignore the stop signals from here on, in a process that handled them: its work is done
+    and written, and a late signal must not kill it while the interpreter shuts down (Python
+    gives the signals their default action back then), which would fail a job whose outputs
+    are complete (and get them deleted)."""
+    if _state.installed:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def requested() -> str | None:
@@ -88,7 +100,7 @@ def requested() -> str | None:
 
 def reset() -> None:
     """Forget a stop request (tests that run several stages in one process)."""
-    _state.signame, _state.count, _state.gloo_group = None, 0, None
+    _state.signame, _state.count, _state.gloo_group, _state.installed = None, 0, None, False
 
 
 def _flag_group(group: object) -> object:

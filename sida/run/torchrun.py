@@ -104,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     try:
         run(args)
+        for sig in STOP_SIGNALS:  # the workers are done: a late signal must not fail the job now
+            signal.signal(sig, signal.SIG_IGN)
     except ChildFailedError as exc:
         if debug:
             raise
