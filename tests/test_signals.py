@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import PYTHON, REPO, assert_state_dicts_equal, env, write_config, write_teacher  # noqa: E402
@@ -85,8 +85,6 @@ def _assert_same_outputs(a: Path, b: Path) -> None:
 def _assert_stopped(res: subprocess.CompletedProcess, sig: str) -> float:
     """The stage exited 75 after writing its checkpoint; the image count it stopped at."""
     assert res.returncode == 75, res.stderr[-3000:]
-    import re
-
     m = re.search(rf"stopped by SIG{sig} at ([0-9.]+) kimg: checkpoint \S+ written", res.stderr)
     assert m, res.stderr[-3000:]
     assert "error:" not in res.stderr
@@ -283,8 +281,6 @@ def test_slurm_jobs_ask_for_the_early_signal(snakemake, tmp_path):
     base = yaml.safe_load((REPO / "config" / "ci-short.yaml").read_text())
 
     def resources(**slurm) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
-        import re
-
         path = tmp_path / "cfg.yaml"
         path.write_text(yaml.safe_dump({**base, **({"slurm": slurm} if slurm else {})}, sort_keys=False))
         r = snakemake("-n", configfile=path)
