@@ -31,17 +31,21 @@ EVALUATED = list(EVAL_ENTRIES)
 SEEDS = config["seeds"]
 
 # Inside a SLURM job (Snakemake in remote mode: the plugin's job-step Snakemake and the one srun
-# starts for the rule), Snakemake and, by inheritance, the job's shell ignore SIGUSR1 and SIGINT,
-# so that `scancel --signal=USR1|INT` reaches the stage's launcher (which handles them: checkpoint,
-# exit 75) instead of killing Snakemake, which would end the job step and the stage with it.
-# (SIGTERM: Snakemake waits for its job, the shell ignores it, see KEEP_SHELL.)
+# starts for the rule), Snakemake and, by inheritance, the job's shell ignore SIGTERM, SIGUSR1 and
+# SIGINT: SLURM signals every process of the job's steps, and the stage's launcher handles them
+# (checkpoint, exit 75). Otherwise SIGUSR1 and SIGINT kill Snakemake, which ends the step and the
+# stage with it, and SIGTERM makes it report the job failed even when the stage then finishes
+# (its outputs would be deleted). Snakemake sets its own SIGTERM handler later: that is skipped.
 _argv = sys.argv + [""]
 if "SLURM_JOB_ID" in os.environ and "--mode" in sys.argv and _argv[_argv.index("--mode") + 1] == "remote":
-    for _sig in (signal.SIGUSR1, signal.SIGINT):
-        try:
+    _STOP = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    try:
+        for _sig in _STOP:
             signal.signal(_sig, signal.SIG_IGN)
-        except ValueError:  # not the main thread
-            pass
+        _set_handler = signal.signal
+        signal.signal = lambda sig, handler: signal.getsignal(sig) if sig in _STOP else _set_handler(sig, handler)
+    except ValueError:  # not the main thread
+        pass
 
 
 def run_dir(run, seed="{seed}"):
