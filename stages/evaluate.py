@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from sida.run import dist
+from sida.run import dist, signals
 from sida.io.atomic import atomic_write_json
 from sida.run.cli import run_stage, stage_parser
 from sida.run.config import load_config
@@ -42,17 +42,22 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "when the config lists `seeds`)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    signals.install(raise_now=True)  # a signal stops at once: finished runs are kept, exit 75
     info = dist.init(cfg["device"], cfg["threads"])
     try:
         from sida.eval.evaluation import evaluate_network
+        from sida.eval.runstore import RunStore
         from sida.io.images import save_grid
 
+        out = Path(args.out)
+        keep = (out.parent / "work", out.stem)  # finished runs, taken by a rerun
         metrics, grid = evaluate_network(cfg, args.network, args.kind, args.name, info, args.steps, args.label,
-                                         args.train_seed)
+                                         args.train_seed, keep=keep)
+        signals.ignore_from_now()  # all computed: a late signal must not lose metrics.json and the kept runs
         if info.is_main:
-            out = Path(args.out)
             save_grid(grid, out.with_name("samples.png"), cfg["evaluate"]["grid_size"])
             atomic_write_json(out, metrics)
+            RunStore.clear_kept(*keep)
             s = metrics["summary"][metrics["metric"]]
             se = "n/a (one run)" if s["se"] is None else f"{s['se']:.4f}"
             print(f"[evaluate] {args.name}: {metrics['metric_label']} {s['mean']:.4f}, std {s['std']:.4f}, se {se} "

@@ -100,7 +100,7 @@ def test_distill_inputs_follow_init_and_init_generator(snakemake, tmp_path):
     assert stats["more"] == 1 and stats["evaluate"] == 4  # teacher, sid, sida, sid2a; not `more`
     cmd = next(line for line in r.stdout.splitlines() if "--run more" in line)
     assert "--init results/ci-short/sida/state.pt --init-generator results/ci-short/sid/network.pt" in cmd
-    assert cmd.startswith("Shell command: python -m sida.run.torchrun --standalone --nproc-per-node 1 -m -- stages.distill")
+    assert cmd.startswith("Shell command: trap '' TERM; python -m sida.run.torchrun --standalone --nproc-per-node 1 -m -- stages.distill")
     assert "--teacher results/ci-short/teacher/network.pt" in cmd
     assert "> results/ci-short/logs/distill/more.log 2>&1 || stage_failed more" in cmd
 
@@ -120,7 +120,7 @@ def test_embedded_default_runs_branches_side_by_side_with_one_thread_each(snakem
     assert "priority" not in blocks["sida"] and "priority" not in blocks["sid2a"]
     cmds = [line for line in r.stdout.splitlines() if line.startswith("Shell command:")]
     teacher = next(c for c in cmds if "stages.teacher" in c)
-    assert teacher.startswith("Shell command: python -m sida.run.torchrun --standalone --nproc-per-node 2 -m")
+    assert teacher.startswith("Shell command: trap '' TERM; python -m sida.run.torchrun --standalone --nproc-per-node 2 -m")
     assert "--config results/digits/config.yaml --set threads=1 --out" in teacher
     others = [c for c in cmds if "stages.distill" in c or "stages.evaluate" in c]
     assert others and all("--nproc-per-node 1 " in c for c in others)  # the rest: num_procs

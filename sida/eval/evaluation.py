@@ -566,17 +566,19 @@ def prepare_evaluand(cfg: dict, network: str | Path, kind: str, info: dist.DistI
 
 
 def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info: dist.DistInfo,
-                     steps: int = 1, label: str | None = None, train_seed: int | None = None
-                     ) -> tuple[dict, torch.Tensor | None]:
+                     steps: int = 1, label: str | None = None, train_seed: int | None = None,
+                     keep: tuple[Path, str] | None = None) -> tuple[dict, torch.Tensor | None]:
     """Evaluate a network file over `num_runs` runs of `num_samples` samples.
 
     Returns (metrics dict for metrics.json, the sample grid in [-1, 1] on the main process, else
     None). All ranks take part; the metrics are complete on every rank. Every metric's summary
     carries its standard error over runs; `monitor` is the network's FD/FID at the training
     monitor's sample count, for plotting next to the training curves (see `_monitor_protocol`).
+    `keep` (work dir, name): each finished run is kept there and taken on a rerun (`RunStore`).
     """
     from ..nets.sampler import sampling_sigmas
     from ..run.config import config_hash
+    from .runstore import RunStore
     from .sampling import generator_sigmas
 
     t0 = time.time()
@@ -594,23 +596,34 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
     sigmas = sampling_sigmas(generator_sigmas(net, cfg["distill"]["sigma_init"]), steps) if kind == "generator" else None
     key = extractor.metric_key
     ranges = seed_ranges(ev["seed"], ev["num_runs"], ev["num_samples"])
+    store = None if keep is None else RunStore(*keep, key={
+        "cfg": config_hash(cfg), "network": file_sha256(network), "kind": kind, "steps": steps,
+        "world_size": info.world_size}, info=info)
     runs, head = [], []
     for r, seeds in enumerate(ranges):
-        (feats, probs), *extra_feats = extract_generated_multi(
-            [extractor] + [x for x, _ in extras], generate, seeds, (ch, res, res), label_dim, ev["batch"], info,
-            desc=f"{name} run {r + 1}/{len(ranges)}", want_probs=ev["inception_score"], labels=ev["labels"],
-            latents=ev["latents"])
-        head.append(feats[:max(0, ev["during_training"]["num_samples"] - sum(len(h) for h in head))])
-        scores = score_run(ref, feats, probs, cfg, key, info.device) if info.is_main else {}
-        if info.is_main:  # the extra feature networks' Fréchet distances of the same samples
-            for (x, xref), (xf, _) in zip(extras, extra_feats):
-                scores[x.metric_key] = frechet_distance(*feature_stats(xf), xref.mu, xref.sigma)
-        scores = dist.broadcast_object(scores)
+        kept = store.load(r) if store is not None else None
+        if kept is None:
+            (feats, probs), *extra_feats = extract_generated_multi(
+                [extractor] + [x for x, _ in extras], generate, seeds, (ch, res, res), label_dim, ev["batch"], info,
+                desc=f"{name} run {r + 1}/{len(ranges)}", want_probs=ev["inception_score"], labels=ev["labels"],
+                latents=ev["latents"])
+            run_head = feats[:max(0, ev["during_training"]["num_samples"] - sum(len(h) for h in head))]
+            scores = score_run(ref, feats, probs, cfg, key, info.device) if info.is_main else {}
+            if info.is_main:  # the extra feature networks' Fréchet distances of the same samples
+                for (x, xref), (xf, _) in zip(extras, extra_feats):
+                    scores[x.metric_key] = frechet_distance(*feature_stats(xf), xref.mu, xref.sigma)
+            scores = dist.broadcast_object(scores)
+            if store is not None:
+                store.save(r, scores, run_head)
+        else:
+            scores, run_head = kept
+        head.append(run_head)
         runs.append({"run": r, "seeds": [seeds.start, seeds.stop - 1], **scores,
                      "class_counts": class_counts(seeds, (ch, res, res), label_dim, ev["labels"])})
         if info.is_main:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
-            print(f"[evaluate] {name} run {r + 1}/{len(ranges)}: {shown}", file=sys.stderr, flush=True)
+            how = f" (kept from {store.path(r)})" if kept is not None else ""
+            print(f"[evaluate] {name} run {r + 1}/{len(ranges)}: {shown}{how}", file=sys.stderr, flush=True)
     summary = {k: summarize([run[k] for run in runs]) for k in runs[0] if k not in ("run", "seeds", "class_counts")}
     monitor = _monitor_protocol(cfg, np.concatenate(head), ref, key, ranges[0].start) if info.is_main else None
     monitor = dist.broadcast_object(monitor)

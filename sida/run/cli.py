@@ -17,6 +17,7 @@ import traceback
 from typing import Callable, Sequence
 
 from ..errors import SidaError, describe_os_error
+from .signals import EXIT_PREEMPTED, Preempted, ignore_from_now
 
 DEBUG_ENV = "SIDA_DEBUG"
 
@@ -37,17 +38,27 @@ def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def rank_prefix() -> str:
+    """``[rank R] `` on ranks other than 0 (of a torchrun job), else ''."""
+    rank = os.environ.get("RANK")
+    return f"[rank {rank}] " if rank not in (None, "0") else ""
+
+
 def error_line(message: str) -> str:
     """``error: <message>`` on one line, prefixed with the rank on ranks other than 0."""
-    rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-    return f"{prefix}error: {' '.join(message.split())}"
+    return f"{rank_prefix()}error: {' '.join(message.split())}"
 
 
 def run_stage(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
-    """Run a stage's `main`, turning user and file-system errors into one line on stderr and exit 1."""
+    """Run a stage's `main`, turning user and file-system errors into one line on stderr and exit 1,
+    and a stop on a signal (`Preempted`: its checkpoint or finished work is on disk) into one line
+    and exit `EXIT_PREEMPTED` (75)."""
     try:
         main(argv)
+        ignore_from_now()  # done and written: a late signal must not fail the job now
+    except Preempted as exc:
+        print(f"{rank_prefix()}stopped: {exc} (exit {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
     except (SidaError, OSError) as exc:
         message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         if debug_enabled():

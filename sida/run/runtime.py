@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import dist
+from . import dist, signals
 from ..io.atomic import atomic_write
 from .config import config_hash
 from .tracking import Tracker
@@ -66,6 +66,7 @@ def start_stage(cfg: dict, out: str | Path, salt: str = "") -> StageContext:
 
     `salt` (e.g. the run name) makes the per-stage config hash and random streams distinct.
     """
+    signals.install()  # SIGTERM / SIGUSR1 / SIGINT: checkpoint after the iteration in progress, then exit 75
     info = dist.init(cfg["device"], cfg["threads"])
     out = Path(out)
     work = out / "work"

@@ -23,6 +23,7 @@ from ..io import checkpoints
 from ..run.dist import DistInfo, gather_objects
 from ..errors import CheckpointError, ConfigError, NonFiniteError
 from ..io.killpoint import kill_point
+from ..run import signals
 
 
 def accumulation(batch: int, batch_per_proc: int | None, world_size: int) -> tuple[int, int]:
@@ -439,7 +440,8 @@ def run(loop: Loop, total_nimg: int, tick_kimg: float, snapshot_kimg: float,
     guard = NonFiniteGuard(watch or {}, nonfinite_budget, label)
     start_nimg = loop.nimg
     start_iter_s = tick_iter_s = timings.seconds["iterations"]
-    last_snapshot = loop.nimg
+    # A checkpoint taken on a signal lies between snapshots: the schedule comes back with it.
+    last_snapshot = int(checkpointer.driver.get("last_snapshot", loop.nimg))
     tick = TickStats.from_state(checkpointer.driver.get("tick"), loop.nimg)
     while loop.nimg < total_nimg:
         t_iter = time.perf_counter()
@@ -477,7 +479,25 @@ def run(loop: Loop, total_nimg: int, tick_kimg: float, snapshot_kimg: float,
                 with timings("snapshot"):
                     on_snapshot()
             with timings("checkpoint"):
-                checkpointer.save(loop, driver={"tick": tick.state_dict()})
+                checkpointer.save(loop, driver={"tick": tick.state_dict(), "last_snapshot": loop.nimg})
             last_snapshot = loop.nimg
             kill_point("checkpointed")
+        kill_point("iteration")
+        if not done and signals.stop_agreed(info.group):
+            _stop_on_signal(loop, checkpointer, info, guard, timings,
+                            {"tick": tick.state_dict(), "last_snapshot": last_snapshot}, label)
     return timings
+
+
+def _stop_on_signal(loop: Loop, checkpointer: Checkpointer, info: DistInfo, guard: NonFiniteGuard,
+                    timings: Timings, driver: dict, label: str) -> None:
+    """Write the resume checkpoint of this iteration boundary (unless the snapshot just did),
+    wait until it is on disk on every rank, and raise `signals.Preempted`."""
+    if checkpointer.saved_nimg != loop.nimg:
+        guard.check_params(loop.nimg, checkpointer)
+        with timings("checkpoint"):
+            checkpointer.save(loop, driver=driver)
+    dist.barrier(group=info.group)  # no rank exits (and gets its peers stopped) before the write is done
+    name = signals.requested() or "a signal to another process"
+    raise signals.Preempted(f"{label}stopped by {name} at {loop.nimg / 1000:.3f} kimg: checkpoint {checkpointer.path} "
+                            f"written; rerun the same command to resume")

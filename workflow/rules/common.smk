@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import sys
 
 import yaml
@@ -28,6 +29,23 @@ EVALUATED = list(EVAL_ENTRIES)
 # Training seeds: with a `seeds` list every distillation run is trained once per seed, under
 # <exp>/seed<K>/<run>/ (a `seed` wildcard), so rerunning one seed's run touches no other seed.
 SEEDS = config["seeds"]
+
+# Inside a SLURM job (Snakemake in remote mode: the plugin's job-step Snakemake and the one srun
+# starts for the rule), Snakemake and, by inheritance, the job's shell ignore SIGTERM, SIGUSR1 and
+# SIGINT: SLURM signals every process of the job's steps, and the stage's launcher handles them
+# (checkpoint, exit 75). Otherwise SIGUSR1 and SIGINT kill Snakemake, which ends the step and the
+# stage with it, and SIGTERM makes it report the job failed even when the stage then finishes
+# (its outputs would be deleted). Snakemake sets its own SIGTERM handler later: that is skipped.
+_argv = sys.argv + [""]
+if "SLURM_JOB_ID" in os.environ and "--mode" in sys.argv and _argv[_argv.index("--mode") + 1] == "remote":
+    _STOP = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    try:
+        for _sig in _STOP:
+            signal.signal(_sig, signal.SIG_IGN)
+        _set_handler = signal.signal
+        signal.signal = lambda sig, handler: signal.getsignal(sig) if sig in _STOP else _set_handler(sig, handler)
+    except ValueError:  # not the main thread
+        pass
 
 
 def run_dir(run, seed="{seed}"):
@@ -279,6 +297,13 @@ def rule_resources(rule):
         res.setdefault("tasks", res["nodes"])
         extra = "--ntasks-per-node=1" + (f" --gpus-per-node={gpus_per_node}" if gpus_per_node else "")
         res["slurm_extra"] = f"{res.get('slurm_extra', '')} {extra}".strip()
+    lead = config["slurm"]["signal_seconds"]
+    if DISTRIBUTED[rule] and lead and "--signal" not in res.get("slurm_extra", ""):
+        # The early warning goes to every process of the job's steps (not `B:`, the batch shell
+        # only, which the plugin's job script does not pass on), as SIGTERM: the jobstep Snakemake
+        # waits for its running job on SIGTERM but dies of SIGUSR1. The stage checkpoints, exits
+        # 75, and Snakemake's retries resubmit the job, which resumes.
+        res["slurm_extra"] = f"{res.get('slurm_extra', '')} --signal=TERM@{lead}".strip()
     return res
 
 
@@ -300,6 +325,10 @@ def stage_threads_arg(rule):
 
 
 TORCHRUN = "python -m sida.run.torchrun"
+# SLURM signals every process of a job step, the job's shell too, which would die of SIGTERM
+# while its stage writes the checkpoint (and the step would end, killing the stage): the shell
+# ignores it, the stage's launcher handles it (sida.run.torchrun, sida.run.signals).
+KEEP_SHELL = "trap '' TERM; "
 
 
 def launcher(rule):
@@ -321,11 +350,11 @@ def launcher(rule):
         return f"{TORCHRUN} --standalone --nproc-per-node 1"
     res = rule_resources(rule)
     if res["nodes"] == 1:
-        return f"{TORCHRUN} --standalone --nproc-per-node {procs}"
+        return f"{KEEP_SHELL}{TORCHRUN} --standalone --nproc-per-node {procs}"
     gpus_per_node = _configured_resources(rule).get("gpu", 0)
     gpus = f" --gpus-per-node {gpus_per_node}" if gpus_per_node else ""
     return (
-        f"srun --nodes {res['nodes']} --ntasks-per-node 1 --cpus-per-task {res['cpus_per_task']}{gpus} "
+        f"{KEEP_SHELL}srun --nodes {res['nodes']} --ntasks-per-node 1 --cpus-per-task {res['cpus_per_task']}{gpus} "
         f"--kill-on-bad-exit=1 python -m sida.run.launch --nproc-per-node {procs}"
     )
 
@@ -385,11 +414,12 @@ def note_shadowed_profiles():
 # Every job's shell starts with this: strict mode and `stage_failed RULE LOG`, which each rule
 # calls when its stage fails (the stage's output goes to the rule's log). It repeats the stage's
 # one-line error (the first `error: ...` line of the log: torchrun's own report follows it, so
-# the last line is not it) with the log path, then fails the job.
+# the last line is not it) with the log path, then fails the job: with status 75 when the stage
+# stopped on a signal after writing its checkpoint (its last line says so), else 1.
 shell.prefix(
     "set -euo pipefail; "
-    "stage_failed() {{ echo \"[$1] $(grep -m 1 -E '^(\\[rank [0-9]+\\] )?error: ' \"$2\" "
-    "|| tail -n 1 \"$2\") (log: $2)\" >&2; exit 1; }}; "
+    "stage_failed() {{ rc=$?; echo \"[$1] $(grep -m 1 -E '^(\\[rank [0-9]+\\] )?error: ' \"$2\" "
+    "|| tail -n 1 \"$2\") (log: $2)\" >&2; [ $rc = 75 ] && exit 75; exit 1; }}; "
 )
 
 
