@@ -27,8 +27,8 @@ import os
 import signal
 from types import FrameType
 
-import torch
-import torch.distributed as dist
+# torch is imported where the flag is reduced, not here: `sida.run.cli` (every command's error
+# wrapper, the container build's included) imports this module and must run without torch.
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): checkpointed on a signal, rerun to resume
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -106,6 +106,8 @@ def reset() -> None:
 def _flag_group(group: object) -> object:
     """The group the flag is reduced over: `group` itself when it is gloo, else a gloo group of
     the same ranks (made once; every rank makes it at the same call)."""
+    import torch.distributed as dist
+
     if dist.get_backend(group) == "gloo":
         return group
     if _state.gloo_group is None:
@@ -117,6 +119,9 @@ def _flag_group(group: object) -> object:
 def stop_agreed(group: object = None) -> bool:
     """True on every rank of `group` (None: the job) when any of them was signalled. Collective:
     every rank calls it at the same point (once per iteration)."""
+    import torch
+    import torch.distributed as dist
+
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return _state.signame is not None
     flag = torch.tensor([int(_state.signame is not None)], dtype=torch.int32)
