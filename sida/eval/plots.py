@@ -17,7 +17,7 @@ import numpy as np
 
 from ..io.atomic import atomic_write
 
-__all__ = ["run_and_seed", "upstream_kimg", "seed_band", "plot_quality_vs_images", "plot_scalars"]
+__all__ = ["run_and_seed", "upstream_kimg", "curve_points", "seed_band", "plot_quality_vs_images", "plot_scalars"]
 
 Curves = dict[str, dict["int | None", list[dict]]]   # run -> training seed -> jsonl records
 
@@ -45,7 +45,8 @@ def upstream_kimg(runs: dict) -> dict[str, float]:
     return {n: sum(total[a] for a in ancestors(n, set())) for n in runs}
 
 
-def _points(records: list[dict], key: str) -> dict[float, float]:
+def curve_points(records: list[dict], key: str) -> dict[float, float]:
+    """{kimg: value} of the records that logged a finite `key` (monitor points, not progress ticks)."""
     return {float(r["kimg"]): float(r[key]) for r in records
             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and "kimg" in r}
 
@@ -53,7 +54,7 @@ def _points(records: list[dict], key: str) -> dict[float, float]:
 def seed_band(per_seed: dict, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """(kimg, mean, min, max) of `key` over training seeds at the kimg every seed logged; None
     when no seed logged it."""
-    pts = [p for p in (_points(recs, key) for recs in per_seed.values()) if p]
+    pts = [p for p in (curve_points(recs, key) for recs in per_seed.values()) if p]
     if not pts:
         return None
     xs = sorted(set.intersection(*(set(p) for p in pts)))

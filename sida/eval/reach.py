@@ -15,8 +15,7 @@ count of those seeds stated), because filling in a censored value would invent a
 
 from __future__ import annotations
 
-import math
-
+from .plots import curve_points
 from .stats import paired_difference, summarize
 
 __all__ = ["first_reach", "reach_summary"]
@@ -25,12 +24,9 @@ __all__ = ["first_reach", "reach_summary"]
 def first_reach(records: list[dict], key: str, threshold: float, offset_kimg: float = 0.0) -> float | None:
     """Total kimg (`offset_kimg` + the run's own kimg) of the first record whose `key` is
     <= `threshold`; None when no record reaches it. Records without a finite `key` are skipped
-    (progress ticks between monitor evaluations)."""
-    for r in sorted((r for r in records if "kimg" in r), key=lambda r: float(r["kimg"])):
-        v = r.get(key)
-        if isinstance(v, (int, float)) and math.isfinite(v) and v <= threshold:
-            return offset_kimg + float(r["kimg"])
-    return None
+    (progress ticks between monitor evaluations), as the report's curves skip them."""
+    hits = [k for k, v in curve_points(records, key).items() if v <= threshold]
+    return offset_kimg + min(hits) if hits else None
 
 
 def reach_summary(curves: dict[str, dict[int | None, list[dict]]], key: str, threshold: float,
