@@ -90,12 +90,12 @@ def grad_split(cfg: dict, run: str, state_path: str, teacher_path: str, batch: i
                lambda_adv: float | None = None) -> dict:
     """The generator's gradient from each half of SiDA's objective on one batch, at the run's
     final G and fake score: 0.5 * lambda_sid * L_sid and 0.5 * lambda_adv * L_adv (DESIGN step 2,
-    `generator_objective`), their norms, ratio and cosine. `lambda_adv` None: the run's."""
+    `sid_generator_objective`), their norms, ratio and cosine. `lambda_adv` None: the run's."""
     from sida.io.checkpoints import load_network, load_state, network_from_record
     from sida.nets.sampler import sid_sigma_t
     from sida.io.data import open_dataset
     from sida.run.config import run_config
-    from sida.train.losses import generator_losses
+    from sida.train.losses import sid_generator_terms
 
     rc = run_config(cfg, run)
     lam_adv = rc["lambda_adv"] if lambda_adv is None else lambda_adv
@@ -113,7 +113,7 @@ def grad_split(cfg: dict, run: str, state_path: str, teacher_path: str, batch: i
     x_t = x_g + sigma_t * torch.randn(shape, generator=g)
     y_real = teacher(x_t, sigma_t.flatten(), labels)
     y_fake, logits = fake(x_t, sigma_t.flatten(), labels, return_flag="encoder_decoder")
-    l_sid, l_adv, _ = generator_losses(y_real.float(), y_fake.float(), x_g, rc["alpha"], logits)
+    l_sid, l_adv, _ = sid_generator_terms(y_real.float(), y_fake.float(), x_g, rc["alpha"], logits)
     params = [p for p in G.parameters() if p.requires_grad]
     terms = {"sid": 0.5 * rc["lambda_sid"] * l_sid.sum() / batch, "adv": 0.5 * lam_adv * l_adv.sum() / batch}
     flat = {}

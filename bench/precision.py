@@ -21,7 +21,7 @@ import torch
 
 from sida.nets.precond import EDMPrecond
 from sida.nets.sampler import sid_sigma_t
-from sida.train.losses import fake_score_losses, fake_score_objective, generator_losses, generator_objective
+from sida.train.losses import sid_critic_terms, sid_critic_objective, sid_generator_terms, sid_generator_objective
 
 PATHS = {  # name -> (network compute dtype, autocast dtype or None)
     "fp16 (EDM path)": (torch.float16, None),
@@ -55,8 +55,8 @@ def run_path(nets: dict, compute: torch.dtype, amp: torch.dtype | None, data: di
         sigma_t = sid_sigma_t(t * 0.8)
         x_t = x_g + sigma_t * eps
         y_real, y_fake = teacher(x_t, sigma_t.flatten()), fake(x_t, sigma_t.flatten())
-    l_sid, _, _ = generator_losses(y_real.float(), y_fake.float(), x_g, 1.2)
-    generator_objective(l_sid, None, 100.0, 0.01, batch_total, False).backward()
+    l_sid, _, _ = sid_generator_terms(y_real.float(), y_fake.float(), x_g, 1.2)
+    sid_generator_objective(l_sid, None, 100.0, 0.01, batch_total, False).backward()
     grad_g = torch.cat([p.grad.reshape(-1) for p in G.parameters() if p.grad is not None])
 
     fake.requires_grad_(True)
@@ -65,8 +65,8 @@ def run_path(nets: dict, compute: torch.dtype, amp: torch.dtype | None, data: di
     sigma = data["sigma"]
     with ctx():
         den = fake(x0 + data["noise"] * sigma, sigma.flatten())
-    l_fake, _, _ = fake_score_losses(den.float(), x0, sigma)
-    fake_score_objective(l_fake, None, batch_total).backward()
+    l_fake, _, _ = sid_critic_terms(den.float(), x0, sigma)
+    sid_critic_objective(l_fake, None, batch_total).backward()
     grad_f = torch.cat([p.grad.reshape(-1) for p in fake.parameters() if p.grad is not None])
     return {"G": grad_g, "fake": grad_f}
 

@@ -64,7 +64,7 @@ def _accumulate(nets, halves: list[int], batch_total: int) -> None:
     DistillLoop does): the cross-process average then gives the global-batch mean."""
     from sida.train.distill import fake_forward
     from sida.train.losses import (adversarial_generator_loss, discriminator_loss, edm_denoising_loss, edm_loss_weight,
-                             fake_score_objective, generator_objective, sid_generator_loss, sid_weight_factor)
+                             sid_critic_objective, sid_generator_objective, sid_generator_loss, sid_weight_factor)
     from sida.nets.sampler import sid_sigma_t
 
     teacher, G, fake = nets
@@ -81,7 +81,7 @@ def _accumulate(nets, halves: list[int], batch_total: int) -> None:
         den, lf, lr = fake_forward(fake, x_g + n, b["real"] + n, b["sigma"].flatten(), b["labels"], True)
         l_fake = edm_denoising_loss(den, x_g, b["sigma"])
         l_d = discriminator_loss(lr, lf, edm_loss_weight(b["sigma"]))
-        fake_score_objective(l_fake, l_d, batch_total).backward()
+        sid_critic_objective(l_fake, l_d, batch_total).backward()
         # generator through the frozen teacher and fake score, adversarial phase
         fake.requires_grad_(False)
         x_g = G(2.5 * b["z"], s_init, b["labels"])
@@ -91,7 +91,7 @@ def _accumulate(nets, halves: list[int], batch_total: int) -> None:
         y_fake, logits = fake(x_t, sigma_t.flatten(), b["labels"], return_flag="encoder_decoder")
         l_sid = sid_generator_loss(y_real, y_fake, x_g, 1.2)
         l_adv = adversarial_generator_loss(logits, sid_weight_factor(x_g, y_real), x_g.shape)
-        generator_objective(l_sid, l_adv, 100.0, 0.01, batch_total, True).backward()
+        sid_generator_objective(l_sid, l_adv, 100.0, 0.01, batch_total, True).backward()
 
 
 def _grads(nets) -> dict[str, torch.Tensor]:

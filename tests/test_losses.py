@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sida.train.losses import (adversarial_generator_loss, discriminator_loss, edm_denoising_loss, edm_loss_weight,
-                         fake_score_objective, generator_objective, sid_generator_loss, sid_weight_factor)
+                         sid_critic_objective, sid_generator_objective, sid_generator_loss, sid_weight_factor)
 
 
 def t(values, shape=None):
@@ -159,21 +159,21 @@ def test_generator_objective_by_hand():
     l_sid = t([1.0, 2.0, 3.0, 4.0], [2, 1, 1, 2])  # sum 10
     l_adv = t([100.0, 300.0], [2, 1, 1, 1])  # sum 400
     # SiD phase: 100 * 10 / 4 = 250 (batch_total 4: e.g. 2 per process x 2 rounds)
-    out = generator_objective(l_sid, l_adv, lambda_sid=100.0, lambda_adv=0.01, batch_total=4, adversarial=False)
+    out = sid_generator_objective(l_sid, l_adv, lambda_sid=100.0, lambda_adv=0.01, batch_total=4, adversarial=False)
     assert out.item() == pytest.approx(250.0)
-    out = generator_objective(l_sid, None, lambda_sid=100.0, lambda_adv=0.01, batch_total=4, adversarial=False)
+    out = sid_generator_objective(l_sid, None, lambda_sid=100.0, lambda_adv=0.01, batch_total=4, adversarial=False)
     assert out.item() == pytest.approx(250.0)
     # SiDA phase: 0.5 * 100 * 10 / 4 + 0.5 * 0.01 * 400 / 4 = 125 + 0.5 = 125.5
-    out = generator_objective(l_sid, l_adv, lambda_sid=100.0, lambda_adv=0.01, batch_total=4, adversarial=True)
+    out = sid_generator_objective(l_sid, l_adv, lambda_sid=100.0, lambda_adv=0.01, batch_total=4, adversarial=True)
     assert out.item() == pytest.approx(125.5)
 
 
 def test_fake_score_objective_by_hand():
     l_fake = t([1.0, 2.0, 3.0, 6.0], [2, 1, 1, 2])  # sum 12
     l_d = t([4.0, 8.0], [2, 1, 1, 1])  # sum 12
-    assert fake_score_objective(l_fake, None, batch_total=3).item() == pytest.approx(4.0)
-    assert fake_score_objective(l_fake, l_d, batch_total=3).item() == pytest.approx(8.0)
-    assert fake_score_objective(l_fake, l_d, batch_total=3, lambda_d=0.5).item() == pytest.approx(6.0)
+    assert sid_critic_objective(l_fake, None, batch_total=3).item() == pytest.approx(4.0)
+    assert sid_critic_objective(l_fake, l_d, batch_total=3).item() == pytest.approx(8.0)
+    assert sid_critic_objective(l_fake, l_d, batch_total=3, lambda_d=0.5).item() == pytest.approx(6.0)
 
 
 # -- samples holding a NaN are dropped from their loss -------------------------------------------
@@ -194,15 +194,15 @@ def _grads(loss: torch.Tensor, leaves: dict[str, torch.Tensor]) -> dict[str, tor
 
 @pytest.mark.parametrize("where", ["y_real", "y_fake", "x_g", "logits"])
 def test_planted_nan_sample_leaves_the_others_generator_gradient_unchanged(where):
-    from sida.train.losses import generator_losses
+    from sida.train.losses import sid_generator_terms
 
     B, total = 4, 4
     leaves = _leaves(0, x_g=[B, 1, 2, 2], y_real=[B, 1, 2, 2], y_fake=[B, 1, 2, 2], logits=[B, 1, 1, 1])
     with torch.no_grad():
         leaves[where][0].view(-1)[-1] = float("nan")   # one NaN in sample 0
-    l_sid, l_adv, keep = generator_losses(leaves["y_real"], leaves["y_fake"], leaves["x_g"], 1.2, leaves["logits"])
+    l_sid, l_adv, keep = sid_generator_terms(leaves["y_real"], leaves["y_fake"], leaves["x_g"], 1.2, leaves["logits"])
     assert keep.tolist() == [False, True, True, True]
-    loss = generator_objective(l_sid, l_adv, 100.0, 0.01, total, adversarial=True)
+    loss = sid_generator_objective(l_sid, l_adv, 100.0, 0.01, total, adversarial=True)
     assert torch.isfinite(loss)
     got = _grads(loss, leaves)
 
@@ -212,14 +212,14 @@ def test_planted_nan_sample_leaves_the_others_generator_gradient_unchanged(where
     x_g, y_real, y_fake, logits = (ref_leaves[n][k] for n in ("x_g", "y_real", "y_fake", "logits"))
     ref_sid = sid_generator_loss(y_real, y_fake, x_g, 1.2)
     ref_adv = adversarial_generator_loss(logits, sid_weight_factor(x_g, y_real), x_g.shape)
-    ref_loss = generator_objective(ref_sid, ref_adv, 100.0, 0.01, total, adversarial=True)
+    ref_loss = sid_generator_objective(ref_sid, ref_adv, 100.0, 0.01, total, adversarial=True)
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
     ref = _grads(ref_loss, ref_leaves)
     for n in got:
         torch.testing.assert_close(got[n][1:], ref[n][1:], rtol=1e-6, atol=1e-7, msg=n)
         assert torch.equal(got[n][0], torch.zeros_like(got[n][0])), n  # nothing flows into the dropped one
     # the test can fail: without dropping, the NaN reaches the loss
-    plain = generator_objective(sid_generator_loss(leaves["y_real"], leaves["y_fake"], leaves["x_g"], 1.2),
+    plain = sid_generator_objective(sid_generator_loss(leaves["y_real"], leaves["y_fake"], leaves["x_g"], 1.2),
                                 adversarial_generator_loss(leaves["logits"], sid_weight_factor(leaves["x_g"], leaves["y_real"]),
                                                            leaves["x_g"].shape), 100.0, 0.01, total, True)
     assert torch.isnan(plain)
@@ -227,7 +227,7 @@ def test_planted_nan_sample_leaves_the_others_generator_gradient_unchanged(where
 
 @pytest.mark.parametrize("where", ["denoised", "x", "logits_fake", "logits_real"])
 def test_planted_nan_sample_leaves_the_others_fake_score_gradient_unchanged(where):
-    from sida.train.losses import fake_score_losses
+    from sida.train.losses import sid_critic_terms
 
     B, total = 4, 8   # e.g. this micro-batch is one of two accumulation rounds
     shapes = dict(denoised=[B, 1, 2, 2], x=[B, 1, 2, 2], logits_fake=[B, 1, 1, 2], logits_real=[B, 1, 1, 2])
@@ -235,17 +235,17 @@ def test_planted_nan_sample_leaves_the_others_fake_score_gradient_unchanged(wher
     leaves = _leaves(1, **shapes)
     with torch.no_grad():
         leaves[where][2].view(-1)[0] = float("nan")   # sample 2
-    l_fake, l_d, keep = fake_score_losses(leaves["denoised"], leaves["x"], sigma, leaves["logits_fake"],
+    l_fake, l_d, keep = sid_critic_terms(leaves["denoised"], leaves["x"], sigma, leaves["logits_fake"],
                                           leaves["logits_real"])
     assert keep.tolist() == [True, True, False, True]
-    loss = fake_score_objective(l_fake, l_d, total)
+    loss = sid_critic_objective(l_fake, l_d, total)
     assert torch.isfinite(loss)
     got = _grads(loss, leaves)
 
     ref_leaves = _leaves(1, **shapes)
     k = [0, 1, 3]
     den, x, lf, lr = (ref_leaves[n][k] for n in ("denoised", "x", "logits_fake", "logits_real"))
-    ref_loss = fake_score_objective(edm_denoising_loss(den, x, sigma[k]),
+    ref_loss = sid_critic_objective(edm_denoising_loss(den, x, sigma[k]),
                                     discriminator_loss(lr, lf, edm_loss_weight(sigma[k])), total)
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
     ref = _grads(ref_loss, ref_leaves)
@@ -253,21 +253,21 @@ def test_planted_nan_sample_leaves_the_others_fake_score_gradient_unchanged(wher
         torch.testing.assert_close(got[n][k], ref[n][k], rtol=1e-6, atol=1e-7, msg=n)
         assert torch.equal(got[n][2], torch.zeros_like(got[n][2])), n
     # without a discriminator only the denoising term is there
-    l_fake2, l_d2, keep2 = fake_score_losses(leaves["denoised"], leaves["x"], sigma)
+    l_fake2, l_d2, keep2 = sid_critic_terms(leaves["denoised"], leaves["x"], sigma)
     assert l_d2 is None and keep2.tolist() == ([True, True, False, True] if where in ("denoised", "x") else [True] * 4)
 
 
 def test_nothing_dropped_gives_the_plain_losses():
-    from sida.train.losses import fake_score_losses, generator_losses
+    from sida.train.losses import sid_critic_terms, sid_generator_terms
 
     g = torch.Generator().manual_seed(2)
     x, den, yr, yf = (torch.randn(3, 1, 2, 2, generator=g) for _ in range(4))
     lf, lr = torch.randn(3, 1, 1, 2, generator=g), torch.randn(3, 1, 1, 2, generator=g)
     sigma = t([0.3, 1.0, 3.0], [3, 1, 1, 1])
-    l_fake, l_d, keep = fake_score_losses(den, x, sigma, lf, lr)
+    l_fake, l_d, keep = sid_critic_terms(den, x, sigma, lf, lr)
     assert keep.all()
     close(l_fake, edm_denoising_loss(den, x, sigma))
     close(l_d, discriminator_loss(lr, lf, edm_loss_weight(sigma)))
-    l_sid, l_adv, keep = generator_losses(yr, yf, x, 1.0, lf)
+    l_sid, l_adv, keep = sid_generator_terms(yr, yf, x, 1.0, lf)
     close(l_sid, sid_generator_loss(yr, yf, x, 1.0))
     close(l_adv, adversarial_generator_loss(lf, sid_weight_factor(x, yr), x.shape))

@@ -116,7 +116,7 @@ def test_sid_moves_generator_mean_to_data_mean(alpha):
 
 def test_sign_flipped_generator_loss_moves_away(monkeypatch):
     """The test above can fail: with the SiD loss negated, b runs away from mu."""
-    orig = losses_mod.sid_generator_loss  # what the loop's generator_losses calls
+    orig = losses_mod.sid_generator_loss  # what the loop's sid_generator_terms calls
     monkeypatch.setattr(losses_mod, "sid_generator_loss", lambda *a, **k: -orig(*a, **k))
     loop = _make_loop(1.2, 60, 100)
     _iterate(loop, 60 + 40)

@@ -1,53 +1,43 @@
 """The distillation loop: SiD, SiDA, SiD2A and the DMD / DMD2 and ADD baselines as one loop over
 phases that are data.
 
-A run is a list of phases ({kind, kimg}); `kind` decides what an iteration does:
+A run is a list of phases ({kind, kimg}) of one method (`sida.run.config.run_method`); the
+method's class (`sida.train.methods`: SiD, DMD2, ADD) holds its critic and generator objectives,
+and `kind` says what an iteration trains:
 - warmup: only the critic learns (the fake score and / or the run's discriminator);
-- sid:    f_psi step, then the generator step on lambda_sid * L_sid;
-- sida:   as sid, but the generator minimises 0.5 lambda_sid L_sid + 0.5 lambda_adv L_adv;
-- dmd, dmd2: DMD2's iteration (generator on its turn, then the fake score and, with the
-          `dmd2_head` discriminator, its classifier); dmd2 adds the GAN term to the generator;
-- add:    ADD's iteration (student on real images noised at its levels, then the heads).
-The DMD and ADD iterations live in `sida.train.baseline_steps`; a run's phases belong to one
-method. SiD2A is a run whose generator starts from a SiD generator (`init_generator`). Every
-setting comes from the run's merged config (`sida.run.config.run_config`), so a run can change any
-of them. Shared by every method: the optimiser (`optimizer` adam / adamw, betas, weight decay),
-a linear lr warm-up (`lr_warmup_kimg`), gradient-norm clipping (`grad_clip`), the critic /
-generator ratio (`critic_ratio`: the generator updates every k-th iteration, each iteration
-counts `batch` images) and the EMA (`ema: false` keeps G_ema equal to G). What the official SiD
-loops do and this one does too:
-- a run that trains the SiDA discriminator clips the fake score's gradients by value (`fake_clip`)
-  in every phase; others never clip by value;
-- the fake score sees augmented inputs (`augment`, EDM's pipe with its 9 labels; generated and
-  real images drawn independently); the generator step is never augmented;
-- G and f_psi carry `dropout` and train in train mode (the teacher and G_ema never do);
-- labels of class-conditional runs come from dataset samples (the dataset's class frequencies);
-- a sample holding a NaN is dropped from its loss, gradients pass through nan_to_num;
-- `precision: fp16` runs EDM's fp16 path in all networks (no gradient scaler; Adam eps 1e-6).
-Each SiD-family iteration (docs/design.md): 1. fake-score (+discriminator) update on x_g.detach();
-2. generator update through frozen teacher and fake score; 3. EMA of G.
+- sid, sida: SiD's critic then generator; sida adds the SiDA adversarial term;
+- dmd, dmd2: DMD2's generator (on its turn) then critic; dmd2 adds the GAN term;
+- add: ADD's student (on its turn) then the heads.
+The loop owns what every method shares: accumulation over micro-batch slots (each with its own
+random streams, `sida.train.draws`), the optimiser (`optimizer` adam / adamw, betas, weight decay),
+a linear lr warm-up (`lr_warmup_kimg`), gradient sync and clipping (`fake_clip` by value for runs
+that train SiDA's discriminator, as the official SiDA loop does in every phase; `grad_clip` by
+norm), EDM2's forced weight norm after each step, the critic / generator ratio (`critic_ratio`:
+the generator updates every k-th iteration, each iteration counts `batch` images), the EMA (`ema:
+false` keeps G_ema equal to G), and the checkpoint state. What the official SiD loops do and
+this one does too: G and f_psi carry `dropout` and train in train mode (the teacher and G_ema
+never do); labels of class-conditional runs come from dataset samples; `precision: fp16` runs
+EDM's fp16 path in all networks (no gradient scaler; Adam eps 1e-6).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..io.data import ImageDataset
 from ..run.config import discriminator_kind, distill_defaults, generation_sigmas, run_method
 from ..run.dist import DistInfo
 from ..errors import CheckpointError, ConfigError
-from ..io.factory import autocast
-from .augment import AUGMENT_DIM, AugmentPipe
-from .baseline_steps import add_iteration, dmd_iteration
-from .baselines import generator_turn, make_optimizer, warmup_lr
-from .loop import accumulation, ema_update, make_generators, set_lr, slot_generator, sync_gradients
-from .losses import fake_score_losses, fake_score_objective, generator_losses, generator_objective
-from ..nets.sampler import sid_sigma_t
 from ..nets.edm2 import force_weight_norm_
-from ..nets.heads import ADDHeads, DMD2Head, add_heads_for, dmd2_head_for, head_from_record
+from ..nets.heads import head_from_record
+from .augment import AUGMENT_DIM, AugmentPipe
+from .draws import Draws, make_generators
+from .methods import method_class
+from .methods.base import Slot, Stats, freeze, unfreeze
+from .updates import accumulation, ema_update, generator_turn, make_optimizer, set_lr, sync_gradients, warmup_lr
 
 
 @dataclass(frozen=True)
@@ -79,27 +69,6 @@ class Nets:
     features: torch.nn.Module | None = None  # ADD's frozen feature network (not trained, not stored)
 
 
-def fake_forward(fake: torch.nn.Module, x_fake: torch.Tensor, x_real: torch.Tensor | None,
-                 sigma: torch.Tensor, labels: torch.Tensor, discriminator: bool,
-                 augment_labels: tuple[torch.Tensor, torch.Tensor | None] | None = None):
-    """f_psi on noisy fakes (denoised + logits) and, for the discriminator, on noisy reals (logits).
-
-    Both encoder passes run as one batched pass: the network decodes only the fake half
-    (`decode_first`), so the real images cost an encoder pass and nothing more.
-    `augment_labels`: (fake's, real's or None) augmentation labels, None when not augmenting.
-    Returns (denoised_fake, logits_fake | None, logits_real | None).
-    """
-    aug_fake, aug_real = augment_labels if augment_labels is not None else (None, None)
-    if not discriminator:
-        return fake(x_fake, sigma, labels, augment_labels=aug_fake), None, None
-    b = x_fake.shape[0]
-    x = torch.cat([x_fake, x_real])
-    aug = None if aug_fake is None else torch.cat([aug_fake, aug_real])
-    denoised, logits = fake(x, torch.cat([sigma, sigma]), torch.cat([labels, labels]), augment_labels=aug,
-                            return_flag="encoder_decoder", decode_first=b)
-    return denoised, logits[:b], logits[b:]
-
-
 def apply_precision(nets: "Nets", precision: str) -> None:
     """Set every network's compute dtype for the run's `precision`, as the official code does.
 
@@ -122,11 +91,15 @@ def apply_precision(nets: "Nets", precision: str) -> None:
 
 
 class DistillLoop:
-    """One SiD/SiDA iteration per `step`; state for checkpoints in `state_dict`."""
+    """One distillation iteration per `step`; state for checkpoints in `state_dict`.
+
+    `fused_optimizer`: torch's fused Adam / AdamW step (`make_optimizer`). Off by default: it
+    rounds differently, and (docs/performance.md) it is not faster for a distillation iteration.
+    """
 
     def __init__(self, rc: dict, nets: Nets, dataset: ImageDataset | None, info: DistInfo,
                  gens: dict[str, torch.Generator] | None = None, sigma_data: float = 0.5,
-                 seed: int = 0) -> None:
+                 seed: int = 0, fused_optimizer: bool = False) -> None:
         rc = {**distill_defaults(), **rc}  # a hand-made rc (tests, benchmarks) gets the schema's defaults
         if rc["adam_eps"] is None:
             rc["adam_eps"] = 1e-6 if rc["precision"] == "fp16" else 1e-8
@@ -142,7 +115,6 @@ class DistillLoop:
         # the critic trains besides (or, for ADD, instead of) the fake score.
         self.method = run_method(rc["phases"])
         self.disc = discriminator_kind(rc["discriminator"])
-        self.discriminator = self.disc == "sida"  # SiDA's logits in fake_step / generator_step
         if (self.disc != "none" or self.method == "add") and dataset is None:
             raise ConfigError(f"a run with discriminator {self.disc} or ADD phases needs real images: configure `data`")
         self.gen_sigmas = generation_sigmas(rc)
@@ -153,14 +125,14 @@ class DistillLoop:
         ref = nets.teacher
         self.img_shape = (ref.img_channels, ref.img_resolution, ref.img_resolution)
         self.label_dim = ref.label_dim
-        self.augment = AugmentPipe(rc["augment"]) if rc["augment"] > 0 else None
-        if self.augment is not None and getattr(nets.fake, "augment_dim", 0) < AUGMENT_DIM:
+        augment = AugmentPipe(rc["augment"]) if rc["augment"] > 0 else None
+        if augment is not None and getattr(nets.fake, "augment_dim", 0) < AUGMENT_DIM:
             raise ConfigError(f"distill.augment {rc['augment']} feeds {AUGMENT_DIM} augmentation labels to the fake "
                               f"score, but its network has augment_dim {getattr(nets.fake, 'augment_dim', 0)}: use a "
                               f"teacher built with network.kwargs.augment_dim: {AUGMENT_DIM}, or set distill.augment: 0")
         # The official SiDA loop clips the fake score's gradients in every phase of a run that
         # trains the discriminator (warm-up and SiD stretch included); the SiD loop never clips.
-        self.fake_clip = rc["fake_clip"] if self.discriminator else None
+        self.fake_clip = rc["fake_clip"] if self.disc == "sida" else None
         apply_precision(nets, rc["precision"])
         nets.teacher.eval().requires_grad_(False)
         nets.G_ema.eval().requires_grad_(False)
@@ -173,9 +145,8 @@ class DistillLoop:
         # EDM2 teachers (latent space): the fake score's uncertainty head weights the losses, and
         # forced weight normalisation runs after every optimiser step (and here, at the start of the
         # run: a resumed run then loads its saved weights over it, so resuming stays bit-exact).
-        self.logvar = bool(rc.get("logvar"))
         self.force_wn = bool(rc.get("force_weight_norm"))
-        if self.logvar and not getattr(nets.fake, "has_logvar", False):
+        if rc.get("logvar") and not getattr(nets.fake, "has_logvar", False):
             raise ConfigError("distill.logvar: true needs a teacher with an uncertainty head (EDM2Precond): "
                               "set it false for this teacher")
         if self.force_wn:
@@ -196,40 +167,23 @@ class DistillLoop:
             _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
             for net in (nets.teacher, nets.G, nets.fake):
                 net.compile(dynamic=False)
-        self._build_heads(seed)
+        self.draws = Draws(self.gens, self.rounds, self.micro, self.device, dataset, nets.G, self.img_shape,
+                           self.label_dim, rc["sigma_init"], rc["precision"], augment)
+        self.objectives = method_class(self.method)(nets, rc, self.draws, self.disc, sigma_data, self.gen_sigmas)
+        # The critic's extra network (DMD2's head, ADD's heads), unless the run starts from a state
+        # that holds one (`init_nets`). Weights from a private seed, so every process builds the
+        # same head and the global RNG does not move.
+        self.objectives.build_head(seed + 7, self.img_shape, self.label_dim, self.device)
         self.features_sha256: str | None = None  # ADD's DINOv2 weights (set by the stage), checked on resume
         self.g_params = list(nets.G.parameters())
         # The critic: the fake score (SiD family, DMD) with DMD2's head, or ADD's heads alone.
-        self.f_params = [] if self.method == "add" else list(nets.fake.parameters())
-        self.f_params += list(nets.head.parameters()) if nets.head is not None else []
-        opt = dict(kind=rc["optimizer"], eps=rc["adam_eps"], weight_decay=rc["weight_decay"])
+        self.f_params = self.objectives.critic_params()
+        opt = dict(kind=rc["optimizer"], eps=rc["adam_eps"], weight_decay=rc["weight_decay"], fused=fused_optimizer)
         self.opt_g = make_optimizer(self.g_params, lr=rc["lr_g"], betas=(rc["beta1_g"], rc["beta2"]), **opt)
         # (none for ADD without a discriminator: its distillation term alone trains the student)
         self.opt_f = (make_optimizer(self.f_params, lr=rc["lr_fake"], betas=(rc["beta1_fake"], rc["beta2"]), **opt)
                       if self.f_params else None)
         self.nimg = 0
-
-    def _build_heads(self, seed: int) -> None:
-        """DMD2's head on the fake score's bottleneck or ADD's heads on the frozen feature network,
-        unless the run starts from a state that holds one (`init_nets`). Weights come from a
-        private seed, so every process builds the same head and the global RNG does not move."""
-        nets, rc = self.nets, self.rc
-        if self.disc == "dmd2_head" and not isinstance(nets.head, DMD2Head):
-            nets.head = dmd2_head_for(nets.fake, self.img_shape, self.label_dim, seed + 7, self.device)
-        elif self.disc == "add":
-            if nets.features is None:
-                from ..nets.heads import TeacherFeatures
-                from ..nets.vit import DINOv2Features, build_dinov2
-
-                spec = rc["add_features"]
-                nets.features = (TeacherFeatures(nets.teacher, spec["sigma"]) if spec["kind"] == "teacher_encoder" else
-                                 DINOv2Features(build_dinov2(spec["arch"], spec["weights"]), spec["layers"]))
-                nets.features.to(self.device)
-            if not isinstance(nets.head, ADDHeads):
-                nets.head = add_heads_for(nets.features, self.img_shape, self.label_dim, rc["add_cmap_dim"], seed + 7,
-                                          self.device)
-        elif self.disc not in ("dmd2_head", "add"):
-            nets.head = None
 
     # -- schedule ---------------------------------------------------------------------------------
     def phase(self) -> Phase:
@@ -241,25 +195,87 @@ class DistillLoop:
     def phase_name(self) -> str:
         return self.phase().kind
 
-    def update(self, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], net: torch.nn.Module,
+    def generator_turn(self) -> bool:
+        """Whether this iteration updates the generator (every `critic_ratio`-th; a function of
+        the image count, so a resumed run keeps the turn)."""
+        return generator_turn(self.nimg, self.batch, self.rc["critic_ratio"])
+
+    def _set_lrs(self) -> None:
+        """`lr_warmup_kimg`: both learning rates ramp linearly with the run's images."""
+        w = self.rc["lr_warmup_kimg"]
+        if w > 0:
+            set_lr(self.opt_g, warmup_lr(self.rc["lr_g"], self.nimg, w))
+            if self.opt_f is not None:
+                set_lr(self.opt_f, warmup_lr(self.rc["lr_fake"], self.nimg, w))
+
+    # -- one iteration ----------------------------------------------------------------------------
+    def step(self) -> Stats:
+        """The critic's update and, on the generator's turn outside warm-up, the generator's and
+        the EMA, in the method's order, on the slots' shared draws."""
+        kind = self.phase().kind
+        self._set_lrs()
+        slots = [self.objectives.slot(r) for r in range(self.rounds)]
+        stats: Stats = {}
+        if not self.objectives.generator_first:
+            stats.update(self.critic_update(slots))
+        if kind != "warmup" and self.generator_turn():
+            stats.update(self.generator_update(kind, slots))
+            self.update_ema()
+        if self.objectives.generator_first and self.opt_f is not None:
+            stats.update(self.critic_update(slots))
+        return stats
+
+    def critic_update(self, slots: list[Slot] | None = None) -> Stats:
+        """The critic's (fake score's and / or discriminator's) update on the generator's detached
+        samples; the critic's networks train in train mode, the generator in eval mode."""
+        critic = self.objectives.critic_nets()
+        unfreeze(*critic)
+        self.nets.G.eval()
+        stats = self._accumulate(self.objectives.critic_loss, slots, self.opt_f)
+        stats["nonfinite_fake"] = self.update(self.opt_f, self.f_params, critic, self.fake_clip)
+        freeze(*critic)
+        return stats
+
+    def generator_update(self, kind: str, slots: list[Slot] | None = None) -> Stats:
+        """The generator's update through the frozen teacher and critic."""
+        self.nets.G.train().requires_grad_(True)
+        freeze(*self.objectives.critic_nets())
+        stats = self._accumulate(lambda slot, r: self.objectives.generator_loss(kind, slot, r), slots, self.opt_g)
+        stats["nonfinite_g"] = self.update(self.opt_g, self.g_params, [self.nets.G])
+        self.nets.G.eval().requires_grad_(False)
+        return stats
+
+    def _accumulate(self, objective: Callable[[Slot, int], tuple[torch.Tensor, Stats]], slots: list[Slot] | None,
+                    opt: torch.optim.Optimizer) -> Stats:
+        """Backward of `objective(slot, r)` for every slot (the gradient of the process's batch,
+        each loss already divided by it); returns the stats summed over the slots."""
+        opt.zero_grad(set_to_none=True)
+        if slots is None:
+            slots = [self.objectives.slot(r) for r in range(self.rounds)]
+        zero = torch.zeros((), device=self.device)
+        stats: Stats = {}
+        for r, slot in enumerate(slots):
+            loss, part = objective(slot, r)
+            loss.backward()
+            for k, v in part.items():
+                stats[k] = stats.get(k, zero) + v
+        return stats
+
+    def update(self, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], nets: list[torch.nn.Module],
                value_clip: float | None = None) -> torch.Tensor:
         """One optimiser step on accumulated gradients: average over processes (non-finite entries
         counted and replaced), clip by value (`fake_clip`) then by norm (`grad_clip`), step, and
-        the network's post-step (EDM2's forced weight norm). Returns the non-finite count."""
+        the networks' post-step (EDM2's forced weight norm). Returns the non-finite count."""
         bad = sync_gradients(params, self.info.group)
         if value_clip is not None:
             torch.nn.utils.clip_grad_value_(params, value_clip)
         if self.rc["grad_clip"] is not None:
             torch.nn.utils.clip_grad_norm_(params, self.rc["grad_clip"])
         opt.step()
-        self._post_step(net)
+        for net in nets:
+            self._post_step(net)
         opt.zero_grad(set_to_none=True)  # freed at once: the next pass builds its graph without them
         return bad
-
-    def generator_turn(self) -> bool:
-        """Whether this iteration updates the generator (every `critic_ratio`-th; a function of
-        the image count, so a resumed run keeps the turn)."""
-        return generator_turn(self.nimg, self.batch, self.rc["critic_ratio"])
 
     def update_ema(self) -> None:
         """After a generator update: EMA of G, or, with `ema: false`, G_ema is a copy of G (so the
@@ -272,165 +288,10 @@ class DistillLoop:
                 for dst, src in zip(self.nets.G_ema.state_dict().values(), self.nets.G.state_dict().values()):
                     dst.copy_(src)
 
-    def _set_lrs(self) -> None:
-        """`lr_warmup_kimg`: both learning rates ramp linearly with the run's images."""
-        w = self.rc["lr_warmup_kimg"]
-        if w > 0:
-            set_lr(self.opt_g, warmup_lr(self.rc["lr_g"], self.nimg, w))
-            if self.opt_f is not None:
-                set_lr(self.opt_f, warmup_lr(self.rc["lr_fake"], self.nimg, w))
-
     def _post_step(self, net: torch.nn.Module) -> None:
         """After an optimiser step: forced weight normalisation of EDM2 layers (a no-op elsewhere)."""
         if self.force_wn:
             force_weight_norm_(net)
-
-    # -- random draws (all from this rank's generators) --------------------------------------------
-    def _labels(self, n: int, r: int) -> torch.Tensor:
-        """Class labels of `n` dataset samples, as the official loops take them from data batches
-        (so unequal class sizes, e.g. ImageNet's, are respected). Without a dataset (analytic
-        tests, benchmarks) labels are uniform over the classes."""
-        if self.label_dim == 0:
-            return torch.zeros([n, 0], device=self.device)
-        if self.dataset is not None:
-            return self.dataset.labels(self._indices(n, r)).to(self.device, non_blocking=True)
-        idx = torch.randint(self.label_dim, (n,), generator=slot_generator(self.gens, "data", r))
-        return F.one_hot(idx, self.label_dim).float().to(self.device)
-
-    def _indices(self, n: int, r: int) -> torch.Tensor:
-        """`n` dataset indices drawn with replacement from this slot's data stream."""
-        return torch.randint(len(self.dataset), (n,), generator=slot_generator(self.gens, "data", r))
-
-    def _real(self, n: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Real images with their labels; the generator is then conditioned on the same labels."""
-        # Latent datasets draw each latent as mean + N(0,1) std: from the same slot stream.
-        x, labels = self.dataset.get_batch(self._indices(n, r), generator=slot_generator(self.gens, "data", r))
-        return x.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-
-    def _randn(self, shape, r: int) -> torch.Tensor:
-        return torch.randn(shape, generator=slot_generator(self.gens, "noise", r), device=self.device)
-
-    def _rand(self, shape, r: int) -> torch.Tensor:
-        return torch.rand(shape, generator=slot_generator(self.gens, "noise", r), device=self.device)
-
-    def _generate(self, labels: torch.Tensor, r: int) -> torch.Tensor:
-        """x_g = G(sigma_init z, sigma_init) with zero augment labels (the one-step convention)."""
-        n = labels.shape[0]
-        z = self._randn([n, *self.img_shape], r)
-        s = self.rc["sigma_init"]
-        return self.nets.G(s * z, torch.full([n], s, device=self.device), labels)
-
-    def _autocast(self):
-        """torch.autocast for `precision: bf16`; fp16 needs none (the networks run EDM's fp16 path
-        themselves, see apply_precision) and fp32 none either."""
-        return autocast(self.device, "bf16" if self.rc["precision"] == "bf16" else "fp32")
-
-    def _augment(self, images: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The fake score's input augmentation, drawn from this slot's noise stream."""
-        if self.augment is None:
-            return images, None
-        return self.augment(images, slot_generator(self.gens, "noise", r))
-
-    # -- the two updates --------------------------------------------------------------------------
-    def fake_step(self, kind: str) -> dict[str, torch.Tensor]:
-        """Fake-score (+discriminator) update on x_g.detach() (docs/design.md step 1)."""
-        nets, rc = self.nets, self.rc
-        nets.fake.train().requires_grad_(True)
-        nets.G.eval()
-        self.opt_f.zero_grad(set_to_none=True)
-        total = self.micro * self.rounds
-        zero = torch.zeros((), device=self.device)
-        stats = {"loss_fake": zero.clone(), "dropped_fake": zero.clone()}
-        if self.discriminator:
-            stats.update({k: zero.clone() for k in ("loss_d", "d_acc_real", "d_acc_fake")})
-        for r in range(self.rounds):
-            if self.discriminator:
-                real, labels = self._real(self.micro, r)
-            else:
-                real, labels = None, self._labels(self.micro, r)
-            with torch.no_grad(), self._autocast():
-                x_g = self._generate(labels, r)
-            # Generated and real images are augmented independently (the official loss calls
-            # the pipe on each); both then get the same sigma and noise.
-            x_g, aug_fake = self._augment(x_g.float(), r)
-            aug_real = None
-            if real is not None:
-                real, aug_real = self._augment(real, r)
-            sigma = (self._randn([self.micro, 1, 1, 1], r) * rc["P_std"] + rc["P_mean"]).exp()
-            n = self._randn(x_g.shape, r) * sigma
-            with self._autocast():
-                # augment_labels only when augmenting: benchmark stand-ins for fake_forward take
-                # its six positional arguments.
-                denoised, lf, lr = fake_forward(nets.fake, x_g + n, None if real is None else real + n,
-                                                sigma.flatten(), labels, self.discriminator,
-                                                **({} if aug_fake is None else {"augment_labels": (aug_fake, aug_real)}))
-            logvar = nets.fake.logvar(sigma) if self.logvar else None  # EDM2: u(sigma), a function of sigma only
-            l_fake, l_d, keep = fake_score_losses(denoised.float(), x_g, sigma, lf, lr, self.sigma_data, logvar)
-            if self.discriminator:
-                stats["loss_d"] += (l_d.sum() / total).detach()
-                # Separately: a discriminator that calls everything real (or fake) scores 0.5 on average.
-                stats["d_acc_real"] += (lr.detach() > 0).float().mean() / self.rounds
-                stats["d_acc_fake"] += (lf.detach() < 0).float().mean() / self.rounds
-            loss = fake_score_objective(l_fake, l_d, total, rc["lambda_d"])
-            loss.backward()
-            stats["loss_fake"] += (l_fake.sum() / total).detach()
-            stats["dropped_fake"] += (~keep).sum()
-        # update() frees the gradients, so the generator step builds its graph without them.
-        stats["nonfinite_fake"] = self.update(self.opt_f, self.f_params, nets.fake, self.fake_clip)
-        nets.fake.eval().requires_grad_(False)
-        return stats
-
-    def generator_step(self, kind: str) -> dict[str, torch.Tensor]:
-        """Generator update through the frozen teacher and fake score (docs/design.md step 2)."""
-        nets, rc = self.nets, self.rc
-        adversarial = kind == "sida"
-        nets.G.train().requires_grad_(True)
-        nets.fake.eval().requires_grad_(False)
-        self.opt_g.zero_grad(set_to_none=True)
-        total = self.micro * self.rounds
-        zero = torch.zeros((), device=self.device)
-        stats = {"loss_g_sid": zero.clone(), "dropped_g": zero.clone()}
-        if adversarial:
-            stats["loss_g_adv"] = zero.clone()
-        for r in range(self.rounds):
-            labels = self._labels(self.micro, r)
-            with self._autocast():
-                x_g = self._generate(labels, r).float()
-                t = self._rand([self.micro, 1, 1, 1], r)
-                sigma_t = sid_sigma_t(t * rc["tmax"] / 1000)
-                x_t = x_g + sigma_t * self._randn(x_g.shape, r)
-                y_real = nets.teacher(x_t, sigma_t.flatten(), labels)
-                if adversarial:
-                    y_fake, logits = nets.fake(x_t, sigma_t.flatten(), labels, return_flag="encoder_decoder")
-                else:
-                    y_fake, logits = nets.fake(x_t, sigma_t.flatten(), labels), None
-            logvar = None
-            if self.logvar:
-                with torch.no_grad():  # the fake score is frozen here: a constant weight
-                    logvar = nets.fake.logvar(sigma_t)
-            l_sid, l_adv, keep = generator_losses(y_real.float(), y_fake.float(), x_g, rc["alpha"], logits, logvar)
-            if adversarial:
-                stats["loss_g_adv"] += (l_adv.sum() / total).detach()
-            loss = generator_objective(l_sid, l_adv, rc["lambda_sid"], rc["lambda_adv"], total, adversarial)
-            loss.backward()
-            stats["loss_g_sid"] += (l_sid.sum() / total).detach()
-            stats["dropped_g"] += (~keep).sum()
-        stats["nonfinite_g"] = self.update(self.opt_g, self.g_params, nets.G)
-        nets.G.eval().requires_grad_(False)
-        return stats
-
-    def step(self) -> dict[str, torch.Tensor]:
-        kind = self.phase().kind
-        self._set_lrs()
-        if self.method == "dmd":
-            return dmd_iteration(self, kind)
-        if self.method == "add":
-            return add_iteration(self, kind)
-        stats = self.fake_step(kind)
-        if kind != "warmup" and self.generator_turn():
-            stats.update(self.generator_step(kind))
-            self.update_ema()
-        return stats
 
     # -- checkpoint state -------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -1,9 +1,9 @@
-"""Training-loop machinery shared by the teacher and the distillation loops.
+"""The driver shared by the teacher and the distillation loops: `run` takes a loop from its image
+count to the end, with progress ticks, snapshots, checkpoint/resume (`Checkpointer`, which keeps
+every rank's RNG states, `sida.train.draws`), non-finite guards and time accounting.
 
-Gradient synchronisation (our own all-reduce, so accumulation and several processes give
-the one-big-batch gradient), non-finite gradient handling, EMA, optimisers, RNG state capture,
-checkpoint/resume and progress lines. The loops themselves (`sida.train.teacher`, `sida.train.distill`)
-only say what one iteration does.
+The loops themselves (`sida.train.teacher`, `sida.train.distill`) say what one iteration does;
+the pieces of an update (gradient sync, optimisers, EMA) are in `sida.train.updates`.
 """
 
 from __future__ import annotations
@@ -14,153 +14,17 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
 
 from ..io import checkpoints
 from ..run.dist import DistInfo, gather_objects
-from ..errors import CheckpointError, ConfigError, NonFiniteError
+from ..errors import CheckpointError, NonFiniteError
 from ..io.killpoint import kill_point
 from ..run import signals
-
-
-def accumulation(batch: int, batch_per_proc: int | None, world_size: int) -> tuple[int, int]:
-    """(per-process micro-batch, accumulation rounds) for a global batch."""
-    if batch_per_proc is None:
-        if batch % world_size:
-            raise ConfigError(f"batch {batch} is not divisible by {world_size} processes")
-        return batch // world_size, 1
-    if batch % (batch_per_proc * world_size):
-        raise ConfigError(f"batch {batch} is not a multiple of batch_per_proc {batch_per_proc} x "
-                          f"{world_size} processes")
-    return batch_per_proc, batch // (batch_per_proc * world_size)
-
-
-def make_adam(params: Iterable[torch.nn.Parameter], lr: float, eps: float,
-              betas: tuple[float, float] = (0.0, 0.999)) -> torch.optim.Adam:
-    """Adam as SiD uses it: beta1 = 0 (the generator's is a setting), beta2 = 0.999 (floats:
-    torch rejects ints in betas).
-
-    The fused implementation (one kernel over all parameters, same update rule) where torch has
-    one for the parameters' device: torch's default on the CPU is a Python loop of about ten
-    small ops per parameter tensor, a visible share of a small network's iteration.
-    """
-    params = list(params)
-    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.Adam(params, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=float(eps),
-                            fused=fused or None)
-
-
-# What non-finite gradient entries become (the official SiD/SiDA loops and EDM's training loop:
-# torch.nan_to_num(grad, nan=0, posinf=1e5, neginf=-1e5) before clipping and the optimiser step).
-GRAD_NAN, GRAD_POSINF, GRAD_NEGINF = 0.0, 1e5, -1e5
-
-
-def sync_gradients(params: list[torch.nn.Parameter], group: object = None) -> torch.Tensor:
-    """Average gradients over processes (the job's, or `group`'s), replace non-finite entries as the official code does
-    (NaN -> 0, +inf -> 1e5, -inf -> -1e5), and return how many there were.
-
-    One flat all-reduce instead of one per tensor; the average (not the sum) keeps the loss
-    scale independent of the process count. Non-finite entries are counted after averaging so
-    every rank sees (and replaces) the same ones. The count stays a device tensor: reading it
-    here would synchronise the host on every iteration.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), dtype=torch.int64)
-    world = dist.get_world_size(group)
-    if world > 1:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        flat /= world
-        offset = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[offset:offset + n].view_as(g))
-            offset += n
-    bad = torch.zeros((), dtype=torch.int64, device=grads[0].device)
-    # One multi-tensor max-norm says whether anything is non-finite (NaN and inf propagate);
-    # the per-tensor count and masking (a handful of small ops per tensor) run only then. The
-    # check costs one host read per call, instead of ~4 kernel launches per parameter tensor.
-    if bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()):
-        return bad
-    for g in grads:
-        bad += (~torch.isfinite(g)).sum()
-        torch.nan_to_num_(g, nan=GRAD_NAN, posinf=GRAD_POSINF, neginf=GRAD_NEGINF)
-    return bad
-
-
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
-    for group in opt.param_groups:
-        group["lr"] = lr
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, net: torch.nn.Module, nimg: int, batch: int,
-               halflife_kimg: float, rampup_ratio: float | None) -> float:
-    """EDM's EMA: half-life in images, optionally ramped up as a fraction of images seen.
-
-    beta = 0.5 ** (batch / halflife_nimg), halflife_nimg = min(halflife_kimg*1e3, nimg*ratio).
-    Buffers are copied, not averaged. Returns beta.
-    """
-    halflife = halflife_kimg * 1000
-    if rampup_ratio is not None:
-        halflife = min(halflife, nimg * rampup_ratio)
-    beta = 0.5 ** (batch / max(halflife, 1e-8))
-    # Multi-tensor forms of the per-tensor lerp_/copy_ (same arithmetic, one call each).
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1 - beta)
-    buffers = list(ema.buffers())
-    if buffers:
-        torch._foreach_copy_(buffers, list(net.buffers()))
-    return beta
-
-
-def capture_rng(gens: dict[str, torch.Generator]) -> dict:
-    """This process's RNG states: the loop's named generators, torch's global one (dropout), CUDA's."""
-    out = {"gens": {k: g.get_state() for k, g in gens.items()}, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state()
-    return out
-
-
-def restore_rng(gens: dict[str, torch.Generator], states: dict) -> None:
-    """Inverse of `capture_rng`."""
-    for k, g in gens.items():
-        g.set_state(states["gens"][k])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
-
-
-def make_generators(seed: int, rank: int, device: torch.device, rounds: int = 1) -> dict[str, torch.Generator]:
-    """The generators of one process: every random draw of a loop comes from one of them, so
-    their state can be checkpointed.
-
-    There is one pair per *micro-batch slot*: accumulation round r of rank k is global slot
-    k * rounds + r, and its generators are seeded by that slot. One process running two
-    accumulation rounds therefore draws exactly what two processes running one round each
-    draw, and a run's result does not depend on how its global batch is split.
-    `noise` (round r: `noise/r`) lives on the compute device (latents, sigmas, noise); `data`
-    (`data/r`) on the CPU (dataset indices and labels, which index host-side datasets).
-    """
-    gens = {}
-    for r in range(rounds):
-        base = seed * 1_000_003 + (rank * rounds + r) * 7919
-        noise = torch.Generator(device=device)
-        noise.manual_seed(base)
-        data = torch.Generator()
-        data.manual_seed(base + 1)
-        suffix = "" if r == 0 else f"/{r}"
-        gens["noise" + suffix], gens["data" + suffix] = noise, data
-    return gens
-
-
-def slot_generator(gens: dict[str, torch.Generator], kind: str, r: int) -> torch.Generator:
-    """The `kind` ('noise' or 'data') generator of accumulation round `r`."""
-    return gens[kind if r == 0 else f"{kind}/{r}"]
+from .draws import capture_rng, restore_rng
 
 
 class Loop(Protocol):

@@ -64,6 +64,14 @@ def sid_generator_loss(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Te
     return diff * ((y_real - x_g) - alpha * diff) / wf
 
 
+def _pixel_count(image_shape: tuple[int, ...] | torch.Size) -> int:
+    """C * H * W of a (C, H, W) or (B, C, H, W) shape."""
+    chw = 1
+    for s in tuple(image_shape)[-3:]:
+        chw *= int(s)
+    return chw
+
+
 def _sample_mask(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`keep` [B] as a float mask broadcastable against `like` [B, ...]."""
     return keep.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
@@ -92,7 +100,7 @@ def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor,
     BCE(D(x_g + n), 0) likewise; `weight` is EDM's lambda(sigma) per sample ([B,1,1,1]), as in
     the fake-score loss, so the discriminator sees the same noise-level weighting. With the
     default weight 1 the result is the scalar (BCE_r + BCE_f) / 2. With `keep` [B] the means run
-    over the kept samples and dropped samples' terms are zero (see `fake_score_losses`).
+    over the kept samples and dropped samples' terms are zero (see `sid_critic_terms`).
     """
     out = weight * (_bce_mean(logits_real, 1.0, keep) + _bce_mean(logits_fake, 0.0, keep)) / 2
     return out if keep is None else out * _sample_mask(keep, out)
@@ -111,11 +119,8 @@ def adversarial_generator_loss(logits_fake: torch.Tensor, weight_factor: torch.T
     `image_shape` is (C, H, W) or a full (B, C, H, W). Returns [B,1,1,1]; with `keep` [B] the
     BCE averages the kept samples and dropped samples' terms are zero.
     """
-    chw = 1
-    for s in tuple(image_shape)[-3:]:
-        chw *= int(s)
     bce = _bce_mean(logits_fake.clamp(-ADV_LOGIT_CLAMP, ADV_LOGIT_CLAMP), 1.0, keep)
-    out = bce / weight_factor * chw
+    out = bce / weight_factor * _pixel_count(image_shape)
     return out if keep is None else out * _sample_mask(keep, out)
 
 
@@ -143,10 +148,10 @@ def zero_dropped(keep: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:
                  for t in tensors)
 
 
-def fake_score_losses(denoised: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor,
-                      logits_fake: torch.Tensor | None = None, logits_real: torch.Tensor | None = None,
-                      sigma_data: float = 0.5, logvar: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def sid_critic_terms(denoised: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor,
+                     logits_fake: torch.Tensor | None = None, logits_real: torch.Tensor | None = None,
+                     sigma_data: float = 0.5, logvar: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The fake-score step's terms with NaN samples dropped, as the official loss does:
     (per-pixel L_psi, per-sample L_D or None, keep [B]). `x` is the (augmented) clean image the
     fake score denoises; a sample is dropped when x, its denoised estimate or (discriminator)
@@ -166,9 +171,9 @@ def fake_score_losses(denoised: torch.Tensor, x: torch.Tensor, sigma: torch.Tens
     return l_fake, l_d, keep
 
 
-def generator_losses(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, alpha: float,
-                     logits: torch.Tensor | None = None, logvar: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def sid_generator_terms(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, alpha: float,
+                        logits: torch.Tensor | None = None, logvar: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The generator step's terms with NaN samples dropped: (per-pixel L_sid, per-sample L_adv or
     None, keep [B]). A sample is dropped when x_g, y_real or y_fake holds a NaN (as officially) or,
     in the adversarial phase, its logit map does (officially one NaN logit makes the whole
@@ -186,8 +191,8 @@ def generator_losses(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tens
     return l_sid, l_adv, keep
 
 
-def generator_objective(l_sid: torch.Tensor, l_adv: torch.Tensor | None, lambda_sid: float,
-                        lambda_adv: float, batch_total: int, adversarial: bool) -> torch.Tensor:
+def sid_generator_objective(l_sid: torch.Tensor, l_adv: torch.Tensor | None, lambda_sid: float,
+                            lambda_adv: float, batch_total: int, adversarial: bool) -> torch.Tensor:
     """The scalar the generator step minimises for one micro-batch (docs/design.md step 2).
 
     SiD phase: lambda_sid * sum(L_sid) / batch. Adversarial phase:
@@ -202,7 +207,7 @@ def generator_objective(l_sid: torch.Tensor, l_adv: torch.Tensor | None, lambda_
     return 0.5 * sid + 0.5 * adv
 
 
-def fake_score_objective(l_fake: torch.Tensor, l_d: torch.Tensor | None, batch_total: int,
+def sid_critic_objective(l_fake: torch.Tensor, l_d: torch.Tensor | None, batch_total: int,
                          lambda_d: float = 1.0) -> torch.Tensor:
     """The scalar the fake-score (+discriminator) step minimises for one micro-batch.
 
@@ -329,20 +334,13 @@ def add_distill_loss(x_hat: torch.Tensor, teacher_denoised: torch.Tensor,
     return weight * (x_hat.float() - teacher_denoised.detach().float()) ** 2
 
 
-def _pixel_count(image_shape: tuple[int, ...] | torch.Size) -> int:
-    chw = 1
-    for s in tuple(image_shape)[-3:]:
-        chw *= int(s)
-    return chw
-
-
 def dmd2_generator_objective(l_dm: torch.Tensor, l_gan: torch.Tensor | None, batch_total: int,
                              lambda_gan: float = 3e-3) -> torch.Tensor:
     """DMD2's generator scalar for one micro-batch: mean(L_dm) + lambda_gan * mean(L_gan).
 
     `l_dm` is the per-pixel `dmd_generator_loss` ([B,C,H,W]), averaged over pixels as DMD2's
     F.mse_loss does, `l_gan` the per-sample `ns_generator_loss` ([B]) or None (the `dmd` ablation).
-    Divided by `batch_total` (per-process batch x accumulation rounds) like `generator_objective`.
+    Divided by `batch_total` (per-process batch x accumulation rounds) like `sid_generator_objective`.
     Published weight: lambda_gan = 3e-3 (DMD2 ImageNet-64 script, --gen_cls_loss_weight).
     """
     out = l_dm.sum() / (batch_total * _pixel_count(l_dm.shape))

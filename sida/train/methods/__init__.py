@@ -1,0 +1,33 @@
+"""The distillation methods, one file each; `DistillLoop` runs the run's method's class.
+
+- `sid.SiD`: SiD, SiDA and SiD2A (phases warmup, sid, sida; discriminator none or sida);
+- `dmd2.DMD2`: DMD and DMD2 (phases warmup, dmd, dmd2; discriminator none or dmd2_head);
+- `add.ADD`: ADD (phases warmup, add; discriminator none or add).
+
+A method is a `base.Method`: per micro-batch slot, a critic objective and a generator objective
+that return (loss, stats), drawing through the loop's public `sida.train.draws.Draws`. The loop
+owns the rest (accumulation, optimiser updates, EMA, the generator's turn, checkpoints, guards).
+
+Adding a method: write `methods/<name>.py` with a `Method` subclass (its objectives, and
+`build_head` if its critic has an extra network) and add it to `METHODS` below; then declare its
+phase kinds in the config schema (`workflow/schemas/config.schema.yaml`: the phase `kind` enum,
+and the `discriminator` enum for a new critic network, plus any new `distill` settings with their
+defaults) and map them in `sida.run.config.PHASE_METHOD` / `METHOD_DISCRIMINATORS`.
+"""
+
+from __future__ import annotations
+
+from .add import ADD
+from .base import Method
+from .dmd2 import DMD2
+from .sid import SiD
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SiD, DMD2, ADD)}
+
+
+def method_class(name: str) -> type[Method]:
+    """The class of a run's method (`sida.run.config.run_method`: 'sid', 'dmd' or 'add')."""
+    return METHODS[name]
+
+
+__all__ = ["ADD", "DMD2", "METHODS", "Method", "SiD", "method_class"]

@@ -1,0 +1,81 @@
+"""What every distillation method shares: the `Method` interface the loop drives, and small
+helpers (`zeros`, `freeze`, `unfreeze`, `disc_accuracy`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:  # annotations only: the loop imports the methods, never the other way round
+    from ..distill import Nets
+    from ..draws import Draws
+
+Stats = dict[str, torch.Tensor]
+Slot = dict[str, Any]
+
+
+class Method:
+    """A distillation method's two objectives, per micro-batch slot, as EDM2's loss class is.
+
+    The loop (`sida.train.distill.DistillLoop`) calls, every iteration and for every slot r,
+    `slot(r)` first (draws that both objectives of the iteration share), then the objectives in
+    the method's order (`generator_first`): `critic_loss(slot, r)` on the critic's turn (every
+    iteration) and `generator_loss(kind, slot, r)` on the generator's. Each returns (the scalar
+    to backpropagate, {stat: this slot's share}); the loop backpropagates, sums the stats over the
+    slots, and does the rest: gradient sync, clipping, the optimiser steps, weight norm, EMA,
+    modes (`critic_nets` train in the critic's update and are frozen in the generator's).
+    A generator objective that the critic reuses (DMD2, ADD: the critic trains on the generator's
+    detached samples of the same iteration) keeps them in the slot.
+    """
+
+    name = ""
+    generator_first = False
+
+    def __init__(self, nets: "Nets", rc: dict, draws: "Draws", disc: str, sigma_data: float,
+                 gen_sigmas: list[float]) -> None:
+        self.nets, self.rc, self.draws, self.disc = nets, rc, draws, disc
+        self.sigma_data = sigma_data
+        self.gen_sigmas = gen_sigmas
+
+    def build_head(self, seed: int, img_shape: tuple[int, int, int], label_dim: int, device: torch.device) -> None:
+        """Give `nets.head` the critic's extra network, if the method's discriminator has one
+        (keeping one loaded from a previous run's state): none by default."""
+        self.nets.head = None
+
+    def critic_nets(self) -> list[torch.nn.Module]:
+        """The networks the critic trains: the fake score and, if any, the head."""
+        return [net for net in (self.nets.fake, self.nets.head) if net is not None]
+
+    def critic_params(self) -> list[torch.nn.Parameter]:
+        return [p for net in self.critic_nets() for p in net.parameters()]
+
+    def slot(self, r: int) -> Slot:
+        """Draws shared by the iteration's two objectives in slot r (none by default)."""
+        return {}
+
+    def critic_loss(self, slot: Slot, r: int) -> tuple[torch.Tensor, Stats]:
+        raise NotImplementedError
+
+    def generator_loss(self, kind: str, slot: Slot, r: int) -> tuple[torch.Tensor, Stats]:
+        raise NotImplementedError
+
+
+def freeze(*nets: torch.nn.Module | None) -> None:
+    for net in nets:
+        if net is not None:
+            net.eval().requires_grad_(False)
+
+
+def unfreeze(*nets: torch.nn.Module | None) -> None:
+    for net in nets:
+        if net is not None:
+            net.train().requires_grad_(True)
+
+
+def disc_accuracy(logits_real: torch.Tensor, logits_fake: torch.Tensor, rounds: int) -> Stats:
+    """One slot's share of the discriminator's accuracy: the share of real logits > 0 and of fake
+    logits < 0, logged separately (a discriminator that calls everything real, or fake, averages
+    0.5 but shows 1 and 0 here)."""
+    return {"d_acc_real": (logits_real.detach() > 0).float().mean() / rounds,
+            "d_acc_fake": (logits_fake.detach() < 0).float().mean() / rounds}

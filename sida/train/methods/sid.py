@@ -1,0 +1,103 @@
+"""SiD, SiDA and SiD2A (Zhou et al. 2024, 2025): phases `warmup`, `sid`, `sida`.
+
+Critic (every iteration, docs/design.md step 1): the fake score f_psi learns the generator's
+detached samples with EDM's denoising loss at log-normal sigmas; a run with `discriminator: sida`
+also trains SiDA's discriminator (logits from f_psi's encoder) on noisy real vs noisy generated
+images. The fake score sees augmented inputs (`augment`), generated and real images augmented
+independently. Generator (step 2): lambda_sid L_sid through the frozen teacher and fake score at
+SiD's sigma_t; `sida` phases minimise 0.5 lambda_sid L_sid + 0.5 lambda_adv L_adv. EDM2 teachers
+(`logvar`): the fake score's uncertainty weights the losses. SiD2A is a SiDA run whose generator
+starts from a SiD generator (`init_generator`). Samples holding a NaN are dropped from the losses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...nets.sampler import sid_sigma_t
+from ..losses import sid_critic_objective, sid_critic_terms, sid_generator_objective, sid_generator_terms
+from .base import Method, Slot, Stats, disc_accuracy
+
+
+def fake_forward(fake: torch.nn.Module, x_fake: torch.Tensor, x_real: torch.Tensor | None,
+                 sigma: torch.Tensor, labels: torch.Tensor, sida_disc: bool,
+                 augment_labels: tuple[torch.Tensor, torch.Tensor | None] | None = None):
+    """f_psi on noisy fakes (denoised + logits) and, for SiDA's discriminator, on noisy reals (logits).
+
+    Both encoder passes run as one batched pass: the network decodes only the fake half
+    (`decode_first`), so the real images cost an encoder pass and nothing more.
+    `augment_labels`: (fake's, real's or None) augmentation labels, None when not augmenting.
+    Returns (denoised_fake, logits_fake | None, logits_real | None).
+    """
+    aug_fake, aug_real = augment_labels if augment_labels is not None else (None, None)
+    if not sida_disc:
+        return fake(x_fake, sigma, labels, augment_labels=aug_fake), None, None
+    b = x_fake.shape[0]
+    x = torch.cat([x_fake, x_real])
+    aug = None if aug_fake is None else torch.cat([aug_fake, aug_real])
+    denoised, logits = fake(x, torch.cat([sigma, sigma]), torch.cat([labels, labels]), augment_labels=aug,
+                            return_flag="encoder_decoder", decode_first=b)
+    return denoised, logits[:b], logits[b:]
+
+
+class SiD(Method):
+    name = "sid"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sida_disc = self.disc == "sida"  # SiDA's discriminator: the critic's logits on real images
+        self.logvar = bool(self.rc.get("logvar"))
+
+    def critic_loss(self, slot: Slot, r: int) -> tuple[torch.Tensor, Stats]:
+        """Fake-score (+SiDA discriminator) loss on x_g.detach() at sigma ~ exp(N(P_mean, P_std))."""
+        d, rc, fake = self.draws, self.rc, self.nets.fake
+        real, labels = d.real(d.micro, r) if self.sida_disc else (None, d.labels(d.micro, r))
+        with torch.no_grad(), d.autocast():
+            x_g = d.generate(labels, r)
+        # Generated and real images are augmented independently (the official loss calls the
+        # pipe on each); both then get the same sigma and noise.
+        x_g, aug_fake = d.augment(x_g.float(), r)
+        aug_real = None
+        if real is not None:
+            real, aug_real = d.augment(real, r)
+        sigma = (d.randn([d.micro, 1, 1, 1], r) * rc["P_std"] + rc["P_mean"]).exp()
+        n = d.randn(x_g.shape, r) * sigma
+        with d.autocast():
+            denoised, logits_fake, logits_real = fake_forward(
+                fake, x_g + n, None if real is None else real + n, sigma.flatten(), labels, self.sida_disc,
+                augment_labels=None if aug_fake is None else (aug_fake, aug_real))
+        logvar = fake.logvar(sigma) if self.logvar else None  # EDM2: u(sigma), a function of sigma only
+        l_fake, l_d, keep = sid_critic_terms(denoised.float(), x_g, sigma, logits_fake, logits_real, self.sigma_data,
+                                             logvar)
+        stats = {"loss_fake": (l_fake.sum() / d.total).detach(), "dropped_fake": (~keep).sum()}
+        if self.sida_disc:
+            stats["loss_d"] = (l_d.sum() / d.total).detach()
+            stats.update(disc_accuracy(logits_real, logits_fake, d.rounds))
+        return sid_critic_objective(l_fake, l_d, d.total, rc["lambda_d"]), stats
+
+    def generator_loss(self, kind: str, slot: Slot, r: int) -> tuple[torch.Tensor, Stats]:
+        """lambda_sid L_sid (`sid`) or 0.5 lambda_sid L_sid + 0.5 lambda_adv L_adv (`sida`) at
+        x_t = x_g + sigma_t eps, through the frozen teacher and fake score."""
+        d, rc, nets = self.draws, self.rc, self.nets
+        adversarial = kind == "sida"
+        labels = d.labels(d.micro, r)
+        with d.autocast():
+            x_g = d.generate(labels, r).float()
+            t = d.rand([d.micro, 1, 1, 1], r)
+            sigma_t = sid_sigma_t(t * rc["tmax"] / 1000)
+            x_t = x_g + sigma_t * d.randn(x_g.shape, r)
+            y_real = nets.teacher(x_t, sigma_t.flatten(), labels)
+            if adversarial:
+                y_fake, logits = nets.fake(x_t, sigma_t.flatten(), labels, return_flag="encoder_decoder")
+            else:
+                y_fake, logits = nets.fake(x_t, sigma_t.flatten(), labels), None
+        logvar = None
+        if self.logvar:
+            with torch.no_grad():  # the fake score is frozen here: a constant weight
+                logvar = nets.fake.logvar(sigma_t)
+        l_sid, l_adv, keep = sid_generator_terms(y_real.float(), y_fake.float(), x_g, rc["alpha"], logits, logvar)
+        stats = {"loss_g_sid": (l_sid.sum() / d.total).detach(), "dropped_g": (~keep).sum()}
+        if adversarial:
+            stats["loss_g_adv"] = (l_adv.sum() / d.total).detach()
+        loss = sid_generator_objective(l_sid, l_adv, rc["lambda_sid"], rc["lambda_adv"], d.total, adversarial)
+        return loss, stats
