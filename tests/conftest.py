@@ -48,3 +48,22 @@ class Snakemake:
 def snakemake(tmp_path) -> Snakemake:
     """A `Snakemake` runner in a fresh temporary working directory."""
     return Snakemake(tmp_path)
+
+
+@pytest.fixture
+def stage_here(capsys):
+    """Runs a stage as `python -m` would, but in this process (so a test can patch it): the
+    stage's `main` (or its module's name, e.g. "stages.distill") through `sida.run.cli.run_stage`,
+    which turns errors into one line and exit codes. Returns (exit code, captured stderr)."""
+    import importlib
+
+    from sida.run.cli import run_stage
+
+    def call(main, argv: Sequence[str]) -> tuple[int, str]:
+        if isinstance(main, str):
+            main = importlib.import_module(main).main
+        with pytest.raises(SystemExit) as exc:
+            run_stage(main, list(argv))
+        return exc.value.code, capsys.readouterr().err
+
+    return call

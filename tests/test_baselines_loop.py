@@ -235,15 +235,6 @@ def test_add_on_a_random_dinov2_and_a_changed_weights_file_is_refused(tmp_path):
 
 # -- the stage ----------------------------------------------------------------------------------
 
-def _distill(argv, capsys):
-    from sida.run.cli import run_stage
-    from stages.distill import main
-
-    with pytest.raises(SystemExit) as exc:
-        run_stage(main, argv)
-    return exc.value.code, capsys.readouterr().err
-
-
 def test_stage_records_generation_sigmas_and_head_and_a_later_run_keeps_the_head(tmp_path, capsys):
     from sida.io import checkpoints
     from sida.run.cli import run_stage
@@ -273,14 +264,14 @@ def test_stage_records_generation_sigmas_and_head_and_a_later_run_keeps_the_head
     capsys.readouterr()
 
 
-def test_missing_dinov2_weights_is_one_error_line_before_any_output(tmp_path, capsys):
+def test_missing_dinov2_weights_is_one_error_line_before_any_output(tmp_path, stage_here):
     cfg = _cfg()
     cfg["distill"]["runs"]["add"]["add_features"] = {"kind": "dinov2", "arch": "vits14"}
     cfg["results_dir"] = str(tmp_path / "results")
     cfg_path, teacher = write_config(tmp_path / "cfg.yaml", cfg), write_teacher(tmp_path / "teacher.pt", cfg)
     out = tmp_path / "out"
-    code, err = _distill(["--config", str(cfg_path), "--teacher", str(teacher), "--run", "add", "--out", str(out)],
-                         capsys)
+    code, err = stage_here("stages.distill", ["--config", str(cfg_path), "--teacher", str(teacher), "--run", "add",
+                                              "--out", str(out)])
     errs = error_lines(err)
     assert code == 1 and len(errs) == 1, err
     assert "dinov2_vits14.pth" in errs[0] and "fetch" in errs[0] and "Traceback" not in err

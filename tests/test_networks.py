@@ -126,9 +126,23 @@ def test_ncsnpp_builds_with_fourier_buffer():
 
 
 def test_strict_load_roundtrip():
+    """A state dict moves every weight and buffer: after a strict load the copy computes what the
+    source computes (randomised weights: the zero-initialised output layers would make both
+    networks output the same zeros before the load too), and a missing key is refused."""
     torch.manual_seed(0)
-    a, b = EDMPrecond(**TINY), EDMPrecond(**TINY)
-    b.load_state_dict(a.state_dict(), strict=True)
+    a, b = _perturb(EDMPrecond(**TINY)).eval(), EDMPrecond(**TINY).eval()
+    x, sigma, labels = _tiny_inputs()
+    sigma = sigma.abs() + 0.1
+    with torch.no_grad():
+        assert not torch.equal(a(x, sigma, labels), b(x, sigma, labels))
+        b.load_state_dict(a.state_dict(), strict=True)
+        assert torch.equal(a(x, sigma, labels), b(x, sigma, labels))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    partial = dict(a.state_dict())
+    missing = partial.pop(next(iter(partial)))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        b.load_state_dict(partial, strict=True)
+    assert missing.numel() > 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,14 +70,6 @@ def _the_error(stderr: str) -> str:
     return errs[0]
 
 
-def _in_process(main, argv: list[str], capsys) -> tuple[int, str]:
-    from sida.run.cli import run_stage
-
-    with pytest.raises(SystemExit) as exc:
-        run_stage(main, argv)
-    return exc.value.code, capsys.readouterr().err
-
-
 def _temps(root: Path) -> list[Path]:
     return [p for p in root.rglob(".*tmp-*")] if root.exists() else []
 
@@ -164,10 +156,10 @@ def read_only_dir(tmp_path):
         path.chmod(0o755)
 
 
-def test_read_only_output_location(setup, read_only_dir, capsys):
+def test_read_only_output_location(setup, read_only_dir, stage_here):
     from stages.teacher import main
 
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--out", str(read_only_dir / "teacher")], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--out", str(read_only_dir / "teacher")])
     assert code == 1
     line = _the_error(err)
     assert str(read_only_dir / "teacher") in line, line
@@ -189,12 +181,12 @@ def _keep_earlier(out: Path) -> dict[str, bytes]:
     return files_under(out)
 
 
-def test_disk_full_while_checkpointing(setup, small_disk, capsys):
+def test_disk_full_while_checkpointing(setup, small_disk, stage_here):
     from stages.teacher import main
 
     out = small_disk / "teacher"
     before = _keep_earlier(out)
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--out", str(out)], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--out", str(out)])
     assert code == 1
     line = _the_error(err)
     assert "no space left" in line and str(out / "work") in line and "resume" in line, line
@@ -222,7 +214,7 @@ def test_file_size_limit_while_checkpointing_any_user(setup, tmp_path):
     assert {k: v for k, v in files_under(out).items() if k in before} == before
 
 
-def test_output_directory_vanishing_mid_run(setup, tmp_path, capsys, monkeypatch):
+def test_output_directory_vanishing_mid_run(setup, tmp_path, monkeypatch, stage_here):
     """The whole --out removed after the first tick: the next write says so (in process, placed
     deterministically with the loop's tick hook)."""
     import sida.train.loop as loop_mod
@@ -230,14 +222,14 @@ def test_output_directory_vanishing_mid_run(setup, tmp_path, capsys, monkeypatch
 
     out = tmp_path / "teacher"
     monkeypatch.setattr(loop_mod, "kill_point", lambda name: shutil.rmtree(out) if name == "tick" and out.exists() else None)
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--set", "teacher.tick_kimg=0.016",
-                                   "--set", "teacher.snapshot_kimg=0.128", "--out", str(out)], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--set", "teacher.tick_kimg=0.016", "--set",
+                                  "teacher.snapshot_kimg=0.128", "--out", str(out)])
     assert code == 1
     line = _the_error(err)
     assert str(out / "work") in line and "no such file" in line and "deleted while the stage ran" in line, line
 
 
-def test_dataset_file_vanishing_mid_run(setup, tmp_path, capsys, monkeypatch):
+def test_dataset_file_vanishing_mid_run(setup, tmp_path, monkeypatch, stage_here):
     import sida.train.loop as loop_mod
     from PIL import Image
     from stages.teacher import main
@@ -249,9 +241,9 @@ def test_dataset_file_vanishing_mid_run(setup, tmp_path, capsys, monkeypatch):
         Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(data / f"{i}.png")
     monkeypatch.setattr(loop_mod, "kill_point",
                         lambda name: [p.unlink() for p in data.glob("*.png")] if name == "tick" else None)
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--set", "data.kind=folder", "--set",
-                                   f"data.path={data}", "--set", "data.label_dim=0", "--set", "teacher.tick_kimg=0.016",
-                                   "--out", str(tmp_path / "out")], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--set", "data.kind=folder", "--set",
+                                  f"data.path={data}", "--set", "data.label_dim=0", "--set", "teacher.tick_kimg=0.016",
+                                  "--out", str(tmp_path / "out")])
     assert code == 1
     line = _the_error(err)
     assert str(data) in line and ".png" in line and "no such file" in line and "restore it" in line, line
@@ -390,7 +382,7 @@ def _damaged(kind: str, tmp_path: Path) -> bytes:
 
 @pytest.mark.parametrize("kind", ["random", "empty", "text", "pickle", "npz", "truncated"])
 @pytest.mark.parametrize("role", ["teacher", "resume", "init"])
-def test_damaged_checkpoints_are_corrupt_or_not_a_checkpoint(setup, tmp_path, capsys, kind, role):
+def test_damaged_checkpoints_are_corrupt_or_not_a_checkpoint(setup, tmp_path, kind, role, stage_here):
     from stages.distill import main
 
     bad = tmp_path / "bad.pt"
@@ -407,7 +399,7 @@ def test_damaged_checkpoints_are_corrupt_or_not_a_checkpoint(setup, tmp_path, ca
         shutil.copy(bad, out / "work" / "state.pt")
         bad = out / "work" / "state.pt"
     before = files_under(out) if out.exists() else None
-    code, err = _in_process(main, argv, capsys)
+    code, err = stage_here(main, argv)
     assert code == 1
     line = _the_error(err)
     assert str(bad) in line and "corrupt or not a checkpoint" in line and "delete it" in line, line
@@ -458,7 +450,7 @@ def test_damaged_reference_statistics_carry_no_library_advice(tmp_path, kind):
 
 
 @pytest.mark.parametrize("case", ["binary", "directory"])
-def test_config_that_is_not_a_yaml_file(tmp_path, capsys, case):
+def test_config_that_is_not_a_yaml_file(tmp_path, case, stage_here):
     from stages.teacher import main
 
     path = tmp_path / "cfg.yaml"
@@ -466,36 +458,36 @@ def test_config_that_is_not_a_yaml_file(tmp_path, capsys, case):
         path.write_bytes(bytes(range(256)) * 4)
     else:
         path.mkdir()
-    code, err = _in_process(main, ["--config", str(path), "--out", str(tmp_path / "out")], capsys)
+    code, err = stage_here(main, ["--config", str(path), "--out", str(tmp_path / "out")])
     line = _the_error(err)
     assert code == 1 and str(path) in line and ("not text" in line or "is a directory" in line), line
 
 
-def test_a_network_file_passed_as_init_state(setup, tmp_path, capsys):
+def test_a_network_file_passed_as_init_state(setup, tmp_path, stage_here):
     from stages.distill import main
 
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--run", "sid", "--teacher", str(setup["teacher"]),
-                                   "--init", str(setup["teacher"]), "--out", str(tmp_path / "o")], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--run", "sid", "--teacher", str(setup["teacher"]),
+                                  "--init", str(setup["teacher"]), "--out", str(tmp_path / "o")])
     line = _the_error(err)
     assert code == 1 and "is a network file, not a sida training state" in line and "delete" not in line, line
 
 
-def test_generate_with_a_zero_batch(setup, tmp_path, capsys):
+def test_generate_with_a_zero_batch(setup, tmp_path, stage_here):
     from stages.generate import main
 
-    code, err = _in_process(main, ["--network", str(setup["teacher"]), "--batch", "0", "--out", str(tmp_path)], capsys)
+    code, err = stage_here(main, ["--network", str(setup["teacher"]), "--batch", "0", "--out", str(tmp_path)])
     line = _the_error(err)
     assert code == 1 and "--batch" in line, line
 
 
 @pytest.mark.parametrize("content", [b"\xff\xfe binary", b"[]", b'{"name": "x"}'])
-def test_report_with_a_damaged_evaluation(setup, tmp_path, capsys, content):
+def test_report_with_a_damaged_evaluation(setup, tmp_path, content, stage_here):
     from stages.report import main
 
     bad = tmp_path / "metrics.json"
     bad.write_bytes(content)
     out = tmp_path / "report" / "report.md"
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--evaluations", str(bad), "--out", str(out)], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--evaluations", str(bad), "--out", str(out)])
     line = _the_error(err)
     assert code == 1 and str(bad) in line and "rerun the evaluate stage" in line, line
     assert not out.parent.exists()
@@ -557,21 +549,21 @@ def _poison(src: Path, dst: Path, key: str | None = None) -> str:
     return key
 
 
-def test_teacher_with_nan_weights_is_refused_naming_the_tensor(setup, tmp_path, capsys):
+def test_teacher_with_nan_weights_is_refused_naming_the_tensor(setup, tmp_path, stage_here):
     from stages.distill import main
 
     bad = tmp_path / "nan-teacher.pt"
     key = _poison(setup["teacher"], bad)
     out = tmp_path / "out"
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--run", "warmup", "--teacher", str(bad),
-                                   "--out", str(out)], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--run", "warmup", "--teacher", str(bad), "--out",
+                                  str(out)])
     assert code == 1
     line = _the_error(err)
     assert str(bad) in line and f"'{key}'" in line and "non-finite" in line, line
     assert not out.exists()
 
 
-def test_init_generator_and_init_state_with_inf_are_refused(setup, tmp_path, capsys):
+def test_init_generator_and_init_state_with_inf_are_refused(setup, tmp_path, stage_here):
     from sida.io import checkpoints
     from stages.distill import main
 
@@ -582,8 +574,8 @@ def test_init_generator_and_init_state_with_inf_are_refused(setup, tmp_path, cap
     state = tmp_path / "warmup-state.pt"
     checkpoints.atomic_save_torch({"G": rec, "G_ema": rec, "fake": rec, "format": checkpoints.STATE_FORMAT,
                                    "version": 1, "meta": "{}"}, state)
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--run", "sid", "--teacher", str(setup["teacher"]),
-                                   "--init", str(state), "--out", str(tmp_path / "o")], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--run", "sid", "--teacher", str(setup["teacher"]),
+                                  "--init", str(state), "--out", str(tmp_path / "o")])
     line = _the_error(err)
     assert code == 1 and str(state) in line and f"'{key}'" in line and "(G)" in line, line
     gen = tmp_path / "gen.pt"
@@ -605,7 +597,7 @@ def test_a_network_with_nan_weights_is_never_written(setup, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(setup, tmp_path, capsys, monkeypatch):
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch, stage_here):
     """G's weights turn NaN right after the warm-up's checkpoint (placed with the loop's hook): the
     run stops at the next check with one line naming the tensor; the warm-up checkpoint stays,
     finite; no network or final state is written."""
@@ -623,8 +615,8 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(setup, tmp_
                 next(made["nets"].G.parameters()).fill_(float("nan"))
     monkeypatch.setattr(loop_mod, "kill_point", poison)
     out = tmp_path / "out"
-    code, err = _in_process(stage.main, ["--config", str(setup["config"]), "--run", "mixed", "--teacher",
-                                         str(setup["teacher"]), "--out", str(out)], capsys)
+    code, err = stage_here(stage.main, ["--config", str(setup["config"]), "--run", "mixed", "--teacher",
+                                        str(setup["teacher"]), "--out", str(out)])
     assert code == 1
     line = _the_error(err)
     first = next(iter(made["nets"].G.state_dict()))
@@ -637,28 +629,28 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(setup, tmp_
     assert not (out / "network.pt").exists() and not (out / "state.pt").exists()
 
 
-def test_a_learning_rate_at_the_edge_of_float32_diverges_and_stops(setup, tmp_path, capsys):
+def test_a_learning_rate_at_the_edge_of_float32_diverges_and_stops(setup, tmp_path, stage_here):
     """lr_g = 3e38 throws some of G's weights past float32 at its first update (the sid phase after
     the warm-up's checkpoint): the run stops instead of writing a NaN generator as a result."""
     from stages.distill import main
 
     out = tmp_path / "out"
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--run", "mixed", "--teacher", str(setup["teacher"]),
-                                   "--set", "distill.lr_g=3e38", "--out", str(out)], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--run", "mixed", "--teacher",
+                                  str(setup["teacher"]), "--set", "distill.lr_g=3e38", "--out", str(out)])
     assert code == 1
     line = _the_error(err)
     assert "training diverged: G." in line and "(0.032 kimg) is kept" in line, line
     assert not (out / "network.pt").exists() and not (out / "state.pt").exists()
 
 
-def test_a_whole_tick_of_nonfinite_gradients_stops_the_run(setup, tmp_path, capsys):
+def test_a_whole_tick_of_nonfinite_gradients_stops_the_run(setup, tmp_path, stage_here):
     """lambda_sid = 1e39 makes every generator loss infinite: its gradients are NaN/inf (zeroed, so
     the weights stay finite) in every update of the sid phase, a whole tick of skipped updates."""
     from stages.distill import main
 
     out = tmp_path / "out"
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--run", "mixed", "--teacher", str(setup["teacher"]),
-                                   "--set", "distill.lambda_sid=1e39", "--out", str(out)], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--run", "mixed", "--teacher",
+                                  str(setup["teacher"]), "--set", "distill.lambda_sid=1e39", "--out", str(out)])
     assert code == 1
     line = _the_error(err)
     assert "all 2 updates of the tick ending at 0.064 kimg had NaN/inf gradients" in line, line
