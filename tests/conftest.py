@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import pytest
 
@@ -67,3 +67,23 @@ def stage_here(capsys):
         return exc.value.code, capsys.readouterr().err
 
     return call
+
+
+class StageInputs(NamedTuple):
+    """What every stage command takes: a config file and a teacher network file."""
+
+    config: Path
+    teacher: Path
+
+
+@pytest.fixture(scope="session")
+def stage_inputs():
+    """`stage_inputs(directory, cfg)` writes the raw config `cfg` (e.g. `helpers.tiny_config()`) to
+    directory/cfg.yaml and an untrained teacher of its architecture to directory/teacher.pt.
+    Session-scoped so module-scoped setups can use it (it keeps no state)."""
+    from helpers import write_config, write_teacher
+
+    def make(directory: Path, cfg: dict) -> StageInputs:
+        return StageInputs(write_config(directory / "cfg.yaml", cfg), write_teacher(directory / "teacher.pt", cfg))
+
+    return make

@@ -40,23 +40,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import (PYTHON, REPO, assert_state_dicts_equal, env, error_lines, files_under, run_module,  # noqa: E402
-                     tiny_config, write_config, write_teacher)
+from helpers import (PYTHON, REPO, assert_same_run, env, error_lines, files_under, run_module,  # noqa: E402
+                     tiny_config, write_config)
 
 ADVICE = ("weights_only", "allow_pickle", "unsafely", "pickle.load", "high likelihood", "internal")
-
-
-def _stage_env(**extra: str) -> dict:
-    e = env()
-    e.pop("SIDA_KILL_AT", None)
-    e.pop("SIDA_DEBUG", None)
-    e.update(extra)
-    return e
-
-
-def _run(module: str, *args: str, timeout: float = 180, preexec=None, **extra_env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", module, *args], cwd=REPO, env=_stage_env(**extra_env), capture_output=True,
-                          text=True, timeout=timeout, preexec_fn=preexec)
 
 
 def _the_error(stderr: str) -> str:
@@ -75,7 +62,7 @@ def _temps(root: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, stage_inputs):
     d = tmp_path_factory.mktemp("reliability")
     cfg = tiny_config()
     cfg["results_dir"] = str(d / "results")
@@ -83,8 +70,8 @@ def setup(tmp_path_factory):
                        "inception_score": False, "precision_recall": False, "classifier": {"epochs": 1}}
     metrics = d / "metrics.jsonl"
     metrics.write_text('{"kimg": 0.032, "loss_fake": 1.0}\n')
-    return {"dir": d, "cfg": cfg, "config": write_config(d / "cfg.yaml", cfg), "teacher": write_teacher(d / "teacher.pt", cfg),
-            "metrics": metrics}
+    config, teacher = stage_inputs(d, cfg)
+    return {"dir": d, "cfg": cfg, "config": config, "teacher": teacher, "metrics": metrics}
 
 
 # == 1. operating-system failures ==================================================================
@@ -111,7 +98,7 @@ def test_output_below_a_file_is_one_error_line_in_every_stage(setup, tmp_path, s
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     module, args = _stage_args(stage, setup, blocker / "out")
-    res = _run(module, *args)
+    res = run_module(module, *args)
     assert res.returncode == 1, res.stderr[-3000:]
     line = _the_error(res.stderr)
     assert str(blocker) in line and "not a directory" in line and "choose another location" in line, line
@@ -121,7 +108,7 @@ def test_output_below_a_file_is_one_error_line_in_every_stage(setup, tmp_path, s
 def test_debug_flag_shows_the_traceback_and_still_ends_in_the_line(setup, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    res = _run("stages.teacher", "--config", str(setup["config"]), "--out", str(blocker / "out"), SIDA_DEBUG="1")
+    res = run_module("stages.teacher", "--config", str(setup["config"]), "--out", str(blocker / "out"), SIDA_DEBUG="1")
     assert res.returncode == 1
     assert "Traceback" in res.stderr and "NotADirectoryError" in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("error: cannot access")
@@ -206,7 +193,7 @@ def test_file_size_limit_while_checkpointing_any_user(setup, tmp_path):
     """torch.save reports a failed write as "[enforce fail ...] unexpected pos"; we say why."""
     out = tmp_path / "teacher"
     before = _keep_earlier(out)
-    res = _run("stages.teacher", "--config", str(setup["config"]), "--out", str(out), preexec=_file_size_limit(100_000))
+    res = run_module("stages.teacher", "--config", str(setup["config"]), "--out", str(out), preexec=_file_size_limit(100_000))
     assert res.returncode == 1, res.stderr[-3000:]
     line = _the_error(res.stderr)
     assert "file size limit" in line and "state.pt" in line and "enforce" not in line, line
@@ -742,7 +729,7 @@ RUN = "mixed"
 
 
 @pytest.fixture(scope="module")
-def kill_setup(tmp_path_factory):
+def kill_setup(tmp_path_factory, stage_inputs):
     """8 iterations of 16 images with dropout: warmup 2, sid 2, sida 4. A tick every iteration, a
     checkpoint every 3 (at 0.048, 0.096 kimg), the monitor every 2 (0.048, 0.064, 0.096, 0.128
     kimg; none in warm-up): the evaluation at 0.064 lies between two checkpoints."""
@@ -754,47 +741,25 @@ def kill_setup(tmp_path_factory):
     cfg["results_dir"] = str(d / "results")
     cfg["evaluate"] = {"batch": 64, "reference_max_images": 64, "classifier": {"epochs": 1},
                        "during_training": {"every_kimg": 0.032, "num_samples": 16}}
-    config = write_config(d / "cfg.yaml", cfg)
-    teacher = write_teacher(d / "teacher.pt", cfg)
+    config, teacher = stage_inputs(d, cfg)
     args = ["--config", str(config), "--run", RUN, "--teacher", str(teacher)]
     ref = d / "uninterrupted"
-    res = _run("stages.distill", *args, "--out", str(ref), timeout=300)
+    res = run_module("stages.distill", *args, "--out", str(ref), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stderr.count("  fd ") == 4, res.stderr[-3000:]
     teacher_ref = d / "teacher-uninterrupted"
-    res = _run("stages.teacher", "--config", str(config), "--out", str(teacher_ref), timeout=300)
+    res = run_module("stages.teacher", "--config", str(config), "--out", str(teacher_ref), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return {"args": args, "ref": ref, "config": config, "teacher_ref": teacher_ref}
 
 
-def _metrics(path: Path) -> list[dict]:
-    """The metrics log without wall-clock rates and times (the final `time/*` summary)."""
-    return [{k: v for k, v in json.loads(line).items() if k != "images_per_sec" and not k.startswith("final/time/")}
-            for line in path.read_text().splitlines()]
-
-
 def _kill_then_resume(module: str, args: list[str], out: Path, point: str) -> str:
-    killed = _run(module, *args, "--out", str(out), timeout=300, SIDA_KILL_AT=point)
+    killed = run_module(module, *args, "--out", str(out), timeout=300, SIDA_KILL_AT=point)
     assert killed.returncode == -signal.SIGKILL, f"not killed at {point}: {killed.stderr[-3000:]}"
-    resumed = _run(module, *args, "--out", str(out), timeout=300)
+    resumed = run_module(module, *args, "--out", str(out), timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (out / "work").exists() and not _temps(out), files_under(out).keys()
     return resumed.stderr
-
-
-def _assert_same_outputs(a: Path, b: Path, state_keys: list[str]) -> None:
-    from sida.io import checkpoints
-
-    for name in ("network.pt", "last.pt"):
-        if (a / name).exists() or (b / name).exists():
-            na, nb = torch.load(a / name, weights_only=True), torch.load(b / name, weights_only=True)
-            assert_state_dicts_equal(na["state_dict"], nb["state_dict"])
-            assert json.loads(na["meta"]) == json.loads(nb["meta"])
-    for key in state_keys:
-        sa, sb = checkpoints.load_state(a / "state.pt"), checkpoints.load_state(b / "state.pt")
-        assert_state_dicts_equal(sa[key]["state_dict"], sb[key]["state_dict"])
-    assert _metrics(a / "metrics.jsonl") == _metrics(b / "metrics.jsonl")
-    assert (a / "samples.png").read_bytes() == (b / "samples.png").read_bytes()
 
 
 @pytest.mark.slow
@@ -813,7 +778,7 @@ def test_distill_killed_in_every_window_resumes_bit_identically(kill_setup, tmp_
         assert "resuming" not in log
     else:
         assert f"resuming from {out / 'work' / 'state.pt'} at {resumes_at:.2f} kimg" in log, log[-2000:]
-    _assert_same_outputs(kill_setup["ref"], out, ["G", "G_ema", "fake"])
+    assert_same_run(kill_setup["ref"], out, ["G", "G_ema", "fake"])
 
 
 @pytest.mark.slow
@@ -821,4 +786,4 @@ def test_distill_killed_in_every_window_resumes_bit_identically(kill_setup, tmp_
 def test_teacher_killed_while_writing_resumes_bit_identically(kill_setup, tmp_path, point):
     out = tmp_path / "out"
     _kill_then_resume("stages.teacher", ["--config", str(kill_setup["config"])], out, point)
-    _assert_same_outputs(kill_setup["teacher_ref"], out, [])
+    assert_same_run(kill_setup["teacher_ref"], out, [])

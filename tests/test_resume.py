@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import (PYTHON, REPO, assert_state_dicts_equal, baseline_runs, env, error_lines, files_under,  # noqa: E402
-                     run_module, tiny_config, write_config, write_teacher)
+                     run_module, tiny_config)
 
 RUN = "mixed"  # warmup -> sid -> sida with a discriminator: every kind of step is checkpointed
 BASELINE_RUNS = baseline_runs()  # dmd2 and add, 8 iterations of 16 each (helpers.py)
@@ -82,10 +82,11 @@ def _kill_resume_compare(tmp_path: Path, module: str, args: list[str], state_key
 
 
 @pytest.fixture(scope="module")
-def resume_setup(tmp_path_factory):
+def resume_setup(tmp_path_factory, stage_inputs):
     d = tmp_path_factory.mktemp("resume")
     cfg = _resume_config()
-    return {"dir": d, "config": write_config(d / "cfg.yaml", cfg), "teacher": write_teacher(d / "teacher.pt", cfg)}
+    config, teacher = stage_inputs(d, cfg)
+    return {"dir": d, "config": config, "teacher": teacher}
 
 
 @pytest.mark.slow
@@ -117,9 +118,10 @@ def test_resume_the_wrong_run_is_refused_not_mixed(resume_setup, tmp_path):
 # -- broken files: one `error:` line, exit 1, nothing else touched (in-process: fast) ---------------
 
 @pytest.fixture()
-def fast_setup(tmp_path):
+def fast_setup(tmp_path, stage_inputs):
     cfg = _resume_config()
-    return {"config": write_config(tmp_path / "cfg.yaml", cfg), "teacher": write_teacher(tmp_path / "teacher.pt", cfg)}
+    config, teacher = stage_inputs(tmp_path, cfg)
+    return {"config": config, "teacher": teacher}
 
 
 def _broken_state(out: Path, content: bytes) -> Path:
