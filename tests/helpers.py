@@ -167,3 +167,15 @@ def assert_same_run(a: Path, b: Path, state_keys: Sequence[str]) -> None:
     assert run_metrics(a / "metrics.jsonl") == run_metrics(b / "metrics.jsonl")  # losses and monitor scores
     if (a / "samples.png").exists() or (b / "samples.png").exists():
         assert (a / "samples.png").read_bytes() == (b / "samples.png").read_bytes()
+
+
+def randomise_weights(net, seed: int = 1, scale: float = 0.2):
+    """Every parameter drawn from N(0, scale^2) (in place; returns `net`). Zero- or 1e-5-initialised
+    output layers make many checks vacuous (every network outputs ~0): randomise them all."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return net
