@@ -33,7 +33,7 @@ from sida.nets.heads import head_record
 from sida.errors import CheckpointError, ConfigError
 from sida.io.images import save_grid
 from sida.train.loop import Checkpointer, Timings, run
-from sida.eval.evaluation import TrainingMonitor
+from sida.eval.monitor import TrainingMonitor
 from sida.run.runtime import start_stage
 from sida.nets.sampler import one_step_generate
 from sida.io.killpoint import kill_point

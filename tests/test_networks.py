@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sida.nets import layers
+from sida.nets import blocks, layers
 from sida.nets import networks
 from sida.nets.precond import EDMPrecond
 
@@ -292,14 +292,14 @@ def _einsum_attention(q, k, v):
 def test_sdpa_attention_equals_einsum():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 16, 20, generator=g) for _ in range(3))
-    out = layers.attention(q, k, v)
+    out = blocks.attention(q, k, v)
     ref = _einsum_attention(q.reshape(6, 16, 20), k.reshape(6, 16, 20), v.reshape(6, 16, 20)).reshape(2, 3, 16, 20)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_unet_block_attention_matches_edm_layout():
     torch.manual_seed(0)
-    blk = layers.UNetBlock(128, 128, 32, attention=True, channels_per_head=64).eval()
+    blk = blocks.UNetBlock(128, 128, 32, attention=True, channels_per_head=64).eval()
     randomise_weights(blk)
     x, emb = torch.randn(2, 128, 4, 4), torch.randn(2, 32)
     with torch.no_grad():
@@ -412,7 +412,7 @@ def test_attention_channels_last_matches_contiguous_and_einsum(heads):
     gradients, which reach the qkv convolution channels-last (no layout copy before its backward)."""
     torch.manual_seed(0)
     C, B, R = 32, 3, 4
-    blk = randomise_weights(layers.UNetBlock(C, C, 16, attention=True, num_heads=heads)).double()
+    blk = randomise_weights(blocks.UNetBlock(C, C, 16, attention=True, num_heads=heads)).double()
     x = torch.randn(B, C, R, R, dtype=torch.double)
     qkv = blk.qkv(blk.norm2(x))
 
