@@ -11,7 +11,6 @@ from sida.run.workflow import first_output_dir, one_of, settings as config_setti
 
 JOBS = jobs.RuleJobs(config)
 
-RESULTS = PLAN.results
 EXP = PLAN.exp
 LOGS = PLAN.logs
 CONFIG_RESOLVED = PLAN.config_resolved
