@@ -26,7 +26,8 @@ import torch
 from ..nets.sampler import sampling_sigmas
 from ..run import dist
 from .extract import extract_generated_multi
-from .features import Extractor, build_extractor, file_sha256
+from .features import Extractor, build_extractor
+from ..io.assets import sha256_file
 from .metrics import feature_stats, frechet_distance, inception_score, precision_recall
 from .noise import class_counts, seed_note, seed_ranges
 from .refstats import Reference, get_reference
@@ -142,7 +143,7 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
     key = extractor.metric_key
     ranges = seed_ranges(ev["seed"], ev["num_runs"], ev["num_samples"])
     store = None if keep is None else RunStore(*keep, key={
-        "cfg": config_hash(cfg), "network": file_sha256(network), "kind": kind, "steps": steps,
+        "cfg": config_hash(cfg), "network": sha256_file(network), "kind": kind, "steps": steps,
         "world_size": info.world_size}, info=info)
     runs, head = [], []
     for r, seeds in enumerate(ranges):
@@ -175,7 +176,7 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
     grid = sample_grid(net, kind, cfg, decode, sigmas).cpu() if info.is_main else None
     metrics = {
         "name": name, "kind": kind, "train_seed": train_seed, "network": str(network),
-        "network_sha256": file_sha256(network),
+        "network_sha256": sha256_file(network),
         "nfe": nfe, "teacher_steps": ev["teacher_steps"] if kind == "teacher" else None,
         "label": label or name, "steps": steps if kind == "generator" else ev["teacher_steps"],
         "sigmas": sigmas, "sigma_init": sigmas[0] if sigmas else None,

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AssetError, CheckpointError, ConfigError, brief_reason
+from ..io.assets import sha256_file
 from ..io.atomic import atomic_save_torch
 # DINOv2's builder lives with the networks (ADD's discriminator uses it too).
 from ..nets.vit import DINOV2_ARCHS, DINOV2_RESOLUTION, build_dinov2, imagenet_normalize
@@ -36,21 +37,12 @@ from ..run.config import resolve_extractor_name
 from .digits_classifier import CLASSIFIER_RECIPE, DigitsCNN, train_digits_classifier
 
 __all__ = ["Extractor", "InceptionExtractor", "DigitsClassifierExtractor", "build_extractor",
-           "load_or_train_digits_classifier", "state_dict_sha256", "file_sha256", "make_random_inception_file",
+           "load_or_train_digits_classifier", "state_dict_sha256", "make_random_inception_file",
            "INCEPTION_URL", "inception_weights_path", "cache_dir", "DINOv2Extractor", "dinov2_preprocess",
            "save_random_dinov2", "dinov2_weights_path"]
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex digest of a file (streamed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def state_dict_sha256(sd: dict) -> str:
@@ -138,7 +130,7 @@ class InceptionExtractor(Extractor):
             raise CheckpointError(f"Inception weights {path} cannot be loaded ({first}): delete the file and "
                                   f"fetch {INCEPTION_URL} again") from None
         self.mode = mode
-        self.sha256 = file_sha256(path)
+        self.sha256 = sha256_file(path)
         self.path = str(path)
         out = getattr(self.base, "output", None)
         # StyleGAN2-ADA's IS uses softmax(features @ W^T) without the output bias.
@@ -268,7 +260,7 @@ class DINOv2Extractor(Extractor):
         self.mode = f"dinov2_{arch}"
         self.feature_dim = DINOV2_ARCHS[arch][1]
         self.path = str(weights) if weights is not None else None
-        self.sha256 = file_sha256(weights) if weights is not None else state_dict_sha256(self.model.state_dict())
+        self.sha256 = sha256_file(weights) if weights is not None else state_dict_sha256(self.model.state_dict())
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

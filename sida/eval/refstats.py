@@ -31,7 +31,8 @@ from ..io.safe_unpickle import NumpyOnlyUnpickler
 from ..run import dist
 from .extract import dataset_features
 from ..run.config import resolve_extractor_name
-from .features import Extractor, cache_dir, file_sha256
+from .features import Extractor, cache_dir
+from ..io.assets import sha256_file
 from .metrics import feature_stats
 from .noise import balanced_indices
 
@@ -194,7 +195,7 @@ def _dataset_reference(cfg: dict, extractor: Extractor, info: dist.DistInfo) -> 
                         class_counts=[int(c) for c in z["class_counts"]] if "class_counts" in z else None)
     except KeyError as exc:
         raise DataError(f"reference cache {path} lacks {exc}: delete it and rerun (it is recomputed)") from None
-    ref.sha256 = file_sha256(path)
+    ref.sha256 = sha256_file(path)
     return ref
 
 
@@ -227,7 +228,7 @@ def get_reference(cfg: dict, extractor: Extractor, info: dist.DistInfo, resoluti
         mu, sigma = load_ref_stats(which)
         z = load_npz(which, "reference statistics", "download them again (run the fetch stage) or fix the path")
         res = int(z["resolution"]) if "resolution" in z else None
-        ref = Reference(mu, sigma, "file", str(which), file_sha256(which), None, res)
+        ref = Reference(mu, sigma, "file", str(which), sha256_file(which), None, res)
     if ref.mu.shape[0] != extractor.feature_dim:
         raise DataError(f"reference statistics {ref.path} hold {ref.mu.shape[0]}-dimensional features but the "
                         f"{extractor.name} extractor gives {extractor.feature_dim}: use statistics made with the "

@@ -37,7 +37,7 @@ def log(msg: str) -> None:
     print(f"fetch: {msg}", file=sys.stderr, flush=True)
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file, read in chunks (teachers are hundreds of MB)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
