@@ -22,10 +22,7 @@ any user.
 
 from __future__ import annotations
 
-import copy
 import errno
-import json
-import math
 import os
 import pickle
 import resource
@@ -40,7 +37,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import (PYTHON, REPO, assert_same_run, env, error_lines, files_under, run_module,  # noqa: E402
+from helpers import (REPO, assert_same_run, error_lines, files_under, run_module,  # noqa: E402
                      tiny_config, write_config)
 
 ADVICE = ("weights_only", "allow_pickle", "unsafely", "pickle.load", "high likelihood", "internal")
@@ -290,9 +287,8 @@ def test_launcher_log_ends_with_the_stage_error(setup, tmp_path):
     failure table after the stage's line."""
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    res = subprocess.run([PYTHON, "-m", "sida.run.torchrun", "--standalone", "--nproc-per-node", "1", "-m", "--",
-                          "stages.teacher", "--config", str(setup["config"]), "--out", str(blocker / "out")],
-                         cwd=REPO, env=_stage_env(), capture_output=True, text=True, timeout=300)
+    res = run_module("sida.run.torchrun", "--standalone", "--nproc-per-node", "1", "-m", "--",
+                     "stages.teacher", "--config", str(setup["config"]), "--out", str(blocker / "out"), timeout=300)
     assert res.returncode == 1
     line = _the_error(res.stderr)
     assert str(blocker) in line and "ChildFailedError" not in res.stderr
@@ -323,7 +319,7 @@ def test_workflow_log_names_the_failure(tmp_path, snakemake):
     log = tmp_path / "results" / "probe" / "logs" / "teacher.log"
     line = _the_error(log.read_text())
     assert "results/probe/teacher/work" in line, line
-    assert any(l.startswith("[teacher] error: ") and f"(log: results/probe/logs/teacher.log)" in l
+    assert any(l.startswith("[teacher] error: ") and "(log: results/probe/logs/teacher.log)" in l
                for l in r.stderr.splitlines()), r.stderr[-3000:]
 
 
