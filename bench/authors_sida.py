@@ -253,7 +253,7 @@ class Monitor:
     every_kimg outside warm-up, stages/distill.py BestKeeper) on their EMA generator."""
 
     def __init__(self, cfg: dict, rc: dict, like: torch.nn.Module, out: Path, phase_of: Callable[[int], str]) -> None:
-        from sida.eval.evaluation import TrainingMonitor
+        from sida.eval.monitor import TrainingMonitor
         from sida.run.dist import DistInfo
 
         self.monitor = TrainingMonitor(cfg, torch.device("cpu"), DistInfo(0, 1, 0, torch.device("cpu")))

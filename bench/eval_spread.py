@@ -28,8 +28,10 @@ def _list(text: str, kind: type) -> list:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sida.eval.evaluation import LATENT_MODES, extract_generated, prepare_evaluand, seed_ranges
+    from sida.eval.evaluation import prepare_evaluand
+    from sida.eval.extract import extract_generated
     from sida.eval.metrics import feature_stats, frechet_distance
+    from sida.eval.noise import LATENT_MODES, seed_ranges
     from sida.run import dist
     from sida.run.config import load_config
 

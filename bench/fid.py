@@ -65,8 +65,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     from sida.io.data import open_dataset
     from sida.run.dist import pick_device
     from sida.eval.features import (INCEPTION_FILE, InceptionExtractor, load_or_train_digits_classifier,
-                               make_random_inception_file, quantize)
+                                    make_random_inception_file)
     from sida.eval.metrics import fd_from_features
+    from sida.io.images import quantize
     from sida.nets.sampler import one_step_generate
 
     device = pick_device(args.device)

@@ -35,7 +35,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from sida.nets.layers import Conv2d, GroupNorm, Linear, UNetBlock
+from sida.nets.blocks import UNetBlock
+from sida.nets.layers import Conv2d, GroupNorm, Linear
 from sida.nets.networks import SongUNet
 from sida.nets.sampler import sid_sigma_t
 from sida.train.distill import Nets

@@ -129,7 +129,7 @@ class Floor:
         self.s_init = torch.full([n], 2.5)
 
     def __call__(self) -> None:
-        nets, sida = self.loop.nets, self.phase == "sida"
+        nets, adversarial = self.loop.nets, self.phase == "sida"
         disc = self.loop.discriminator
         # 1. fake-score update: G forward without grad, f_psi forward/backward (parameter grads).
         nets.fake.requires_grad_(True)
@@ -154,7 +154,7 @@ class Floor:
         x_g = nets.G(self.z * 2.5, self.s_init, self.labels)
         x_t = x_g + self.noise
         y_r = nets.teacher(x_t, self.sigma, self.labels)
-        if sida:
+        if adversarial:
             y_f, lg = nets.fake(x_t, self.sigma, self.labels, return_flag="encoder_decoder")
             loss = (y_r * y_f).sum() + lg.sum()
         else:

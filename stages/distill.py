@@ -33,7 +33,7 @@ from sida.nets.heads import head_record
 from sida.errors import CheckpointError, ConfigError
 from sida.io.images import save_grid
 from sida.train.loop import Checkpointer, Timings, run
-from sida.eval.evaluation import TrainingMonitor
+from sida.eval.monitor import TrainingMonitor
 from sida.run.runtime import start_stage
 from sida.nets.sampler import one_step_generate
 from sida.io.killpoint import kill_point
@@ -113,14 +113,14 @@ def resolve_add_features(cfg: dict, rc: dict) -> str | None:
     if discriminator_kind(rc["discriminator"]) != "add" or spec["kind"] != "dinov2":
         return None
     from sida.errors import AssetError
-    from sida.eval.features import file_sha256
+    from sida.io.assets import sha256_file
 
     if spec["weights"] is None:
         spec["weights"] = f"{cfg['results_dir']}/{cfg['experiment']}/fetch/dinov2_{spec['arch']}.pth"
     if not Path(spec["weights"]).is_file():
         raise AssetError(f"ADD's feature network: DINOv2 weights {spec['weights']} do not exist: add a fetch asset of "
                          f"kind dinov2 with arch {spec['arch']}, or set distill.add_features.weights")
-    return file_sha256(spec["weights"])
+    return sha256_file(spec["weights"])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import pytest
 
@@ -48,3 +48,42 @@ class Snakemake:
 def snakemake(tmp_path) -> Snakemake:
     """A `Snakemake` runner in a fresh temporary working directory."""
     return Snakemake(tmp_path)
+
+
+@pytest.fixture
+def stage_here(capsys):
+    """Runs a stage as `python -m` would, but in this process (so a test can patch it): the
+    stage's `main` (or its module's name, e.g. "stages.distill") through `sida.run.cli.run_stage`,
+    which turns errors into one line and exit codes. Returns (exit code, captured stderr)."""
+    import importlib
+
+    from sida.run.cli import run_stage
+
+    def call(main, argv: Sequence[str]) -> tuple[int, str]:
+        if isinstance(main, str):
+            main = importlib.import_module(main).main
+        with pytest.raises(SystemExit) as exc:
+            run_stage(main, list(argv))
+        return exc.value.code, capsys.readouterr().err
+
+    return call
+
+
+class StageInputs(NamedTuple):
+    """What every stage command takes: a config file and a teacher network file."""
+
+    config: Path
+    teacher: Path
+
+
+@pytest.fixture(scope="session")
+def stage_inputs():
+    """`stage_inputs(directory, cfg)` writes the raw config `cfg` (e.g. `helpers.tiny_config()`) to
+    directory/cfg.yaml and an untrained teacher of its architecture to directory/teacher.pt.
+    Session-scoped so module-scoped setups can use it (it keeps no state)."""
+    from helpers import write_config, write_teacher
+
+    def make(directory: Path, cfg: dict) -> StageInputs:
+        return StageInputs(write_config(directory / "cfg.yaml", cfg), write_teacher(directory / "teacher.pt", cfg))
+
+    return make

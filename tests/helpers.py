@@ -6,10 +6,12 @@ with 8 channels, batches of 16 and runs of a few dozen iterations.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
@@ -93,19 +95,32 @@ def write_teacher(path: Path, cfg: dict | None = None, seed: int = 0) -> Path:
     return path
 
 
-def env() -> dict:
+# Variables that arm the stages' kill points (sida.io.killpoint) or their debug tracebacks: a
+# stage a test starts never inherits them from the test's own environment.
+HARNESS_VARS = ("SIDA_KILL_AT", "SIDA_KILL_SIGNAL", "SIDA_KILL_RANK", "SIDA_DEBUG")
+
+
+def env(**extra: str) -> dict:
+    """The environment of a stage a test runs: this checkout first on PYTHONPATH, W&B off, one
+    thread, no torchrun variables, no kill point unless `extra` sets one."""
     e = dict(os.environ)
     e.update(PYTHONPATH=str(REPO), WANDB_MODE="disabled", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
              PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", *HARNESS_VARS):
         e.pop(k, None)
+    e.update(extra)
     return e
 
 
-def run_module(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_command(cmd: list[str], timeout: float = 300, preexec=None, **extra_env: str) -> subprocess.CompletedProcess:
+    """`cmd` from the repo root in `env(**extra_env)`, output captured."""
+    return subprocess.run(cmd, cwd=REPO, env=env(**extra_env), capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=preexec)
+
+
+def run_module(module: str, *args: str, timeout: float = 180, preexec=None, **extra_env: str) -> subprocess.CompletedProcess:
     """`python -m <module> args...` from the repo root, output captured."""
-    return subprocess.run([PYTHON, "-m", module, *args], cwd=REPO, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return run_command([PYTHON, "-m", module, *args], timeout=timeout, preexec=preexec, **extra_env)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -124,3 +139,43 @@ def assert_state_dicts_equal(a: dict, b: dict) -> None:
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
         assert torch.equal(a[k], b[k]), f"tensor {k} differs"
+
+
+def run_metrics(path: Path) -> list[dict]:
+    """A stage's metrics.jsonl without its wall-clock figures (rates, `time/*`), which differ
+    between two runs that compute the same thing."""
+    return [{k: v for k, v in json.loads(line).items() if k != "images_per_sec" and "time/" not in k}
+            for line in path.read_text().splitlines()]
+
+
+def assert_same_run(a: Path, b: Path, state_keys: Sequence[str]) -> None:
+    """Two stage out dirs hold the same result: every network file (weights and meta), the named
+    networks of the checkpoint state.pt, every tick's metrics and the sample grid."""
+    import torch
+
+    from sida.io import checkpoints
+
+    for name in ("network.pt", "last.pt"):
+        if (a / name).exists() or (b / name).exists():
+            na, nb = torch.load(a / name, weights_only=True), torch.load(b / name, weights_only=True)
+            assert_state_dicts_equal(na["state_dict"], nb["state_dict"])
+            assert json.loads(na["meta"]) == json.loads(nb["meta"])
+    if state_keys:
+        sa, sb = checkpoints.load_state(a / "state.pt"), checkpoints.load_state(b / "state.pt")
+        for key in state_keys:
+            assert_state_dicts_equal(sa[key]["state_dict"], sb[key]["state_dict"])
+    assert run_metrics(a / "metrics.jsonl") == run_metrics(b / "metrics.jsonl")  # losses and monitor scores
+    if (a / "samples.png").exists() or (b / "samples.png").exists():
+        assert (a / "samples.png").read_bytes() == (b / "samples.png").read_bytes()
+
+
+def randomise_weights(net, seed: int = 1, scale: float = 0.2):
+    """Every parameter drawn from N(0, scale^2) (in place; returns `net`). Zero- or 1e-5-initialised
+    output layers make many checks vacuous (every network outputs ~0): randomise them all."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return net

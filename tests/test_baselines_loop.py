@@ -18,7 +18,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import baseline_runs, error_lines, tiny_config, write_config, write_teacher  # noqa: E402
+from helpers import baseline_runs, error_lines, tiny_config  # noqa: E402
 from test_presets import _reject  # noqa: E402  (one line naming the key, as for every config)
 
 from sida.errors import CheckpointError  # noqa: E402
@@ -235,16 +235,7 @@ def test_add_on_a_random_dinov2_and_a_changed_weights_file_is_refused(tmp_path):
 
 # -- the stage ----------------------------------------------------------------------------------
 
-def _distill(argv, capsys):
-    from sida.run.cli import run_stage
-    from stages.distill import main
-
-    with pytest.raises(SystemExit) as exc:
-        run_stage(main, argv)
-    return exc.value.code, capsys.readouterr().err
-
-
-def test_stage_records_generation_sigmas_and_head_and_a_later_run_keeps_the_head(tmp_path, capsys):
+def test_stage_records_generation_sigmas_and_head_and_a_later_run_keeps_the_head(tmp_path, capsys, stage_inputs):
     from sida.io import checkpoints
     from sida.run.cli import run_stage
     from stages.distill import main
@@ -254,7 +245,7 @@ def test_stage_records_generation_sigmas_and_head_and_a_later_run_keeps_the_head
     runs["dmd2"]["phases"] = [{"kind": "dmd2", "kimg": 0.032}]
     runs["dmd2_more"] = dict(runs["dmd2"], init="dmd2")
     runs["add"]["phases"] = [{"kind": "add", "kimg": 0.016}]
-    cfg_path, teacher = write_config(tmp_path / "cfg.yaml", cfg), write_teacher(tmp_path / "teacher.pt", cfg)
+    cfg_path, teacher = stage_inputs(tmp_path, cfg)
     base = ["--config", str(cfg_path), "--teacher", str(teacher)]
     run_stage(main, [*base, "--run", "dmd2", "--out", str(tmp_path / "dmd2")])
     run_stage(main, [*base, "--run", "add", "--out", str(tmp_path / "add")])
@@ -273,14 +264,14 @@ def test_stage_records_generation_sigmas_and_head_and_a_later_run_keeps_the_head
     capsys.readouterr()
 
 
-def test_missing_dinov2_weights_is_one_error_line_before_any_output(tmp_path, capsys):
+def test_missing_dinov2_weights_is_one_error_line_before_any_output(tmp_path, stage_here, stage_inputs):
     cfg = _cfg()
     cfg["distill"]["runs"]["add"]["add_features"] = {"kind": "dinov2", "arch": "vits14"}
     cfg["results_dir"] = str(tmp_path / "results")
-    cfg_path, teacher = write_config(tmp_path / "cfg.yaml", cfg), write_teacher(tmp_path / "teacher.pt", cfg)
+    cfg_path, teacher = stage_inputs(tmp_path, cfg)
     out = tmp_path / "out"
-    code, err = _distill(["--config", str(cfg_path), "--teacher", str(teacher), "--run", "add", "--out", str(out)],
-                         capsys)
+    code, err = stage_here("stages.distill", ["--config", str(cfg_path), "--teacher", str(teacher), "--run", "add",
+                                              "--out", str(out)])
     errs = error_lines(err)
     assert code == 1 and len(errs) == 1, err
     assert "dinov2_vits14.pth" in errs[0] and "fetch" in errs[0] and "Traceback" not in err

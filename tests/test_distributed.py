@@ -23,8 +23,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import (run_module, REPO, baseline_runs, env, error_lines, tiny_config, write_config,  # noqa: E402
-                     write_teacher)
+from helpers import (run_module, REPO, baseline_runs, env, error_lines, tiny_config)  # noqa: E402
 
 FULL = 8  # global batch; 2 halves of 4 (2 ranks x 1 round, or 1 rank x 2 rounds)
 
@@ -180,15 +179,14 @@ def test_two_process_gradient_equals_one_process_accumulation(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_process_distill_end_to_end(tmp_path):
+def test_torchrun_two_process_distill_end_to_end(tmp_path, stage_inputs):
     # batch 16 = 4 per process x 2 rounds x 2 processes; augmented fake-score inputs, whose draws
     # belong to micro-batch slots like every other random draw
     cfg = tiny_config(batch_per_proc=4, augment=0.5)
     cfg["network"]["kwargs"]["augment_dim"] = 9
     cfg["distill"]["runs"]["mixed"]["phases"] = [{"kind": "warmup", "kimg": 0.016}, {"kind": "sid", "kimg": 0.016},
                                                  {"kind": "sida", "kimg": 0.032}]
-    cfg_path = write_config(tmp_path / "cfg.yaml", cfg)
-    teacher = write_teacher(tmp_path / "teacher.pt", cfg)
+    cfg_path, teacher = stage_inputs(tmp_path, cfg)
     out = tmp_path / "out"
     # `--`: torchrun matches its own options by prefix (`--run` would be "ambiguous: --run-path")
     res = _torchrun("-m", "--", "stages.distill", "--config", str(cfg_path), "--run", "mixed", "--teacher", str(teacher),
@@ -237,13 +235,12 @@ def test_torchrun_two_process_distill_end_to_end(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ["dmd2", "add"])
-def test_torchrun_two_process_baseline_run_equals_one_process(tmp_path, run):
+def test_torchrun_two_process_baseline_run_equals_one_process(tmp_path, run, stage_inputs):
     """DMD2 and ADD: 2 processes x 2 rounds of 4 end where 1 process x 4 rounds of 4 ends (every
     draw belongs to a micro-batch slot; the heads normalise per sample), heads included."""
     cfg = tiny_config(batch_per_proc=4)
     cfg["distill"]["runs"] = {run: baseline_runs(iters=(1, 4))[run]}  # 5 iterations: warm-up, then 2 turns
-    cfg_path = write_config(tmp_path / "cfg.yaml", cfg)
-    teacher = write_teacher(tmp_path / "teacher.pt", cfg)
+    cfg_path, teacher = stage_inputs(tmp_path, cfg)
     args = ["stages.distill", "--config", str(cfg_path), "--run", run, "--teacher", str(teacher), "--out"]
     res = _torchrun("-m", "--", *args, str(tmp_path / "two"))
     assert res.returncode == 0, res.stderr[-3000:]

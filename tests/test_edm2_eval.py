@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from sida.errors import DataError
-from sida.eval.features import (DINOV2_ARCHS, DINOv2Extractor, build_dinov2, dinov2_pos_embed_at,
-                                dinov2_preprocess, save_random_dinov2)
+from sida.eval.features import DINOv2Extractor, dinov2_preprocess, save_random_dinov2
 from sida.eval.refstats import load_stats_pickle
+from sida.nets.vit import DINOV2_ARCHS, build_dinov2, dinov2_pos_embed_at
 from tests.edm2_assets import make_img512_refs
 
 

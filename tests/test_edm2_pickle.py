@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from sida.errors import CheckpointError
-from sida.io.edm_pickle import (BoundMethodRef, PersistentObject, TorchModuleStub, import_sid_generator,
-                                load_edm_pickle, load_edm_pickle_with_info, read_edm_pickle)
+from sida.io.edm_pickle import import_sid_generator, load_edm_pickle, load_edm_pickle_with_info
+from sida.io.safe_unpickle import BoundMethodRef, PersistentObject, TorchModuleStub, read_edm_pickle
 from sida.nets.precond import EDM2Precond
 from tests.edm2_assets import make_edm2_pickle
 from tests.test_edm_pickle import _marker  # noqa: F401  (autouse: fails a test that ran embedded code)

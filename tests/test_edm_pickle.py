@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from sida.io.edm_pickle import (PersistentObject, export_edm_state, import_sid_generator, load_edm_pickle,
-                             load_edm_state, read_edm_pickle)
+from sida.io.edm_pickle import export_edm_state, import_sid_generator, load_edm_pickle, load_edm_state
+from sida.io.safe_unpickle import PersistentObject, read_edm_pickle
 from sida.errors import CheckpointError
 from sida.nets.precond import EDMPrecond
 from tests.edm2_assets import fake_edm_modules

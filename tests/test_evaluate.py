@@ -196,7 +196,7 @@ def test_training_monitor(setup):
     from sida.run import dist
     from sida.io.checkpoints import load_network
     from sida.run.config import load_config
-    from sida.eval.evaluation import TrainingMonitor
+    from sida.eval.monitor import TrainingMonitor
     from sida.nets.sampler import one_step_generate
 
     root, sets = setup

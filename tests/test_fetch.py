@@ -217,7 +217,8 @@ def test_dinov2_assets_per_arch_for_add_features_and_fd_dinov2(tmp_path):
     """ADD's ViT-S/14 and FD-DINOv2's ViT-L/14 side by side: each asset names its arch and is
     written as dinov2_<arch>.pth; two assets of one arch are refused before anything is read."""
     from sida.eval.features import save_random_dinov2
-    from stages.fetch import check_assets, fetch
+    from sida.io.assets import check_assets
+    from stages.fetch import fetch
 
     small = save_random_dinov2(tmp_path / "s.pth", "vits14")
     assets = [{"name": "add_features", "kind": "dinov2", "arch": "vits14", "path": str(small)}]

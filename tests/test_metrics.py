@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from sida.eval.evaluation import balanced_indices, class_counts, latents_for_seeds, seed_ranges, sobol_latents
-from sida.eval.features import load_or_train_digits_classifier, quantize, state_dict_sha256, train_digits_classifier
+from sida.eval.digits_classifier import train_digits_classifier
+from sida.eval.features import load_or_train_digits_classifier, state_dict_sha256
 from sida.eval.metrics import (fd_from_features, feature_stats, frechet_distance, inception_score,
                           precision_recall)
+from sida.eval.noise import balanced_indices, class_counts, latents_for_seeds, seed_ranges, sobol_latents
+from sida.io.images import quantize
 
 
 def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():

@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sida.nets import layers
+from sida.nets import blocks, layers
 from sida.nets import networks
 from sida.nets.precond import EDMPrecond
+
+from helpers import randomise_weights
 
 # ---------------------------------------------------------------------------------------------
 # Published-teacher configs (EDM train.py presets).
@@ -126,9 +128,23 @@ def test_ncsnpp_builds_with_fourier_buffer():
 
 
 def test_strict_load_roundtrip():
+    """A state dict moves every weight and buffer: after a strict load the copy computes what the
+    source computes (randomised weights: the zero-initialised output layers would make both
+    networks output the same zeros before the load too), and a missing key is refused."""
     torch.manual_seed(0)
-    a, b = EDMPrecond(**TINY), EDMPrecond(**TINY)
-    b.load_state_dict(a.state_dict(), strict=True)
+    a, b = randomise_weights(EDMPrecond(**TINY)).eval(), EDMPrecond(**TINY).eval()
+    x, sigma, labels = _tiny_inputs()
+    sigma = sigma.abs() + 0.1
+    with torch.no_grad():
+        assert not torch.equal(a(x, sigma, labels), b(x, sigma, labels))
+        b.load_state_dict(a.state_dict(), strict=True)
+        assert torch.equal(a(x, sigma, labels), b(x, sigma, labels))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    partial = dict(a.state_dict())
+    missing = partial.pop(next(iter(partial)))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        b.load_state_dict(partial, strict=True)
+    assert missing.numel() > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,15 +156,6 @@ def _tiny_inputs(B=4, res=8, ch=1, label_dim=10, seed=0):
     noise = torch.randn(B, generator=g)
     labels = F.one_hot(torch.randint(0, label_dim, (B,), generator=g), label_dim).float() if label_dim else None
     return x, noise, labels
-
-
-def _perturb(model, seed=1):
-    # Zero-/1e-5-initialised output layers would make many checks vacuous: randomise everything.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
 
 
 UNETS = {
@@ -176,7 +183,7 @@ def _inputs_for(net, B=4):
 @pytest.mark.parametrize("name", list(UNETS))
 def test_return_flags_consistent(name):
     torch.manual_seed(0)
-    net = _perturb(UNETS[name]()).eval()
+    net = randomise_weights(UNETS[name]()).eval()
     x, noise, labels = _inputs_for(net)
     with torch.no_grad():
         dec = net(x, noise, labels)
@@ -193,7 +200,7 @@ def test_return_flags_consistent(name):
 
 @pytest.mark.parametrize("name", ["ddpmpp_tiny", "ncsnpp_tiny", "adm_tiny"])
 def test_encoder_logits_are_channel_mean_of_decoder_input(name):
-    net = _perturb(UNETS[name]()).eval()
+    net = randomise_weights(UNETS[name]()).eval()
     x, noise, labels = _inputs_for(net)
     seen = {}
     first_dec = net.dec[next(iter(net.dec))]
@@ -209,7 +216,7 @@ def test_encoder_logits_are_channel_mean_of_decoder_input(name):
 
 
 def test_encoder_skips_decoder():
-    net = _perturb(UNETS["ddpmpp_tiny"]()).eval()
+    net = randomise_weights(UNETS["ddpmpp_tiny"]()).eval()
     x, noise, labels = _inputs_for(net)
     calls = []
     hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in net.dec.values()]
@@ -223,7 +230,7 @@ def test_encoder_skips_decoder():
 def test_label_dropout_only_in_training(name):
     net = UNETS[name]()
     net.label_dropout = 1.0
-    _perturb(net)
+    randomise_weights(net)
     x, noise, labels = _inputs_for(net)
     zeros = torch.zeros_like(labels)
     with torch.no_grad():
@@ -239,7 +246,7 @@ def test_label_dropout_only_in_training(name):
 
 
 def test_labels_and_augment_change_output_and_none_augment_is_zero():
-    net = _perturb(UNETS["ncsnpp_tiny"]()).eval()
+    net = randomise_weights(UNETS["ncsnpp_tiny"]()).eval()
     x, noise, labels = _inputs_for(net)
     with torch.no_grad():
         base = net(x, noise, labels)
@@ -253,7 +260,7 @@ def test_labels_and_augment_change_output_and_none_augment_is_zero():
 
 @pytest.mark.parametrize("name", list(UNETS))
 def test_channels_last_matches_contiguous(name):
-    net = _perturb(UNETS[name]()).eval()
+    net = randomise_weights(UNETS[name]()).eval()
     x, noise, labels = _inputs_for(net)
     with torch.no_grad():
         ref = net(x, noise, labels, return_flag="encoder_decoder")
@@ -265,7 +272,7 @@ def test_channels_last_matches_contiguous(name):
 
 
 def test_backward_runs_and_reaches_all_parameters():
-    net = _perturb(UNETS["ncsnpp_tiny"]()).train()
+    net = randomise_weights(UNETS["ncsnpp_tiny"]()).train()
     x, noise, labels = _inputs_for(net)
     out, logits = net(x, noise, labels, augment_labels=torch.randn(x.shape[0], 3), return_flag="encoder_decoder")
     (out.square().mean() + logits.mean()).backward()
@@ -285,15 +292,15 @@ def _einsum_attention(q, k, v):
 def test_sdpa_attention_equals_einsum():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 16, 20, generator=g) for _ in range(3))
-    out = layers.attention(q, k, v)
+    out = blocks.attention(q, k, v)
     ref = _einsum_attention(q.reshape(6, 16, 20), k.reshape(6, 16, 20), v.reshape(6, 16, 20)).reshape(2, 3, 16, 20)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_unet_block_attention_matches_edm_layout():
     torch.manual_seed(0)
-    blk = layers.UNetBlock(128, 128, 32, attention=True, channels_per_head=64).eval()
-    _perturb(blk)
+    blk = blocks.UNetBlock(128, 128, 32, attention=True, channels_per_head=64).eval()
+    randomise_weights(blk)
     x, emb = torch.randn(2, 128, 4, 4), torch.randn(2, 32)
     with torch.no_grad():
         out = blk(x, emb)
@@ -323,12 +330,12 @@ def test_resampling_matches_fir_reference(filt):
     torch.testing.assert_close(down(x), ref_down)
     torch.testing.assert_close(up(x), ref_up)
     # Fused 3x3 conv + downsampling (NCSN++ aux_residual).
-    fused = _perturb(layers.Conv2d(4, 6, kernel=3, down=True, resample_filter=filt, fused_resample=True))
+    fused = randomise_weights(layers.Conv2d(4, 6, kernel=3, down=True, resample_filter=filt, fused_resample=True))
     ref = F.conv2d(x, fused.weight, padding=1 + pad)
     ref = F.conv2d(ref, f2.tile([6, 1, 1, 1]), groups=6, stride=2) + fused.bias[None, :, None, None]
     torch.testing.assert_close(fused(x), ref)
     # Fused FIR upsampling + 3x3 conv (EDM splits the padding between the two).
-    fused = _perturb(layers.Conv2d(4, 6, kernel=3, up=True, resample_filter=filt, fused_resample=True))
+    fused = randomise_weights(layers.Conv2d(4, 6, kernel=3, up=True, resample_filter=filt, fused_resample=True))
     ref = F.conv_transpose2d(x, (4 * f2).tile([4, 1, 1, 1]), groups=4, stride=2, padding=max(pad - 1, 0))
     ref = F.conv2d(ref, fused.weight, fused.bias, padding=max(1 - pad, 0))
     assert ref.shape[-1] == 16
@@ -405,7 +412,7 @@ def test_attention_channels_last_matches_contiguous_and_einsum(heads):
     gradients, which reach the qkv convolution channels-last (no layout copy before its backward)."""
     torch.manual_seed(0)
     C, B, R = 32, 3, 4
-    blk = _perturb(layers.UNetBlock(C, C, 16, attention=True, num_heads=heads)).double()
+    blk = randomise_weights(blocks.UNetBlock(C, C, 16, attention=True, num_heads=heads)).double()
     x = torch.randn(B, C, R, R, dtype=torch.double)
     qkv = blk.qkv(blk.norm2(x))
 
@@ -440,7 +447,7 @@ def _saved_during(fn):
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_frozen_conv_keeps_no_activation_and_gives_the_input_gradient(fmt):
     torch.manual_seed(0)
-    conv = _perturb(layers.Conv2d(8, 6, kernel=3)).requires_grad_(False).to(memory_format=fmt)
+    conv = randomise_weights(layers.Conv2d(8, 6, kernel=3)).requires_grad_(False).to(memory_format=fmt)
     x = torch.randn(4, 8, 6, 6).contiguous(memory_format=fmt).requires_grad_()
     saved, y = _saved_during(lambda: conv(x))
     assert all(t.data_ptr() != x.data_ptr() for t in saved)  # only the weight is kept

@@ -10,16 +10,10 @@ import torch.nn.functional as F
 from sida.nets import precond as P
 from sida.nets import sampler as S
 
+from helpers import randomise_weights
+
 TINY = dict(img_resolution=8, img_channels=1, label_dim=10, model_type="SongUNet", model_channels=32,
             channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], channel_mult_emb=4, dropout=0)
-
-
-def _randomise(net, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return net
 
 
 def _batch(B=4, seed=0):
@@ -87,7 +81,7 @@ def test_sigma_shapes(shape):
 
 
 def test_precond_flags_consistent_and_dtype():
-    net = _randomise(P.EDMPrecond(**TINY)).eval()
+    net = randomise_weights(P.EDMPrecond(**TINY)).eval()
     x, sigma, labels = _batch()
     with torch.no_grad():
         D = net(x, sigma, labels)
@@ -99,7 +93,7 @@ def test_precond_flags_consistent_and_dtype():
 
 def test_init_kwargs_rebuild_identical_network():
     torch.manual_seed(0)
-    net = _randomise(P.EDMPrecond(**TINY, augment_dim=9)).eval()
+    net = randomise_weights(P.EDMPrecond(**TINY, augment_dim=9)).eval()
     kwargs = json.loads(json.dumps(net.init_kwargs))  # JSON round trip
     assert kwargs["model_type"] == "SongUNet" and kwargs["augment_dim"] == 9
     net2 = P.PRECOND_CLASSES["EDMPrecond"](**kwargs).eval()
@@ -112,7 +106,7 @@ def test_init_kwargs_rebuild_identical_network():
 
 
 def test_missing_labels_default_to_zero_and_adm_builds():
-    net = _randomise(P.EDMPrecond(**TINY)).eval()
+    net = randomise_weights(P.EDMPrecond(**TINY)).eval()
     x, sigma, _ = _batch()
     torch.testing.assert_close(net(x, sigma), net(x, sigma, torch.zeros(4, 10)))
     adm = P.EDMPrecond(8, 1, label_dim=0, model_type="DhariwalUNet", model_channels=64, channel_mult=[1, 2],
@@ -123,7 +117,7 @@ def test_missing_labels_default_to_zero_and_adm_builds():
 
 
 def test_autocast_bf16_on_cpu():
-    net = _randomise(P.EDMPrecond(**TINY)).eval()
+    net = randomise_weights(P.EDMPrecond(**TINY)).eval()
     x, sigma, labels = _batch()
     with torch.no_grad():
         ref = net(x, sigma, labels)
@@ -219,7 +213,7 @@ def test_one_step_generate_convention():
     torch.testing.assert_close(calls["sigma"], torch.full([3], 2.5))
     assert torch.equal(calls["aug"], torch.zeros(3, 9))
     # With a real precond network: equals the direct denoiser call at sigma_init.
-    net = _randomise(P.EDMPrecond(**TINY, augment_dim=9)).eval()
+    net = randomise_weights(P.EDMPrecond(**TINY, augment_dim=9)).eval()
     labels = F.one_hot(torch.tensor([0, 1, 2]), 10).float()
     torch.testing.assert_close(S.one_step_generate(net, z, labels),
                                net(2.5 * z, torch.full([3], 2.5), labels, augment_labels=torch.zeros(3, 9)))

@@ -238,8 +238,8 @@ def test_paper_preset_assets(name):
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_preset_assets_pass_the_fetch_checks(name):
-    fetch = pytest.importorskip("stages.fetch")
-    kinds = {a["name"]: a["kind"] for a in fetch.check_assets(_load(name)["fetch"])}
+    assets = pytest.importorskip("sida.io.assets")
+    kinds = {a["name"]: a["kind"] for a in assets.check_assets(_load(name)["fetch"])}
     assert kinds == {"teacher": "teacher", "fid_ref": "refstats", "inception": "inception", "dataset": "dataset"}
 
 
@@ -459,8 +459,8 @@ def test_baseline_presets_with_our_settings_say_so(name):
         assert (rc["lambda_distill"], rc["r1_gamma"], rc["add_weighting"]) == (2.5, 1e-5, "exponential")
         assert rc["add_student_steps"] == [999, 749, 499, 249] and rc["add_features"]["kind"] == "dinov2"
         assert rc["add_features"]["arch"] == "vits14" and rc["add_features"]["weights"] is None
-        fetch = pytest.importorskip("stages.fetch")
-        kinds = {a["name"]: (a["kind"], a.get("arch")) for a in fetch.check_assets(cfg["fetch"])}
+        assets = pytest.importorskip("sida.io.assets")
+        kinds = {a["name"]: (a["kind"], a.get("arch")) for a in assets.check_assets(cfg["fetch"])}
         assert kinds["dinov2_vits14"] == ("dinov2", "vits14")
     else:
         assert rc["discriminator"] == "dmd2_head" and rc["sigma_init"] == 80 and rc["critic_ratio"] == 5

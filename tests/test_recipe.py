@@ -19,7 +19,8 @@ from helpers import tiny_config  # noqa: E402
 
 from sida.errors import ConfigError
 from sida.io.factory import network_from_config
-from sida.nets.layers import Conv2d, UNetBlock
+from sida.nets.blocks import UNetBlock
+from sida.nets.layers import Conv2d
 from sida.nets.precond import EDMPrecond
 from sida.run import dist
 from sida.run.config import load_config, run_config, validate

@@ -22,10 +22,7 @@ any user.
 
 from __future__ import annotations
 
-import copy
 import errno
-import json
-import math
 import os
 import pickle
 import resource
@@ -40,23 +37,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import (PYTHON, REPO, assert_state_dicts_equal, env, error_lines, files_under, run_module,  # noqa: E402
-                     tiny_config, write_config, write_teacher)
+from helpers import (REPO, assert_same_run, error_lines, files_under, run_module,  # noqa: E402
+                     tiny_config, write_config)
 
 ADVICE = ("weights_only", "allow_pickle", "unsafely", "pickle.load", "high likelihood", "internal")
-
-
-def _stage_env(**extra: str) -> dict:
-    e = env()
-    e.pop("SIDA_KILL_AT", None)
-    e.pop("SIDA_DEBUG", None)
-    e.update(extra)
-    return e
-
-
-def _run(module: str, *args: str, timeout: float = 180, preexec=None, **extra_env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", module, *args], cwd=REPO, env=_stage_env(**extra_env), capture_output=True,
-                          text=True, timeout=timeout, preexec_fn=preexec)
 
 
 def _the_error(stderr: str) -> str:
@@ -70,20 +54,12 @@ def _the_error(stderr: str) -> str:
     return errs[0]
 
 
-def _in_process(main, argv: list[str], capsys) -> tuple[int, str]:
-    from sida.run.cli import run_stage
-
-    with pytest.raises(SystemExit) as exc:
-        run_stage(main, argv)
-    return exc.value.code, capsys.readouterr().err
-
-
 def _temps(root: Path) -> list[Path]:
     return [p for p in root.rglob(".*tmp-*")] if root.exists() else []
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, stage_inputs):
     d = tmp_path_factory.mktemp("reliability")
     cfg = tiny_config()
     cfg["results_dir"] = str(d / "results")
@@ -91,8 +67,8 @@ def setup(tmp_path_factory):
                        "inception_score": False, "precision_recall": False, "classifier": {"epochs": 1}}
     metrics = d / "metrics.jsonl"
     metrics.write_text('{"kimg": 0.032, "loss_fake": 1.0}\n')
-    return {"dir": d, "cfg": cfg, "config": write_config(d / "cfg.yaml", cfg), "teacher": write_teacher(d / "teacher.pt", cfg),
-            "metrics": metrics}
+    config, teacher = stage_inputs(d, cfg)
+    return {"dir": d, "cfg": cfg, "config": config, "teacher": teacher, "metrics": metrics}
 
 
 # == 1. operating-system failures ==================================================================
@@ -119,7 +95,7 @@ def test_output_below_a_file_is_one_error_line_in_every_stage(setup, tmp_path, s
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     module, args = _stage_args(stage, setup, blocker / "out")
-    res = _run(module, *args)
+    res = run_module(module, *args)
     assert res.returncode == 1, res.stderr[-3000:]
     line = _the_error(res.stderr)
     assert str(blocker) in line and "not a directory" in line and "choose another location" in line, line
@@ -129,7 +105,7 @@ def test_output_below_a_file_is_one_error_line_in_every_stage(setup, tmp_path, s
 def test_debug_flag_shows_the_traceback_and_still_ends_in_the_line(setup, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    res = _run("stages.teacher", "--config", str(setup["config"]), "--out", str(blocker / "out"), SIDA_DEBUG="1")
+    res = run_module("stages.teacher", "--config", str(setup["config"]), "--out", str(blocker / "out"), SIDA_DEBUG="1")
     assert res.returncode == 1
     assert "Traceback" in res.stderr and "NotADirectoryError" in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("error: cannot access")
@@ -164,10 +140,10 @@ def read_only_dir(tmp_path):
         path.chmod(0o755)
 
 
-def test_read_only_output_location(setup, read_only_dir, capsys):
+def test_read_only_output_location(setup, read_only_dir, stage_here):
     from stages.teacher import main
 
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--out", str(read_only_dir / "teacher")], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--out", str(read_only_dir / "teacher")])
     assert code == 1
     line = _the_error(err)
     assert str(read_only_dir / "teacher") in line, line
@@ -189,12 +165,12 @@ def _keep_earlier(out: Path) -> dict[str, bytes]:
     return files_under(out)
 
 
-def test_disk_full_while_checkpointing(setup, small_disk, capsys):
+def test_disk_full_while_checkpointing(setup, small_disk, stage_here):
     from stages.teacher import main
 
     out = small_disk / "teacher"
     before = _keep_earlier(out)
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--out", str(out)], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--out", str(out)])
     assert code == 1
     line = _the_error(err)
     assert "no space left" in line and str(out / "work") in line and "resume" in line, line
@@ -214,7 +190,7 @@ def test_file_size_limit_while_checkpointing_any_user(setup, tmp_path):
     """torch.save reports a failed write as "[enforce fail ...] unexpected pos"; we say why."""
     out = tmp_path / "teacher"
     before = _keep_earlier(out)
-    res = _run("stages.teacher", "--config", str(setup["config"]), "--out", str(out), preexec=_file_size_limit(100_000))
+    res = run_module("stages.teacher", "--config", str(setup["config"]), "--out", str(out), preexec=_file_size_limit(100_000))
     assert res.returncode == 1, res.stderr[-3000:]
     line = _the_error(res.stderr)
     assert "file size limit" in line and "state.pt" in line and "enforce" not in line, line
@@ -222,7 +198,7 @@ def test_file_size_limit_while_checkpointing_any_user(setup, tmp_path):
     assert {k: v for k, v in files_under(out).items() if k in before} == before
 
 
-def test_output_directory_vanishing_mid_run(setup, tmp_path, capsys, monkeypatch):
+def test_output_directory_vanishing_mid_run(setup, tmp_path, monkeypatch, stage_here):
     """The whole --out removed after the first tick: the next write says so (in process, placed
     deterministically with the loop's tick hook)."""
     import sida.train.loop as loop_mod
@@ -230,14 +206,14 @@ def test_output_directory_vanishing_mid_run(setup, tmp_path, capsys, monkeypatch
 
     out = tmp_path / "teacher"
     monkeypatch.setattr(loop_mod, "kill_point", lambda name: shutil.rmtree(out) if name == "tick" and out.exists() else None)
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--set", "teacher.tick_kimg=0.016",
-                                   "--set", "teacher.snapshot_kimg=0.128", "--out", str(out)], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--set", "teacher.tick_kimg=0.016", "--set",
+                                  "teacher.snapshot_kimg=0.128", "--out", str(out)])
     assert code == 1
     line = _the_error(err)
     assert str(out / "work") in line and "no such file" in line and "deleted while the stage ran" in line, line
 
 
-def test_dataset_file_vanishing_mid_run(setup, tmp_path, capsys, monkeypatch):
+def test_dataset_file_vanishing_mid_run(setup, tmp_path, monkeypatch, stage_here):
     import sida.train.loop as loop_mod
     from PIL import Image
     from stages.teacher import main
@@ -249,9 +225,9 @@ def test_dataset_file_vanishing_mid_run(setup, tmp_path, capsys, monkeypatch):
         Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(data / f"{i}.png")
     monkeypatch.setattr(loop_mod, "kill_point",
                         lambda name: [p.unlink() for p in data.glob("*.png")] if name == "tick" else None)
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--set", "data.kind=folder", "--set",
-                                   f"data.path={data}", "--set", "data.label_dim=0", "--set", "teacher.tick_kimg=0.016",
-                                   "--out", str(tmp_path / "out")], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--set", "data.kind=folder", "--set",
+                                  f"data.path={data}", "--set", "data.label_dim=0", "--set", "teacher.tick_kimg=0.016",
+                                  "--out", str(tmp_path / "out")])
     assert code == 1
     line = _the_error(err)
     assert str(data) in line and ".png" in line and "no such file" in line and "restore it" in line, line
@@ -311,9 +287,8 @@ def test_launcher_log_ends_with_the_stage_error(setup, tmp_path):
     failure table after the stage's line."""
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    res = subprocess.run([PYTHON, "-m", "sida.run.torchrun", "--standalone", "--nproc-per-node", "1", "-m", "--",
-                          "stages.teacher", "--config", str(setup["config"]), "--out", str(blocker / "out")],
-                         cwd=REPO, env=_stage_env(), capture_output=True, text=True, timeout=300)
+    res = run_module("sida.run.torchrun", "--standalone", "--nproc-per-node", "1", "-m", "--",
+                     "stages.teacher", "--config", str(setup["config"]), "--out", str(blocker / "out"), timeout=300)
     assert res.returncode == 1
     line = _the_error(res.stderr)
     assert str(blocker) in line and "ChildFailedError" not in res.stderr
@@ -344,7 +319,7 @@ def test_workflow_log_names_the_failure(tmp_path, snakemake):
     log = tmp_path / "results" / "probe" / "logs" / "teacher.log"
     line = _the_error(log.read_text())
     assert "results/probe/teacher/work" in line, line
-    assert any(l.startswith("[teacher] error: ") and f"(log: results/probe/logs/teacher.log)" in l
+    assert any(l.startswith("[teacher] error: ") and "(log: results/probe/logs/teacher.log)" in l
                for l in r.stderr.splitlines()), r.stderr[-3000:]
 
 
@@ -390,7 +365,7 @@ def _damaged(kind: str, tmp_path: Path) -> bytes:
 
 @pytest.mark.parametrize("kind", ["random", "empty", "text", "pickle", "npz", "truncated"])
 @pytest.mark.parametrize("role", ["teacher", "resume", "init"])
-def test_damaged_checkpoints_are_corrupt_or_not_a_checkpoint(setup, tmp_path, capsys, kind, role):
+def test_damaged_checkpoints_are_corrupt_or_not_a_checkpoint(setup, tmp_path, kind, role, stage_here):
     from stages.distill import main
 
     bad = tmp_path / "bad.pt"
@@ -407,7 +382,7 @@ def test_damaged_checkpoints_are_corrupt_or_not_a_checkpoint(setup, tmp_path, ca
         shutil.copy(bad, out / "work" / "state.pt")
         bad = out / "work" / "state.pt"
     before = files_under(out) if out.exists() else None
-    code, err = _in_process(main, argv, capsys)
+    code, err = stage_here(main, argv)
     assert code == 1
     line = _the_error(err)
     assert str(bad) in line and "corrupt or not a checkpoint" in line and "delete it" in line, line
@@ -458,7 +433,7 @@ def test_damaged_reference_statistics_carry_no_library_advice(tmp_path, kind):
 
 
 @pytest.mark.parametrize("case", ["binary", "directory"])
-def test_config_that_is_not_a_yaml_file(tmp_path, capsys, case):
+def test_config_that_is_not_a_yaml_file(tmp_path, case, stage_here):
     from stages.teacher import main
 
     path = tmp_path / "cfg.yaml"
@@ -466,36 +441,36 @@ def test_config_that_is_not_a_yaml_file(tmp_path, capsys, case):
         path.write_bytes(bytes(range(256)) * 4)
     else:
         path.mkdir()
-    code, err = _in_process(main, ["--config", str(path), "--out", str(tmp_path / "out")], capsys)
+    code, err = stage_here(main, ["--config", str(path), "--out", str(tmp_path / "out")])
     line = _the_error(err)
     assert code == 1 and str(path) in line and ("not text" in line or "is a directory" in line), line
 
 
-def test_a_network_file_passed_as_init_state(setup, tmp_path, capsys):
+def test_a_network_file_passed_as_init_state(setup, tmp_path, stage_here):
     from stages.distill import main
 
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--run", "sid", "--teacher", str(setup["teacher"]),
-                                   "--init", str(setup["teacher"]), "--out", str(tmp_path / "o")], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--run", "sid", "--teacher", str(setup["teacher"]),
+                                  "--init", str(setup["teacher"]), "--out", str(tmp_path / "o")])
     line = _the_error(err)
     assert code == 1 and "is a network file, not a sida training state" in line and "delete" not in line, line
 
 
-def test_generate_with_a_zero_batch(setup, tmp_path, capsys):
+def test_generate_with_a_zero_batch(setup, tmp_path, stage_here):
     from stages.generate import main
 
-    code, err = _in_process(main, ["--network", str(setup["teacher"]), "--batch", "0", "--out", str(tmp_path)], capsys)
+    code, err = stage_here(main, ["--network", str(setup["teacher"]), "--batch", "0", "--out", str(tmp_path)])
     line = _the_error(err)
     assert code == 1 and "--batch" in line, line
 
 
 @pytest.mark.parametrize("content", [b"\xff\xfe binary", b"[]", b'{"name": "x"}'])
-def test_report_with_a_damaged_evaluation(setup, tmp_path, capsys, content):
+def test_report_with_a_damaged_evaluation(setup, tmp_path, content, stage_here):
     from stages.report import main
 
     bad = tmp_path / "metrics.json"
     bad.write_bytes(content)
     out = tmp_path / "report" / "report.md"
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--evaluations", str(bad), "--out", str(out)], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--evaluations", str(bad), "--out", str(out)])
     line = _the_error(err)
     assert code == 1 and str(bad) in line and "rerun the evaluate stage" in line, line
     assert not out.parent.exists()
@@ -557,21 +532,21 @@ def _poison(src: Path, dst: Path, key: str | None = None) -> str:
     return key
 
 
-def test_teacher_with_nan_weights_is_refused_naming_the_tensor(setup, tmp_path, capsys):
+def test_teacher_with_nan_weights_is_refused_naming_the_tensor(setup, tmp_path, stage_here):
     from stages.distill import main
 
     bad = tmp_path / "nan-teacher.pt"
     key = _poison(setup["teacher"], bad)
     out = tmp_path / "out"
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--run", "warmup", "--teacher", str(bad),
-                                   "--out", str(out)], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--run", "warmup", "--teacher", str(bad), "--out",
+                                  str(out)])
     assert code == 1
     line = _the_error(err)
     assert str(bad) in line and f"'{key}'" in line and "non-finite" in line, line
     assert not out.exists()
 
 
-def test_init_generator_and_init_state_with_inf_are_refused(setup, tmp_path, capsys):
+def test_init_generator_and_init_state_with_inf_are_refused(setup, tmp_path, stage_here):
     from sida.io import checkpoints
     from stages.distill import main
 
@@ -582,8 +557,8 @@ def test_init_generator_and_init_state_with_inf_are_refused(setup, tmp_path, cap
     state = tmp_path / "warmup-state.pt"
     checkpoints.atomic_save_torch({"G": rec, "G_ema": rec, "fake": rec, "format": checkpoints.STATE_FORMAT,
                                    "version": 1, "meta": "{}"}, state)
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--run", "sid", "--teacher", str(setup["teacher"]),
-                                   "--init", str(state), "--out", str(tmp_path / "o")], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--run", "sid", "--teacher", str(setup["teacher"]),
+                                  "--init", str(state), "--out", str(tmp_path / "o")])
     line = _the_error(err)
     assert code == 1 and str(state) in line and f"'{key}'" in line and "(G)" in line, line
     gen = tmp_path / "gen.pt"
@@ -605,7 +580,7 @@ def test_a_network_with_nan_weights_is_never_written(setup, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(setup, tmp_path, capsys, monkeypatch):
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch, stage_here):
     """G's weights turn NaN right after the warm-up's checkpoint (placed with the loop's hook): the
     run stops at the next check with one line naming the tensor; the warm-up checkpoint stays,
     finite; no network or final state is written."""
@@ -623,8 +598,8 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(setup, tmp_
                 next(made["nets"].G.parameters()).fill_(float("nan"))
     monkeypatch.setattr(loop_mod, "kill_point", poison)
     out = tmp_path / "out"
-    code, err = _in_process(stage.main, ["--config", str(setup["config"]), "--run", "mixed", "--teacher",
-                                         str(setup["teacher"]), "--out", str(out)], capsys)
+    code, err = stage_here(stage.main, ["--config", str(setup["config"]), "--run", "mixed", "--teacher",
+                                        str(setup["teacher"]), "--out", str(out)])
     assert code == 1
     line = _the_error(err)
     first = next(iter(made["nets"].G.state_dict()))
@@ -637,28 +612,28 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(setup, tmp_
     assert not (out / "network.pt").exists() and not (out / "state.pt").exists()
 
 
-def test_a_learning_rate_at_the_edge_of_float32_diverges_and_stops(setup, tmp_path, capsys):
+def test_a_learning_rate_at_the_edge_of_float32_diverges_and_stops(setup, tmp_path, stage_here):
     """lr_g = 3e38 throws some of G's weights past float32 at its first update (the sid phase after
     the warm-up's checkpoint): the run stops instead of writing a NaN generator as a result."""
     from stages.distill import main
 
     out = tmp_path / "out"
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--run", "mixed", "--teacher", str(setup["teacher"]),
-                                   "--set", "distill.lr_g=3e38", "--out", str(out)], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--run", "mixed", "--teacher",
+                                  str(setup["teacher"]), "--set", "distill.lr_g=3e38", "--out", str(out)])
     assert code == 1
     line = _the_error(err)
     assert "training diverged: G." in line and "(0.032 kimg) is kept" in line, line
     assert not (out / "network.pt").exists() and not (out / "state.pt").exists()
 
 
-def test_a_whole_tick_of_nonfinite_gradients_stops_the_run(setup, tmp_path, capsys):
+def test_a_whole_tick_of_nonfinite_gradients_stops_the_run(setup, tmp_path, stage_here):
     """lambda_sid = 1e39 makes every generator loss infinite: its gradients are NaN/inf (zeroed, so
     the weights stay finite) in every update of the sid phase, a whole tick of skipped updates."""
     from stages.distill import main
 
     out = tmp_path / "out"
-    code, err = _in_process(main, ["--config", str(setup["config"]), "--run", "mixed", "--teacher", str(setup["teacher"]),
-                                   "--set", "distill.lambda_sid=1e39", "--out", str(out)], capsys)
+    code, err = stage_here(main, ["--config", str(setup["config"]), "--run", "mixed", "--teacher",
+                                  str(setup["teacher"]), "--set", "distill.lambda_sid=1e39", "--out", str(out)])
     assert code == 1
     line = _the_error(err)
     assert "all 2 updates of the tick ending at 0.064 kimg had NaN/inf gradients" in line, line
@@ -750,7 +725,7 @@ RUN = "mixed"
 
 
 @pytest.fixture(scope="module")
-def kill_setup(tmp_path_factory):
+def kill_setup(tmp_path_factory, stage_inputs):
     """8 iterations of 16 images with dropout: warmup 2, sid 2, sida 4. A tick every iteration, a
     checkpoint every 3 (at 0.048, 0.096 kimg), the monitor every 2 (0.048, 0.064, 0.096, 0.128
     kimg; none in warm-up): the evaluation at 0.064 lies between two checkpoints."""
@@ -762,47 +737,25 @@ def kill_setup(tmp_path_factory):
     cfg["results_dir"] = str(d / "results")
     cfg["evaluate"] = {"batch": 64, "reference_max_images": 64, "classifier": {"epochs": 1},
                        "during_training": {"every_kimg": 0.032, "num_samples": 16}}
-    config = write_config(d / "cfg.yaml", cfg)
-    teacher = write_teacher(d / "teacher.pt", cfg)
+    config, teacher = stage_inputs(d, cfg)
     args = ["--config", str(config), "--run", RUN, "--teacher", str(teacher)]
     ref = d / "uninterrupted"
-    res = _run("stages.distill", *args, "--out", str(ref), timeout=300)
+    res = run_module("stages.distill", *args, "--out", str(ref), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stderr.count("  fd ") == 4, res.stderr[-3000:]
     teacher_ref = d / "teacher-uninterrupted"
-    res = _run("stages.teacher", "--config", str(config), "--out", str(teacher_ref), timeout=300)
+    res = run_module("stages.teacher", "--config", str(config), "--out", str(teacher_ref), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return {"args": args, "ref": ref, "config": config, "teacher_ref": teacher_ref}
 
 
-def _metrics(path: Path) -> list[dict]:
-    """The metrics log without wall-clock rates and times (the final `time/*` summary)."""
-    return [{k: v for k, v in json.loads(line).items() if k != "images_per_sec" and not k.startswith("final/time/")}
-            for line in path.read_text().splitlines()]
-
-
 def _kill_then_resume(module: str, args: list[str], out: Path, point: str) -> str:
-    killed = _run(module, *args, "--out", str(out), timeout=300, SIDA_KILL_AT=point)
+    killed = run_module(module, *args, "--out", str(out), timeout=300, SIDA_KILL_AT=point)
     assert killed.returncode == -signal.SIGKILL, f"not killed at {point}: {killed.stderr[-3000:]}"
-    resumed = _run(module, *args, "--out", str(out), timeout=300)
+    resumed = run_module(module, *args, "--out", str(out), timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (out / "work").exists() and not _temps(out), files_under(out).keys()
     return resumed.stderr
-
-
-def _assert_same_outputs(a: Path, b: Path, state_keys: list[str]) -> None:
-    from sida.io import checkpoints
-
-    for name in ("network.pt", "last.pt"):
-        if (a / name).exists() or (b / name).exists():
-            na, nb = torch.load(a / name, weights_only=True), torch.load(b / name, weights_only=True)
-            assert_state_dicts_equal(na["state_dict"], nb["state_dict"])
-            assert json.loads(na["meta"]) == json.loads(nb["meta"])
-    for key in state_keys:
-        sa, sb = checkpoints.load_state(a / "state.pt"), checkpoints.load_state(b / "state.pt")
-        assert_state_dicts_equal(sa[key]["state_dict"], sb[key]["state_dict"])
-    assert _metrics(a / "metrics.jsonl") == _metrics(b / "metrics.jsonl")
-    assert (a / "samples.png").read_bytes() == (b / "samples.png").read_bytes()
 
 
 @pytest.mark.slow
@@ -821,7 +774,7 @@ def test_distill_killed_in_every_window_resumes_bit_identically(kill_setup, tmp_
         assert "resuming" not in log
     else:
         assert f"resuming from {out / 'work' / 'state.pt'} at {resumes_at:.2f} kimg" in log, log[-2000:]
-    _assert_same_outputs(kill_setup["ref"], out, ["G", "G_ema", "fake"])
+    assert_same_run(kill_setup["ref"], out, ["G", "G_ema", "fake"])
 
 
 @pytest.mark.slow
@@ -829,4 +782,4 @@ def test_distill_killed_in_every_window_resumes_bit_identically(kill_setup, tmp_
 def test_teacher_killed_while_writing_resumes_bit_identically(kill_setup, tmp_path, point):
     out = tmp_path / "out"
     _kill_then_resume("stages.teacher", ["--config", str(kill_setup["config"])], out, point)
-    _assert_same_outputs(kill_setup["teacher_ref"], out, [])
+    assert_same_run(kill_setup["teacher_ref"], out, [])

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import (PYTHON, REPO, assert_state_dicts_equal, baseline_runs, env, error_lines, files_under,  # noqa: E402
-                     run_module, tiny_config, write_config, write_teacher)
+                     run_module, tiny_config)
 
 RUN = "mixed"  # warmup -> sid -> sida with a discriminator: every kind of step is checkpointed
 BASELINE_RUNS = baseline_runs()  # dmd2 and add, 8 iterations of 16 each (helpers.py)
@@ -82,10 +82,11 @@ def _kill_resume_compare(tmp_path: Path, module: str, args: list[str], state_key
 
 
 @pytest.fixture(scope="module")
-def resume_setup(tmp_path_factory):
+def resume_setup(tmp_path_factory, stage_inputs):
     d = tmp_path_factory.mktemp("resume")
     cfg = _resume_config()
-    return {"dir": d, "config": write_config(d / "cfg.yaml", cfg), "teacher": write_teacher(d / "teacher.pt", cfg)}
+    config, teacher = stage_inputs(d, cfg)
+    return {"dir": d, "config": config, "teacher": teacher}
 
 
 @pytest.mark.slow
@@ -116,19 +117,11 @@ def test_resume_the_wrong_run_is_refused_not_mixed(resume_setup, tmp_path):
 
 # -- broken files: one `error:` line, exit 1, nothing else touched (in-process: fast) ---------------
 
-def _run_distill_inprocess(argv: list[str], capsys) -> tuple[int, str]:
-    from sida.run.cli import run_stage
-    from stages.distill import main
-
-    with pytest.raises(SystemExit) as exc:
-        run_stage(main, argv)
-    return exc.value.code, capsys.readouterr().err
-
-
 @pytest.fixture()
-def fast_setup(tmp_path):
+def fast_setup(tmp_path, stage_inputs):
     cfg = _resume_config()
-    return {"config": write_config(tmp_path / "cfg.yaml", cfg), "teacher": write_teacher(tmp_path / "teacher.pt", cfg)}
+    config, teacher = stage_inputs(tmp_path, cfg)
+    return {"config": config, "teacher": teacher}
 
 
 def _broken_state(out: Path, content: bytes) -> Path:
@@ -141,7 +134,7 @@ def _broken_state(out: Path, content: bytes) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["random", "truncated"])
-def test_corrupt_or_truncated_checkpoint_is_one_error_line(fast_setup, tmp_path, capsys, kind):
+def test_corrupt_or_truncated_checkpoint_is_one_error_line(fast_setup, tmp_path, kind, stage_here):
     from sida.io import checkpoints
 
     if kind == "random":
@@ -154,8 +147,8 @@ def test_corrupt_or_truncated_checkpoint_is_one_error_line(fast_setup, tmp_path,
     out = tmp_path / "out"
     state = _broken_state(out, content)
     before = files_under(out)
-    code, err = _run_distill_inprocess(["--config", str(fast_setup["config"]), "--run", RUN, "--teacher",
-                                        str(fast_setup["teacher"]), "--out", str(out)], capsys)
+    code, err = stage_here("stages.distill", ["--config", str(fast_setup["config"]), "--run", RUN, "--teacher",
+                                              str(fast_setup["teacher"]), "--out", str(out)])
     assert code == 1
     errs = error_lines(err)
     assert len(errs) == 1, err
@@ -165,17 +158,17 @@ def test_corrupt_or_truncated_checkpoint_is_one_error_line(fast_setup, tmp_path,
     assert files_under(out) == before  # the broken checkpoint and every other file untouched
 
 
-def test_corrupt_teacher_file_is_one_error_line(fast_setup, tmp_path, capsys):
+def test_corrupt_teacher_file_is_one_error_line(fast_setup, tmp_path, stage_here):
     bad = tmp_path / "teacher-bad.pt"
     bad.write_bytes(os.urandom(2048))
-    code, err = _run_distill_inprocess(["--config", str(fast_setup["config"]), "--run", RUN, "--teacher", str(bad),
-                                        "--out", str(tmp_path / "out")], capsys)
+    code, err = stage_here("stages.distill", ["--config", str(fast_setup["config"]), "--run", RUN, "--teacher",
+                                              str(bad), "--out", str(tmp_path / "out")])
     assert code == 1
     errs = error_lines(err)
     assert len(errs) == 1 and str(bad) in errs[0], err
     assert "Traceback" not in err
     # a missing teacher too
-    code, err = _run_distill_inprocess(["--config", str(fast_setup["config"]), "--run", RUN, "--teacher",
-                                        str(tmp_path / "nope.pt"), "--out", str(tmp_path / "out")], capsys)
+    code, err = stage_here("stages.distill", ["--config", str(fast_setup["config"]), "--run", RUN, "--teacher",
+                                              str(tmp_path / "nope.pt"), "--out", str(tmp_path / "out")])
     errs = error_lines(err)
     assert code == 1 and len(errs) == 1 and "nope.pt" in errs[0] and "does not exist" in errs[0], err

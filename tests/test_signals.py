@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import PYTHON, REPO, assert_state_dicts_equal, env, write_config, write_teacher  # noqa: E402
+from helpers import PYTHON, REPO, assert_same_run, env, run_command  # noqa: E402
 from test_resume import RUN, _resume_config  # noqa: E402
 
 SIGNALS = ("TERM", "USR1", "INT")
@@ -40,12 +40,12 @@ def _config() -> dict:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, stage_inputs):
     d = tmp_path_factory.mktemp("signals")
     cfg = _config()
     cfg["results_dir"] = str(d / "results")  # the monitor's classifier and reference, made once
-    config = write_config(d / "cfg.yaml", cfg)
-    return {"dir": d, "config": config, "teacher": write_teacher(d / "teacher.pt", cfg), "refs": {}}
+    config, teacher = stage_inputs(d, cfg)
+    return {"dir": d, "config": config, "teacher": teacher, "refs": {}}
 
 
 def _distill_args(setup, out: Path) -> list[str]:
@@ -53,32 +53,20 @@ def _distill_args(setup, out: Path) -> list[str]:
             str(setup["teacher"]), "--out", str(out)]
 
 
-def _run(cmd: list[str], timeout: float = 300, **extra: str) -> subprocess.CompletedProcess:
-    e = env()
-    e.update(extra)
-    return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
-
-
 def _reference(setup, name: str, cmd) -> Path:
     """An uninterrupted run's out dir (made once per module)."""
     if name not in setup["refs"]:
         out = setup["dir"] / f"ref-{name}"
-        res = _run(cmd(out))
+        res = run_command(cmd(out))
         assert res.returncode == 0, res.stderr[-3000:]
         setup["refs"][name] = out
     return setup["refs"][name]
 
 
 def _assert_same_outputs(a: Path, b: Path) -> None:
-    from sida.io import checkpoints
-
+    """As uninterrupted, to the byte of the network file, and no work dir left behind."""
+    assert_same_run(a, b, ["G", "G_ema", "fake"])
     assert (a / "network.pt").read_bytes() == (b / "network.pt").read_bytes()
-    sa, sb = checkpoints.load_state(a / "state.pt"), checkpoints.load_state(b / "state.pt")
-    for key in ("G", "G_ema", "fake"):
-        assert_state_dicts_equal(sa[key]["state_dict"], sb[key]["state_dict"])
-    rows = [[{k: v for k, v in json.loads(line).items() if k != "images_per_sec" and "time/" not in k}
-             for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
-    assert rows[0] == rows[1]  # every tick's losses, and the monitor's scores, as uninterrupted
     assert not (b / "work").exists()
 
 
@@ -100,11 +88,11 @@ def test_distill_signal_at_a_random_iteration_resumes_bit_exactly(setup, tmp_pat
     stops = 2 if seed == 0 else 1  # seed 0 is stopped twice: a resumed run stops and resumes again
     for _ in range(stops):
         sig = rng.choice(SIGNALS)
-        res = _run([PYTHON, *_distill_args(setup, out)], SIDA_KILL_AT=f"iteration:{rng.randint(1, 4)}",
+        res = run_command([PYTHON, *_distill_args(setup, out)], SIDA_KILL_AT=f"iteration:{rng.randint(1, 4)}",
                    SIDA_KILL_SIGNAL=sig)
         _assert_stopped(res, sig)
         assert (out / "work" / "state.pt").is_file() and not (out / "network.pt").exists()
-    res = _run([PYTHON, *_distill_args(setup, out)])
+    res = run_command([PYTHON, *_distill_args(setup, out)])
     assert res.returncode == 0 and "resuming" in res.stderr, res.stderr[-3000:]
     _assert_same_outputs(ref, out)
 
@@ -145,12 +133,12 @@ def test_second_signal_during_the_checkpoint_write_corrupts_nothing(setup, tmp_p
     but not yet in place (the 2nd write of state.pt: the 1st is iteration 2's snapshot)."""
     ref = _reference(setup, "distill", lambda out: [PYTHON, *_distill_args(setup, out)])
     out = tmp_path / "out"
-    res = _run([PYTHON, *_distill_args(setup, out)], SIDA_KILL_AT="iteration:3,write:state.pt:2",
+    res = run_command([PYTHON, *_distill_args(setup, out)], SIDA_KILL_AT="iteration:3,write:state.pt:2",
                SIDA_KILL_SIGNAL="TERM")
     assert _assert_stopped(res, "TERM") == 0.048
     assert "received SIGTERM again: already stopping" in res.stderr
     assert [p.name for p in (out / "work").iterdir() if p.name.startswith(".")] == []  # no temporary left
-    res = _run([PYTHON, *_distill_args(setup, out)])
+    res = run_command([PYTHON, *_distill_args(setup, out)])
     assert res.returncode == 0 and "resuming from" in res.stderr and "0.05 kimg" in res.stderr, res.stderr[-3000:]
     _assert_same_outputs(ref, out)
 
@@ -161,7 +149,7 @@ def test_signal_after_the_last_iteration_lets_the_stage_finish(setup, tmp_path):
     exits 0 (a failed job would get them deleted) and they are the uninterrupted run's."""
     ref = _reference(setup, "distill", lambda out: [PYTHON, *_distill_args(setup, out)])
     out = tmp_path / "out"
-    res = _run([PYTHON, *_distill_args(setup, out)], SIDA_KILL_AT="write:network.pt", SIDA_KILL_SIGNAL="TERM")
+    res = run_command([PYTHON, *_distill_args(setup, out)], SIDA_KILL_AT="write:network.pt", SIDA_KILL_SIGNAL="TERM")
     assert res.returncode == 0 and "received SIGTERM" in res.stderr, res.stderr[-3000:]
     _assert_same_outputs(ref, out)
 
@@ -171,9 +159,9 @@ def test_teacher_signal_resumes_bit_exactly(setup, tmp_path):
     args = ["-m", "stages.teacher", "--config", str(setup["config"])]
     ref = _reference(setup, "teacher", lambda out: [PYTHON, *args, "--out", str(out)])
     out = tmp_path / "out"
-    res = _run([PYTHON, *args, "--out", str(out)], SIDA_KILL_AT="iteration:3", SIDA_KILL_SIGNAL="USR1")
+    res = run_command([PYTHON, *args, "--out", str(out)], SIDA_KILL_AT="iteration:3", SIDA_KILL_SIGNAL="USR1")
     assert _assert_stopped(res, "USR1") == 0.048  # iteration 3 of 16: between snapshots
-    res = _run([PYTHON, *args, "--out", str(out)])
+    res = run_command([PYTHON, *args, "--out", str(out)])
     assert res.returncode == 0 and "resuming" in res.stderr, res.stderr[-3000:]
     assert (ref / "network.pt").read_bytes() == (out / "network.pt").read_bytes()
 
@@ -186,7 +174,7 @@ def test_signal_to_one_rank_or_to_the_launcher_stops_both_ranks(setup, tmp_path)
     cmd = lambda out: [*TORCHRUN, *_distill_args(setup, out)[1:]]  # noqa: E731
     ref = _reference(setup, "distill-2", cmd)
     out = tmp_path / "out"
-    res = _run(cmd(out), SIDA_KILL_AT="iteration:2", SIDA_KILL_SIGNAL="USR1", SIDA_KILL_RANK="1")
+    res = run_command(cmd(out), SIDA_KILL_AT="iteration:2", SIDA_KILL_SIGNAL="USR1", SIDA_KILL_RANK="1")
     assert res.returncode == 75, res.stderr[-3000:]
     lines = [line for line in res.stderr.splitlines() if "stopped: " in line]
     assert len(lines) == 2 and all("stopped by" in line and "at 0.032 kimg" in line for line in lines), res.stderr
@@ -201,7 +189,7 @@ def test_signal_to_one_rank_or_to_the_launcher_stops_both_ranks(setup, tmp_path)
     proc.wait(timeout=300)
     assert proc.returncode == 75, err[-3000:]
     assert "launcher: passed SIGTERM on to the workers" in err and err.count("stopped: ") == 2, err[-3000:]
-    res = _run(cmd(out))
+    res = run_command(cmd(out))
     assert res.returncode == 0 and "resuming" in res.stderr, res.stderr[-3000:]
     _assert_same_outputs(ref, out)
 
@@ -230,11 +218,11 @@ def test_evaluation_resumes_per_run_after_a_signal_or_a_kill(setup, tmp_path, se
     out = tmp_path / "out"
     finished = rng.randint(1, 2)
     sig = rng.choice(SIGNALS + ("KILL",))
-    res = _run(_evaluate_cmd(setup, out), SIDA_KILL_AT=f"eval-run:{finished}", SIDA_KILL_SIGNAL=sig)
+    res = run_command(_evaluate_cmd(setup, out), SIDA_KILL_AT=f"eval-run:{finished}", SIDA_KILL_SIGNAL=sig)
     assert res.returncode == (-signal.SIGKILL if sig == "KILL" else 75), res.stderr[-3000:]
     assert not (out / "metrics.json").exists()
     assert len(list((out / "work").glob("metrics.run*.pt"))) == finished
-    res = _run(_evaluate_cmd(setup, out))
+    res = run_command(_evaluate_cmd(setup, out))
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stderr.count("(kept from ") == finished  # finished runs are not computed again
     assert _metrics(ref) == _metrics(out)

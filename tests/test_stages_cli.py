@@ -19,16 +19,6 @@ def teacher(tmp_path_factory):
     return write_teacher(tmp_path_factory.mktemp("cli") / "teacher.pt")
 
 
-def _distill(argv: list[str], capsys) -> tuple[int, str]:
-    """`python -m stages.distill ARGV` in this process (run_stage: one-line errors, exit codes)."""
-    from sida.run.cli import run_stage
-    from stages.distill import main
-
-    with pytest.raises(SystemExit) as exc:
-        run_stage(main, argv)
-    return exc.value.code, capsys.readouterr().err
-
-
 def _one_error(err: str) -> str:
     errs = error_lines(err)
     assert len(errs) == 1, err
@@ -79,63 +69,63 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize("mutate,key,word", BAD_CONFIGS, ids=[b[1] + "-" + b[2] for b in BAD_CONFIGS])
-def test_bad_config_is_one_line_naming_the_key(tmp_path, teacher, capsys, mutate, key, word):
+def test_bad_config_is_one_line_naming_the_key(tmp_path, teacher, mutate, key, word, stage_here):
     cfg = copy.deepcopy(tiny_config())
     mutate(cfg)
     path = write_config(tmp_path / "cfg.yaml", cfg)
     out = tmp_path / "out"
-    code, err = _distill(["--config", str(path), "--run", "warmup", "--teacher", str(teacher), "--out", str(out)],
-                         capsys)
+    code, err = stage_here("stages.distill", ["--config", str(path), "--run", "warmup", "--teacher", str(teacher),
+                                              "--out", str(out)])
     assert code == 1
     line = _one_error(err)
     assert f"{key}:" in line and word in line, line
     assert not out.exists()
 
 
-def test_bad_override_is_one_line(tmp_path, teacher, capsys):
+def test_bad_override_is_one_line(tmp_path, teacher, stage_here):
     path = write_config(tmp_path / "cfg.yaml", tiny_config())
     out = tmp_path / "out"
-    code, err = _distill(["--config", str(path), "--run", "warmup", "--teacher", str(teacher), "--out", str(out),
-                          "--set", "distill.alpha=high"], capsys)
+    code, err = stage_here("stages.distill", ["--config", str(path), "--run", "warmup", "--teacher", str(teacher),
+                                              "--out", str(out), "--set", "distill.alpha=high"])
     assert code == 1
     line = _one_error(err)
     assert "distill.alpha" in line and "high" in line, line
     assert not out.exists()
 
 
-def test_unknown_run_and_missing_config(tmp_path, teacher, capsys):
+def test_unknown_run_and_missing_config(tmp_path, teacher, stage_here):
     path = write_config(tmp_path / "cfg.yaml", tiny_config())
     out = tmp_path / "out"
-    code, err = _distill(["--config", str(path), "--run", "nosuch", "--teacher", str(teacher), "--out", str(out)],
-                         capsys)
+    code, err = stage_here("stages.distill", ["--config", str(path), "--run", "nosuch", "--teacher", str(teacher),
+                                              "--out", str(out)])
     line = _one_error(err)
     assert code == 1 and "nosuch" in line and "warmup" in line, line
-    code, err = _distill(["--config", str(tmp_path / "none.yaml"), "--run", "warmup", "--teacher", str(teacher)],
-                         capsys)
+    code, err = stage_here("stages.distill", ["--config", str(tmp_path / "none.yaml"), "--run", "warmup", "--teacher",
+                                              str(teacher)])
     line = _one_error(err)
     assert code == 1 and "none.yaml" in line, line
     assert not out.exists()
 
 
-def test_run_that_needs_init_without_it(tmp_path, teacher, capsys):
+def test_run_that_needs_init_without_it(tmp_path, teacher, stage_here):
     path = write_config(tmp_path / "cfg.yaml", tiny_config())
     out = tmp_path / "out"
-    code, err = _distill(["--config", str(path), "--run", "sid", "--teacher", str(teacher), "--out", str(out)],
-                         capsys)
+    code, err = stage_here("stages.distill", ["--config", str(path), "--run", "sid", "--teacher", str(teacher), "--out",
+                                              str(out)])
     assert code == 1
     line = _one_error(err)
     assert "--init" in line and "warmup" in line and "state.pt" in line, line
     assert not out.exists()
 
 
-def test_teacher_of_the_wrong_shape_names_both(tmp_path, capsys):
+def test_teacher_of_the_wrong_shape_names_both(tmp_path, stage_here):
     big = tiny_config()
     big["data"]["resolution"] = 16
     wrong = write_teacher(tmp_path / "teacher16.pt", big)
     path = write_config(tmp_path / "cfg.yaml", tiny_config())
     out = tmp_path / "out"
-    code, err = _distill(["--config", str(path), "--run", "warmup", "--teacher", str(wrong), "--out", str(out)],
-                         capsys)
+    code, err = stage_here("stages.distill", ["--config", str(path), "--run", "warmup", "--teacher", str(wrong),
+                                              "--out", str(out)])
     assert code == 1
     line = _one_error(err)
     assert "16x16" in line and "8x8" in line and str(wrong) in line, line

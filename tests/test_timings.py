@@ -82,7 +82,7 @@ def test_logged_rate_is_the_iteration_rate_and_the_rest_is_accounted(monkeypatch
 
 
 @pytest.mark.slow
-def test_distill_stage_logs_the_iteration_rate_and_times_evaluations_apart(tmp_path):
+def test_distill_stage_logs_the_iteration_rate_and_times_evaluations_apart(tmp_path, stage_inputs):
     """The real stage (about a minute on 2 loaded cores): its last line splits the wall time, the
     in-training evaluations and checkpoint writes have their own non-zero times, the logged img/s
     of every tick is the iteration rate (images over iteration seconds, the same figures as the
@@ -93,13 +93,13 @@ def test_distill_stage_logs_the_iteration_rate_and_times_evaluations_apart(tmp_p
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from helpers import run_module, tiny_config, write_config, write_teacher
+    from helpers import run_module, tiny_config
 
     cfg = tiny_config(tick_kimg=0.016, snapshot_kimg=0.032)
     cfg["distill"]["runs"]["mixed"]["phases"] = [{"kind": "warmup", "kimg": 0.016}, {"kind": "sid", "kimg": 0.048}]
     cfg["evaluate"] = {"batch": 64, "reference_max_images": 64, "classifier": {"epochs": 1},
                        "during_training": {"every_kimg": 0.032, "num_samples": 16}}
-    config, teacher = write_config(tmp_path / "cfg.yaml", cfg), write_teacher(tmp_path / "teacher.pt", cfg)
+    config, teacher = stage_inputs(tmp_path, cfg)
     out = tmp_path / "out"
     res = run_module("stages.distill", "--config", str(config), "--run", "mixed", "--teacher", str(teacher),
                      "--out", str(out), timeout=300)

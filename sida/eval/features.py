@@ -12,52 +12,37 @@ EDM's fid.py) and returns `(features [N, D] float32, probs [N, K] or None)`:
 - `DINOv2Extractor`: FD-DINOv2 as EDM2 computes it (class token of DINOv2 ViT-L/14 at 224x224,
   bicubic antialiased resize, ImageNet normalisation) with timm's ViT and the original checkpoint
   (a local file; the position embedding resampled once as the original does per forward).
-- `DigitsClassifierExtractor`: a small CNN trained by us on scikit-learn's digits, for the
-  embedded default where nothing may be downloaded. Features: its penultimate layer ("FD (digits
+- `DigitsClassifierExtractor`: the small CNN of `sida.eval.digits_classifier`, for the embedded
+  default where nothing may be downloaded. Features: its penultimate layer ("FD (digits
   classifier)", not FID); probs: its softmax (so IS works). Trained deterministically once and
   cached by a hash of its recipe; the hash of its weights is recorded with every metric.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io.atomic import atomic_save_torch
 from ..errors import AssetError, CheckpointError, ConfigError, brief_reason
-from ..io.images import quantize  # noqa: F401  (re-exported: the extractors' input convention)
-from ..run.config import resolve_extractor_name  # noqa: F401  (re-exported; the config check needs it too)
-# DINOv2's builder lives with the networks (ADD's discriminator uses it too); re-exported here.
-from ..nets.vit import (DINOV2_ARCHS, DINOV2_PATCH, DINOV2_POS_OFFSET, DINOV2_RESOLUTION,  # noqa: F401
-                        DINOV2_URL, IMAGENET_MEAN, IMAGENET_STD, build_dinov2, dinov2_pos_embed_at,
-                        dinov2_timm_state, imagenet_normalize)
+from ..io.assets import sha256_file
+from ..io.atomic import atomic_save_torch
+# DINOv2's builder lives with the networks (ADD's discriminator uses it too).
+from ..nets.vit import DINOV2_ARCHS, DINOV2_RESOLUTION, build_dinov2, imagenet_normalize
+from ..run.config import resolve_extractor_name
+from .digits_classifier import CLASSIFIER_RECIPE, DigitsCNN, train_digits_classifier
 
-__all__ = ["Extractor", "InceptionExtractor", "DigitsCNN", "DigitsClassifierExtractor", "build_extractor",
-           "train_digits_classifier", "load_or_train_digits_classifier", "digits_uint8", "quantize",
-           "state_dict_sha256", "file_sha256", "make_random_inception_file", "INCEPTION_URL",
-           "resolve_extractor_name", "inception_weights_path", "cache_dir", "DINOv2Extractor", "build_dinov2",
-           "dinov2_preprocess", "dinov2_pos_embed_at", "dinov2_timm_state", "save_random_dinov2",
-           "dinov2_weights_path", "DINOV2_ARCHS", "DINOV2_URL"]
+__all__ = ["Extractor", "InceptionExtractor", "DigitsClassifierExtractor", "build_extractor",
+           "load_or_train_digits_classifier", "state_dict_sha256", "make_random_inception_file",
+           "INCEPTION_URL", "inception_weights_path", "cache_dir", "DINOv2Extractor", "dinov2_preprocess",
+           "save_random_dinov2", "dinov2_weights_path"]
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex digest of a file (streamed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def state_dict_sha256(sd: dict) -> str:
@@ -145,7 +130,7 @@ class InceptionExtractor(Extractor):
             raise CheckpointError(f"Inception weights {path} cannot be loaded ({first}): delete the file and "
                                   f"fetch {INCEPTION_URL} again") from None
         self.mode = mode
-        self.sha256 = file_sha256(path)
+        self.sha256 = sha256_file(path)
         self.path = str(path)
         out = getattr(self.base, "output", None)
         # StyleGAN2-ADA's IS uses softmax(features @ W^T) without the output bias.
@@ -275,7 +260,7 @@ class DINOv2Extractor(Extractor):
         self.mode = f"dinov2_{arch}"
         self.feature_dim = DINOV2_ARCHS[arch][1]
         self.path = str(weights) if weights is not None else None
-        self.sha256 = file_sha256(weights) if weights is not None else state_dict_sha256(self.model.state_dict())
+        self.sha256 = sha256_file(weights) if weights is not None else state_dict_sha256(self.model.state_dict())
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -295,90 +280,7 @@ def dinov2_weights_path(cfg: dict) -> Path:
 
 # --------------------------------------------------------------------------------------------
 # The digits classifier (embedded default)
-
-CLASSIFIER_RECIPE = {"arch": "DigitsCNN-v1", "split": "stratified-25%-rs0", "optimizer": "adam", "lr": 1e-3,
-                     "batch": 64, "threads": 1, "input": "uint8/127.5-1"}
-
-
-class DigitsCNN(torch.nn.Module):
-    """A small CNN for 8x8x1 digits: three 3x3 convs, a 128-d penultimate layer, 10 logits."""
-
-    feature_dim = 128
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(),
-            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),   # 4x4
-            torch.nn.Conv2d(64, 128, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),  # 2x2
-            torch.nn.Flatten(), torch.nn.Linear(512, 128), torch.nn.ReLU())
-        self.head = torch.nn.Linear(128, num_classes)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: float images in [-1, 1], [N, 1, 8, 8] -> (penultimate features, logits)."""
-        f = self.body(x)
-        return f, self.head(f)
-
-
-def digits_uint8() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's digits as uint8 images [N, 1, 8, 8] (0..16 -> 0..255) and labels [N]."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    # Same mapping as quantize() of the [-1, 1] data: v/8 - 1 -> (x*127.5 + 128) truncated.
-    x = np.clip(np.floor(d.images.astype(np.float64) * 15.9375 + 0.5), 0, 255).astype(np.uint8)
-    return x[:, None], d.target.astype(np.int64)
-
-
-@contextlib.contextmanager
-def _deterministic(threads: int) -> Iterator[None]:
-    """Fixed thread count + deterministic algorithms, restored afterwards: the classifier's
-    training is thread-count sensitive (reductions change order), so it must not depend on the
-    caller's setting."""
-    old_threads = torch.get_num_threads()
-    old_det = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(old_det)
-        torch.set_num_threads(old_threads)
-
-
-def train_digits_classifier(seed: int = 0, epochs: int = 30) -> tuple[DigitsCNN, float]:
-    """Train `DigitsCNN` on a fixed stratified 75% of the digits; return it (CPU, eval) and its
-    accuracy on the other 25% (450 images). Deterministic: same seed, same weights, same hash."""
-    from sklearn.model_selection import train_test_split
-
-    x, y = digits_uint8()
-    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.25, random_state=0, stratify=y)
-    xt = torch.from_numpy(x).float() / 127.5 - 1
-    yt = torch.from_numpy(y)
-    # fork_rng: training may happen inside a distillation run (the monitor's first call), whose
-    # global RNG stream must not move; enable_grad: the caller may be under no_grad.
-    with _deterministic(CLASSIFIER_RECIPE["threads"]), torch.random.fork_rng(devices=[]), torch.enable_grad():
-        torch.manual_seed(seed)
-        net = DigitsCNN()
-        opt = torch.optim.Adam(net.parameters(), lr=CLASSIFIER_RECIPE["lr"])
-        gen = torch.Generator().manual_seed(seed)
-        tr = torch.from_numpy(idx_train)
-        b = CLASSIFIER_RECIPE["batch"]
-        net.train()
-        for _ in range(epochs):
-            perm = tr[torch.randperm(len(tr), generator=gen)]
-            for i in range(0, len(perm), b):
-                j = perm[i:i + b]
-                _, logits = net(xt[j])
-                loss = F.cross_entropy(logits, yt[j])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        net.eval().requires_grad_(False)
-        with torch.no_grad():
-            te = torch.from_numpy(idx_test)
-            acc = float((net(xt[te])[1].argmax(1) == yt[te]).float().mean())
-    return net, acc
+# (the network and its training: sida.eval.digits_classifier)
 
 
 class DigitsClassifierExtractor(Extractor):

@@ -1,7 +1,7 @@
 """Sample-quality metrics on feature vectors: Fréchet distance, Inception Score, precision/recall.
 
 Pure functions of arrays, so they are tested against closed forms. The feature extractor that
-produces the vectors lives in `sida.eval.features`; the sampling loop in `sida.eval.evaluation`.
+produces the vectors lives in `sida.eval.features`; the sampling loop in `sida.eval.extract`.
 """
 
 from __future__ import annotations

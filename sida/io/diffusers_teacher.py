@@ -92,7 +92,7 @@ def check_folder(path: str | Path) -> DiffusersFolder:
 
 def diffusers_teacher_assets(cfg: dict) -> list[dict]:
     """The fetch stage's teacher asset of `teacher.source: diffusers` (none otherwise), in the
-    normalized form of `stages.fetch.check_assets`: a local folder, or the pipeline files at
+    normalized form of `sida.io.assets.check_assets`: a local folder, or the pipeline files at
     `teacher.url` downloaded into the cache (unverified: diffusers folders carry no hashes)."""
     t = cfg.get("teacher") or {}
     if t.get("source") != "diffusers":

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from .blocks import UNetBlock
+from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding
 
 __all__ = ["SongUNet", "DhariwalUNet", "RETURN_FLAGS"]
 

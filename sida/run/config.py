@@ -1,8 +1,9 @@
 """Experiment configs: YAML presets validated against one JSON schema, defaults filled.
 
-The schema in `workflow/schemas/config.schema.yaml` is the single source of truth: Snakemake's
-`validate` uses it for the workflow and `load_config` uses it for a stage run by hand, so both
-see the same defaults and reject the same mistakes before any work starts.
+The schema in `workflow/schemas/config.schema.yaml` is the single source of truth: `validate`
+checks a config against it for the workflow (once, in `sida.run.workflow.check_config`) and for a
+stage run by hand (`load_config`), so both see the same defaults and reject the same mistakes
+before any work starts.
 """
 
 from __future__ import annotations

@@ -159,12 +159,11 @@ def git_info(root: str | Path = CODE_ROOT) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=4)
 def _sha256_file(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file (cached per path, size and mtime: a SIF is gigabytes)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(16 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of a file, cached per path, size and mtime (a SIF is gigabytes; size and mtime are
+    in the key so a rebuilt image is hashed again)."""
+    from ..io.assets import sha256_file
+
+    return sha256_file(Path(path))
 
 
 def image_digest(path: str | Path) -> str | None:

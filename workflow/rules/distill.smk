@@ -1,7 +1,7 @@
 # One rule per distillation run in `distill.runs` (warmup, sid, sida, sid2a, ...), all made from
 # this single template and named after the run, so `--forcerun sida` or `--until sid` address a
 # run directly. A run's inputs come from its `init` and `init_generator` (distill_inputs in
-# common.smk): the DAG follows the config, and a new run needs no new rule. With training
+# sida/run/workflow.py): the DAG follows the config, and a new run needs no new rule. With training
 # `seeds` the paths carry a `{seed}` wildcard (run_dir): one job per run and seed, and
 # `--forcerun results/E/seed1/sida/network.pt` reruns that seed's run and what depends on it only.
 
@@ -27,7 +27,7 @@ for _run in RUNS:
             ),
             metrics=f"{run_dir(_run)}/metrics.jsonl",
         log:
-            f"{LOGS}/distill/{os.path.relpath(run_dir(_run), EXP)}.log",
+            run_log(_run),
         params:
             config=CONFIG_RESOLVED,
             run=_run,

@@ -1,6 +1,6 @@
 # Evaluation of the teacher (name `teacher`) and of every run with `evaluate: true`: one per entry
-# of the run's `eval_steps` (`<run>` in one step, `<run>-<k>steps` in k; EVAL_ENTRIES in common.smk),
-# as `seed<K>/<entry>` per training seed when the config lists `seeds`.
+# of the run's `eval_steps` (`<run>` in one step, `<run>-<k>steps` in k; Plan.eval_entries in
+# sida/run/workflow.py), as `seed<K>/<entry>` per training seed when the config lists `seeds`.
 
 
 rule evaluate:

@@ -12,7 +12,7 @@ rule export:
     log:
         f"{LOGS}/export-{{run}}.log",
     wildcard_constraints:
-        run=_one_of(config["export"]["runs"]),
+        run=one_of(config["export"]["runs"]),
     threads: 1
     resources:
         **rule_resources("report"),

@@ -1,6 +1,7 @@
 # The teacher network: trained on `data` (teacher.source: train), a published EDM checkpoint
 # imported safely (teacher.source: fetch) or a diffusers UNet2DModel folder with its scheduler
-# (teacher.source: diffusers, imported by the fetch job). Downstream rules use TEACHER_PT (common.smk).
+# (teacher.source: diffusers, imported by the fetch job). Downstream rules read PLAN.teacher_pt
+# (sida/run/workflow.py).
 
 
 rule teacher:
