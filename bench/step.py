@@ -2,7 +2,7 @@
 
     python -m bench.step --phase {sid,sida} --res 32 --channels 3 --batch 32 --model-channels 32 \
         --channel-mult 1,2,2 --attn-res 16 [--num-blocks 2] --iters 10 --warmup 2 --threads 2 \
-        [--channels-last] [--compare-separate] [--profile N] [--procs N] [--flops]
+        [--channels-last] [--compare-separate] [--compare-fused] [--profile N] [--procs N] [--flops]
 
 Builds a teacher-sized trio (teacher, generator, fake score: random EDMPrecond SongUNets with
 DDPM++ settings, dropout 0, label_dim 0), an in-memory dataset for SiDA's real images, and times
@@ -14,7 +14,9 @@ median iteration time / median floor time.
 
 --compare-separate also times iterations whose discriminator runs the real and fake encoder
 passes as two network calls (as the official SiDA code does) instead of one batched call, and
-reports separate / batched time. --procs N runs the loop as N processes (gloo) with threads / N
+reports separate / batched time. --compare-fused also times the same iteration, from the same start,
+with torch's fused Adam / AdamW step (`DistillLoop(fused_optimizer=True)`) and reports default /
+fused time. --procs N runs the loop as N processes (gloo) with threads / N
 threads each and the batch split between them, the layout of a stage with
 `resources.distill.procs: N` (see bench.procs); times are the slowest process's.
 Human-readable lines go to stdout first; the last line is one JSON object (images_per_sec =
@@ -35,10 +37,10 @@ import sida  # noqa: F401  (first: sets the OpenMP wait policy before torch load
 import torch
 
 from bench.procs import launch, timed_together
-from sida.train import distill as distill_mod
+from sida.train.methods import sid as sid_method
 from sida.run.dist import init as dist_init, launched
 from sida.train.distill import DistillLoop, init_nets
-from sida.train.loop import make_generators
+from sida.train.draws import make_generators
 from sida.nets.precond import EDMPrecond
 
 
@@ -94,24 +96,26 @@ def run_config(args: argparse.Namespace) -> dict:
                 phases=[{"kind": args.phase, "kimg": 1e9}], init="teacher", init_generator=None)
 
 
-def separate_fake_forward(fake, x_fake, x_real, sigma, labels, discriminator):
-    """The official SiDA layout: fakes through encoder+decoder, reals through the encoder, as two calls."""
-    if not discriminator:
-        return fake(x_fake, sigma, labels), None, None
-    denoised, logits_fake = fake(x_fake, sigma, labels, return_flag="encoder_decoder")
-    logits_real = fake(x_real, sigma, labels, return_flag="encoder")
+def separate_fake_forward(fake, x_fake, x_real, sigma, labels, sida_disc, augment_labels=None):
+    """The official SiDA layout: fakes through encoder+decoder, reals through the encoder, as two
+    calls (the signature of `sida.train.methods.sid.fake_forward`, which it stands in for)."""
+    aug_fake, aug_real = augment_labels if augment_labels is not None else (None, None)
+    if not sida_disc:
+        return fake(x_fake, sigma, labels, augment_labels=aug_fake), None, None
+    denoised, logits_fake = fake(x_fake, sigma, labels, augment_labels=aug_fake, return_flag="encoder_decoder")
+    logits_real = fake(x_real, sigma, labels, augment_labels=aug_real, return_flag="encoder")
     return denoised, logits_fake, logits_real
 
 
 @contextmanager
 def fake_forward_as(fn: Callable):
-    """Swap the loop's fake-score forward (module attribute looked up at call time)."""
-    saved = distill_mod.fake_forward
-    distill_mod.fake_forward = fn
+    """Swap SiD's fake-score forward (a module attribute, looked up at call time)."""
+    saved = sid_method.fake_forward
+    sid_method.fake_forward = fn
     try:
         yield
     finally:
-        distill_mod.fake_forward = saved
+        sid_method.fake_forward = saved
 
 
 class Floor:
@@ -130,7 +134,7 @@ class Floor:
 
     def __call__(self) -> None:
         nets, adversarial = self.loop.nets, self.phase == "sida"
-        disc = self.loop.discriminator
+        disc = self.loop.disc == "sida"
         # 1. fake-score update: G forward without grad, f_psi forward/backward (parameter grads).
         nets.fake.requires_grad_(True)
         with torch.no_grad():
@@ -165,12 +169,12 @@ class Floor:
             p.grad = None
 
 
-def build_loop(args: argparse.Namespace, info) -> DistillLoop:
+def build_loop(args: argparse.Namespace, info, fused_optimizer: bool = False) -> DistillLoop:
     teacher = build_teacher(args)
     nets = init_nets(teacher, None)
     dataset = MemoryDataset(max(4 * args.batch, 256), args.channels, args.res, args.label_dim) if args.phase == "sida" else None
     gens = make_generators(0, info.rank, info.device)  # each process its own batch slot, as in a run
-    return DistillLoop(run_config(args), nets, dataset, info, gens)
+    return DistillLoop(run_config(args), nets, dataset, info, gens, fused_optimizer=fused_optimizer)
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -201,15 +205,20 @@ def flop_counts(loop: DistillLoop) -> dict:
 def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
     loop = build_loop(args, info)
     modes = ["batched"] + (["separate"] if args.compare_separate and args.phase == "sida" else [])
-    step_fn = {"batched": distill_mod.fake_forward, "separate": separate_fake_forward}
-    floors = {m: Floor(loop, args.phase, m == "separate") for m in modes}
+    # `fused`: the same iteration from the same start with torch's fused Adam step (its own loop).
+    loops = {m: loop for m in modes}
+    if args.compare_fused:
+        modes.append("fused")
+        loops["fused"] = build_loop(args, info, fused_optimizer=True)
+    step_fn = {"batched": sid_method.fake_forward, "separate": separate_fake_forward, "fused": sid_method.fake_forward}
+    floors = {m: Floor(loops[m], args.phase, m == "separate") for m in modes}
     times = {m: [] for m in modes}
     floor_times = {m: [] for m in modes}
 
     def one(mode: str, record: bool) -> None:
         with fake_forward_as(step_fn[mode]):
-            t = _timed(loop.step)
-        loop.nimg += loop.batch
+            t = _timed(loops[mode].step)
+        loops[mode].nimg += loop.batch
         f = _timed(floors[mode])
         if record:
             times[mode].append(t)
@@ -217,6 +226,9 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
 
     t_first = _timed(loop.step)  # first iteration (allocator / oneDNN primitive warm-up), untimed below
     loop.nimg += loop.batch
+    if "fused" in loops:
+        loops["fused"].step()
+        loops["fused"].nimg += loop.batch
     for _ in range(args.warmup):
         for m in modes:
             one(m, False)
@@ -279,6 +291,12 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
                       batched_speedup_vs_separate_best=s["best_s"] / b["best_s"])
         print(f"batched encoder passes vs separate: {result['batched_speedup_vs_separate']:.3f}x (median), "
               f"{result['batched_speedup_vs_separate_best']:.3f}x (best)", file=out)
+    if "fused" in res:
+        f = res["fused"]
+        result.update(fused_images_per_sec=f["ips"], fused_images_per_sec_best=f["ips_best"],
+                      fused_speedup=b["median_s"] / f["median_s"], fused_speedup_best=b["best_s"] / f["best_s"])
+        print(f"fused Adam vs torch's default step: {result['fused_speedup']:.3f}x (median), "
+              f"{result['fused_speedup_best']:.3f}x (best)", file=out)
     print(f"first iteration {t_first * 1e3:.1f} ms", file=out)
     return result
 
@@ -306,6 +324,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     cl.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--compare-separate", action="store_true",
                    help="also time separate real/fake discriminator encoder passes (official layout)")
+    p.add_argument("--compare-fused", action="store_true",
+                   help="also time the iteration with torch's fused Adam step (DistillLoop(fused_optimizer=True))")
     p.add_argument("--profile", type=int, default=0,
                    help="profile N extra iterations (table and the convolutions' share of the time to stderr)")
     p.add_argument("--flops", action="store_true",

@@ -24,12 +24,13 @@ import copy
 import pytest
 import torch
 
-import sida.train.baselines as baselines_mod
+import sida.train.methods.add as add_mod
+import sida.train.methods.dmd2 as dmd2_mod
 from sida.nets.sampler import add_student_sigmas, karras_grid_sigma
 from sida.run import dist
-from sida.train.baselines import dmd_term
 from sida.train.distill import DistillLoop, Nets
-from sida.train.loop import set_lr
+from sida.train.methods.dmd2 import dmd_term
+from sida.train.updates import set_lr
 from sida.train.losses import dmd_gradient, sid_generator_loss
 from test_sid_gaussian import MU, S, SHAPE, GaussDenoiser, ShiftGenerator
 
@@ -122,8 +123,8 @@ def test_dmd_moves_generator_shift_to_data_mean(ratio):
 
 
 def test_dmd_sign_flipped_moves_away(monkeypatch):
-    orig = baselines_mod.dmd_generator_loss  # what dmd_term, and so the loop, calls
-    monkeypatch.setattr(baselines_mod, "dmd_generator_loss", lambda *a, **k: -orig(*a, **k))
+    orig = dmd2_mod.dmd_generator_loss  # what dmd_term, and so the loop, calls
+    monkeypatch.setattr(dmd2_mod, "dmd_generator_loss", lambda *a, **k: -orig(*a, **k))
     loop = _dmd_loop(60)
     _iterate(loop, 100)
     b = loop.nets.G.b.detach()
@@ -194,8 +195,8 @@ def test_add_distillation_moves_each_levels_mean_to_data_mean(weighting):
 
 
 def test_add_distillation_sign_flipped_moves_away(monkeypatch):
-    orig = baselines_mod.add_distill_loss  # what add_distill_term, and so the loop, calls
-    monkeypatch.setattr(baselines_mod, "add_distill_loss", lambda *a, **k: -orig(*a, **k))
+    orig = add_mod.add_distill_loss  # what add_distill_term, and so the loop, calls
+    monkeypatch.setattr(add_mod, "add_distill_loss", lambda *a, **k: -orig(*a, **k))
     b, sigmas = _add_run(100)
     keep = (S / (S ** 2 + sigmas ** 2).sqrt()).reshape(-1, 1, 1, 1)
     # E[x_hat | level] - mu starts at (keep - 1) mu (about -0.99, -0.97, -0.80, -0.05 on average)

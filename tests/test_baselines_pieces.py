@@ -1,4 +1,5 @@
-"""The per-update pieces of the DMD2 / ADD baselines (`sida.train.baselines`) on small real networks:
+"""The per-update pieces of the DMD2 / ADD baselines (`sida.train.methods.dmd2`, `.add`, and the
+loop's `sida.train.updates`) on small real networks:
 optimiser kinds, warm-up, the critic/generator turn, head logits, R1 on the heads' inputs, and
 the property the loop relies on: a batch split into accumulation rounds gives the same gradient."""
 
@@ -10,8 +11,9 @@ import torch
 from sida.nets.heads import ADDHeads, DMD2Head, TeacherFeatures, probe_features, seeded
 from sida.nets.precond import EDMPrecond
 from sida.nets.sampler import add_student_sigmas
-from sida.train.baselines import (add_logits, add_real_logits_with_r1, add_student_sigma, dmd2_head_logits,
-                                  fake_score_term, generator_turn, make_optimizer, warmup_lr)
+from sida.train.methods.add import add_logits, add_real_logits_with_r1, add_student_sigma
+from sida.train.methods.dmd2 import dmd2_head_logits, dmd_denoising_term
+from sida.train.updates import generator_turn, make_optimizer, warmup_lr
 from sida.train.losses import (add_discriminator_objective, dmd2_critic_objective, hinge_discriminator_loss,
                                ns_discriminator_loss, r1_penalty)
 
@@ -132,7 +134,7 @@ def test_dmd2_critic_gradient_does_not_depend_on_the_batch_split():
         for p in params:
             p.grad = None
         for sl in chunks:
-            l_fake = fake_score_term(fake, x_g[sl], sig[0][sl], eps[0][sl], labels[sl])
+            l_fake = dmd_denoising_term(fake, x_g[sl], sig[0][sl], eps[0][sl], labels[sl])
             lr_ = dmd2_head_logits(fake, head, real[sl], sig[1][sl], eps[1][sl], labels[sl])
             lf = dmd2_head_logits(fake, head, x_g[sl], sig[2][sl], eps[2][sl], labels[sl])
             dmd2_critic_objective(l_fake, ns_discriminator_loss(lr_, lf), batch_total=4).backward()

@@ -19,7 +19,7 @@ from bench.step import MemoryDataset
 from sida.nets.precond import EDMPrecond
 from sida.run.dist import init as dist_init
 from sida.train.distill import DistillLoop, init_nets
-from sida.train.loop import make_generators
+from sida.train.draws import make_generators
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 6

@@ -3,7 +3,7 @@
 Why not "2-process run == 1-process run with accumulation" end to end: every rank draws from its
 own generators (seeded by rank), and the 1-process run draws both accumulation rounds from one,
 so the two runs see different samples by design. The test therefore fixes the micro-batches and
-checks what must hold for any draws: `sida.train.loop.sync_gradients` over 2 gloo processes, each on
+checks what must hold for any draws: `sida.train.updates.sync_gradients` over 2 gloo processes, each on
 half of a fixed batch, gives the gradient of 1 process that accumulates both halves (SiD/SiDA
 objectives of the real network, incl. the per-process-batch discriminator BCE), to float
 tolerance. Then the real `torchrun -m stages.distill` runs 2 processes end to end.
@@ -61,7 +61,7 @@ def _accumulate(nets, halves: list[int], batch_total: int) -> None:
     """Backward of the fake-score (+discriminator) and SiDA generator objectives, one micro-batch
     per entry of `halves`, each divided by this process's batch (micro-batch x rounds, as
     DistillLoop does): the cross-process average then gives the global-batch mean."""
-    from sida.train.distill import fake_forward
+    from sida.train.methods.sid import fake_forward
     from sida.train.losses import (adversarial_generator_loss, discriminator_loss, edm_denoising_loss, edm_loss_weight,
                              sid_critic_objective, sid_generator_objective, sid_generator_loss, sid_weight_factor)
     from sida.nets.sampler import sid_sigma_t
@@ -77,9 +77,9 @@ def _accumulate(nets, halves: list[int], batch_total: int) -> None:
             x_g = G(2.5 * b["z"], s_init, b["labels"])
         fake.requires_grad_(True)
         n = b["noise"] * b["sigma"]
-        den, lf, lr = fake_forward(fake, x_g + n, b["real"] + n, b["sigma"].flatten(), b["labels"], True)
+        den, logits_fake, logits_real = fake_forward(fake, x_g + n, b["real"] + n, b["sigma"].flatten(), b["labels"], True)
         l_fake = edm_denoising_loss(den, x_g, b["sigma"])
-        l_d = discriminator_loss(lr, lf, edm_loss_weight(b["sigma"]))
+        l_d = discriminator_loss(logits_real, logits_fake, edm_loss_weight(b["sigma"]))
         sid_critic_objective(l_fake, l_d, batch_total).backward()
         # generator through the frozen teacher and fake score, adversarial phase
         fake.requires_grad_(False)
@@ -103,7 +103,7 @@ def _grads(nets) -> dict[str, torch.Tensor]:
 def worker(out_dir: str) -> None:
     """One rank of the torchrun gradient test: its half of the batch, then sync_gradients."""
     from sida.run import dist
-    from sida.train.loop import sync_gradients
+    from sida.train.updates import sync_gradients
 
     info = dist.init("cpu", 1)
     assert info.world_size == 2
@@ -147,7 +147,7 @@ def test_two_process_gradient_equals_one_process_accumulation(tmp_path):
 
     # one process, both halves as 2 accumulation rounds (world size 1: sync is a no-op average)
     from sida.run import dist
-    from sida.train.loop import sync_gradients
+    from sida.train.updates import sync_gradients
 
     dist.init("cpu", 0)
     nets = _nets()

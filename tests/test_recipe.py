@@ -25,7 +25,7 @@ from sida.nets.precond import EDMPrecond
 from sida.run import dist
 from sida.run.config import load_config, run_config, validate
 from sida.train.distill import DistillLoop, init_nets
-from sida.train.loop import sync_gradients
+from sida.train.updates import sync_gradients
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 B = 8
@@ -125,10 +125,10 @@ def test_generator_trains_in_train_mode_and_fake_score_in_its_own_step():
     for name in ("teacher", "G", "fake"):
         getattr(loop.nets, name).register_forward_hook(
             lambda m, a, o, name=name: seen.append((name, m.training)))
-    loop.fake_step("sida")
+    loop.critic_update()
     assert ("G", False) in seen and ("fake", True) in seen and ("teacher", True) not in seen
     seen.clear()
-    loop.generator_step("sida")
+    loop.generator_update("sida")
     assert set(seen) == {("G", True), ("teacher", False), ("fake", False)}
     assert _dropouts(loop.nets.G) == {0.3}
 
@@ -182,16 +182,16 @@ def test_labels_follow_the_datasets_class_frequencies():
     cfg = _cfg()
     counts = [70, 20, 10, 0, 0, 0, 0, 0, 0, 0]
     loop = _loop(cfg, run="sid", dataset=SkewedDataset(counts))
-    freq = loop._labels(20000, 0).mean(dim=0)
+    freq = loop.draws.labels(20000, 0).mean(dim=0)
     torch.testing.assert_close(freq, torch.tensor(counts) / 100.0, rtol=0, atol=0.015)
     # the discriminator's real images come with their own labels, from the same distribution
-    _, labels = _loop(cfg, dataset=SkewedDataset(counts))._real(4000, 0)
+    _, labels = _loop(cfg, dataset=SkewedDataset(counts)).draws.real(4000, 0)
     torch.testing.assert_close(labels.mean(dim=0), torch.tensor(counts) / 100.0, rtol=0, atol=0.03)
     # without a dataset (analytic tests, benchmarks): uniform over the classes
     info = dist.init("cpu", 0)
     teacher = _teacher(cfg)
     bare = DistillLoop(run_config(cfg, "sid"), init_nets(teacher, None), None, info, seed=1)
-    assert (bare._labels(20000, 0).mean(dim=0) - 0.1).abs().max() < 0.015
+    assert (bare.draws.labels(20000, 0).mean(dim=0) - 0.1).abs().max() < 0.015
 
 
 # -- augmentation of the fake score's inputs ----------------------------------------------------------
@@ -208,7 +208,7 @@ def test_fake_score_sees_augmented_inputs_with_labels_and_the_generator_step_doe
     _record_augment_labels(loop.nets.fake, fake_log)
     _record_augment_labels(loop.nets.teacher, teacher_log)
     _record_augment_labels(loop.nets.G, g_log)
-    loop.fake_step("sida")
+    loop.critic_update()
     (labels,) = fake_log
     assert labels.shape == (2 * B, 9)  # fakes, then reals, in one batched pass
     assert set(labels[:, 0].tolist()) <= {0.0, 1.0}
@@ -216,7 +216,7 @@ def test_fake_score_sees_augmented_inputs_with_labels_and_the_generator_step_doe
     assert labels[:, 2:].abs().sum() > 0
     assert g_log == [None]  # the generator is called with zero augment labels
     fake_log.clear(), g_log.clear()
-    loop.generator_step("sida")
+    loop.generator_update("sida")
     assert fake_log == [None] and teacher_log == [None] and g_log == [None]
 
 
@@ -255,11 +255,11 @@ def test_nan_sample_is_dropped_in_the_generator_step():
         return out
 
     teacher.forward = poisoned
-    stats = loop.generator_step("sid")
+    stats = loop.generator_update("sid")
     assert stats["dropped_g"].item() == 1
     assert torch.isfinite(stats["loss_g_sid"])
     assert all(torch.isfinite(p).all() for p in loop.g_params)
-    stats = loop.fake_step("sid")
+    stats = loop.critic_update()
     assert stats["dropped_fake"].item() == 0 and stats["nonfinite_fake"].item() == 0
 
 

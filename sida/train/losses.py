@@ -127,7 +127,7 @@ def adversarial_generator_loss(logits_fake: torch.Tensor, weight_factor: torch.T
 # -- non-finite samples ------------------------------------------------------------------------
 # The official SiD/SiDA losses drop a sample whose images or network outputs hold a NaN from
 # that loss (boolean indexing) instead of letting it poison the whole update; the gradients then
-# go through nan_to_num (sida.train.loop.sync_gradients). Here the dropped samples' inputs are
+# go through nan_to_num (sida.train.updates.sync_gradients). Here the dropped samples' inputs are
 # replaced by zeros and their terms zeroed, which gives the kept samples exactly the official
 # terms and gradients without a host synchronisation or data-dependent shapes.
 
