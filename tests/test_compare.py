@@ -109,15 +109,15 @@ def test_graphs_keep_less_than_edm_arithmetic(frozen):
 
 
 class _Recorder:
-    """Wraps a DistillLoop's draw methods and its optimisers' `step` to see what it drew and
-    which gradients it applied."""
+    """Wraps a DistillLoop's draws (`loop.draws`) and its optimisers' `step` to see what it drew
+    and which gradients it applied."""
 
     def __init__(self, loop: DistillLoop) -> None:
         self.draws: list[tuple[str, object]] = []
         self.grads: dict[str, list[torch.Tensor]] = {}
-        for name in ("_real", "_labels", "_randn", "_rand"):
-            orig = getattr(loop, name)
-            setattr(loop, name, self._wrap(name, orig))
+        for name in ("real", "labels", "randn", "rand"):
+            orig = getattr(loop.draws, name)
+            setattr(loop.draws, name, self._wrap(name, orig))
         _capture_grads(loop.opt_f, "fake", self.grads)
         _capture_grads(loop.opt_g, "G", self.grads)
 
@@ -131,8 +131,8 @@ class _Recorder:
     def as_official(self, discriminator: bool) -> Draws:
         kinds = [k for k, _ in self.draws]
         vals = [v for _, v in self.draws]
-        first = "_real" if discriminator else "_labels"
-        assert kinds == [first, "_randn", "_randn", "_randn", "_labels", "_randn", "_rand", "_randn"], kinds
+        first = "real" if discriminator else "labels"
+        assert kinds == [first, "randn", "randn", "randn", "labels", "randn", "rand", "randn"], kinds
         real, labels_fake = vals[0] if discriminator else (None, vals[0])
         return Draws(real=real, labels_fake=labels_fake, z_fake=vals[1], sigma_normal=vals[2], noise_fake=vals[3],
                      labels_gen=vals[4], z_gen=vals[5], t_gen=vals[6], noise_gen=vals[7])
