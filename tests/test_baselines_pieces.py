@@ -38,6 +38,9 @@ def test_make_optimizer_kinds():
     assert type(adamw) is torch.optim.AdamW
     assert adamw.defaults["betas"] == (0.9, 0.999) and adamw.defaults["weight_decay"] == 0.01
     assert adamw.defaults["lr"] == 2e-6 and adamw.defaults["eps"] == 1e-8
+    # fused (the faster step, docs/performance.md) unless asked otherwise
+    assert adam.defaults["fused"] and adamw.defaults["fused"]
+    assert not make_optimizer(p, "adam", lr=1e-4, fused=False).defaults["fused"]
     with pytest.raises(ValueError):
         make_optimizer(p, "sgd", lr=1.0)
 

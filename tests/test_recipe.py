@@ -141,6 +141,7 @@ def test_adam_betas_and_eps(precision, eps):
     assert loop.opt_g.param_groups[0]["betas"] == (0.9, 0.999)
     assert loop.opt_f.param_groups[0]["betas"] == (0.0, 0.999)
     assert loop.opt_g.param_groups[0]["eps"] == eps == loop.opt_f.param_groups[0]["eps"]
+    assert loop.opt_g.defaults["fused"] and loop.opt_f.defaults["fused"]  # the faster step (bench.step)
     # an explicit eps is kept
     assert _loop(_cfg(precision=precision, adam_eps=3e-7)).opt_g.param_groups[0]["eps"] == 3e-7
 

@@ -93,13 +93,13 @@ def apply_precision(nets: "Nets", precision: str) -> None:
 class DistillLoop:
     """One distillation iteration per `step`; state for checkpoints in `state_dict`.
 
-    `fused_optimizer`: torch's fused Adam / AdamW step (`make_optimizer`). Off by default: it
-    rounds differently, and (docs/performance.md) it is not faster for a distillation iteration.
+    `fused_optimizer`: torch's fused Adam / AdamW step (`make_optimizer`), the faster one
+    (docs/performance.md); False gives torch's default step, for `bench.step --compare-unfused`.
     """
 
     def __init__(self, rc: dict, nets: Nets, dataset: ImageDataset | None, info: DistInfo,
                  gens: dict[str, torch.Generator] | None = None, sigma_data: float = 0.5,
-                 seed: int = 0, fused_optimizer: bool = False) -> None:
+                 seed: int = 0, fused_optimizer: bool = True) -> None:
         rc = {**distill_defaults(), **rc}  # a hand-made rc (tests, benchmarks) gets the schema's defaults
         if rc["adam_eps"] is None:
             rc["adam_eps"] = 1e-6 if rc["precision"] == "fp16" else 1e-8

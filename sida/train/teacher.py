@@ -35,9 +35,8 @@ class TeacherLoop:
         self.micro, self.rounds = accumulation(self.batch, self.t["batch_per_proc"], info.world_size)
         self.gens = gens if gens is not None else make_generators(seed, info.rank, info.device, self.rounds)
         self.params = [p for p in net.parameters() if p.requires_grad]
-        # EDM trains its teachers with Adam(0.9, 0.999), eps 1e-8; fused: a teacher has no
-        # published numbers of ours to keep, and the fused step is the faster one.
-        self.opt = make_optimizer(self.params, "adam", lr=self.t["lr"], betas=(0.9, 0.999), eps=1e-8, fused=True)
+        # EDM trains its teachers with Adam(0.9, 0.999), eps 1e-8.
+        self.opt = make_optimizer(self.params, "adam", lr=self.t["lr"], betas=(0.9, 0.999), eps=1e-8)
         self.nimg = 0
 
     def phase_name(self) -> str:
