@@ -221,13 +221,16 @@ class DistillLoop:
         if kind != "warmup" and self.generator_turn():
             stats.update(self.generator_update(kind, slots))
             self.update_ema()
-        if self.objectives.generator_first and self.opt_f is not None:
+        if self.objectives.generator_first:
             stats.update(self.critic_update(slots))
         return stats
 
     def critic_update(self, slots: list[Slot] | None = None) -> Stats:
         """The critic's (fake score's and / or discriminator's) update on the generator's detached
-        samples; the critic's networks train in train mode, the generator in eval mode."""
+        samples; the critic's networks train in train mode, the generator in eval mode. A run
+        without a critic (ADD with `discriminator: none`) has nothing to update."""
+        if self.opt_f is None:
+            return {}
         critic = self.objectives.critic_nets()
         unfreeze(*critic)
         self.nets.G.eval()

@@ -1,5 +1,5 @@
 """What every distillation method shares: the `Method` interface the loop drives, and small
-helpers (`zeros`, `freeze`, `unfreeze`, `disc_accuracy`)."""
+helpers (`freeze`, `unfreeze`, `disc_accuracy`)."""
 
 from __future__ import annotations
 
