@@ -302,6 +302,34 @@ def test_launcher_line_for_a_killed_worker():
     assert "status 3" in failure_line("stages.distill", 0, 3)
 
 
+def test_a_stage_line_reaches_an_unbuffered_stderr_in_one_write(monkeypatch):
+    """Under PYTHONUNBUFFERED=1 (the container, the tests) `print` writes a line and its newline
+    separately, so the `stopped:` lines of two ranks on one pipe could run together (CI saw
+    "...(exit 75)[rank 1] stopped: ..."). `print_line` writes both at once."""
+    import io
+
+    from sida.run.cli import print_line
+
+    class Raw(io.RawIOBase):
+        def __init__(self):
+            self.writes: list[bytes] = []
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.writes.append(bytes(b))
+            return len(b)
+
+    raw = Raw()
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(raw, write_through=True))  # what -u gives
+    print("control", file=sys.stderr)
+    assert raw.writes == [b"control", b"\n"]  # the interleaving the stage lines must avoid
+    raw.writes.clear()
+    print_line("[rank 1] stopped: by SIGUSR1 (exit 75)")
+    assert raw.writes == [b"[rank 1] stopped: by SIGUSR1 (exit 75)\n"]
+
+
 @pytest.mark.slow
 def test_workflow_log_names_the_failure(tmp_path, snakemake):
     """An OS failure inside a workflow job: Snakemake's output repeats the stage's line with the log

@@ -49,6 +49,15 @@ def error_line(message: str) -> str:
     return f"{rank_prefix()}error: {' '.join(message.split())}"
 
 
+def print_line(text: str) -> None:
+    """Write `text` and its newline to stderr in one write. `print` writes the two separately when
+    stderr is unbuffered (PYTHONUNBUFFERED=1, as in the container and the tests), so the last lines
+    of two ranks sharing one pipe (torchrun, srun) could run together; one write of under PIPE_BUF
+    (4 KiB) bytes to a pipe is atomic."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def run_stage(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
     """Run a stage's `main`, turning user and file-system errors into one line on stderr and exit 1,
     and a stop on a signal (`Preempted`: its checkpoint or finished work is on disk) into one line
@@ -57,14 +66,14 @@ def run_stage(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] 
         main(argv)
         ignore_from_now()  # done and written: a late signal must not fail the job now
     except Preempted as exc:
-        print(f"{rank_prefix()}stopped: {exc} (exit {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+        print_line(f"{rank_prefix()}stopped: {exc} (exit {EXIT_PREEMPTED})")
         sys.exit(EXIT_PREEMPTED)
     except (SidaError, OSError) as exc:
         message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         if debug_enabled():
             traceback.print_exc()
-        print(error_line(message), file=sys.stderr, flush=True)
+        print_line(error_line(message))
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is kept; rerun the same command to resume", file=sys.stderr)
+        print_line(f"{rank_prefix()}interrupted: the last checkpoint is kept; rerun the same command to resume")
         sys.exit(130)
