@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from sida.train.losses import (add_discriminator_objective, add_distill_loss, add_distill_weight,
-                               add_generator_objective, dmd2_critic_objective, dmd2_generator_objective,
-                               dmd_generator_loss, dmd_gradient, edm_denoising_loss, hinge_discriminator_loss,
-                               hinge_generator_loss, ns_discriminator_loss, ns_generator_loss, r1_penalty,
-                               sid_generator_loss)
+from sida.train.baseline_losses import (add_discriminator_objective, add_distill_loss, add_distill_weight,
+                                        add_generator_objective, dmd2_critic_objective, dmd2_generator_objective,
+                                        dmd_generator_loss, dmd_gradient, hinge_discriminator_loss,
+                                        hinge_generator_loss, ns_discriminator_loss, ns_generator_loss, r1_penalty)
+from sida.train.losses import edm_denoising_loss, sid_generator_loss
 
 
 def t(values, shape=None, grad=False):

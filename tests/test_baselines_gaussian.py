@@ -31,7 +31,8 @@ from sida.run import dist
 from sida.train.distill import DistillLoop, Nets
 from sida.train.methods.dmd2 import dmd_term
 from sida.train.updates import set_lr
-from sida.train.losses import dmd_gradient, sid_generator_loss
+from sida.train.baseline_losses import dmd_gradient
+from sida.train.losses import sid_generator_loss
 from test_sid_gaussian import MU, S, SHAPE, GaussDenoiser, ShiftGenerator
 
 BATCH = 16

@@ -14,7 +14,7 @@ from sida.nets.sampler import add_student_sigmas
 from sida.train.methods.add import add_logits, add_real_logits_with_r1, add_student_sigma
 from sida.train.methods.dmd2 import dmd2_head_logits, dmd_denoising_term
 from sida.train.updates import generator_turn, make_optimizer, warmup_lr
-from sida.train.losses import (add_discriminator_objective, dmd2_critic_objective, hinge_discriminator_loss,
+from sida.train.baseline_losses import (add_discriminator_objective, dmd2_critic_objective, hinge_discriminator_loss,
                                ns_discriminator_loss, r1_penalty)
 
 NET = dict(model_channels=16, channel_mult=[1, 2], channel_mult_emb=2, num_blocks=1, attn_resolutions=[], dropout=0.0)

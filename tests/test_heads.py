@@ -12,7 +12,7 @@ from sida.nets.heads import (ADDHeads, DMD2Head, FeatureHead, TeacherFeatures, a
                              probe_features, seeded)
 from sida.nets.networks import DhariwalUNet, SongUNet
 from sida.nets.precond import EDMPrecond
-from sida.train.losses import hinge_discriminator_loss, ns_discriminator_loss, r1_penalty
+from sida.train.baseline_losses import hinge_discriminator_loss, ns_discriminator_loss, r1_penalty
 
 DIGITS = dict(model_channels=16, channel_mult=[1, 2], channel_mult_emb=2, num_blocks=1, attn_resolutions=[],
               dropout=0.0)  # the embedded 8x8 layout (ci-short sizes)

@@ -17,8 +17,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ...nets.heads import ADDHeads, add_heads_for
-from ..losses import (add_discriminator_objective, add_distill_loss, add_distill_weight, add_generator_objective,
-                      hinge_discriminator_loss, hinge_generator_loss, r1_penalty)
+from ..baseline_losses import (add_discriminator_objective, add_distill_loss, add_distill_weight,
+                               add_generator_objective, hinge_discriminator_loss, hinge_generator_loss, r1_penalty)
 from .base import Method, Slot, Stats, disc_accuracy
 
 Net = Callable[..., torch.Tensor]

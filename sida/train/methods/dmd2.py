@@ -19,8 +19,9 @@ import torch
 
 from ...nets.heads import DMD2Head, dmd2_head_for
 from ...nets.sampler import GRID_STEPS
-from ..losses import (dmd2_critic_objective, dmd2_generator_objective, dmd_generator_loss, edm_denoising_loss,
-                      ns_discriminator_loss, ns_generator_loss)
+from ..baseline_losses import (dmd2_critic_objective, dmd2_generator_objective, dmd_generator_loss,
+                               ns_discriminator_loss, ns_generator_loss)
+from ..losses import edm_denoising_loss
 from .base import Method, Slot, Stats, disc_accuracy
 
 Net = Callable[..., torch.Tensor]
