@@ -220,6 +220,25 @@ def test_run_schema_accepts_every_distill_setting():
         assert run_props[key] == {"$ref": f"#/properties/distill/properties/{key}"}, key
 
 
+def test_schema_method_table_matches_the_method_classes_and_the_enums():
+    """`x-methods` (what sida.run.config checks runs against) names each method class of
+    sida/train/methods once, every phase kind but `warmup` once, and only discriminators the
+    schema accepts; a phase that needs a discriminator belongs to a method that may train it."""
+    from sida.run.config import load_schema, methods_table
+    from sida.train.methods import METHODS
+
+    schema = load_schema()
+    table = methods_table()
+    assert set(table) == set(METHODS)
+    phases = [kind for m in table.values() for kind in m["phases"]]
+    assert sorted(phases + ["warmup"]) == sorted(schema["definitions"]["phase"]["properties"]["kind"]["enum"])
+    accepted = set(schema["definitions"]["run"]["properties"]["discriminator"]["enum"])
+    for name, m in table.items():
+        assert "none" in m["discriminators"] and set(m["discriminators"]) <= accepted, name
+        for kind, needed in m["needs"].items():
+            assert kind in m["phases"] and needed in m["discriminators"], (name, kind)
+
+
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_preset_assets(name):
     cfg = _load(name)

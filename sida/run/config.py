@@ -9,6 +9,7 @@ before any work starts.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import re
@@ -129,11 +130,15 @@ def _check_diffusers_teacher(cfg: dict, source: str) -> None:
         raise ConfigError(f"{source}: teacher.path: {exc}") from None
 
 
-# Which method a phase kind belongs to (`warmup` trains the critic of whichever method the run
-# runs) and which discriminators each method's phases can train or use.
-PHASE_METHOD = {"sid": "sid", "sida": "sid", "dmd": "dmd", "dmd2": "dmd", "add": "add"}
-METHOD_DISCRIMINATORS = {"sid": ("none", "sida"), "dmd": ("none", "dmd2_head"), "add": ("none", "add")}
-PHASE_NEEDS = {"sida": "sida", "dmd2": "dmd2_head"}  # phases whose generator loss uses that discriminator
+@functools.cache
+def methods_table() -> dict[str, dict]:
+    """The schema's `x-methods`: per method, its phase kinds, the discriminators its runs may train
+    and the phases whose generator loss needs one (`warmup` trains whichever method's critic)."""
+    return load_schema()["x-methods"]
+
+
+def _phase_method() -> dict[str, str]:
+    return {kind: method for method, m in methods_table().items() for kind in m["phases"]}
 
 
 def discriminator_kind(value: bool | str | None) -> str:
@@ -148,7 +153,8 @@ def discriminator_kind(value: bool | str | None) -> str:
 def run_method(phases: list[dict]) -> str:
     """The method a run's phases belong to ('sid', 'dmd' or 'add'); a warm-up-only run is 'sid'.
     Raises ValueError when phases of several methods are mixed in one run."""
-    methods = {PHASE_METHOD[p["kind"]] for p in phases if p["kind"] in PHASE_METHOD}
+    phase_method = _phase_method()
+    methods = {phase_method[p["kind"]] for p in phases if p["kind"] in phase_method}
     if len(methods) > 1:
         raise ValueError(f"phases of several methods ({', '.join(sorted(methods))}) in one run")
     return methods.pop() if methods else "sid"
@@ -164,13 +170,14 @@ def _check_method(cfg: dict, name: str, source: str) -> None:
         raise ConfigError(f"{where}: {exc}: split them into runs that start from each other") from None
     disc = discriminator_kind(rc["discriminator"])
     kinds = [p["kind"] for p in rc["phases"]]
-    for kind, needed in PHASE_NEEDS.items():
+    table = methods_table()[method]
+    for kind, needed in table["needs"].items():
         if kind in kinds and disc != needed:
             value = "true" if needed == "sida" else needed
             raise ConfigError(f"{where}: a '{kind}' phase needs discriminator: {value} (the run has {disc})")
-    if disc not in METHOD_DISCRIMINATORS[method]:
+    if disc not in table["discriminators"]:
         raise ConfigError(f"{where}: discriminator {disc} does not go with {method} phases (allowed: "
-                          f"{', '.join(METHOD_DISCRIMINATORS[method])})")
+                          f"{', '.join(table['discriminators'])})")
     if method == "add" and "warmup" in kinds and disc == "none":
         raise ConfigError(f"{where}: a 'warmup' phase of an ADD run trains its discriminator heads: set "
                           f"discriminator: add or drop the phase")

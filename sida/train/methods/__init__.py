@@ -9,10 +9,11 @@ that return (loss, stats), drawing through the loop's public `sida.train.draws.D
 owns the rest (accumulation, optimiser updates, EMA, the generator's turn, checkpoints, guards).
 
 Adding a method: write `methods/<name>.py` with a `Method` subclass (its objectives, and
-`build_head` if its critic has an extra network) and add it to `METHODS` below; then declare its
-phase kinds in the config schema (`workflow/schemas/config.schema.yaml`: the phase `kind` enum,
-and the `discriminator` enum for a new critic network, plus any new `distill` settings with their
-defaults) and map them in `sida.run.config.PHASE_METHOD` / `METHOD_DISCRIMINATORS`.
+`build_head` if its critic has an extra network) and add it to `METHODS` below; then declare it
+in the config schema (`workflow/schemas/config.schema.yaml`): its entry in `x-methods` (its phase
+kinds, the discriminators its runs may train, the phases that need one), the new kinds in the phase
+`kind` enum and a new critic network in the `discriminator` enum, plus any new `distill` settings
+with their defaults. tests/test_presets.py checks that the table and the classes agree.
 """
 
 from __future__ import annotations
