@@ -22,9 +22,7 @@ Prints a table and, with --json, writes the numbers. CPU is fine: 8x8 networks t
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 from typing import Sequence
 
 import torch

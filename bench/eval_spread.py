@@ -18,7 +18,6 @@ import json
 import time
 
 import numpy as np
-import torch
 
 from sida.errors import SidaError
 
