@@ -76,6 +76,16 @@ _ENVIRONMENT_ERRNOS = frozenset({
     errno.ELOOP, errno.ENOMEM})
 
 
+def require_file(path: Path, what: str, error: type[SidaError], fix: str,
+                 directory_fix: str | None = None) -> None:
+    """Raises `error` naming `what` and `path` when `path` is a directory or does not exist:
+    the check every reader makes before it opens an input, so the lines read alike."""
+    if path.is_dir():
+        raise error(f"{what} {path} is a directory, not a file: {directory_fix or fix}")
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist: {fix}")
+
+
 def is_os_failure(exc: BaseException) -> bool:
     """True for an `OSError` caused by the system (permissions, missing path, full disk, ...)."""
     return isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS

@@ -20,7 +20,7 @@ import torch
 
 from .atomic import atomic_save_torch
 from ..errors import (CheckpointError, FileSystemError, NonFiniteError, brief_reason, describe_os_error,
-                      is_os_failure)
+                      is_os_failure, require_file)
 
 NETWORK_FORMAT = "sida-network"
 STATE_FORMAT = "sida-state"
@@ -100,10 +100,8 @@ def _damage(path: Path) -> str:
 
 
 def _torch_load(path: Path, what: str) -> Any:
-    if path.is_dir():
-        raise CheckpointError(f"{what} {path} is a directory, not a file: pass the file itself")
-    if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist: run the stage that produces it first")
+    require_file(path, what, CheckpointError, "run the stage that produces it first",
+                 directory_fix="pass the file itself")
     corrupt = (f"{what} {path} is corrupt or not a checkpoint ({{}}): delete it and rerun the stage that "
                f"writes it")
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, FileSystemError, describe_os_error, is_os_failure
+from ..errors import DataError, FileSystemError, describe_os_error, is_os_failure, require_file
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _NPY_MAGIC = b"\x93NUMPY"
@@ -35,10 +35,7 @@ def load_npz(path: str | Path, what: str, fix: str) -> dict[str, np.ndarray]:
     (<reason>): <fix>``, or `FileSystemError` when the operating system cannot read it.
     """
     path = Path(path)
-    if path.is_dir():
-        raise DataError(f"{what} {path} is a directory, not a file: {fix}")
-    if not path.is_file():
-        raise DataError(f"{what} {path} does not exist: {fix}")
+    require_file(path, what, DataError, fix)
     try:
         reason = _not_an_archive(path)
         if reason is None:

@@ -21,7 +21,7 @@ encoder loop); the discriminator adds no parameters.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -89,37 +89,65 @@ def _finish(x_enc: torch.Tensor, run_decoder, return_flag: str) -> Output:
     return out if return_flag == "decoder" else (out, logits)
 
 
-class SongUNet(torch.nn.Module):
-    """DDPM++ (positional/standard/standard, [1,1]) and NCSN++ (fourier/residual/standard,
-    [1,3,3,1], channel_mult_noise 2) UNets of Song et al., in EDM's reimplementation layout."""
+def _encoder_blocks(enc: torch.nn.ModuleDict, res: int, cout: int, level_channels: int,
+                    num_blocks: int, attention: bool, bkw: dict) -> int:
+    """Appends one encoder level's blocks (EDM's names: the published weights' state-dict keys
+    depend on them and on their order); returns the level's output channels."""
+    for idx in range(num_blocks):
+        cin, cout = cout, level_channels
+        enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attention, **bkw)
+    return cout
 
-    def __init__(self,
-                 img_resolution: int,
-                 in_channels: int,
-                 out_channels: int,
-                 label_dim: int = 0,
-                 augment_dim: int = 0,
-                 model_channels: int = 128,
-                 channel_mult: Sequence[int] = (1, 2, 2, 2),
-                 channel_mult_emb: int = 4,
-                 num_blocks: int = 4,
-                 attn_resolutions: Sequence[int] = (16,),
-                 dropout: float = 0.10,
-                 label_dropout: float = 0,
-                 embedding_type: str = "positional",
-                 channel_mult_noise: int = 1,
-                 encoder_type: str = "standard",
-                 decoder_type: str = "standard",
-                 resample_filter: Sequence[int] = (1, 1),
-                 ):
-        assert embedding_type in ("fourier", "positional")
-        assert encoder_type in ("standard", "skip", "residual")
-        assert decoder_type in ("standard", "skip")
+
+def _decoder_level(dec: torch.nn.ModuleDict, res: int, bottom: bool, cout: int, skips: List[int],
+                   level_channels: int, num_blocks: int, attention: Callable[[int], bool],
+                   bkw: dict) -> int:
+    """Appends one decoder level in EDM's names and order: the two middle blocks at the lowest
+    resolution (`bottom`) or an upsampling block, then num_blocks + 1 blocks each taking one skip
+    (popped from `skips`, channel counts); `attention(idx)` says which blocks attend, the one
+    place SongUNet and DhariwalUNet differ. Returns the level's output channels."""
+    if bottom:
+        dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **bkw)
+        dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **bkw)
+    else:
+        dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **bkw)
+    for idx in range(num_blocks + 1):
+        cin, cout = cout + skips.pop(), level_channels
+        dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attention(idx), **bkw)
+    return cout
+
+
+class _EDMUNet(torch.nn.Module):
+    """What both UNets keep of their arguments: the resolution and the conditioning sizes
+    (read by the preconditioning wrappers and the samplers), and the label dropout."""
+
+    def __init__(self, img_resolution: int, label_dim: int, augment_dim: int, label_dropout: float):
         super().__init__()
         self.img_resolution = img_resolution
         self.label_dim = label_dim
         self.augment_dim = augment_dim
         self.label_dropout = label_dropout
+
+
+class SongUNet(_EDMUNet):
+    """DDPM++ (positional/standard/standard, [1,1]) and NCSN++ (fourier/residual/standard,
+    [1,3,3,1], channel_mult_noise 2) UNets of Song et al., in EDM's reimplementation layout."""
+
+    # EDM's parameters, names and defaults (its pickles rebuild the network from them), grouped
+    # by topic: input/output, conditioning, width, depth, attention, regularisation, variant.
+    def __init__(self, img_resolution: int, in_channels: int, out_channels: int,
+                 label_dim: int = 0, augment_dim: int = 0,
+                 model_channels: int = 128, channel_mult: Sequence[int] = (1, 2, 2, 2),
+                 channel_mult_emb: int = 4, num_blocks: int = 4,
+                 attn_resolutions: Sequence[int] = (16,),
+                 dropout: float = 0.10, label_dropout: float = 0,
+                 embedding_type: str = "positional", channel_mult_noise: int = 1,
+                 encoder_type: str = "standard", decoder_type: str = "standard",
+                 resample_filter: Sequence[int] = (1, 1)):
+        assert embedding_type in ("fourier", "positional")
+        assert encoder_type in ("standard", "skip", "residual")
+        assert decoder_type in ("standard", "skip")
+        super().__init__(img_resolution, label_dim, augment_dim, label_dropout)
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
         init = dict(init_mode="xavier_uniform")
@@ -158,25 +186,18 @@ class SongUNet(torch.nn.Module):
                         caux, cout, kernel=3, down=True, resample_filter=resample_filter,
                         fused_resample=True, **init)
                     caux = cout
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    cin, cout, attention=(res in attn_resolutions), **bkw)
+            cout = _encoder_blocks(self.enc, res, cout, model_channels * mult, num_blocks,
+                                   res in attn_resolutions, bkw)
         skips = [blk.out_channels for name, blk in self.enc.items() if "aux" not in name]
 
         # Decoder.
         self.dec = torch.nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **bkw)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **bkw)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **bkw)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    cin, cout, attention=(idx == num_blocks and res in attn_resolutions), **bkw)
+            # SongUNet attends only in a level's last block.
+            cout = _decoder_level(self.dec, res, level == len(channel_mult) - 1, cout, skips,
+                                  model_channels * mult, num_blocks,
+                                  lambda idx: idx == num_blocks and res in attn_resolutions, bkw)
             if decoder_type == "skip" or level == 0:
                 if decoder_type == "skip" and level < len(channel_mult) - 1:
                     self.dec[f"{res}x{res}_aux_up"] = Conv2d(out_channels, out_channels, kernel=0, up=True,
@@ -246,28 +267,17 @@ class SongUNet(torch.nn.Module):
         return _finish(x, decoder, return_flag)
 
 
-class DhariwalUNet(torch.nn.Module):
+class DhariwalUNet(_EDMUNet):
     """ADM UNet of Dhariwal & Nichol, in EDM's reimplementation layout."""
 
-    def __init__(self,
-                 img_resolution: int,
-                 in_channels: int,
-                 out_channels: int,
-                 label_dim: int = 0,
-                 augment_dim: int = 0,
-                 model_channels: int = 192,
-                 channel_mult: Sequence[int] = (1, 2, 3, 4),
-                 channel_mult_emb: int = 4,
-                 num_blocks: int = 3,
+    # EDM's parameters, names and defaults, grouped as SongUNet's.
+    def __init__(self, img_resolution: int, in_channels: int, out_channels: int,
+                 label_dim: int = 0, augment_dim: int = 0,
+                 model_channels: int = 192, channel_mult: Sequence[int] = (1, 2, 3, 4),
+                 channel_mult_emb: int = 4, num_blocks: int = 3,
                  attn_resolutions: Sequence[int] = (32, 16, 8),
-                 dropout: float = 0.10,
-                 label_dropout: float = 0,
-                 ):
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.label_dim = label_dim
-        self.augment_dim = augment_dim
-        self.label_dropout = label_dropout
+                 dropout: float = 0.10, label_dropout: float = 0):
+        super().__init__(img_resolution, label_dim, augment_dim, label_dropout)
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
         init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
@@ -292,25 +302,18 @@ class DhariwalUNet(torch.nn.Module):
                 self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, kernel=3, **init)
             else:
                 self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **bkw)
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    cin, cout, attention=(res in attn_resolutions), **bkw)
+            cout = _encoder_blocks(self.enc, res, cout, model_channels * mult, num_blocks,
+                                   res in attn_resolutions, bkw)
         skips = [blk.out_channels for blk in self.enc.values()]
 
         # Decoder.
         self.dec = torch.nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **bkw)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **bkw)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **bkw)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    cin, cout, attention=(res in attn_resolutions), **bkw)
+            # ADM attends in every block of an attention resolution.
+            cout = _decoder_level(self.dec, res, level == len(channel_mult) - 1, cout, skips,
+                                  model_channels * mult, num_blocks,
+                                  lambda idx: res in attn_resolutions, bkw)
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
 

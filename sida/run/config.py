@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import yaml
 from jsonschema import Draft202012Validator, validators
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -299,10 +299,7 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
     """Read a YAML experiment config, apply overrides, fill defaults and validate it."""
     path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"config file {path} is a directory: pass --config with a file under config/")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist: pass --config with a file under config/")
+    require_file(path, "config file", ConfigError, "pass --config with a file under config/")
     try:
         raw = yaml.load(path.read_text(), Loader=_Loader)
     except UnicodeDecodeError:
