@@ -45,7 +45,7 @@ def setup(tmp_path_factory, stage_inputs):
     cfg = _config()
     cfg["results_dir"] = str(d / "results")  # the monitor's classifier and reference, made once
     config, teacher = stage_inputs(d, cfg)
-    return {"dir": d, "config": config, "teacher": teacher, "refs": {}}
+    return {"dir": d, "config": config, "teacher": teacher, "refs": {}, "seconds": {}}
 
 
 def _distill_args(setup, out: Path) -> list[str]:
@@ -53,10 +53,14 @@ def _distill_args(setup, out: Path) -> list[str]:
             str(setup["teacher"]), "--out", str(out)]
 
 
+def _popen(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 def _start(cmd: list[str]) -> tuple[subprocess.Popen, str]:
     """`cmd` started and read up to the stage's first line (its handlers are installed by then):
     the process and that line."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = _popen(cmd)
     first = ""
     while not first.startswith(f"{RUN}:"):
         first = proc.stderr.readline()
@@ -65,13 +69,12 @@ def _start(cmd: list[str]) -> tuple[subprocess.Popen, str]:
 
 
 def _reference(setup, name: str, cmd) -> Path:
-    """An uninterrupted run's out dir (made once per module); `setup["seconds"][name]` is how long
-    it ran after its first line, so that signals from outside can be timed to land inside a run."""
+    """An uninterrupted run's out dir (made once per module); for a run that prints `RUN:` lines,
+    `setup["seconds"][name]` is how long it ran after the first, so that signals from outside can
+    be timed to land inside a run."""
     if name not in setup["refs"]:
         out = setup["dir"] / f"ref-{name}"
-        proc = subprocess.Popen(cmd(out), cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
-        started, first_seen, lines = time.monotonic(), None, []
+        proc, first_seen, lines = _popen(cmd(out)), None, []
         for line in proc.stderr:
             if first_seen is None and line.startswith(f"{RUN}:"):
                 first_seen = time.monotonic()
@@ -79,7 +82,8 @@ def _reference(setup, name: str, cmd) -> Path:
         proc.wait(timeout=300)
         assert proc.returncode == 0, "".join(lines)[-3000:]
         setup["refs"][name] = out
-        setup.setdefault("seconds", {})[name] = time.monotonic() - (first_seen or started)
+        if first_seen is not None:
+            setup["seconds"][name] = time.monotonic() - first_seen
     return setup["refs"][name]
 
 
@@ -127,26 +131,24 @@ def test_distill_signals_at_random_times_from_outside(setup, tmp_path):
     # Delays are drawn within the first 60 % of the uninterrupted run's length after its first line,
     # so the first signal always lands inside training (a fixed range let a fast machine finish
     # first, and the test then checked nothing); later, shorter resumed runs may finish first.
-    span = 0.6 * setup["seconds"]["distill"]
+    seconds = setup["seconds"]["distill"]
     out = tmp_path / "out"
     stopped = 0
     for attempt in range(4):  # up to three signals, then it runs to the end
         proc, first = _start([PYTHON, *_distill_args(setup, out)])
-        delay = rng.uniform(0.0, span)
+        delay = rng.uniform(0.0, 0.6 * seconds)
         time.sleep(delay)
         sig = rng.choice(SIGNALS)
-        sent = proc.poll() is None and attempt < 3
-        if sent:
+        if proc.poll() is None and attempt < 3:
             proc.send_signal(getattr(signal, f"SIG{sig}"))
         err = first + proc.stderr.read()
         proc.wait(timeout=300)
         assert proc.returncode in (0, 75), err[-3000:]
         if proc.returncode == 75:
-            assert sent
             _assert_stopped(subprocess.CompletedProcess(proc.args, proc.returncode, "", err), sig)
             stopped += 1
         else:
-            assert attempt > 0, f"SIG{sig} {delay:.2f} s after the first line (of a {span / 0.6:.2f} s run) did not stop it"
+            assert attempt > 0, f"SIG{sig} {delay:.2f} s after the first line (of a {seconds:.2f} s run) did not stop it"
             break
     else:
         pytest.fail("the run did not finish unsignalled")
