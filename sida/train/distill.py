@@ -69,6 +69,32 @@ class Nets:
     features: torch.nn.Module | None = None  # ADD's frozen feature network (not trained, not stored)
 
 
+def init_timestep_sigma(teacher: torch.nn.Module, timestep: int) -> float:
+    """sigma_k of a diffusers teacher's discrete timestep k: one-step generation starts there."""
+    return float(teacher.log_sigmas[int(timestep)].double().exp())
+
+
+def check_text_settings(rc: dict, teacher: torch.nn.Module) -> None:
+    """Guidance needs a text teacher (its empty-prompt embedding); discrete timesteps need a
+    diffusers teacher (its sigma table). One line each, naming the setting."""
+    scales = {k: rc[k] for k in ("guidance_fake_train", "guidance_fake", "guidance_teacher") if rc[k] != 1}
+    if scales and not hasattr(teacher, "uncond"):
+        raise ConfigError(f"distill.{next(iter(scales))} {next(iter(scales.values()))}: classifier-free guidance "
+                          f"needs a text-to-image teacher (an empty-prompt embedding); set it to 1 for this teacher")
+    for key in ("timestep_range", "init_timestep"):
+        if rc[key] is not None and not hasattr(teacher, "log_sigmas"):
+            raise ConfigError(f"distill.{key} needs a diffusers teacher (a discrete scheduler): set it to null")
+    if rc["timestep_range"] is not None:
+        lo, hi = rc["timestep_range"]
+        n = teacher.log_sigmas.shape[0]
+        if not 0 <= lo < hi <= n:
+            raise ConfigError(f"distill.timestep_range {[lo, hi]}: need 0 <= lo < hi <= {n} (the scheduler's "
+                              f"timesteps), e.g. [20, 980]")
+    if rc["init_timestep"] is not None and rc["init_timestep"] >= teacher.log_sigmas.shape[0]:
+        raise ConfigError(f"distill.init_timestep {rc['init_timestep']}: the scheduler has "
+                          f"{teacher.log_sigmas.shape[0]} timesteps")
+
+
 def apply_precision(nets: "Nets", precision: str) -> None:
     """Set every network's compute dtype for the run's `precision`, as the official code does.
 
@@ -117,6 +143,9 @@ class DistillLoop:
         self.disc = discriminator_kind(rc["discriminator"])
         if (self.disc != "none" or self.method == "add") and dataset is None:
             raise ConfigError(f"a run with discriminator {self.disc} or ADD phases needs real images: configure `data`")
+        check_text_settings(rc, nets.teacher)
+        if rc["init_timestep"] is not None:  # a diffusers teacher's discrete timestep (SiD-LSG's 625)
+            rc["sigma_init"] = init_timestep_sigma(nets.teacher, rc["init_timestep"])
         self.gen_sigmas = generation_sigmas(rc)
         rc["sigma_init"] = self.gen_sigmas[0]
         self.batch = rc["batch"]

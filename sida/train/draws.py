@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..io.data import ImageDataset
 from ..io.factory import autocast
 from ..nets.sampler import sample_karras_grid_sigma
@@ -86,6 +87,11 @@ class Draws:
         self.sigma_init = sigma_init
         self.precision = precision
         self.augment_pipe = augment
+        # A text teacher's conditions are prompt embeddings from the dataset (a prompt set).
+        self.text = hasattr(generator, "uncond")
+        if self.text and dataset is None:
+            raise ConfigError("a text teacher's run draws its prompts from `data`: set data.kind to prompts (SiD) or "
+                              "captioned_images (SiDA, SiD2A)")
 
     def data_gen(self, r: int) -> torch.Generator:
         return slot_generator(self.gens, "data", r)
@@ -98,9 +104,12 @@ class Draws:
         return torch.randint(len(self.dataset), (n,), generator=self.data_gen(r))
 
     def labels(self, n: int, r: int) -> torch.Tensor:
-        """Class labels of `n` dataset samples, as the official loops take them from data batches
-        (so unequal class sizes, e.g. ImageNet's, are respected). Without a dataset (analytic
+        """The conditions of `n` dataset samples: class labels, as the official loops take them
+        from data batches (so unequal class sizes, e.g. ImageNet's, are respected), or, for a
+        text teacher, the encoded prompts of a prompt set (`text`). Without a dataset (analytic
         tests, benchmarks) labels are uniform over the classes."""
+        if self.text:
+            return self.dataset.labels(self.indices(n, r)).to(self.device, non_blocking=True)
         if self.label_dim == 0:
             return torch.zeros([n, 0], device=self.device)
         if self.dataset is not None:
@@ -126,6 +135,19 @@ class Draws:
     def grid_sigma(self, lo: int, hi: int, r: int) -> torch.Tensor:
         """`micro` sigmas drawn on the teacher's Karras grid indices lo..hi, [micro,1,1,1]."""
         return sample_karras_grid_sigma(self.micro, lo, hi, generator=self.noise_gen(r), device=self.device)
+
+    def timestep_sigma(self, log_sigmas: torch.Tensor, lo: int, hi: int, r: int) -> torch.Tensor:
+        """`micro` noise levels sigma_k of integer timesteps k ~ U[lo, hi) of a diffusers
+        teacher's table (its `log_sigmas`), [micro,1,1,1] (SiD-LSG's torch.randint(tmin, tmax))."""
+        k = self.randint(hi - lo, [self.micro], r) + lo
+        return log_sigmas.to(self.device)[k].exp().reshape(-1, 1, 1, 1)
+
+    def drop_prompts(self, cond: torch.Tensor, uncond: torch.Tensor, ratio: float, r: int) -> torch.Tensor:
+        """`cond` with each row replaced by the empty prompt's embedding `uncond` [1, L, D] with
+        probability `ratio` (SiD-LSG's context dropout), drawn from the slot's data stream."""
+        drop = torch.rand([cond.shape[0]], generator=self.data_gen(r)) < ratio
+        drop = drop.to(cond.device).reshape(-1, *([1] * (cond.ndim - 1)))
+        return torch.where(drop, uncond.to(cond.dtype), cond)
 
     def generate(self, labels: torch.Tensor, r: int) -> torch.Tensor:
         """x_g = G(sigma_init z, sigma_init) with zero augment labels (the one-step convention)."""

@@ -25,6 +25,22 @@ def edm_loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tenso
     return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
 
 
+def epsilon_loss_weight(sigma: torch.Tensor) -> torch.Tensor:
+    """1 / sigma^2: the weight that makes ||D - x||^2 the epsilon-MSE ||eps_hat - eps||^2 of a
+    diffusers teacher (eps_hat - eps = (x - D) / sigma). SiD-LSG trains its fake score with it; its
+    v-prediction loss ||v_hat - v||^2 snr / (snr + 1) reduces to the same weight (docs/design.md)."""
+    return sigma ** -2
+
+
+def loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5, weighting: str = "edm") -> torch.Tensor:
+    """The fake score's loss weight: EDM's lambda(sigma) ("edm") or 1 / sigma^2 ("epsilon")."""
+    if weighting == "epsilon":
+        return epsilon_loss_weight(sigma)
+    if weighting != "edm":
+        raise ValueError(f"weighting must be 'edm' or 'epsilon', got {weighting!r}")
+    return edm_loss_weight(sigma, sigma_data)
+
+
 def edm_denoising_loss(denoised: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor,
                        sigma_data: float = 0.5) -> torch.Tensor:
     """Per-pixel EDM denoising loss lambda(sigma) * ||D(x + n; sigma) - x||^2 (EDM eq. 2).
@@ -149,18 +165,19 @@ def zero_dropped(keep: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:
 
 def sid_critic_terms(denoised: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor,
                      logits_fake: torch.Tensor | None = None, logits_real: torch.Tensor | None = None,
-                     sigma_data: float = 0.5, logvar: torch.Tensor | None = None
+                     sigma_data: float = 0.5, logvar: torch.Tensor | None = None, weighting: str = "edm"
                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The fake-score step's terms with NaN samples dropped, as the official loss does:
     (per-pixel L_psi, per-sample L_D or None, keep [B]). `x` is the (augmented) clean image the
     fake score denoises; a sample is dropped when x, its denoised estimate or (discriminator)
-    either logit map holds a NaN. With `logvar` (EDM2's uncertainty head of the fake score,
+    either logit map holds a NaN. `weighting` (`loss_weight`): EDM's lambda(sigma), or 1/sigma^2
+    for SiD-LSG's epsilon-MSE. With `logvar` (EDM2's uncertainty head of the fake score,
     [B,1,1,1]) L_psi is EDM2's (w/e^logvar)||.||^2 + logvar and L_D is divided by e^logvar."""
     keep = nan_free(x, denoised, logits_fake, logits_real)
     x, denoised, logits_fake, logits_real = zero_dropped(keep, x, denoised, logits_fake, logits_real)
-    weight = edm_loss_weight(sigma, sigma_data)
+    weight = loss_weight(sigma, sigma_data, weighting)
     if logvar is None:
-        l_fake = edm_denoising_loss(denoised, x, sigma, sigma_data)
+        l_fake = weight * (denoised - x) ** 2
     else:
         l_fake = edm2_denoising_loss(denoised, x, sigma, logvar, sigma_data) * _sample_mask(keep, x)
         weight = uncertainty_weighted(weight, logvar)

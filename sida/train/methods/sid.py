@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ...nets.guidance import guided
 from ...nets.sampler import sid_sigma_t
 from ..losses import sid_critic_objective, sid_critic_terms, sid_generator_objective, sid_generator_terms
 from .base import Method, Slot, Stats, disc_accuracy
@@ -21,15 +22,27 @@ from .base import Method, Slot, Stats, disc_accuracy
 
 def fake_forward(fake: torch.nn.Module, x_fake: torch.Tensor, x_real: torch.Tensor | None,
                  sigma: torch.Tensor, labels: torch.Tensor, sida_disc: bool,
-                 augment_labels: tuple[torch.Tensor, torch.Tensor | None] | None = None):
+                 augment_labels: tuple[torch.Tensor, torch.Tensor | None] | None = None, guidance: float = 1.0):
     """f_psi on noisy fakes (denoised + logits) and, for SiDA's discriminator, on noisy reals (logits).
 
     Both encoder passes run as one batched pass: the network decodes only the fake half
     (`decode_first`), so the real images cost an encoder pass and nothing more.
     `augment_labels`: (fake's, real's or None) augmentation labels, None when not augmenting.
+    `guidance` (text teachers, SiD-LSG's kappa1): the denoised fakes are guided; the
+    discriminator's logits stay those of the conditional pass.
     Returns (denoised_fake, logits_fake | None, logits_real | None).
     """
     aug_fake, aug_real = augment_labels if augment_labels is not None else (None, None)
+    if guidance != 1:
+        if aug_fake is not None:
+            raise ValueError("guided fake-score training takes no augmentation (diffusers UNets have no augment labels)")
+        denoised = guided(fake, x_fake, sigma, labels, guidance)
+        if not sida_disc:
+            return denoised, None, None
+        logits = fake(torch.cat([x_fake, x_real]), torch.cat([sigma, sigma]), torch.cat([labels, labels]),
+                      return_flag="encoder")
+        b = x_fake.shape[0]
+        return denoised, logits[:b], logits[b:]
     if not sida_disc:
         return fake(x_fake, sigma, labels, augment_labels=aug_fake), None, None
     b = x_fake.shape[0]
@@ -45,13 +58,39 @@ class SiD(Method):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        rc = self.rc
         self.sida_disc = self.disc == "sida"  # SiDA's discriminator: the critic's logits on real images
-        self.logvar = bool(self.rc.get("logvar"))
+        self.logvar = bool(rc.get("logvar"))
+        # Text teachers (SiD-LSG): guidance scales kappa1 (fake score training), kappa2 (fake score)
+        # and kappa4 (teacher) in the generator loss; the empty prompt replaces a share of the fake
+        # score's prompts whenever the fake score is guided.
+        self.kappa_fake_train = rc["guidance_fake_train"]
+        self.kappa_fake, self.kappa_teacher = rc["guidance_fake"], rc["guidance_teacher"]
+        guided_fake = self.kappa_fake_train != 1 or self.kappa_fake != 1
+        self.empty_ratio = rc["empty_prompt_ratio"] if guided_fake and self.draws.text else 0.0
+        # SiD-LSG's noise levels: sigma_k of integer timesteps in [lo, hi), fake score weighted 1/sigma^2.
+        self.timesteps = rc["timestep_range"]
+        self.weighting = "edm" if self.timesteps is None else "epsilon"
+
+    def _critic_sigma(self, r: int) -> torch.Tensor:
+        d, rc = self.draws, self.rc
+        if self.timesteps is not None:
+            return d.timestep_sigma(self.nets.teacher.log_sigmas, *self.timesteps, r)
+        return (d.randn([d.micro, 1, 1, 1], r) * rc["P_std"] + rc["P_mean"]).exp()
+
+    def _generator_sigma(self, r: int) -> torch.Tensor:
+        d = self.draws
+        if self.timesteps is not None:
+            return d.timestep_sigma(self.nets.teacher.log_sigmas, *self.timesteps, r)
+        t = d.rand([d.micro, 1, 1, 1], r)
+        return sid_sigma_t(t * self.rc["tmax"] / 1000)
 
     def critic_loss(self, slot: Slot, r: int) -> tuple[torch.Tensor, Stats]:
         """Fake-score (+SiDA discriminator) loss on x_g.detach() at sigma ~ exp(N(P_mean, P_std))."""
         d, rc, fake = self.draws, self.rc, self.nets.fake
         real, labels = d.real(d.micro, r) if self.sida_disc else (None, d.labels(d.micro, r))
+        if self.empty_ratio > 0:
+            labels = d.drop_prompts(labels, fake.uncond, self.empty_ratio, r)
         with torch.no_grad(), d.autocast():
             x_g = d.generate(labels, r)
         # Generated and real images are augmented independently (the official loss calls the
@@ -60,15 +99,15 @@ class SiD(Method):
         aug_real = None
         if real is not None:
             real, aug_real = d.augment(real, r)
-        sigma = (d.randn([d.micro, 1, 1, 1], r) * rc["P_std"] + rc["P_mean"]).exp()
+        sigma = self._critic_sigma(r)
         n = d.randn(x_g.shape, r) * sigma
         with d.autocast():
             denoised, logits_fake, logits_real = fake_forward(
                 fake, x_g + n, None if real is None else real + n, sigma.flatten(), labels, self.sida_disc,
-                augment_labels=None if aug_fake is None else (aug_fake, aug_real))
+                augment_labels=None if aug_fake is None else (aug_fake, aug_real), guidance=self.kappa_fake_train)
         logvar = fake.logvar(sigma) if self.logvar else None  # EDM2: u(sigma), a function of sigma only
         l_fake, l_d, keep = sid_critic_terms(denoised.float(), x_g, sigma, logits_fake, logits_real, self.sigma_data,
-                                             logvar)
+                                             logvar, self.weighting)
         stats = {"loss_fake": (l_fake.sum() / d.total).detach(), "dropped_fake": (~keep).sum()}
         if self.sida_disc:
             stats["loss_d"] = (l_d.sum() / d.total).detach()
@@ -83,14 +122,13 @@ class SiD(Method):
         labels = d.labels(d.micro, r)
         with d.autocast():
             x_g = d.generate(labels, r).float()
-            t = d.rand([d.micro, 1, 1, 1], r)
-            sigma_t = sid_sigma_t(t * rc["tmax"] / 1000)
+            sigma_t = self._generator_sigma(r)
             x_t = x_g + sigma_t * d.randn(x_g.shape, r)
-            y_real = nets.teacher(x_t, sigma_t.flatten(), labels)
+            y_real = guided(nets.teacher, x_t, sigma_t.flatten(), labels, self.kappa_teacher)
             if adversarial:
-                y_fake, logits = nets.fake(x_t, sigma_t.flatten(), labels, return_flag="encoder_decoder")
+                y_fake, logits = guided(nets.fake, x_t, sigma_t.flatten(), labels, self.kappa_fake, "encoder_decoder")
             else:
-                y_fake, logits = nets.fake(x_t, sigma_t.flatten(), labels), None
+                y_fake, logits = guided(nets.fake, x_t, sigma_t.flatten(), labels, self.kappa_fake), None
         logvar = None
         if self.logvar:
             with torch.no_grad():  # the fake score is frozen here: a constant weight
