@@ -160,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     dataset = open_dataset(cfg["data"], codec_from_config(cfg)) if needs_data else None
     decoder = decoder_from_config(cfg, info.device)  # latent-space runs: samples.png shows decoded images
     loop = DistillLoop(rc, nets, dataset, info, sigma_data=getattr(teacher, "sigma_data", 0.5), seed=ctx.seed)
+    rc = loop.rc  # with what the loop resolves from the teacher (sigma_init of an init_timestep)
     loop.features_sha256 = features_sha
     ckpt = Checkpointer(ctx.work, info, ctx.cfg_hash, f"distill/{args.run}")
     keeper = BestKeeper(TrainingMonitor(cfg, info.device, info), ctx, nets, rc["sigma_init"])

@@ -146,7 +146,7 @@ class DistillLoop:
         check_text_settings(rc, nets.teacher)
         if rc["init_timestep"] is not None:  # a diffusers teacher's discrete timestep (SiD-LSG's 625)
             rc["sigma_init"] = init_timestep_sigma(nets.teacher, rc["init_timestep"])
-        self.gen_sigmas = generation_sigmas(rc)
+        self.gen_sigmas = rc["gen_sigmas"] = generation_sigmas(rc)
         rc["sigma_init"] = self.gen_sigmas[0]
         self.batch = rc["batch"]
         self.micro, self.rounds = accumulation(self.batch, rc["batch_per_proc"], info.world_size)
@@ -196,9 +196,10 @@ class DistillLoop:
             _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
             for net in (nets.teacher, nets.G, nets.fake):
                 net.compile(dynamic=False)
-        self.draws = Draws(self.gens, self.rounds, self.micro, self.device, dataset, nets.G, self.img_shape,
-                           self.label_dim, rc["sigma_init"], rc["precision"], augment)
-        self.objectives = method_class(self.method)(nets, rc, self.draws, self.disc, sigma_data, self.gen_sigmas)
+        self.draws = Draws(self.gens, self.rounds, self.micro, self.device, dataset, self.img_shape, self.label_dim,
+                           hasattr(ref, "uncond"), rc["precision"], augment)
+        cls = method_class(self.method)
+        self.objectives = cls(nets, self.draws, cls.Settings.from_run(rc), self.disc, sigma_data, self.gen_sigmas)
         # The critic's extra network (DMD2's head, ADD's heads), unless the run starts from a state
         # that holds one (`init_nets`). Weights from a private seed, so every process builds the
         # same head and the global RNG does not move.

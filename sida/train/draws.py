@@ -3,8 +3,9 @@
 `make_generators` gives one process one `noise` and one `data` generator per micro-batch slot
 (accumulation round r of rank k is global slot k * rounds + r), so a run's draws do not depend on
 how its global batch is split over processes and rounds, and a resumed run replays them.
-`Draws` is what the distillation methods (`sida.train.methods`) draw through: images, labels,
-noise, generator samples, grid sigmas and augmentations of one slot, plus the run's autocast.
+`Draws` is what the distillation methods (`sida.train.methods`) draw through: images, conditions
+(class labels or prompt embeddings), noise, sigmas and augmentations of one slot, plus the run's
+autocast. It only draws: the networks run in the methods.
 """
 
 from __future__ import annotations
@@ -77,19 +78,17 @@ class Draws:
     """
 
     def __init__(self, gens: dict[str, torch.Generator], rounds: int, micro: int, device: torch.device,
-                 dataset: ImageDataset | None, generator: torch.nn.Module, img_shape: tuple[int, int, int],
-                 label_dim: int, sigma_init: float, precision: str, augment: AugmentPipe | None) -> None:
+                 dataset: ImageDataset | None, img_shape: tuple[int, int, int], label_dim: int, text: bool,
+                 precision: str, augment: AugmentPipe | None) -> None:
         self.gens, self.rounds, self.micro, self.device = gens, rounds, micro, device
         self.total = micro * rounds
         self.dataset = dataset
-        self.G = generator
         self.img_shape, self.label_dim = img_shape, label_dim
-        self.sigma_init = sigma_init
         self.precision = precision
         self.augment_pipe = augment
         # A text teacher's conditions are prompt embeddings from the dataset (a prompt set).
-        self.text = hasattr(generator, "uncond")
-        if self.text and dataset is None:
+        self.text = text
+        if text and dataset is None:
             raise ConfigError("a text teacher's run draws its prompts from `data`: set data.kind to prompts (SiD) or "
                               "captioned_images (SiDA, SiD2A)")
 
@@ -148,13 +147,6 @@ class Draws:
         drop = torch.rand([cond.shape[0]], generator=self.data_gen(r)) < ratio
         drop = drop.to(cond.device).reshape(-1, *([1] * (cond.ndim - 1)))
         return torch.where(drop, uncond.to(cond.dtype), cond)
-
-    def generate(self, labels: torch.Tensor, r: int) -> torch.Tensor:
-        """x_g = G(sigma_init z, sigma_init) with zero augment labels (the one-step convention)."""
-        n = labels.shape[0]
-        z = self.randn([n, *self.img_shape], r)
-        s = self.sigma_init
-        return self.G(s * z, torch.full([n], s, device=self.device), labels)
 
     def autocast(self) -> AbstractContextManager:
         """torch.autocast for `precision: bf16`; fp16 needs none (the networks run EDM's fp16 path

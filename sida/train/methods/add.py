@@ -12,6 +12,7 @@ gamma R1 on the heads' inputs). ADD trains no fake score: the critic is the head
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from ...nets.heads import ADDHeads, add_heads_for
 from ..baseline_losses import (add_discriminator_objective, add_distill_loss, add_distill_weight,
                                add_generator_objective, hinge_discriminator_loss, hinge_generator_loss, r1_penalty)
-from .base import Method, Slot, Stats, disc_accuracy
+from .base import Method, Settings, Slot, Stats, disc_accuracy
 
 Net = Callable[..., torch.Tensor]
 
@@ -56,14 +57,25 @@ def add_real_logits_with_r1(features: Net, heads: Net, x0: torch.Tensor,
     return logits, r1_penalty(logits, feats)
 
 
+@dataclass(frozen=True)
+class ADDSettings(Settings):
+    add_features: dict
+    add_cmap_dim: int
+    add_distill_index_range: list[int]
+    add_weighting: str
+    lambda_distill: float
+    r1_gamma: float
+
+
 class ADD(Method):
     name = "add"
     generator_first = True
+    Settings = ADDSettings
 
     def build_head(self, seed: int, img_shape: tuple[int, int, int], label_dim: int, device: torch.device) -> None:
         """ADD's heads on a frozen feature network (`discriminator: add`): the teacher's encoder or
         DINOv2 (`add_features`)."""
-        nets, rc = self.nets, self.rc
+        nets, s = self.nets, self.settings
         if self.disc != "add":
             nets.head = None
             return
@@ -71,12 +83,12 @@ class ADD(Method):
             from ...nets.heads import TeacherFeatures
             from ...nets.vit import DINOv2Features, build_dinov2
 
-            spec = rc["add_features"]
+            spec = s.add_features
             nets.features = (TeacherFeatures(nets.teacher, spec["sigma"]) if spec["kind"] == "teacher_encoder" else
                              DINOv2Features(build_dinov2(spec["arch"], spec["weights"]), spec["layers"]))
             nets.features.to(device)
         if not isinstance(nets.head, ADDHeads):
-            nets.head = add_heads_for(nets.features, img_shape, label_dim, rc["add_cmap_dim"], seed, device)
+            nets.head = add_heads_for(nets.features, img_shape, label_dim, s.add_cmap_dim, seed, device)
 
     def critic_nets(self) -> list[torch.nn.Module]:
         return [] if self.nets.head is None else [self.nets.head]
@@ -90,25 +102,25 @@ class ADD(Method):
     def generator_loss(self, kind: str, slot: Slot, r: int) -> tuple[torch.Tensor, Stats]:
         """lambda_distill L_distill (+ the hinge adversarial term with heads) of the student's
         output on the noised real image; keeps the detached output in the slot for the heads."""
-        d, nets, rc, labels = self.draws, self.nets, self.rc, slot["labels"]
+        d, nets, s, labels = self.draws, self.nets, self.settings, slot["labels"]
         adv = nets.head is not None
         with d.autocast():
             x_hat = nets.G(slot["x_s"], slot["sigma_s"].flatten(), labels).float()
-            sigma_t = d.grid_sigma(*rc["add_distill_index_range"], r)
+            sigma_t = d.grid_sigma(*s.add_distill_index_range, r)
             l_dist = add_distill_term(nets.teacher, x_hat, sigma_t, d.randn(x_hat.shape, r), labels,
-                                      rc["add_weighting"])
+                                      s.add_weighting)
             l_adv = hinge_generator_loss(add_logits(nets.features, nets.head, x_hat, labels)) if adv else None
         slot["x_g"] = x_hat.detach()
         stats = {"loss_g_distill": l_dist.detach().mean(dim=(1, 2, 3)).sum() / d.total}
         if adv:
             stats["loss_g_adv"] = l_adv.detach().sum() / d.total
-        return add_generator_objective(l_adv, l_dist, d.total, rc["lambda_distill"]), stats
+        return add_generator_objective(l_adv, l_dist, d.total, s.lambda_distill), stats
 
     def critic_loss(self, slot: Slot, r: int) -> tuple[torch.Tensor, Stats]:
         """Hinge loss of the heads on real images vs the detached student outputs, + gamma R1 on
         the real images' head inputs (the frozen features)."""
         d, nets, x0, labels = self.draws, self.nets, slot["x0"], slot["labels"]
-        gamma = self.rc["r1_gamma"]
+        gamma = self.settings.r1_gamma
         x_hat = slot.get("x_g")
         if x_hat is None:  # an off-turn iteration: the student did not run
             with torch.no_grad(), d.autocast():

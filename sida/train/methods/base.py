@@ -3,6 +3,7 @@ helpers (`freeze`, `unfreeze`, `disc_accuracy`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -13,6 +14,16 @@ if TYPE_CHECKING:  # annotations only: the loop imports the methods, never the o
 
 Stats = dict[str, torch.Tensor]
 Slot = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A method's own settings (subclasses list them as fields), built once from the run config:
+    a method reads nothing else of it, as EDM2's loss class takes only its own arguments."""
+
+    @classmethod
+    def from_run(cls, rc: dict) -> "Settings":
+        return cls(**{f.name: rc[f.name] for f in fields(cls)})
 
 
 class Method:
@@ -31,12 +42,20 @@ class Method:
 
     name = ""
     generator_first = False
+    Settings: type[Settings] = Settings
 
-    def __init__(self, nets: "Nets", rc: dict, draws: "Draws", disc: str, sigma_data: float,
+    def __init__(self, nets: "Nets", draws: "Draws", settings: Settings, disc: str, sigma_data: float,
                  gen_sigmas: list[float]) -> None:
-        self.nets, self.rc, self.draws, self.disc = nets, rc, draws, disc
+        self.nets, self.draws, self.settings, self.disc = nets, draws, settings, disc
         self.sigma_data = sigma_data
         self.gen_sigmas = gen_sigmas
+
+    def generate(self, labels: torch.Tensor, r: int) -> torch.Tensor:
+        """x_g = G(sigma_init z, sigma_init) with slot r's noise z (the one-step convention;
+        sigma_init is the first generation sigma)."""
+        n, s = labels.shape[0], self.gen_sigmas[0]
+        z = self.draws.randn([n, *self.draws.img_shape], r)
+        return self.nets.G(s * z, torch.full([n], s, device=z.device), labels)
 
     def build_head(self, seed: int, img_shape: tuple[int, int, int], label_dim: int, device: torch.device) -> None:
         """Give `nets.head` the critic's extra network, if the method's discriminator has one

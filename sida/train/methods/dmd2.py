@@ -13,6 +13,7 @@ then the fake-score loss's grid index and noise and, with the head, the real and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -22,7 +23,7 @@ from ...nets.sampler import GRID_STEPS
 from ..baseline_losses import (dmd2_critic_objective, dmd2_generator_objective, dmd_generator_loss,
                                ns_discriminator_loss, ns_generator_loss)
 from ..losses import edm_denoising_loss
-from .base import Method, Slot, Stats, disc_accuracy
+from .base import Method, Settings, Slot, Stats, disc_accuracy
 
 Net = Callable[..., torch.Tensor]
 WHOLE_GRID = (0, GRID_STEPS - 1)
@@ -56,9 +57,17 @@ def dmd2_head_logits(fake: Net, head: Net, x: torch.Tensor, sigma: torch.Tensor,
     return head(rep)
 
 
+@dataclass(frozen=True)
+class DMD2Settings(Settings):
+    dm_index_range: list[int]
+    lambda_gan: float
+    lambda_cls: float
+
+
 class DMD2(Method):
     name = "dmd"
     generator_first = True
+    Settings = DMD2Settings
 
     def build_head(self, seed: int, img_shape: tuple[int, int, int], label_dim: int, device: torch.device) -> None:
         """DMD2's classifier head on the fake score's bottleneck (`dmd2_head` runs)."""
@@ -78,8 +87,8 @@ class DMD2(Method):
         d, nets, labels = self.draws, self.nets, slot["labels"]
         gan = kind == "dmd2"
         with d.autocast():
-            x_g = d.generate(labels, r).float()
-            sigma = d.grid_sigma(*self.rc["dm_index_range"], r)
+            x_g = self.generate(labels, r).float()
+            sigma = d.grid_sigma(*self.settings.dm_index_range, r)
             l_dm = dmd_term(nets.teacher, nets.fake, x_g, sigma, d.randn(x_g.shape, r), labels)
             l_gan = None
             if gan:
@@ -91,7 +100,7 @@ class DMD2(Method):
         stats = {"loss_g_dm": l_dm.detach().mean(dim=(1, 2, 3)).sum() / d.total}
         if gan:
             stats["loss_g_adv"] = l_gan.detach().sum() / d.total
-        return dmd2_generator_objective(l_dm, l_gan, d.total, self.rc["lambda_gan"]), stats
+        return dmd2_generator_objective(l_dm, l_gan, d.total, self.settings.lambda_gan), stats
 
     def critic_loss(self, slot: Slot, r: int) -> tuple[torch.Tensor, Stats]:
         """The fake score's denoising loss on the detached x_g at sigmas on the whole grid, plus,
@@ -100,7 +109,7 @@ class DMD2(Method):
         x_g = slot.get("x_g")
         if x_g is None:  # an off-turn iteration: the generator did not run
             with torch.no_grad(), d.autocast():
-                x_g = d.generate(labels, r).float()
+                x_g = self.generate(labels, r).float()
         sigma = d.grid_sigma(*WHOLE_GRID, r)
         with d.autocast():
             l_fake = dmd_denoising_term(nets.fake, x_g, sigma, d.randn(x_g.shape, r), labels, self.sigma_data)
@@ -118,4 +127,4 @@ class DMD2(Method):
         if l_cls is not None:
             stats["loss_d"] = l_cls.detach().sum() / d.total
             stats.update(disc_accuracy(logits_real, logits_fake, d.rounds))
-        return dmd2_critic_objective(l_fake, l_cls, d.total, self.rc["lambda_cls"]), stats
+        return dmd2_critic_objective(l_fake, l_cls, d.total, self.settings.lambda_cls), stats

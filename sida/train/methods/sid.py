@@ -12,12 +12,14 @@ starts from a SiD generator (`init_generator`). Samples holding a NaN are droppe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ...nets.guidance import guided
 from ...nets.sampler import sid_sigma_t
 from ..losses import sid_critic_objective, sid_critic_terms, sid_generator_objective, sid_generator_terms
-from .base import Method, Slot, Stats, disc_accuracy
+from .base import Method, Settings, Slot, Stats, disc_accuracy
 
 
 def fake_forward(fake: torch.nn.Module, x_fake: torch.Tensor, x_real: torch.Tensor | None,
@@ -53,46 +55,59 @@ def fake_forward(fake: torch.nn.Module, x_fake: torch.Tensor, x_real: torch.Tens
     return denoised, logits[:b], logits[b:]
 
 
+@dataclass(frozen=True)
+class SiDSettings(Settings):
+    alpha: float
+    lambda_sid: float
+    lambda_adv: float
+    lambda_d: float
+    P_mean: float
+    P_std: float
+    tmax: float
+    logvar: bool
+    guidance_fake_train: float
+    guidance_fake: float
+    guidance_teacher: float
+    empty_prompt_ratio: float
+    timestep_range: list[int] | None
+
+
 class SiD(Method):
     name = "sid"
+    Settings = SiDSettings
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        rc = self.rc
+        s = self.settings
         self.sida_disc = self.disc == "sida"  # SiDA's discriminator: the critic's logits on real images
-        self.logvar = bool(rc.get("logvar"))
-        # Text teachers (SiD-LSG): guidance scales kappa1 (fake score training), kappa2 (fake score)
-        # and kappa4 (teacher) in the generator loss; the empty prompt replaces a share of the fake
-        # score's prompts whenever the fake score is guided.
-        self.kappa_fake_train = rc["guidance_fake_train"]
-        self.kappa_fake, self.kappa_teacher = rc["guidance_fake"], rc["guidance_teacher"]
-        guided_fake = self.kappa_fake_train != 1 or self.kappa_fake != 1
-        self.empty_ratio = rc["empty_prompt_ratio"] if guided_fake and self.draws.text else 0.0
+        # Text teachers (SiD-LSG): the empty prompt replaces a share of the fake score's prompts
+        # whenever the fake score is guided (kappa1 or kappa2 not 1).
+        guided_fake = s.guidance_fake_train != 1 or s.guidance_fake != 1
+        self.empty_ratio = s.empty_prompt_ratio if guided_fake and self.draws.text else 0.0
         # SiD-LSG's noise levels: sigma_k of integer timesteps in [lo, hi), fake score weighted 1/sigma^2.
-        self.timesteps = rc["timestep_range"]
-        self.weighting = "edm" if self.timesteps is None else "epsilon"
+        self.weighting = "edm" if s.timestep_range is None else "epsilon"
 
     def _critic_sigma(self, r: int) -> torch.Tensor:
-        d, rc = self.draws, self.rc
-        if self.timesteps is not None:
-            return d.timestep_sigma(self.nets.teacher.log_sigmas, *self.timesteps, r)
-        return (d.randn([d.micro, 1, 1, 1], r) * rc["P_std"] + rc["P_mean"]).exp()
+        d, s = self.draws, self.settings
+        if s.timestep_range is not None:
+            return d.timestep_sigma(self.nets.teacher.log_sigmas, *s.timestep_range, r)
+        return (d.randn([d.micro, 1, 1, 1], r) * s.P_std + s.P_mean).exp()
 
     def _generator_sigma(self, r: int) -> torch.Tensor:
-        d = self.draws
-        if self.timesteps is not None:
-            return d.timestep_sigma(self.nets.teacher.log_sigmas, *self.timesteps, r)
+        d, s = self.draws, self.settings
+        if s.timestep_range is not None:
+            return d.timestep_sigma(self.nets.teacher.log_sigmas, *s.timestep_range, r)
         t = d.rand([d.micro, 1, 1, 1], r)
-        return sid_sigma_t(t * self.rc["tmax"] / 1000)
+        return sid_sigma_t(t * s.tmax / 1000)
 
     def critic_loss(self, slot: Slot, r: int) -> tuple[torch.Tensor, Stats]:
         """Fake-score (+SiDA discriminator) loss on x_g.detach() at sigma ~ exp(N(P_mean, P_std))."""
-        d, rc, fake = self.draws, self.rc, self.nets.fake
+        d, s, fake = self.draws, self.settings, self.nets.fake
         real, labels = d.real(d.micro, r) if self.sida_disc else (None, d.labels(d.micro, r))
         if self.empty_ratio > 0:
             labels = d.drop_prompts(labels, fake.uncond, self.empty_ratio, r)
         with torch.no_grad(), d.autocast():
-            x_g = d.generate(labels, r)
+            x_g = self.generate(labels, r)
         # Generated and real images are augmented independently (the official loss calls the
         # pipe on each); both then get the same sigma and noise.
         x_g, aug_fake = d.augment(x_g.float(), r)
@@ -104,38 +119,38 @@ class SiD(Method):
         with d.autocast():
             denoised, logits_fake, logits_real = fake_forward(
                 fake, x_g + n, None if real is None else real + n, sigma.flatten(), labels, self.sida_disc,
-                augment_labels=None if aug_fake is None else (aug_fake, aug_real), guidance=self.kappa_fake_train)
-        logvar = fake.logvar(sigma) if self.logvar else None  # EDM2: u(sigma), a function of sigma only
+                augment_labels=None if aug_fake is None else (aug_fake, aug_real), guidance=s.guidance_fake_train)
+        logvar = fake.logvar(sigma) if s.logvar else None  # EDM2: u(sigma), a function of sigma only
         l_fake, l_d, keep = sid_critic_terms(denoised.float(), x_g, sigma, logits_fake, logits_real, self.sigma_data,
                                              logvar, self.weighting)
         stats = {"loss_fake": (l_fake.sum() / d.total).detach(), "dropped_fake": (~keep).sum()}
         if self.sida_disc:
             stats["loss_d"] = (l_d.sum() / d.total).detach()
             stats.update(disc_accuracy(logits_real, logits_fake, d.rounds))
-        return sid_critic_objective(l_fake, l_d, d.total, rc["lambda_d"]), stats
+        return sid_critic_objective(l_fake, l_d, d.total, s.lambda_d), stats
 
     def generator_loss(self, kind: str, slot: Slot, r: int) -> tuple[torch.Tensor, Stats]:
         """lambda_sid L_sid (`sid`) or 0.5 lambda_sid L_sid + 0.5 lambda_adv L_adv (`sida`) at
         x_t = x_g + sigma_t eps, through the frozen teacher and fake score."""
-        d, rc, nets = self.draws, self.rc, self.nets
+        d, s, nets = self.draws, self.settings, self.nets
         adversarial = kind == "sida"
         labels = d.labels(d.micro, r)
         with d.autocast():
-            x_g = d.generate(labels, r).float()
+            x_g = self.generate(labels, r).float()
             sigma_t = self._generator_sigma(r)
             x_t = x_g + sigma_t * d.randn(x_g.shape, r)
-            y_real = guided(nets.teacher, x_t, sigma_t.flatten(), labels, self.kappa_teacher)
+            y_real = guided(nets.teacher, x_t, sigma_t.flatten(), labels, s.guidance_teacher)
             if adversarial:
-                y_fake, logits = guided(nets.fake, x_t, sigma_t.flatten(), labels, self.kappa_fake, "encoder_decoder")
+                y_fake, logits = guided(nets.fake, x_t, sigma_t.flatten(), labels, s.guidance_fake, "encoder_decoder")
             else:
-                y_fake, logits = guided(nets.fake, x_t, sigma_t.flatten(), labels, self.kappa_fake), None
+                y_fake, logits = guided(nets.fake, x_t, sigma_t.flatten(), labels, s.guidance_fake), None
         logvar = None
-        if self.logvar:
+        if s.logvar:
             with torch.no_grad():  # the fake score is frozen here: a constant weight
                 logvar = nets.fake.logvar(sigma_t)
-        l_sid, l_adv, keep = sid_generator_terms(y_real.float(), y_fake.float(), x_g, rc["alpha"], logits, logvar)
+        l_sid, l_adv, keep = sid_generator_terms(y_real.float(), y_fake.float(), x_g, s.alpha, logits, logvar)
         stats = {"loss_g_sid": (l_sid.sum() / d.total).detach(), "dropped_g": (~keep).sum()}
         if adversarial:
             stats["loss_g_adv"] = (l_adv.sum() / d.total).detach()
-        loss = sid_generator_objective(l_sid, l_adv, rc["lambda_sid"], rc["lambda_adv"], d.total, adversarial)
+        loss = sid_generator_objective(l_sid, l_adv, s.lambda_sid, s.lambda_adv, d.total, adversarial)
         return loss, stats
