@@ -58,7 +58,8 @@ from bench.official import OfficialIteration
 from bench.step import MemoryDataset, build_teacher, run_config
 from bench.procs import gathered, launch, timed_together
 from sida.run.dist import init as dist_init, launched
-from sida.train.distill import DistillLoop, init_nets
+from sida.train.distill import DistillLoop
+from sida.train.nets import init_nets
 
 PRESETS = {
     "small32": dict(res=32, channels=3, model_channels=32, channel_mult="1,2,2", num_blocks=2, attn_res="16",

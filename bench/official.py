@@ -39,7 +39,7 @@ from sida.nets.blocks import UNetBlock
 from sida.nets.layers import Conv2d, GroupNorm, Linear
 from sida.nets.networks import SongUNet
 from sida.nets.sampler import sid_sigma_t
-from sida.train.distill import Nets
+from sida.train.nets import Nets
 
 # ---------------------------------------------------------------------------------------------
 # EDM's layer computation over our modules' parameters.

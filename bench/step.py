@@ -39,7 +39,8 @@ import torch
 from bench.procs import launch, timed_together
 from sida.train.methods import sid as sid_method
 from sida.run.dist import init as dist_init, launched
-from sida.train.distill import DistillLoop, init_nets
+from sida.train.distill import DistillLoop
+from sida.train.nets import init_nets
 from sida.train.draws import make_generators
 from sida.nets.precond import EDMPrecond
 

@@ -28,7 +28,8 @@ from sida.run.cli import run_stage, stage_parser
 from sida.run.config import discriminator_kind, load_config, run_config, run_method
 from sida.io.data import open_dataset
 from sida.io.latents import codec_from_config, decoder_from_config
-from sida.train.distill import DistillLoop, init_nets
+from sida.train.distill import DistillLoop
+from sida.train.nets import init_nets
 from sida.nets.heads import head_record
 from sida.errors import CheckpointError, ConfigError
 from sida.io.images import save_grid

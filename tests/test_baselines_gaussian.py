@@ -28,7 +28,8 @@ import sida.train.methods.add as add_mod
 import sida.train.methods.dmd2 as dmd2_mod
 from sida.nets.sampler import add_student_sigmas, karras_grid_sigma
 from sida.run import dist
-from sida.train.distill import DistillLoop, Nets
+from sida.train.distill import DistillLoop
+from sida.train.nets import Nets
 from sida.train.methods.dmd2 import dmd_term
 from sida.train.updates import set_lr
 from sida.train.baseline_losses import dmd_gradient

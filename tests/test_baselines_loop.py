@@ -91,7 +91,8 @@ def _loop(run: str, cfg_edit=None, seed: int = 0, **run_edit):
     from sida.io.data import open_dataset
     from sida.io.factory import network_from_config
     from sida.run import dist
-    from sida.train.distill import DistillLoop, init_nets
+    from sida.train.distill import DistillLoop
+    from sida.train.nets import init_nets
 
     cfg = _cfg()
     cfg["distill"]["runs"][run].update(run_edit)
@@ -256,7 +257,7 @@ def test_stage_records_generation_sigmas_and_head_and_a_later_run_keeps_the_head
     assert len(add_meta["gen_sigmas"]) == 4 and add_meta["sigma_init"] == pytest.approx(80.0)
     state = checkpoints.load_state(tmp_path / "dmd2" / "state.pt")
     assert state["head"]["class"] == "DMD2Head"
-    from sida.train.distill import init_nets
+    from sida.train.nets import init_nets
 
     nets = init_nets(checkpoints.load_network(teacher), None, state)
     for k, v in nets.head.state_dict().items():

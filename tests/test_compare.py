@@ -18,7 +18,8 @@ from bench.official import Draws, OfficialIteration, edm_forward
 from bench.step import MemoryDataset
 from sida.nets.precond import EDMPrecond
 from sida.run.dist import init as dist_init
-from sida.train.distill import DistillLoop, init_nets
+from sida.train.distill import DistillLoop
+from sida.train.nets import init_nets
 from sida.train.draws import make_generators
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -216,7 +216,8 @@ def test_distill_methods_run_unchanged_on_a_diffusers_teacher(run):
     from sida.io.data import open_dataset
     from sida.run import dist
     from sida.run.config import run_config, validate
-    from sida.train.distill import DistillLoop, init_nets
+    from sida.train.distill import DistillLoop
+    from sida.train.nets import init_nets
 
     cfg = tiny_config(batch=4)
     cfg["distill"]["runs"].update(baseline_runs(iters=(1, 1), batch=4))

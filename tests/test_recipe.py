@@ -24,7 +24,8 @@ from sida.nets.layers import Conv2d
 from sida.nets.precond import EDMPrecond
 from sida.run import dist
 from sida.run.config import load_config, run_config, validate
-from sida.train.distill import DistillLoop, init_nets
+from sida.train.distill import DistillLoop
+from sida.train.nets import init_nets
 from sida.train.updates import sync_gradients
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"

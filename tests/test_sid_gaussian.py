@@ -19,7 +19,8 @@ import torch
 
 import sida.train.losses as losses_mod
 from sida.run import dist
-from sida.train.distill import DistillLoop, Nets
+from sida.train.distill import DistillLoop
+from sida.train.nets import Nets
 
 S = 0.5  # data std
 SHAPE = (1, 4, 4)

@@ -32,11 +32,11 @@ from ..run.config import discriminator_kind, distill_defaults, generation_sigmas
 from ..run.dist import DistInfo
 from ..errors import CheckpointError, ConfigError
 from ..nets.edm2 import force_weight_norm_
-from ..nets.heads import head_from_record
 from .augment import AUGMENT_DIM, AugmentPipe
 from .draws import Draws, make_generators
 from .methods import method_class
 from .methods.base import Slot, Stats, freeze, unfreeze
+from .nets import Nets, prepare_networks
 from .updates import accumulation, ema_update, generator_turn, make_optimizer, set_lr, sync_gradients, warmup_lr
 
 
@@ -55,18 +55,6 @@ def build_phases(phases: list[dict]) -> list[Phase]:
         end += int(round(p["kimg"] * 1000))
         out.append(Phase(p["kind"], end))
     return out
-
-
-@dataclass
-class Nets:
-    """The networks of a distillation run. The teacher is frozen; G_ema is G's EMA."""
-
-    teacher: torch.nn.Module
-    G: torch.nn.Module
-    G_ema: torch.nn.Module
-    fake: torch.nn.Module
-    head: torch.nn.Module | None = None      # DMD2's classifier head or ADD's heads (trained by the critic)
-    features: torch.nn.Module | None = None  # ADD's frozen feature network (not trained, not stored)
 
 
 def init_timestep_sigma(teacher: torch.nn.Module, timestep: int) -> float:
@@ -93,27 +81,6 @@ def check_text_settings(rc: dict, teacher: torch.nn.Module) -> None:
     if rc["init_timestep"] is not None and rc["init_timestep"] >= teacher.log_sigmas.shape[0]:
         raise ConfigError(f"distill.init_timestep {rc['init_timestep']}: the scheduler has "
                           f"{teacher.log_sigmas.shape[0]} timesteps")
-
-
-def apply_precision(nets: "Nets", precision: str) -> None:
-    """Set every network's compute dtype for the run's `precision`, as the official code does.
-
-    fp16: EDM's `use_fp16` path in all networks (the UNet blocks in fp16, fp32 master weights,
-    embedding and output in fp32); G, G_ema and f_psi are marked use_fp16 like the official
-    ones (their network files then sample in fp16 on CUDA, as the authors' pickles do).
-    fp32 and bf16: the UNets take fp32 inputs (bf16 then comes from torch.autocast), even for a
-    teacher published with use_fp16 (the official code builds all three networks with --fp16).
-    Networks without EDM preconditioning (analytic test doubles) are left alone.
-    """
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    for name in ("teacher", "G", "G_ema", "fake"):
-        net = getattr(nets, name)
-        if not hasattr(net, "unet_dtype"):
-            continue
-        net.compute_dtype = dtype
-        if name != "teacher":
-            net.use_fp16 = precision == "fp16"
-            net.init_kwargs["use_fp16"] = net.use_fp16
 
 
 class DistillLoop:
@@ -162,40 +129,11 @@ class DistillLoop:
         # The official SiDA loop clips the fake score's gradients in every phase of a run that
         # trains the discriminator (warm-up and SiD stretch included); the SiD loop never clips.
         self.fake_clip = rc["fake_clip"] if self.disc == "sida" else None
-        apply_precision(nets, rc["precision"])
-        nets.teacher.eval().requires_grad_(False)
-        nets.G_ema.eval().requires_grad_(False)
-        if rc.get("channels_last"):
-            # NHWC weights make every convolution (and, from the first one on, every activation)
-            # channels-last: oneDNN's native layout, ~10% faster per iteration on the CPU at
-            # 32x32 (bench.step). Inputs stay NCHW: the first conv switches the layout.
-            for net in (nets.teacher, nets.G, nets.G_ema, nets.fake):
-                net.to(memory_format=torch.channels_last)
-        # EDM2 teachers (latent space): the fake score's uncertainty head weights the losses, and
-        # forced weight normalisation runs after every optimiser step (and here, at the start of the
-        # run: a resumed run then loads its saved weights over it, so resuming stays bit-exact).
-        self.force_wn = bool(rc.get("force_weight_norm"))
         if rc.get("logvar") and not getattr(nets.fake, "has_logvar", False):
             raise ConfigError("distill.logvar: true needs a teacher with an uncertainty head (EDM2Precond): "
                               "set it false for this teacher")
-        if self.force_wn:
-            self._post_step(nets.G)
-            self._post_step(nets.fake)
-        # Activation checkpointing of the generator's blocks in the generator step (a memory
-        # option for large networks on a GPU: the block forwards run twice).
-        if rc.get("checkpoint_generator"):
-            getattr(nets.G, "model", nets.G).checkpoint_blocks = True
-        if rc.get("compile"):
-            # torch.compile of the networks an iteration runs (G_ema only samples). In place, so
-            # state-dict keys stay as they are; static shapes: each call site (batch, return
-            # flag, grad mode) gets its own graph once, instead of a dynamic-shape recompile.
-            # The three share EDMPrecond.forward, whose compiled variants count against one
-            # recompile limit (8 by default): an iteration alone needs about 5.
-            from torch import _dynamo
-
-            _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
-            for net in (nets.teacher, nets.G, nets.fake):
-                net.compile(dynamic=False)
+        self.force_wn = bool(rc.get("force_weight_norm"))
+        prepare_networks(nets, rc)
         self.draws = Draws(self.gens, self.rounds, self.micro, self.device, dataset, self.img_shape, self.label_dim,
                            hasattr(ref, "uncond"), rc["precision"], augment)
         cls = method_class(self.method)
@@ -354,26 +292,3 @@ class DistillLoop:
         if self.opt_f is not None:
             self.opt_f.load_state_dict(state["opt_f"])
         self.nimg = int(state["nimg"])
-
-
-def init_nets(teacher: torch.nn.Module, dropout: float | None, init_state: dict | None = None,
-              init_generator: torch.nn.Module | None = None) -> Nets:
-    """The run's networks: G and f_psi from the teacher, or from a previous run's final state;
-    G (and its EMA) from another run's EMA generator for SiD2A. G, G_ema and f_psi get the run's
-    `dropout` (None: keep the rate they were built with), as the official code builds all of
-    them with --dropout; the teacher keeps its own (it never trains)."""
-    from ..io.checkpoints import network_from_record
-    from ..io.factory import clone_with_dropout
-
-    device = next(teacher.parameters()).device
-    if init_state is not None:
-        G, G_ema, fake = (network_from_record(init_state[k], "init state").to(device) for k in ("G", "G_ema", "fake"))
-    else:
-        G, G_ema, fake = teacher, teacher, teacher
-    if init_generator is not None:
-        G = G_ema = init_generator.to(device)
-    G, G_ema, fake = (clone_with_dropout(net, dropout) for net in (G, G_ema, fake))
-    # A run that starts from a DMD2 / ADD run's state keeps its discriminator head (the loop
-    # builds a fresh one when the state has none or one of another kind).
-    head = head_from_record(init_state["head"]).to(device) if init_state and "head" in init_state else None
-    return Nets(teacher=teacher, G=G.requires_grad_(True), G_ema=G_ema, fake=fake, head=head)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:  # annotations only: the loop imports the methods, never the other way round
-    from ..distill import Nets
+    from ..nets import Nets
     from ..draws import Draws
 
 Stats = dict[str, torch.Tensor]

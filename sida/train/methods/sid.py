@@ -24,27 +24,15 @@ from .base import Method, Settings, Slot, Stats, disc_accuracy
 
 def fake_forward(fake: torch.nn.Module, x_fake: torch.Tensor, x_real: torch.Tensor | None,
                  sigma: torch.Tensor, labels: torch.Tensor, sida_disc: bool,
-                 augment_labels: tuple[torch.Tensor, torch.Tensor | None] | None = None, guidance: float = 1.0):
+                 augment_labels: tuple[torch.Tensor, torch.Tensor | None] | None = None):
     """f_psi on noisy fakes (denoised + logits) and, for SiDA's discriminator, on noisy reals (logits).
 
     Both encoder passes run as one batched pass: the network decodes only the fake half
     (`decode_first`), so the real images cost an encoder pass and nothing more.
     `augment_labels`: (fake's, real's or None) augmentation labels, None when not augmenting.
-    `guidance` (text teachers, SiD-LSG's kappa1): the denoised fakes are guided; the
-    discriminator's logits stay those of the conditional pass.
     Returns (denoised_fake, logits_fake | None, logits_real | None).
     """
     aug_fake, aug_real = augment_labels if augment_labels is not None else (None, None)
-    if guidance != 1:
-        if aug_fake is not None:
-            raise ValueError("guided fake-score training takes no augmentation (diffusers UNets have no augment labels)")
-        denoised = guided(fake, x_fake, sigma, labels, guidance)
-        if not sida_disc:
-            return denoised, None, None
-        logits = fake(torch.cat([x_fake, x_real]), torch.cat([sigma, sigma]), torch.cat([labels, labels]),
-                      return_flag="encoder")
-        b = x_fake.shape[0]
-        return denoised, logits[:b], logits[b:]
     if not sida_disc:
         return fake(x_fake, sigma, labels, augment_labels=aug_fake), None, None
     b = x_fake.shape[0]
@@ -70,6 +58,19 @@ class SiDSettings(Settings):
     guidance_teacher: float
     empty_prompt_ratio: float
     timestep_range: list[int] | None
+
+
+def guided_fake_forward(fake: torch.nn.Module, x_fake: torch.Tensor, x_real: torch.Tensor | None,
+                        sigma: torch.Tensor, labels: torch.Tensor, sida_disc: bool, scale: float):
+    """`fake_forward` of a text fake score trained under guidance (SiD-LSG's kappa1): the denoised
+    fakes are guided; SiDA's logits are the conditional encoder's, real and fake in one pass."""
+    denoised = guided(fake, x_fake, sigma, labels, scale)
+    if not sida_disc:
+        return denoised, None, None
+    b = x_fake.shape[0]
+    logits = fake(torch.cat([x_fake, x_real]), torch.cat([sigma, sigma]), torch.cat([labels, labels]),
+                  return_flag="encoder")
+    return denoised, logits[:b], logits[b:]
 
 
 class SiD(Method):
@@ -116,10 +117,15 @@ class SiD(Method):
             real, aug_real = d.augment(real, r)
         sigma = self._critic_sigma(r)
         n = d.randn(x_g.shape, r) * sigma
+        x_real = None if real is None else real + n
         with d.autocast():
-            denoised, logits_fake, logits_real = fake_forward(
-                fake, x_g + n, None if real is None else real + n, sigma.flatten(), labels, self.sida_disc,
-                augment_labels=None if aug_fake is None else (aug_fake, aug_real), guidance=s.guidance_fake_train)
+            if s.guidance_fake_train != 1:
+                denoised, logits_fake, logits_real = guided_fake_forward(
+                    fake, x_g + n, x_real, sigma.flatten(), labels, self.sida_disc, s.guidance_fake_train)
+            else:
+                denoised, logits_fake, logits_real = fake_forward(
+                    fake, x_g + n, x_real, sigma.flatten(), labels, self.sida_disc,
+                    augment_labels=None if aug_fake is None else (aug_fake, aug_real))
         logvar = fake.logvar(sigma) if s.logvar else None  # EDM2: u(sigma), a function of sigma only
         l_fake, l_d, keep = sid_critic_terms(denoised.float(), x_g, sigma, logits_fake, logits_real, self.sigma_data,
                                              logvar, self.weighting)
