@@ -42,14 +42,11 @@ class _TextUNetAdapter(_UNetAdapter):
             raise ValueError(f"UNet2DConditionModel: {problem}")
         return UNet2DConditionModel(**config)
 
-    def _embed(self, x: torch.Tensor, noise_labels: torch.Tensor, context: Optional[torch.Tensor]):
-        u = self.unet
-        if u.config.center_input_sample:
-            x = 2 * x - 1.0
-        emb = u.time_embedding(u.time_proj(noise_labels.to(torch.float32)).to(x.dtype))
-        if u.time_embed_act is not None:
-            emb = u.time_embed_act(emb)
-        return x, emb, context.to(x.dtype)
+    def _condition(self, emb: torch.Tensor, context: Optional[torch.Tensor]):
+        """(embedding, context): no class embedding (refused by `_build`); the prompt embedding."""
+        if self.unet.time_embed_act is not None:
+            emb = self.unet.time_embed_act(emb)
+        return emb, context.to(emb.dtype)
 
 
 class DiffusersTextPrecond(_DiffusersPrecond):

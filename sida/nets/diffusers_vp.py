@@ -53,7 +53,7 @@ class _UNetAdapter(torch.nn.Module):
     (which returns only the output) so that the mid-block activations can be returned too.
 
     This class adapts a UNet2DModel (class labels multiplied into its class embedding); the text
-    adapter (`sida.nets.diffusers_text`) overrides `_build` and `_embed` and passes the prompt
+    adapter (`sida.nets.diffusers_text`) overrides `_build` and `_condition` and passes the prompt
     embedding as `context` to the blocks with cross-attention."""
 
     def __init__(self, config: Dict[str, Any]) -> None:
@@ -66,15 +66,20 @@ class _UNetAdapter(torch.nn.Module):
 
         return UNet2DModel(**config)
 
-    def _embed(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: Optional[torch.Tensor]):
-        """(the UNet's input, its time(+class) embedding, the cross-attention context or None)."""
+    def _embed(self, x: torch.Tensor, noise_labels: torch.Tensor, labels: Optional[torch.Tensor]):
+        """(the UNet's input, its embedding of time and labels, the cross-attention context or None)."""
         u = self.unet
         if u.config.center_input_sample:
             x = 2 * x - 1.0
         emb = u.time_embedding(u.time_proj(noise_labels.to(torch.float32)).to(x.dtype))
+        return (x, *self._condition(emb, labels))
+
+    def _condition(self, emb: torch.Tensor, class_labels: Optional[torch.Tensor]):
+        """(embedding, context): one-hot labels multiplied into the class embedding table; no context."""
+        u = self.unet
         if u.class_embedding is not None:
             emb = emb + (class_labels.to(u.class_embedding.weight.dtype) @ u.class_embedding.weight).to(emb.dtype)
-        return x, emb, None
+        return emb, None
 
     @staticmethod
     def _cross(block: torch.nn.Module, context: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
