@@ -232,12 +232,13 @@ def test_bad_text_pipelines_give_one_line(tmp_path, case, needle):
     assert "\n" not in str(exc.value)
 
 
-def test_hub_offline_names_the_layout_and_teacher_path(tmp_path, monkeypatch):
-    """teacher.hub through the fetch stage: an unreachable hub is one line naming the folder layout
-    and teacher.path (snapshot_download patched: no network is touched); a finished download in the
-    cache is used without asking the hub again."""
+def test_hub_download_and_offline_line(tmp_path, monkeypatch):
+    """teacher.hub through the fetch stage (snapshot_download patched: no network is touched): an
+    unreachable hub is one line naming the folder layout and teacher.path; a download lands in the
+    cache with only the listed parts; a finished download is used without asking the hub again."""
     import huggingface_hub
 
+    from sida.io.checkpoints import load_network
     from stages.fetch import fetch
 
     calls = []
@@ -245,6 +246,10 @@ def test_hub_offline_names_the_layout_and_teacher_path(tmp_path, monkeypatch):
     def offline(repo_id, **kwargs):
         calls.append((repo_id, kwargs))
         raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    def online(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(save_tiny_sd_pipeline(kwargs["local_dir"], vae=False))
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     cfg = {"experiment": "x", "fetch": {"cache_dir": str(tmp_path / "cache")},
@@ -255,6 +260,21 @@ def test_hub_offline_names_the_layout_and_teacher_path(tmp_path, monkeypatch):
     assert "\n" not in msg and "'org/tiny-sd' could not be downloaded (Failed to resolve" in msg
     assert "set teacher.path to a folder with unet/, text_encoder/, tokenizer/, scheduler/ and" in msg
     assert calls[0][0] == "org/tiny-sd" and "unet/diffusion_pytorch_model.safetensors" in calls[0][1]["allow_patterns"]
-    save_tiny_sd_pipeline(tmp_path / "cache" / "teacher", vae=False)
+    assert not any("fp16" in p or p.endswith(".bin") for p in calls[0][1]["allow_patterns"])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", online)
     fetch(cfg, tmp_path / "out")
-    assert len(calls) == 1 and (tmp_path / "out" / "teacher.pt").is_file()
+    assert calls[1][1]["local_dir"] == str(tmp_path / "cache" / "teacher")
+    net = load_network(tmp_path / "out" / "teacher.pt")
+    assert type(net).__name__ == "DiffusersTextPrecond" and net.uncond.abs().sum() > 0
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    fetch(cfg, tmp_path / "out")  # offline again: the cached folder is complete
+    assert len(calls) == 2
+
+
+def test_pixel_folders_are_pixel_kind(tmp_path):
+    from diffusers_assets import save_tiny_teacher
+    from sida.io.diffusers_teacher import check_folder
+
+    info = check_folder(save_tiny_teacher(tmp_path / "m"))
+    assert info.kind == "pixel" and info.text_encoder_dir is None and info.tokenizer_dir is None
+    assert info.vae_dir is None
