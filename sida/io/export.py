@@ -162,9 +162,9 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Any:
     check_finite(state, f"exported generator {folder}", "export it again from a finite network file")
     net = build_network(config["class"], config["kwargs"])
     net.load_state_dict(state, strict=True)
-    G = Generator(net.to(device).eval().requires_grad_(False), config)
+    net = net.to(device).eval().requires_grad_(False)
     if config["class"] == "DiffusersTextPrecond":
         from .export_text import load_text_generator
 
-        return load_text_generator(G, folder)
-    return G
+        return load_text_generator(net, config, folder)
+    return Generator(net, config)

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import AssetError
+from .export import Generator
 
 __all__ = ["export_text_parts", "text_readme", "TextGenerator", "load_text_generator"]
 
@@ -93,7 +94,8 @@ def text_readme(cfg: dict) -> list[str]:
                   "`scheduler/`; not a StableDiffusionPipeline (it has no VAE). One step by hand:", "",
                   "```python", f"x = {text['latent_scale']!r} * z  # z ~ N(0, I) [n, {c}, {h}, {w}]",
                   f"F = unet(x, {text['int_timestep']}, encoder_hidden_states=embeddings).sample",
-                  "images = scheduler.step(F, t, x).pred_original_sample  # after scheduler.set_timesteps(timesteps=[t])",
+                  f"images = scheduler.step(F, {text['int_timestep']}, x).pred_original_sample  "
+                  f"# after scheduler.set_timesteps(timesteps=[{text['int_timestep']}])",
                   "```", ""]
     lines += [f"The input is SiD-LSG's sqrt(1 - alpha_bar_t) z = sigma_init / sqrt(1 + sigma_init^2) z (a pipeline "
               f"multiplies `latents` by init_noise_sigma = 1); guidance_scale 1 disables classifier-free guidance "
@@ -101,21 +103,22 @@ def text_readme(cfg: dict) -> list[str]:
     return lines
 
 
-class TextGenerator:
+class TextGenerator(Generator):
     """A loaded text-to-image generator:
     ``G(z, prompts=None, cond=None, steps=1, generator=None, decode=True) -> images``.
 
     z ~ N(0, I) of shape [n, *img_shape] (latent shape for a latent model); the condition is the
     `prompts` (encoded by the exported text encoder) or precomputed `cond` embeddings [n, L, D]; with
     neither, the empty prompt. Images are float32 in [-1, 1], NCHW, decoded by the VAE when the
-    teacher had one (`decode=False`: the UNet's latents)."""
+    teacher had one (`decode=False`: the UNet's latents). `encoder` and `vae` are public."""
 
-    def __init__(self, base: Any, encoder: torch.nn.Module, vae: Optional[torch.nn.Module]) -> None:
-        self.base, self.encoder, self.vae = base, encoder, vae
-        self.net, self.config, self.img_shape, self.sigma_init = base.net, base.config, base.img_shape, base.sigma_init
+    def __init__(self, net: torch.nn.Module, config: dict, encoder: torch.nn.Module,
+                 vae: Optional[torch.nn.Module]) -> None:
+        super().__init__(net, config)
+        self.encoder, self.vae = encoder, vae
 
     def to(self, device: str | torch.device) -> "TextGenerator":
-        for m in (self.base, self.encoder, self.vae):
+        for m in (self.net, self.encoder, self.vae):
             if m is not None:
                 m.to(device)
         return self
@@ -127,15 +130,16 @@ class TextGenerator:
             raise ValueError("pass prompts or cond (their embeddings), not both")
         if prompts is not None:
             cond = self.encoder.encode(prompts)
-        x = self.base.sample(z, cond, steps, generator)
+        x = self.sample(z, cond, steps, generator)
         return self.vae.decode(x) if decode and self.vae is not None else x
 
 
-def load_text_generator(base: Any, folder: Path) -> TextGenerator:
-    """Wrap a loaded `Generator` of a text network with the folder's text encoder (and VAE)."""
+def load_text_generator(net: torch.nn.Module, config: dict, folder: Path) -> TextGenerator:
+    """The text generator of export folder `folder` around its loaded network (text encoder and
+    VAE from the folder, on the network's device)."""
     from .latent_vae import load_vae
     from .text_encoder import load_text_encoder
 
-    device = next(base.net.parameters()).device
+    device = next(net.parameters()).device
     vae = load_vae(folder, device) if (folder / "vae").is_dir() else None
-    return TextGenerator(base, load_text_encoder(folder, device), vae)
+    return TextGenerator(net, config, load_text_encoder(folder, device), vae)
