@@ -201,6 +201,7 @@ def _write(folder, rel, data):
     ("sdxl_class", "SDXL pipeline (StableDiffusionXLPipeline): not supported yet"),
     ("sdxl_unet", "addition_embed_type 'text_time' (an SDXL-style UNet): not supported yet (SDXL comes"),
     ("bare", "a bare UNet2DConditionModel: set teacher.path to its pipeline folder"),
+    ("blocks", "down_block_types SimpleCrossAttnDownBlock2D: only SD 1.x / 2.x blocks (CrossAttnDownBlock2D,"),
     ("flow", "scheduler 'FlowMatchEulerDiscreteScheduler'")])
 def test_bad_text_pipelines_give_one_line(tmp_path, case, needle):
     import re
@@ -211,6 +212,8 @@ def test_bad_text_pipelines_give_one_line(tmp_path, case, needle):
     unet = {"_class_name": "UNet2DConditionModel", "sample_size": 8, "cross_attention_dim": 32}
     if case == "sdxl_unet":
         unet["addition_embed_type"] = "text_time"
+    if case == "blocks":
+        unet["down_block_types"] = ["CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"]
     if case == "bare":
         _write(root, "config.json", unet)
     if case != "no_unet" and case != "bare":
@@ -278,3 +281,14 @@ def test_pixel_folders_are_pixel_kind(tmp_path):
     info = check_folder(save_tiny_teacher(tmp_path / "m"))
     assert info.kind == "pixel" and info.text_encoder_dir is None and info.tokenizer_dir is None
     assert info.vae_dir is None
+
+
+def test_network_refuses_sdxl_unets_and_other_widths():
+    from sd_assets import tiny_unet_config
+    from sida.nets.diffusers_text import DiffusersTextPrecond
+
+    cfg = dict(tiny_unet_config(4), addition_embed_type="text_time")
+    with pytest.raises(ValueError, match=r"\(SDXL comes with a later issue\)"):
+        DiffusersTextPrecond(cfg, [0.9, 0.5], cond_shape=(16, 32))
+    with pytest.raises(ValueError, match="width 64 must be the UNet's cross_attention_dim 32"):
+        DiffusersTextPrecond(tiny_unet_config(4), [0.9, 0.5], cond_shape=(16, 64))
