@@ -35,8 +35,8 @@ PIPELINE_FILES = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors"
 # What `teacher.hub` downloads: configs, tokenizer files and safetensors weights of the parts a teacher
 # needs (not fp16/non-EMA variants, safety checker or .bin duplicates).
 HUB_PATTERNS = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "unet/config.json",
-                "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
-                "text_encoder/config.json", "text_encoder/model.safetensors")
+                "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json", "text_encoder/model.safetensors")
 PIPELINE_LAYOUT = ("unet/, text_encoder/, tokenizer/, scheduler/ and, for a latent model, vae/, as "
                    "StableDiffusionPipeline.save_pretrained writes them")
 
@@ -101,7 +101,8 @@ def _text_parts(root: Path, unet_dir: Path, ucfg: dict) -> dict:
     if tcfg.get("hidden_size") != ucfg["cross_attention_dim"]:
         raise AssetError(f"diffusers teacher: the text encoder's hidden_size {tcfg.get('hidden_size')} "
                          f"({root / 'text_encoder'}) differs from the UNet's cross_attention_dim "
-                         f"{ucfg['cross_attention_dim']}: the text_encoder/ is not this UNet's; place the pipeline's own")
+                         f"{ucfg['cross_attention_dim']}: the text_encoder/ is not this UNet's; place the pipeline's "
+                         f"own")
     vae = root / "vae" if (root / "vae").is_dir() else None
     if vae is not None:
         vcfg = _read_json(vae / "config.json", "VAE config")

@@ -45,7 +45,7 @@ def _readme(cfg: dict) -> str:
             "Distilled with sida-pipeline (Score identity Distillation). Generation needs no experiment config:",
             "", "```python", "import torch, sida", "G = sida.load_generator('.')  # this folder",
             f"z = torch.randn(16, {c}, {h}, {w})",
-            ("images = G(z, prompts=['a photo of a dog'] * 16)  # or cond=prompt embeddings [16, L, D]" if cfg.get("text")
+            ("images = G(z, prompts=['a photo of a dog'] * 16)  # or cond=embeddings [16, L, D]" if cfg.get("text")
              else "images = G(z" + (f", labels=torch.arange(16) % {cfg['label_dim']})" if cfg["label_dim"] else ")"))
             + "  # float32 in [-1, 1], NCHW", "```", "",
             f"One step: images = D(sigma_init z; sigma_init) with sigma_init = {cfg['gen_sigmas'][0]:.6g} "

@@ -83,9 +83,11 @@ def text_readme(cfg: dict) -> list[str]:
     lines = ["", "## With diffusers alone", ""]
     call = (f"timesteps=[{text['int_timestep']}], latents={text['latent_scale']!r} * z, guidance_scale=1.0")
     if text["vae"]:
-        lines += ["This folder is a `diffusers.StableDiffusionPipeline` (DDPMScheduler, clip_sample off). One step:", "",
+        lines += ["This folder is a `diffusers.StableDiffusionPipeline` (DDPMScheduler, clip_sample off). One step:",
+                  "",
                   "```python", "import torch", "from diffusers import StableDiffusionPipeline",
                   "pipe = StableDiffusionPipeline.from_pretrained('.')  # this folder",
+                  "prompts = ['a photo of a dog', 'a red car']",
                   f"z = torch.randn(len(prompts), {c}, {h}, {w})",
                   f"images = pipe(prompts, num_inference_steps=1, {call}, output_type='pt').images  # in [0, 1]",
                   "```", ""]
@@ -99,7 +101,7 @@ def text_readme(cfg: dict) -> list[str]:
                   "```", ""]
     lines += [f"The input is SiD-LSG's sqrt(1 - alpha_bar_t) z = sigma_init / sqrt(1 + sigma_init^2) z (a pipeline "
               f"multiplies `latents` by init_noise_sigma = 1); guidance_scale 1 disables classifier-free guidance "
-              f"(the generator was distilled with it: no guidance at sampling time).{note}"]
+              f"(guidance acted during distillation; SiD-LSG samples without it).{note}"]
     return lines
 
 

@@ -75,7 +75,8 @@ class DiffusersTextPrecond(_DiffusersPrecond):
             raise ValueError(f"cond_shape {(L, D)}: the prompt embedding's width {D} must be the UNet's "
                              f"cross_attention_dim {width}")
         self._init_diffusers(unet_config, alphas_cumprod, prediction_type, img_resolution, img_channels, 0, use_fp16,
-                             dropout, cond_shape=[L, D], pipeline_dir=None if pipeline_dir is None else str(pipeline_dir))
+                             dropout, cond_shape=[L, D],
+                             pipeline_dir=None if pipeline_dir is None else str(pipeline_dir))
         self.cond_shape = (L, D)
         self.pipeline_dir = self.init_kwargs["pipeline_dir"]
         self.register_buffer("uncond", torch.zeros(1, L, D))
