@@ -25,7 +25,9 @@ class TextEncoder(torch.nn.Module):
         super().__init__()
         self.tokenizer = tokenizer
         self.model = model.eval().requires_grad_(False)
-        self.cond_shape = (int(tokenizer.model_max_length), int(model.config.hidden_size))
+        # A tokenizer saved without model_max_length reports a huge one: the model's positions bound it.
+        length = min(int(tokenizer.model_max_length), int(model.config.max_position_embeddings))
+        self.cond_shape = (length, int(model.config.hidden_size))
 
     def train(self, mode: bool = True) -> "TextEncoder":
         return super().train(False)  # frozen: never in training mode (no dropout)
