@@ -2,7 +2,7 @@
 from a tiny random SD pipeline (nothing downloaded) writes a folder that
 `StableDiffusionPipeline.from_pretrained` loads and that, called as the README says (one step at
 timestep 625, latents sqrt(1 - abar) z, no guidance), gives the images of `sida.load_generator`.
-A pipeline without a VAE exports its parts and a hand formula instead. About 20 s."""
+A pipeline without a VAE exports its parts and a hand formula instead. About 25 s."""
 
 from __future__ import annotations
 
