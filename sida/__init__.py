@@ -20,8 +20,9 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def load_generator(path, device="cpu"):
-    """A generator exported by `python -m stages.export`: ``G(z, labels=None, steps=1) -> images``
-    (see `sida.io.export`; needs torch and safetensors only, diffusers for diffusers UNets)."""
+    """A generator exported by `python -m stages.export`: ``G(z, labels=None, steps=1) -> images``,
+    for text-to-image generators ``G(z, prompts=[...])`` or ``G(z, cond=embeddings)`` (see
+    `sida.io.export`; needs torch and safetensors only, diffusers/transformers for diffusers UNets)."""
     from .io.export import load_generator as _load
 
     return _load(path, device)

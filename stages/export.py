@@ -5,7 +5,9 @@
 
 Writes DIR/generator.safetensors, DIR/generator.json (class, kwargs, generation sigmas, image
 shape, classes: generation needs no config), DIR/README.md and, for a generator distilled from a
-diffusers teacher, DIR/unet/ (a diffusers UNet2DModel folder); see `sida.io.export`. Load it with
+diffusers teacher, DIR/unet/ (a diffusers UNet2DModel folder), for one distilled from a text-to-image
+teacher the parts of a StableDiffusionPipeline (text encoder, tokenizer and VAE copied from the
+teacher's folder, --teacher or the one the network records); see `sida.io.export`. Load it with
 ``sida.load_generator(DIR)``. With --config the network is the run's final EMA generator
 (<results_dir>/<experiment>/<run>/network.pt) and DIR defaults to <experiment>/export/<run>.
 """
@@ -26,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--network", default=None, help="a generator's network.pt (default: the --run's)")
     parser.add_argument("--run", default=None, help="a distillation run of the --config")
     parser.add_argument("--out", default=None, help="output folder (default: <results_dir>/<experiment>/export/<run>)")
+    parser.add_argument("--teacher", default=None, help="a text generator's teacher pipeline folder, whose text "
+                        "encoder, tokenizer and VAE are exported with it (default: the folder the network records)")
     args = parser.parse_args(argv)
     if args.network is None or args.out is None:
         if args.run is None:
@@ -46,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not getattr(net, "sida_meta", {}).get("one_step"):
         raise ConfigError(f"stages.export: {args.network} is not a distilled generator (a teacher?): export the "
                           f"network.pt of a distillation run")
-    cfg = export_generator(net, args.out)
+    cfg = export_generator(net, args.out, teacher_dir=args.teacher)
     print(f"export: wrote {args.out} ({cfg['class']}, sigma_init {cfg['sigma_init']:.4g}); load it with "
           f"sida.load_generator({args.out!r})", file=sys.stderr, flush=True)
 

@@ -17,7 +17,9 @@ dataset, refstats, inception, sid_generator, vae, dinov2):
    (loaded once with diffusers, local files only), datasets are opened (checked) with the ``data:``
    settings; EDM2 teachers' latent scale/bias and loss P_mean/P_std go to the manifest; with
    ``teacher.source: diffusers`` the teacher is ``teacher.path`` (or the pipeline folder at
-   ``teacher.url``): a diffusers UNet2DModel + scheduler wrapped as an EDM denoiser;
+   ``teacher.url``, or the Hugging Face hub repository ``teacher.hub``, downloaded into
+   ``<cache_dir>/teacher``): a diffusers UNet2DModel + scheduler, or a Stable Diffusion 1.x / 2.x
+   text-to-image pipeline, wrapped as an EDM denoiser;
 4. write ``manifest.json`` (what came from where, with hashes) last.
 Outputs are staged in a temporary folder and moved into place only when every asset succeeded,
 so a failed run leaves the previous outputs (or none) and never half of a new set.
@@ -49,7 +51,8 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 def _import_network(path: Path) -> tuple[Any, dict]:
     """(our network, snapshot facts) from an EDM/EDM2/SiD pickle (no code executed), a file we
-    wrote, or a diffusers folder (a UNet2DModel and its scheduler, see sida.io.diffusers_teacher)."""
+    wrote, or a diffusers folder (a UNet2DModel and its scheduler, or a text-to-image pipeline; see
+    sida.io.diffusers_teacher)."""
     from sida.io.edm_pickle import load_edm_pickle_with_info, load_edm_state
 
     if path.is_dir():

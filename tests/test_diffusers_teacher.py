@@ -122,8 +122,8 @@ def _write(folder, rel, data):
 
 @pytest.mark.parametrize("case,needle", [
     ("missing", "does not exist"), ("no_config", "has no config.json"),
-    ("condition", "UNet2DConditionModel (a latent, text-conditioned model): not supported yet"),
-    ("euler", "scheduler 'EulerDiscreteScheduler'"), ("prediction", "prediction_type 'flow'"),
+    ("condition", "has no text_encoder/: place the pipeline's text_encoder/ there"),
+    ("flow", "scheduler 'FlowMatchEulerDiscreteScheduler'"), ("prediction", "prediction_type 'flow'"),
     ("no_scheduler", "scheduler_config.json is missing")])
 def test_bad_folders_give_one_line(tmp_path, case, needle):
     from sida.io.diffusers_teacher import check_folder
@@ -131,8 +131,8 @@ def test_bad_folders_give_one_line(tmp_path, case, needle):
     root = tmp_path / "m"
     unet, sched = {"_class_name": "UNet2DModel", "sample_size": 8}, {"_class_name": "DDPMScheduler"}
     if case == "condition":
-        unet["_class_name"] = "UNet2DConditionModel"
-    sched.update({"euler": {"_class_name": "EulerDiscreteScheduler"}, "prediction": {"prediction_type": "flow"}}
+        unet.update(_class_name="UNet2DConditionModel", cross_attention_dim=32)  # text parts missing
+    sched.update({"flow": {"_class_name": "FlowMatchEulerDiscreteScheduler"}, "prediction": {"prediction_type": "flow"}}
                  .get(case, {}))
     if case != "missing":
         root.mkdir()

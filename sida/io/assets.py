@@ -204,6 +204,10 @@ def resolve_asset(asset: dict, cache_dir: Path, timeout: float) -> tuple[Path, s
         if not p.exists():
             raise AssetError(f"asset '{name}' not available: {p} does not exist; {_hint(asset, cache)}")
         return p, None
+    if asset.get("hub"):  # teacher.hub: a diffusers pipeline from the Hugging Face hub
+        from .diffusers_teacher import download_hub_pipeline
+
+        return download_hub_pipeline(asset["hub"], cache_dir / name), None
     if asset.get("files"):  # a folder: the VAE, a diffusers teacher
         return _resolve_folder(asset, cache_dir, timeout), None
     if cache.is_file():

@@ -8,11 +8,14 @@
 - ``README.md``: how to load it;
 - for a generator distilled from a diffusers teacher (`DiffusersVPPrecond`), ``unet/``: a folder
   `diffusers.UNet2DModel.from_pretrained` loads, with the exact one-step formula in the README and
-  its numbers (timestep, c_in, c_skip, c_out at sigma_init) in ``generator.json``.
+  its numbers (timestep, c_in, c_skip, c_out at sigma_init) in ``generator.json``;
+- for one distilled from a text-to-image teacher (`DiffusersTextPrecond`), the diffusers parts of a
+  StableDiffusionPipeline (`sida.io.export_text`).
 
 `load_generator(path)` (also `sida.load_generator`) reads the first two back with torch and
 safetensors only (diffusers is imported when the network is a diffusers UNet): the result is
-``G(z, labels=None, steps=1) -> images`` in the data's range [-1, 1], NCHW float32.
+``G(z, labels=None, steps=1) -> images`` in the data's range [-1, 1], NCHW float32; for a text
+generator ``G(z, prompts=[...])`` or ``G(z, cond=embeddings)`` (`sida.io.export_text.TextGenerator`).
 """
 
 from __future__ import annotations
@@ -42,10 +45,15 @@ def _readme(cfg: dict) -> str:
             "Distilled with sida-pipeline (Score identity Distillation). Generation needs no experiment config:",
             "", "```python", "import torch, sida", "G = sida.load_generator('.')  # this folder",
             f"z = torch.randn(16, {c}, {h}, {w})",
-            "images = G(z" + (f", labels=torch.arange(16) % {cfg['label_dim']})" if cfg["label_dim"] else ")")
+            ("images = G(z, prompts=['a photo of a dog'] * 16)  # or cond=embeddings [16, L, D]" if cfg.get("text")
+             else "images = G(z" + (f", labels=torch.arange(16) % {cfg['label_dim']})" if cfg["label_dim"] else ")"))
             + "  # float32 in [-1, 1], NCHW", "```", "",
             f"One step: images = D(sigma_init z; sigma_init) with sigma_init = {cfg['gen_sigmas'][0]:.6g} "
             f"(generation sigmas, largest first: {', '.join(f'{s:.6g}' for s in cfg['gen_sigmas'])})."]
+    if cfg.get("text"):
+        from .export_text import text_readme
+
+        text += text_readme(cfg)
     one = cfg.get("diffusers_one_step")
     if one:
         text += ["", "## With diffusers alone", "", "`unet/` is a `diffusers.UNet2DModel`. One step, exactly:", "",
@@ -62,8 +70,10 @@ def _readme(cfg: dict) -> str:
     return "\n".join(text) + "\n"
 
 
-def export_generator(net: torch.nn.Module, out: str | Path, meta: Optional[dict] = None) -> dict:
-    """Write `net` (a generator loaded from a network file) into folder `out`; return its config."""
+def export_generator(net: torch.nn.Module, out: str | Path, meta: Optional[dict] = None,
+                     teacher_dir: Optional[str | Path] = None) -> dict:
+    """Write `net` (a generator loaded from a network file) into folder `out`; return its config.
+    `teacher_dir`: a text generator's teacher pipeline folder (default: the one the network records)."""
     from safetensors.torch import save_file
 
     from .atomic import atomic_write_json
@@ -83,6 +93,10 @@ def export_generator(net: torch.nn.Module, out: str | Path, meta: Optional[dict]
         net.model.unet.save_pretrained(out / "unet")
         cfg["diffusers_one_step"] = _one_step_numbers(net, gen_sigmas[0])
         atomic_write_json(out / "unet" / "sida_one_step.json", cfg["diffusers_one_step"])
+    elif type(net).__name__ == "DiffusersTextPrecond":
+        from .export_text import export_text_parts
+
+        cfg["text"] = export_text_parts(net, out, gen_sigmas[0], teacher_dir)
     (out / "README.md").write_text(_readme(cfg))
     atomic_write_json(out / CONFIG, cfg)  # last: its presence means the export is complete
     return cfg
@@ -113,16 +127,23 @@ class Generator:
         return labels.to(torch.float32).reshape(n, self.label_dim)
 
     @torch.no_grad()
-    def __call__(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None, steps: int = 1,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample(self, z: torch.Tensor, cond: Optional[torch.Tensor], steps: int = 1,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The network's output for noise z under `cond` as the network takes it (one-hot labels,
+        prompt embeddings, or None)."""
         from ..nets.sampler import few_step_generate, sampling_sigmas
 
         z = z.to(next(self.net.parameters()).device, torch.float32)
         sigmas: Sequence[float] = sampling_sigmas(self.gen_sigmas, steps)
-        return few_step_generate(self.net, z, sigmas, self._labels(labels, z.shape[0], z.device), generator=generator)
+        return few_step_generate(self.net, z, sigmas, cond, generator=generator)
+
+    def __call__(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None, steps: int = 1,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        device = next(self.net.parameters()).device
+        return self.sample(z, self._labels(labels, z.shape[0], device), steps, generator)
 
 
-def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Any:
     """The generator exported into folder `path` (or its generator.json / generator.safetensors)."""
     from safetensors.torch import load_file
 
@@ -141,4 +162,9 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
     check_finite(state, f"exported generator {folder}", "export it again from a finite network file")
     net = build_network(config["class"], config["kwargs"])
     net.load_state_dict(state, strict=True)
-    return Generator(net.to(device).eval().requires_grad_(False), config)
+    net = net.to(device).eval().requires_grad_(False)
+    if config["class"] == "DiffusersTextPrecond":
+        from .export_text import load_text_generator
+
+        return load_text_generator(net, config, folder)
+    return Generator(net, config)

@@ -150,7 +150,7 @@ class Plan:
         self.fetch_settings: dict = {}
         if teacher["source"] == "diffusers":
             self.fetch_outputs["teacher"] = f"{fetch_dir}/teacher.pt"
-            self.fetch_settings = {"diffusers_teacher": {k: teacher[k] for k in ("path", "url")}}
+            self.fetch_settings = {"diffusers_teacher": {k: teacher.get(k) for k in ("path", "url", "hub")}}
         if teacher["source"] == "train":
             self.teacher_pt = f"{self.exp}/teacher/network.pt"
         elif "teacher" in self.fetch_outputs:

@@ -1,0 +1,81 @@
+"""Tiny random Stable Diffusion pipelines made in the tests (nothing is downloaded): a
+UNet2DConditionModel with cross-attention, a CLIPTextModel with a CLIPTokenizer over a small
+byte-level vocabulary made here, a DDPMScheduler with SD's scaled-linear betas and, unless
+`vae=False` (a pixel-space text pipeline, the digits testbed), an AutoencoderKL (16x16 RGB images
+<-> 4x8x8 latents). Saved by `StableDiffusionPipeline.save_pretrained`, the layout of SD 1.5/2.1.
+
+    python -m tests.sd_assets FOLDER [PREDICTION_TYPE] [--no-vae]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+MAX_TOKENS = 16  # the tokenizer's model_max_length = the text encoder's positions (SD: 77)
+HIDDEN = 32  # the text encoder's width = the UNet's cross_attention_dim (SD 1.5: 768)
+
+
+def tiny_unet_config(channels: int) -> dict:
+    """Two levels, cross-attention in the first level and the mid block (SD's block types)."""
+    return dict(sample_size=8, in_channels=channels, out_channels=channels, layers_per_block=1,
+                block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=HIDDEN,
+                attention_head_dim=4, norm_num_groups=8)
+
+
+def _tiny_vocab() -> tuple[dict, list]:
+    """(vocab, merges) of a byte-level BPE like CLIP's: every byte's character alone and
+    word-final (with "</w>"), the two special tokens, and a few merges so that words are not only
+    single characters."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = sorted(ByteLevel.alphabet())
+    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("o", "g</w>")]
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(dict.fromkeys(tokens))}, merges
+
+
+def make_tiny_sd_pipeline(prediction_type: str = "epsilon", vae: bool = True, seed: int = 0):
+    """A `StableDiffusionPipeline` of tiny random parts (eval mode); the output layers' weights are
+    drawn with std 0.3 so that the prediction is not near zero (a test would pass trivially)."""
+    import diffusers
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(**tiny_unet_config(4 if vae else 1))
+    with torch.no_grad():
+        for p in unet.conv_out.parameters():
+            p.normal_(0, 0.3)
+    autoencoder = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2) if vae else None
+    tokenizer = CLIPTokenizer(*_tiny_vocab(), model_max_length=MAX_TOKENS)
+    text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=37,
+                                 num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                        beta_schedule="scaled_linear", prediction_type=prediction_type, steps_offset=1,
+                                        clip_sample=False)
+    pipe = diffusers.StableDiffusionPipeline(vae=autoencoder, text_encoder=CLIPTextModel(text_config).eval(),
+                                             tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
+                                             safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    return pipe
+
+
+def save_tiny_sd_pipeline(folder: str | Path, prediction_type: str = "epsilon", vae: bool = True,
+                          seed: int = 0) -> Path:
+    """Write a tiny SD pipeline (save_pretrained's layout, safetensors) into `folder`; return it."""
+    folder = Path(folder)
+    make_tiny_sd_pipeline(prediction_type, vae, seed).save_pretrained(folder)
+    return folder
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if a != "--no-vae"]
+    print(save_tiny_sd_pipeline(args[0], *(args[1:2] or ["epsilon"]), vae="--no-vae" not in sys.argv[1:]))
