@@ -196,11 +196,13 @@ def test_schema_text_kinds():
     cfg = validate({"experiment": "t2i", "data": {"kind": "prompts", "prompts": "prompts.txt", "label_dim": 0,
                                                   "embed_cache": 100}})
     assert cfg["data"]["kind"] == "prompts" and cfg["data"]["prompts"] == "prompts.txt"
-    cfg = validate({"experiment": "t2i", "data": {"kind": "captioned_images", "shards": "d/{0..1}.tar", "resolution": 64, "channels": 4,
-                                                  "image_resolution": 512, "label_dim": 0}})
+    cfg = validate({"experiment": "t2i", "data": {"kind": "captioned_images", "shards": "d/{0..1}.tar",
+                                                  "resolution": 64, "channels": 4, "image_resolution": 512,
+                                                  "label_dim": 0}})
     assert cfg["data"]["shards"] == "d/{0..1}.tar"
     # The new keys have no defaults: the data section of other kinds (a job setting, whose change
     # reruns the job) resolves exactly as before.
-    assert set(validate({"experiment": "x"})["data"]) == {"kind", "path", "resolution", "channels", "label_dim", "xflip"}
+    keys = {"kind", "path", "resolution", "channels", "label_dim", "xflip"}
+    assert set(validate({"experiment": "x"})["data"]) == keys
     with pytest.raises(ConfigError, match="data.kind"):
         validate({"experiment": "x", "data": {"kind": "laion"}})
