@@ -93,8 +93,8 @@ class CountingImages:
         return x
 
 
-def _open(source, cache_dir=None, encoder=None, encoder_id="identity", **kw) -> CaptionedImages:
-    return CaptionedImages(source, fake_encode, encoder or CountingImages(), encoder_id, resolution=4, channels=3,
+def _open(source, cache_dir=None, encoder=None, encoder_id="identity", encode=fake_encode, **kw) -> CaptionedImages:
+    return CaptionedImages(source, encode, encoder or CountingImages(), encoder_id, resolution=4, channels=3,
                            cache_dir=cache_dir, **kw)
 
 
@@ -116,7 +116,9 @@ def test_folder_and_shards_agree(tmp_path, capsys):
     folder = _open(FolderSource(write_folder(tmp_path / "imgs")), batch=1, progress_every=2)
     err = capsys.readouterr().err
     assert "encoded 2/3 images" in err and err.strip().endswith("encoded 3 images")
-    shards = _open(ShardSource(write_shards(tmp_path / "shards")))
+    text = CountingEncoder()
+    shards = _open(ShardSource(write_shards(tmp_path / "shards")), encode=text)
+    assert text.calls == []  # captions are encoded when first asked for
     expect_captions = [c.rstrip() for c in CAPTIONS.values()]
     for ds in (folder, shards):
         assert len(ds) == 3 and ds.label_dim == 0
@@ -125,6 +127,7 @@ def test_folder_and_shards_agree(tmp_path, capsys):
         assert ds.prompts([0, 1, 2]) == expect_captions
         assert torch.equal(cond, fake_encode(expect_captions).float())
         assert torch.equal(ds.labels([2, 2]), cond[[2, 2]])
+    assert text.calls == [expect_captions]  # once, whatever was drawn: kept per index
     with pytest.raises(DataError, match="index out of range"):
         folder.get_batch([3])
 
@@ -137,7 +140,10 @@ def test_opened_from_config_with_a_latent_encoder(tmp_path):
     ds = open_text_dataset(cfg, fake_encode, encode_images=pool, cache_dir=tmp_path / "cache", encoder_id="pool2")
     assert torch.equal(ds.get_batch([0, 1, 2])[0], pool(_expected()))
     assert (tmp_path / "cache" / CACHE_FILE).is_file()
-    cfg.update(channels=4)
+    cfg.update(channels=1, resolution=4, image_resolution=None)  # grey pixel teachers: images in L mode
+    grey = open_text_dataset(cfg, fake_encode).get_batch([2])[0]
+    assert torch.equal(grey, torch.full([1, 1, 4, 4], 77.0) / 127.5 - 1)
+    cfg.update(channels=4, resolution=2, image_resolution=4)
     with pytest.raises(DataError) as info:
         open_text_dataset(cfg, fake_encode, encode_images=pool, encoder_id="pool2")
     assert "into [3, 3, 2, 2], but data.channels and data.resolution need [3, 4, 2, 2]" in _one_line(info)
@@ -176,7 +182,7 @@ def test_cache_reused_and_rebuilt(tmp_path, kind):
         os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
         fresh = CountingImages()
         x1 = _open(make(), cache, fresh, encoder_id="vae-2").get_batch([2])[0]
-        assert fresh.calls == 1 and torch.equal(x1, torch.full([1, 3, 4, 4], 200 / 127.5 - 1))
+        assert fresh.calls == 1 and torch.equal(x1, torch.full([1, 3, 4, 4], 200.0) / 127.5 - 1)
     finally:
         IMAGES["flat.png"][:] = 77
 

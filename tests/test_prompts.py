@@ -4,7 +4,6 @@ PromptDataset's draws and embedding cache (a fake deterministic text encoder sta
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Sequence
 
 import pytest

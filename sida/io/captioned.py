@@ -32,7 +32,7 @@ import torch
 from ..errors import DataError, FileSystemError, describe_os_error, is_os_failure
 from .atomic import atomic_write
 from .npz import load_npz
-from .prompts import (DEFAULT_CACHE_LIMIT, EmbeddingCache, Encode, caption_of, index_list, jsonl_records,
+from .prompts import (DEFAULT_CACHE_LIMIT, Encode, TextConditioned, caption_of, index_list, jsonl_records,
                       read_text)
 
 CAPTIONS_FILE = "captions.jsonl"
@@ -152,7 +152,10 @@ def cache_key(files: list[Path], sizes: dict[str, int], encoder_id: str) -> str:
     """sha256 of the source files' absolute paths, sizes and mtimes, the sizes and the encoder."""
     stats = []
     for f in files:
-        st = f.stat()
+        try:
+            st = f.stat()
+        except OSError as exc:  # removed since it was listed
+            raise FileSystemError(describe_os_error(exc, f, "read")) from None
         stats.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
     blob = json.dumps({"files": stats, "sizes": sizes, "encoder": encoder_id}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -183,18 +186,15 @@ def _save_cache(path: Path, key: str, x: torch.Tensor, captions: list[str]) -> N
         np.savez(tmp, key=np.array(key), x=x.numpy(), captions=blob)
 
 
-class CaptionedImages:
+class CaptionedImages(TextConditioned):
     """Encoded images with their captions (see the module docstring); conditions are the encoded
     captions [n, L, D], kept per index like `sida.io.prompts.PromptDataset`'s."""
-
-    label_dim = 0  # conditions are embedding sequences, not class vectors
 
     def __init__(self, source: FolderSource | ShardSource, encode: Encode,
                  encode_images: Callable[[torch.Tensor], torch.Tensor] | None, encoder_id: str,
                  resolution: int, channels: int, image_resolution: int | None = None,
                  cache_dir: str | Path | None = None, cache_limit: int = DEFAULT_CACHE_LIMIT,
                  batch: int = 32, progress_every: int = 1000) -> None:
-        self.name = source.name
         self.resolution, self.channels = int(resolution), int(channels)
         self.image_resolution = int(image_resolution or resolution)
         self._encode_images = encode_images if encode_images is not None else (lambda x: x)
@@ -207,8 +207,8 @@ class CaptionedImages:
             loaded = self._encode_all(source)
             if path is not None:
                 _save_cache(path, key, *loaded)
-        self._x, self._captions = loaded
-        self._embed = EmbeddingCache(self._captions, encode, cache_limit)
+        self._x, captions = loaded
+        super().__init__(source.name, captions, encode, cache_limit)
 
     def _encode_all(self, source: FolderSource | ShardSource) -> tuple[torch.Tensor, list[str]]:
         mode = "L" if self.channels == 1 else "RGB"  # 4 (latent) channels come from RGB images
@@ -242,17 +242,6 @@ class CaptionedImages:
                             f"{self.image_resolution} into {list(z.shape)}, but data.channels and data.resolution "
                             f"need {want}: fix data.channels / data.resolution / data.image_resolution")
         return z.detach().to(torch.float32).cpu()
-
-    def __len__(self) -> int:
-        return len(self._captions)
-
-    def prompts(self, indices: Any) -> list[str]:
-        """The captions at `indices`."""
-        return [self._captions[i] for i in index_list(indices, len(self), self.name)]
-
-    def labels(self, indices: Any) -> torch.Tensor:
-        """The encoded captions at `indices`, float32 [n, L, D]."""
-        return self._embed(index_list(indices, len(self), self.name))
 
     def get_batch(self, indices: Any, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(encoded images float32 [n, C, H, W], encoded captions [n, L, D]); nothing is random."""

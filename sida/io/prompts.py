@@ -152,33 +152,41 @@ class EmbeddingCache:
         return self._table[torch.as_tensor(indices, dtype=torch.int64, device=self._table.device)]
 
 
-class PromptDataset:
-    """The dataset of a data-free text run: prompts drawn by index, conditions their embeddings.
+class TextConditioned:
+    """What the text datasets share: texts by index, their embeddings as the conditions.
 
     The loop draws indices from its slot generators (`sida.train.draws`); nothing here draws, so a
-    resumed run replays its prompts. There are no images: `get_batch` says which kind has them.
+    resumed run replays its prompts.
     """
 
-    label_dim = 0  # conditions are embedding sequences, not class vectors
+    label_dim = 0  # conditions are embedding sequences [n, L, D], not class vectors
+
+    def __init__(self, name: str, texts: Sequence[str], encode: Encode, cache_limit: int) -> None:
+        self.name = name
+        self._texts = list(texts)
+        self._embed = EmbeddingCache(self._texts, encode, cache_limit)
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def prompts(self, indices: Any) -> list[str]:
+        """The prompts (captions) at `indices`."""
+        return [self._texts[i] for i in index_list(indices, len(self), self.name)]
+
+    def labels(self, indices: Any) -> torch.Tensor:
+        """The encoded prompts at `indices`, float32 [n, L, D]."""
+        return self._embed(index_list(indices, len(self), self.name))
+
+
+class PromptDataset(TextConditioned):
+    """The dataset of a data-free text run: prompts drawn by index, conditions their embeddings.
+    There are no images: `get_batch` says which kind has them."""
 
     def __init__(self, prompts: Sequence[str], encode: Encode, cache_limit: int = DEFAULT_CACHE_LIMIT,
                  name: str = "prompts") -> None:
         if not prompts:
             raise DataError(f"{name} holds no prompt: give data.prompts a file with at least one")
-        self.name = name
-        self._prompts = list(prompts)
-        self._embed = EmbeddingCache(self._prompts, encode, cache_limit)
-
-    def __len__(self) -> int:
-        return len(self._prompts)
-
-    def prompts(self, indices: Any) -> list[str]:
-        """The prompts at `indices`."""
-        return [self._prompts[i] for i in index_list(indices, len(self), self.name)]
-
-    def labels(self, indices: Any) -> torch.Tensor:
-        """The encoded prompts at `indices`, float32 [n, L, D]."""
-        return self._embed(index_list(indices, len(self), self.name))
+        super().__init__(name, prompts, encode, cache_limit)
 
     def get_batch(self, indices: Any, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise DataError(f"{self.name} is a prompt set without images, but this run's phases need real images "
