@@ -95,6 +95,15 @@ def test_prompt_prefix_and_truncation(scorer):
     assert long.shape == (77,) and long[-1] == EOT  # truncated, the end token kept (as GigaGAN's)
 
 
+def test_safetensors_weights_score_alike(scorer, weights, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in torch.load(weights).items()}, tmp_path / "tiny.safetensors")
+    images = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    other = ClipScorer(TINY, tmp_path / "tiny.safetensors")
+    assert torch.equal(other.score(images, ["a", "b"]), scorer.score(images, ["a", "b"]))
+
+
 def test_bad_inputs_one_line(scorer, weights, tmp_path):
     with pytest.raises(AssetError, match="does not exist: run the fetch stage \\(an asset of kind clip named 'clip'"):
         ClipScorer(TINY, tmp_path / "missing.bin")
@@ -102,6 +111,12 @@ def test_bad_inputs_one_line(scorer, weights, tmp_path):
     with pytest.raises(AssetError, match="cannot be loaded into") as exc:
         ClipScorer(TINY, tmp_path / "torn.bin", asset="clip-vitg14")
     assert "\n" not in str(exc.value) and "clip-vitg14" in str(exc.value)
+    torch.save({"other.weight": torch.zeros(2)}, tmp_path / "other.bin")  # readable, another model's
+    with pytest.raises(AssetError, match="other.bin cannot be loaded into sida-tiny-clip \\(Error"):
+        ClipScorer(TINY, tmp_path / "other.bin")
+    (tmp_path / "torn.safetensors").write_bytes(b"\xff" * 8 + b"{")
+    with pytest.raises(AssetError, match="not a safetensors file"):
+        ClipScorer(TINY, tmp_path / "torn.safetensors")
     with pytest.raises(ConfigError, match="has no model 'ViT-nope'"):
         ClipScorer("ViT-nope", weights)
     with pytest.raises(DataError, match="one prompt per image: 2 images, 1 prompts"):

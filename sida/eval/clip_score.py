@@ -17,6 +17,7 @@ for SD-class models at 256 px).
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,19 @@ def to_uint8_images(images: torch.Tensor) -> torch.Tensor:
     return quantize(images)
 
 
+def _weights_format_problem(path: Path) -> str | None:
+    """Why `path` cannot be a weights file, from its first and last bytes (a torn download, an
+    HTML error page saved under the file's name), or None: torch.save's zip archive (its
+    directory sits at the end) or safetensors (a length-prefixed JSON header)."""
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            ok = 0 < n <= path.stat().st_size - 8 and f.read(1) == b"{"
+        return None if ok else "not a safetensors file"
+    return None if zipfile.is_zipfile(path) else "not a torch.save zip archive: torn or not a weights file"
+
+
 class ClipScorer(torch.nn.Module):
     """Per-sample CLIP score (raw cosine) of images against their prompts.
 
@@ -70,6 +84,9 @@ class ClipScorer(torch.nn.Module):
         if open_clip.get_model_config(model_name) is None:
             raise ConfigError(f"evaluate.clip.model: open_clip has no model '{model_name}' (e.g. ViT-g-14, "
                               f"ViT-B-32; see open_clip.list_models())")
+        problem = _weights_format_problem(path)
+        if problem:  # before building the model: ViT-g-14 alone takes a minute on a CPU
+            raise AssetError(f"CLIP weights {path} cannot be loaded into {model_name} ({problem}): {fix}")
         # No `pretrained` tag: open_clip would download; the weights come from our local file.
         model = open_clip.create_model(model_name, pretrained=None, pretrained_text=False)
         try:
