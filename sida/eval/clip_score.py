@@ -11,8 +11,8 @@ SiD-LSG's ``evaluate_SiD_t2i_coco256.sh`` and DMD2's ``main/coco_eval`` run with
 of the shorter side to the model's input size, centre crop, ImageNet-CLIP mean/std); each prompt
 is prefixed with "A photo depicts " (Hessel et al. 2021, arXiv:2104.08718) and tokenised with
 CLIP's BPE (77 tokens, truncated with the end token kept); the score of a sample is the raw
-cosine of the two embeddings, and the reported number is its mean over the samples (0.30-0.34
-for SD-class models at 256 px).
+cosine of the two embeddings, and the reported number is its mean over the samples (about 0.3
+for Stable Diffusion 1.5 and its one-step students).
 """
 
 from __future__ import annotations
