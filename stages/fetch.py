@@ -3,7 +3,7 @@
     python -m stages.fetch --config FILE [--out DIR] [--set key=value ...]
 
 For each entry of ``fetch.assets`` (``{name, kind, url, path, sha256}``, kind one of teacher,
-dataset, refstats, inception, sid_generator, vae, dinov2):
+dataset, refstats, inception, sid_generator, vae, dinov2, captions, clip, images):
 1. resolve it (`sida.io.assets`): ``path`` (a local file or folder) wins over ``url``; else a
    cached copy in ``fetch.cache_dir`` (checked against sha256 when given); else download it with
    urllib, resuming an interrupted download from ``<cache_dir>/<name>.part`` via an HTTP Range request;
@@ -15,7 +15,9 @@ dataset, refstats, inception, sid_generator, vae, dinov2):
    at ``inception-2015-12-05.pt``, DINOv2 weights at ``dinov2_<arch>.pth``, the VAE folder (kind
    ``vae``: ``url`` is the folder's base URL and ``files`` maps each file to its sha256) at ``vae/``
    (loaded once with diffusers, local files only), datasets are opened (checked) with the ``data:``
-   settings; EDM2 teachers' latent scale/bias and loss P_mean/P_std go to the manifest; with
+   settings; a captions file (checked to read as prompts) and CLIP weights are placed at
+   ``<name><suffix>``, reference images (a folder or zip) are counted and used where they are;
+   EDM2 teachers' latent scale/bias and loss P_mean/P_std go to the manifest; with
    ``teacher.source: diffusers`` the teacher is ``teacher.path`` (or the pipeline folder at
    ``teacher.url``, or the Hugging Face hub repository ``teacher.hub``, downloaded into
    ``<cache_dir>/teacher``): a diffusers UNet2DModel + scheduler, or a Stable Diffusion 1.x / 2.x
@@ -169,6 +171,22 @@ def convert_asset(asset: dict, path: Path, digest: str | None, stage: Path, cfg:
         dinov2_timm_state(sd, str(path))  # the layout check; the extractor converts on load
         _link_or_copy(path, stage / out)
         entry.update(output=out, arch=arch)
+    elif kind in ("captions", "clip"):
+        # Evaluation finds them by asset name beside the other fetched assets (sida.eval.zero_shot);
+        # the suffix stays: it tells a captions file's format.
+        if path.is_dir():
+            raise AssetError(f"asset '{name}': {path} is a folder, expected the {kind} file")
+        if kind == "captions":
+            from sida.eval.coco import read_captions
+
+            entry["captions"] = len(read_captions(path, name))
+        out = f"{name}{path.suffix}"
+        _link_or_copy(path, stage / out)
+        entry.update(output=out)
+    elif kind == "images":  # COCO's 40,504 images stay where they are; the manifest records where
+        from sida.eval.coco import list_reference_images
+
+        entry.update(images=len(list_reference_images(path)))
     elif kind == "dataset":
         from sida.io.data import open_dataset
         from sida.io.latents import codec_from_config

@@ -27,7 +27,9 @@ from ..errors import AssetError, ConfigError
 
 __all__ = ["ASSET_KINDS", "log", "sha256_file", "check_assets", "download", "resolve_asset", "verify_asset"]
 
-ASSET_KINDS = ("teacher", "dataset", "refstats", "inception", "sid_generator", "vae", "dinov2")
+# captions, clip and images serve the zero-shot text-to-image evaluation (sida.eval.coco, .clip_score).
+ASSET_KINDS = ("teacher", "dataset", "refstats", "inception", "sid_generator", "vae", "dinov2", "captions", "clip",
+               "images")
 CHUNK = 1 << 20
 PROGRESS_EVERY_S = 2.0
 
@@ -76,6 +78,8 @@ def check_assets(fetch_cfg: dict) -> list[dict]:
             raise ConfigError(f"{where} ('{name}') needs a url or a path")
         if kind == "sid_generator" and name == "teacher":  # its output would overwrite teacher.pt
             raise ConfigError(f"{where}.name: a sid_generator cannot be called 'teacher'")
+        if kind in ("captions", "clip") and name == "manifest":  # its output <name><suffix> could be manifest.json
+            raise ConfigError(f"{where}.name: a {kind} asset cannot be called 'manifest'")
         sha = a.get("sha256")
         if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
             raise ConfigError(f"{where}.sha256 must be 64 hex digits")
