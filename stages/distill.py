@@ -30,6 +30,7 @@ from sida.io.data import open_dataset
 from sida.io.latents import codec_from_config, decoder_from_config
 from sida.train.distill import DistillLoop
 from sida.train.nets import init_nets
+from sida.io.text_run import is_text_network, open_run_text_dataset
 from sida.nets.heads import head_record
 from sida.errors import CheckpointError, ConfigError
 from sida.io.images import save_grid
@@ -156,9 +157,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Real images for a discriminator and for ADD's student; class labels (drawn from dataset
     # samples, as the official loop does) for every class-conditional run; data-free latent runs
     # read only the labels.
-    needs_data = (discriminator_kind(rc["discriminator"]) != "none" or run_method(rc["phases"]) == "add"
-                  or cfg["data"]["label_dim"] > 0)
-    dataset = open_dataset(cfg["data"], codec_from_config(cfg)) if needs_data else None
+    # Text teachers: prompt embeddings from a prompt set, or captioned images in the teacher's space.
+    if is_text_network(teacher):
+        dataset = open_run_text_dataset(cfg["data"], teacher, info.device,
+                                        Path(cfg["results_dir"]) / cfg["experiment"] / "data_cache")
+    else:
+        needs_data = (discriminator_kind(rc["discriminator"]) != "none" or run_method(rc["phases"]) == "add"
+                      or cfg["data"]["label_dim"] > 0)
+        dataset = open_dataset(cfg["data"], codec_from_config(cfg)) if needs_data else None
     decoder = decoder_from_config(cfg, info.device)  # latent-space runs: samples.png shows decoded images
     loop = DistillLoop(rc, nets, dataset, info, sigma_data=getattr(teacher, "sigma_data", 0.5), seed=ctx.seed)
     rc = loop.rc  # with what the loop resolves from the teacher (sigma_init of an init_timestep)

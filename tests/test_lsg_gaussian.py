@@ -41,6 +41,9 @@ class _TextToy(torch.nn.Module):
         super().__init__()
         self.register_buffer("uncond", torch.zeros(1, 1, 1))  # the empty prompt's "embedding"
 
+    def condition(self, cond: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+        return self.uncond.expand(n, 1, 1) if cond is None else cond
+
 
 class TextGaussDenoiser(_TextToy):
     """Exact denoiser of N(m_u + c (m_c - m_u), S^2 I); the means learnable (fake) or fixed (teacher)."""
