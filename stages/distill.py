@@ -30,7 +30,8 @@ from sida.io.data import open_dataset
 from sida.io.latents import codec_from_config, decoder_from_config
 from sida.train.distill import DistillLoop
 from sida.train.nets import init_nets
-from sida.io.text_run import is_text_network, open_run_text_dataset
+from sida.io.text_run import is_text_network, open_run_text_dataset, vae_of
+from sida.eval.prompting import evaluation_view, grid_prompts
 from sida.nets.heads import head_record
 from sida.errors import CheckpointError, ConfigError
 from sida.io.images import save_grid
@@ -60,8 +61,9 @@ class BestKeeper:
     an evaluation resumes from the checkpoint before it and evaluates again, exactly as the
     uninterrupted run did."""
 
-    def __init__(self, monitor: TrainingMonitor, ctx, nets, sigma_init: float) -> None:
+    def __init__(self, monitor: TrainingMonitor, ctx, nets, sigma_init: float, text=None) -> None:
         self.monitor, self.ctx, self.nets, self.sigma_init = monitor, ctx, nets, sigma_init
+        self.text = text  # a text run's (class prompts, decode): labels become prompts, latents images
         self.record: dict = {}
         self.best: dict[str, torch.Tensor] | None = None  # G_ema's state dict at its best (main process)
 
@@ -85,8 +87,15 @@ class BestKeeper:
         # constructors draw from torch's global RNG), and only some processes make that call
         # first (a resumed one), so a draw here would split resumed runs from uninterrupted ones.
         device = torch.device(self.ctx.info.device)
+        def generate(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            if self.text is None:
+                return one_step_generate(G, z, labels, sigma_init=self.sigma_init)
+            prompts, decode = self.text
+            x = one_step_generate(G, z, prompts(labels), sigma_init=self.sigma_init)
+            return x if decode is None else decode(x)
+
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            value = self.monitor(lambda z, labels: one_step_generate(G, z, labels, sigma_init=self.sigma_init))
+            value = self.monitor(generate)
         key, v = self.monitor.key, value[self.monitor.key]
         best = self.record.get("best")
         self.record["last_nimg"] = nimg
@@ -165,12 +174,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         needs_data = (discriminator_kind(rc["discriminator"]) != "none" or run_method(rc["phases"]) == "add"
                       or cfg["data"]["label_dim"] > 0)
         dataset = open_dataset(cfg["data"], codec_from_config(cfg)) if needs_data else None
-    decoder = decoder_from_config(cfg, info.device)  # latent-space runs: samples.png shows decoded images
+    # Latent-space runs: samples.png shows decoded images; text runs: one prompt per grid row.
+    if is_text_network(teacher):
+        vae = vae_of(teacher, info.device)
+        decode = None if vae is None else vae.decode
+        text = (grid_prompts(cfg, teacher, dataset, info.device), decode)
+    else:
+        decoder = decoder_from_config(cfg, info.device)
+        decode, text = decoder and decoder.unit, None
     loop = DistillLoop(rc, nets, dataset, info, sigma_data=getattr(teacher, "sigma_data", 0.5), seed=ctx.seed)
     rc = loop.rc  # with what the loop resolves from the teacher (sigma_init of an init_timestep)
     loop.features_sha256 = features_sha
     ckpt = Checkpointer(ctx.work, info, ctx.cfg_hash, f"distill/{args.run}")
-    keeper = BestKeeper(TrainingMonitor(cfg, info.device, info), ctx, nets, rc["sigma_init"])
+    noise = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
+    keeper = BestKeeper(TrainingMonitor(evaluation_view(cfg), info.device, info, noise), ctx, nets, rc["sigma_init"],
+                        text)
     ckpt.track("best", keeper)
     if ckpt.load_if_any(loop):
         ctx.log(f"{args.run}: resuming from {ckpt.path} at {loop.nimg / 1000:.2f} kimg")
@@ -183,8 +201,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def snapshot() -> None:
         if info.is_main:
-            save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"],
-                                   decode=decoder and decoder.unit), ctx.work / "samples.png", grid)
+            save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"], decode=decode,
+                                   prompts=text and text[0]), ctx.work / "samples.png", grid)
 
     def on_tick(row: dict) -> None:
         with timings("evaluation"):
@@ -208,8 +226,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             if nets.head is not None:
                 final["head"] = head_record(nets.head)
             checkpoints.save_state(ctx.out / "state.pt", final)
-            save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"],
-                                   decode=decoder and decoder.unit), ctx.out / "samples.png", grid)
+            save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"], decode=decode,
+                                   prompts=text and text[0]), ctx.out / "samples.png", grid)
             best = keeper.best_network()
             if best is not None:
                 # The papers report their lowest-FID snapshot: network.pt is the best generator the

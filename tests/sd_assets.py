@@ -37,9 +37,11 @@ def _tiny_vocab() -> tuple[dict, list]:
     return {t: i for i, t in enumerate(dict.fromkeys(tokens))}, merges
 
 
-def make_tiny_sd_pipeline(prediction_type: str = "epsilon", vae: bool = True, seed: int = 0):
+def make_tiny_sd_pipeline(prediction_type: str = "epsilon", vae: bool = True, seed: int = 0, digits: bool = False):
     """A `StableDiffusionPipeline` of tiny random parts (eval mode); the output layers' weights are
-    drawn with std 0.3 so that the prediction is not near zero (a test would pass trivially)."""
+    drawn with std 0.3 so that the prediction is not near zero (a test would pass trivially).
+    `digits`: a VAE of one level that encodes 8x8 RGB images to 4x8x8 latents and decodes them to
+    8x8 grey images, the digits classifier's input (the end-to-end DAG scores its samples)."""
     import diffusers
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -49,10 +51,11 @@ def make_tiny_sd_pipeline(prediction_type: str = "epsilon", vae: bool = True, se
     with torch.no_grad():
         for p in unet.conv_out.parameters():
             p.normal_(0, 0.3)
+    levels = 1 if digits else 2
     autoencoder = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        norm_num_groups=4, sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2) if vae else None
+        in_channels=3, out_channels=1 if digits else 3, latent_channels=4, block_out_channels=(8, 16)[:levels],
+        layers_per_block=1, norm_num_groups=4, sample_size=8 * levels, down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels) if vae else None
     tokenizer = CLIPTokenizer(*_tiny_vocab(), model_max_length=MAX_TOKENS)
     text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=37,
                                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
@@ -69,13 +72,38 @@ def make_tiny_sd_pipeline(prediction_type: str = "epsilon", vae: bool = True, se
 
 
 def save_tiny_sd_pipeline(folder: str | Path, prediction_type: str = "epsilon", vae: bool = True,
-                          seed: int = 0) -> Path:
+                          seed: int = 0, digits: bool = False) -> Path:
     """Write a tiny SD pipeline (save_pretrained's layout, safetensors) into `folder`; return it."""
     folder = Path(folder)
-    make_tiny_sd_pipeline(prediction_type, vae, seed).save_pretrained(folder)
+    make_tiny_sd_pipeline(prediction_type, vae, seed, digits).save_pretrained(folder)
+    return folder
+
+
+def save_captioned_digits(folder: str | Path, count: int = 64) -> Path:
+    """The first `count` scikit-learn digits as 8x8 RGB PNGs with `captions.jsonl` ("a handwritten
+    7"), and the captions alone as `prompts.txt`: the data of the end-to-end text DAG."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    digits = load_digits()
+    lines, prompts = [], []
+    for i in range(count):
+        pixels = (digits.images[i] * (255 / 16)).round().astype(np.uint8)
+        Image.fromarray(pixels, "L").convert("RGB").save(folder / f"{i:04d}.png")
+        prompts.append(f"a handwritten {int(digits.target[i])}")
+        lines.append(json.dumps({"file": f"{i:04d}.png", "caption": prompts[-1]}))
+    (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
     return folder
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--no-vae"]
-    print(save_tiny_sd_pipeline(args[0], *(args[1:2] or ["epsilon"]), vae="--no-vae" not in sys.argv[1:]))
+    flags = {"--no-vae", "--digits"}
+    args = [a for a in sys.argv[1:] if a not in flags]
+    print(save_tiny_sd_pipeline(args[0], *(args[1:2] or ["epsilon"]), vae="--no-vae" not in sys.argv[1:],
+                                digits="--digits" in sys.argv[1:]))

@@ -31,6 +31,10 @@ from ..io.assets import sha256_file
 from .metrics import feature_stats, frechet_distance, inception_score, precision_recall
 from .noise import class_counts, seed_note, seed_ranges
 from .refstats import Reference, get_reference
+from ..io.text_run import is_text_network, vae_of
+from .alignment import prompt_alignment
+from .noise import latents_for_seeds
+from .prompting import ClassPrompts, GuidedDenoiser, check_text_network, class_prompts, text_generate
 from .sampling import GenerateFn, check_network, decode_fn, generator_sigmas, make_generate, sample_grid
 from .stats import summarize
 
@@ -94,6 +98,7 @@ class Evaluand:
     extractor: Extractor
     ref: Reference
     decode: Callable | None
+    prompts: ClassPrompts | None = None  # a text network's prompt per class
 
 
 def prepare_evaluand(cfg: dict, network: str | Path, kind: str, info: dist.DistInfo, steps: int = 1,
@@ -104,13 +109,30 @@ def prepare_evaluand(cfg: dict, network: str | Path, kind: str, info: dist.DistI
     from ..io.checkpoints import load_network
 
     net = load_network(network, info.device)
-    res, ch, label_dim = check_network(net, cfg, str(network))
     extractor = build_extractor(cfg, info.device)
+    if not is_text_network(net):
+        res, ch, label_dim = check_network(net, cfg, str(network))
+        extractor.check_images(res, ch, f"network {network}")
+        ref = get_reference(cfg, extractor, info, res, need_features=need_features)
+        decode = decode_fn(cfg, info.device)
+        generate, nfe = make_generate(net, kind, cfg, decode, steps)
+        return Evaluand(net, generate, nfe, (ch, res, res), label_dim, extractor, ref, decode)
+    # A text network: its images (decoded by its pipeline's VAE) against the evaluation data, a
+    # prompt per class, the teacher under guidance.
+    vae = vae_of(net, info.device)
+    decode = None if vae is None else vae.decode
+    res, ch, label_dim = check_text_network(net, cfg, str(network), decode)
     extractor.check_images(res, ch, f"network {network}")
     ref = get_reference(cfg, extractor, info, res, need_features=need_features)
-    decode = decode_fn(cfg, info.device)
+    res, ch = net.img_resolution, net.img_channels  # the noise is the network's (latents)
+    if kind == "teacher":
+        net = GuidedDenoiser(net, cfg["evaluate"]["teacher_guidance"])
+    prompts = class_prompts(cfg, net, info.device)
     generate, nfe = make_generate(net, kind, cfg, decode, steps)
-    return Evaluand(net, generate, nfe, (ch, res, res), label_dim, extractor, ref, decode)
+    if kind == "teacher" and cfg["evaluate"]["teacher_guidance"] != 1:
+        nfe *= 2  # each guided step runs the network on the conditional and the empty prompt
+    return Evaluand(net, text_generate(generate, prompts), nfe, (ch, res, res), label_dim, extractor, ref, decode,
+                    prompts)
 
 
 def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info: dist.DistInfo,
@@ -132,6 +154,8 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
     e = prepare_evaluand(cfg, network, kind, info, steps, need_features=ev["precision_recall"])
     net, extractor, ref, decode, generate, nfe, label_dim = (e.net, e.extractor, e.ref, e.decode, e.generate, e.nfe,
                                                              e.label_dim)
+    # Text networks on class-labelled data: how often the classifier reads a sample as its prompt's class.
+    alignment = e.prompts is not None and extractor.has_probs
     ch, res, _ = e.shape
     extras = _extra_metrics(cfg, info, res, ch, str(network))
     notes = ref.notes + [n for _, xref in extras for n in xref.notes]
@@ -151,10 +175,13 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
         if kept is None:
             (feats, probs), *extra_feats = extract_generated_multi(
                 [extractor] + [x for x, _ in extras], generate, seeds, (ch, res, res), label_dim, ev["batch"], info,
-                desc=f"{name} run {r + 1}/{len(ranges)}", want_probs=ev["inception_score"], labels=ev["labels"],
-                latents=ev["latents"])
+                desc=f"{name} run {r + 1}/{len(ranges)}", want_probs=ev["inception_score"] or alignment,
+                labels=ev["labels"], latents=ev["latents"])
             run_head = feats[:max(0, ev["during_training"]["num_samples"] - sum(len(h) for h in head))]
             scores = score_run(ref, feats, probs, cfg, key, info.device) if info.is_main else {}
+            if alignment and info.is_main:
+                _, onehot = latents_for_seeds(seeds, (ch, res, res), label_dim, "cpu", ev["labels"])
+                scores["alignment"] = prompt_alignment(torch.as_tensor(probs), onehot.argmax(dim=1))
             if info.is_main:  # the extra feature networks' Fréchet distances of the same samples
                 for (x, xref), (xf, _) in zip(extras, extra_feats):
                     scores[x.metric_key] = frechet_distance(*feature_stats(xf), xref.mu, xref.sigma)
@@ -173,7 +200,7 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
     summary = {k: summarize([run[k] for run in runs]) for k in runs[0] if k not in ("run", "seeds", "class_counts")}
     monitor = _monitor_protocol(cfg, np.concatenate(head), ref, key, ranges[0].start) if info.is_main else None
     monitor = dist.broadcast_object(monitor)
-    grid = sample_grid(net, kind, cfg, decode, sigmas).cpu() if info.is_main else None
+    grid = sample_grid(net, kind, cfg, decode, sigmas, e.prompts).cpu() if info.is_main else None
     metrics = {
         "name": name, "kind": kind, "train_seed": train_seed, "network": str(network),
         "network_sha256": sha256_file(network),

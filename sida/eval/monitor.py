@@ -33,8 +33,10 @@ class TrainingMonitor:
     every rank. Lower is better. The extractor and the reference are loaded on first use.
     """
 
-    def __init__(self, cfg: dict, device: torch.device, dist_info: dist.DistInfo) -> None:
+    def __init__(self, cfg: dict, device: torch.device, dist_info: dist.DistInfo,
+                 noise_shape: tuple[int, int, int] | None = None) -> None:
         self.cfg = cfg
+        self.noise_shape = noise_shape  # (C, H, W) of the generator's input, when not the data's (text latents)
         self.device = torch.device(device)
         self.info = dist_info
         self.settings = cfg["evaluate"]["during_training"]
@@ -75,7 +77,8 @@ class TrainingMonitor:
         d, s = self.cfg["data"], self.settings
         seeds = range(s["seed"], s["seed"] + s["num_samples"])
         info = replace(self.info, device=self.device)
-        feats, _ = extract_generated(self._extractor, generate, seeds, (d["channels"], d["resolution"], d["resolution"]),
+        shape = self.noise_shape or (d["channels"], d["resolution"], d["resolution"])
+        feats, _ = extract_generated(self._extractor, generate, seeds, shape,
                                      d["label_dim"], self.cfg["evaluate"]["batch"], info, desc="monitor",
                                      want_probs=False, labels=self.cfg["evaluate"]["labels"],
                                      latents=self.cfg["evaluate"]["latents"])

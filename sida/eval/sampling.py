@@ -100,17 +100,21 @@ def _sample(net, z, labels, steps, sigmas, batch) -> torch.Tensor:
 
 @torch.no_grad()
 def grid_samples(net: torch.nn.Module, cols: int, seed: int, steps: int = 1, sigma_init: float = 2.5,
-                 decode: Callable | None = None, sigmas: Sequence[float] | None = None) -> torch.Tensor:
+                 decode: Callable | None = None, sigmas: Sequence[float] | None = None,
+                 prompts: Callable | None = None) -> torch.Tensor:
     """Grid samples from a fixed seed (comparable across snapshots and runs), row by row with
-    `cols` columns: one row per class for a class-conditional net, else cols rows; `decode` and
-    `sigmas` (a distilled generator's generation sigmas) as in `sample`."""
+    `cols` columns: one row per class for a class-conditional net (or per class prompt of a text
+    net: `prompts`, `sida.eval.prompting.ClassPrompts`), else cols rows; `decode` and `sigmas` (a
+    distilled generator's generation sigmas) as in `sample`."""
     device = next(net.parameters()).device
-    rows = net.label_dim or cols
+    classes = len(prompts.prompts) if prompts is not None else net.label_dim
+    rows = classes or cols
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     z = torch.randn([rows * cols, net.img_channels, net.img_resolution, net.img_resolution], generator=g, device=device)
-    return sample(net, z, grid_labels(rows, cols, net.label_dim, device), steps=steps, sigma_init=sigma_init, decode=decode,
-                  sigmas=sigmas)
+    labels = grid_labels(rows, cols, classes, device)
+    return sample(net, z, labels if prompts is None else prompts(labels), steps=steps, sigma_init=sigma_init,
+                  decode=decode, sigmas=sigmas)
 
 
 def make_generate(net: torch.nn.Module, kind: str, cfg: dict, decode: Callable | None = None,
@@ -152,7 +156,7 @@ def check_network(net: torch.nn.Module, cfg: dict, path: str) -> tuple[int, int,
 
 
 def sample_grid(net: torch.nn.Module, kind: str, cfg: dict, decode: Callable | None = None,
-                sigmas: Sequence[float] | None = None) -> torch.Tensor:
+                sigmas: Sequence[float] | None = None, prompts: Callable | None = None) -> torch.Tensor:
     """The evaluation's sample grid in [-1, 1]: `grid_size` columns, one row per class (class-
     conditional) or grid_size rows; the same latents for every model of the experiment.
     `decode` as in `make_generate` (latent-space networks); `sigmas`: a generator's generation
@@ -160,5 +164,5 @@ def sample_grid(net: torch.nn.Module, kind: str, cfg: dict, decode: Callable | N
     ev = cfg["evaluate"]
     steps = ev["teacher_steps"] if kind == "teacher" else 1
     return grid_samples(net, ev["grid_size"], ev["seed"], steps=steps, sigma_init=cfg["distill"]["sigma_init"],
-                        decode=decode, sigmas=sigmas if kind == "generator" else None)
+                        decode=decode, sigmas=sigmas if kind == "generator" else None, prompts=prompts)
 

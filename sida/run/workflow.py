@@ -62,7 +62,9 @@ def settings(config: Mapping, *sections: str, **extra: object) -> str:
     that the job reruns when one of them changes."""
     picked = {s: config[s] for s in sections}
     picked.update(extra)
-    return json.dumps(picked, sort_keys=True, default=str)
+    # Snakemake reads "{name}" in a params string as a wildcard: a `{` before a name can only be
+    # inside a JSON string (a template such as evaluate.class_prompt), where \u007b is the same text.
+    return re.sub(r"\{(?=\s*[.\w])", r"\\u007b", json.dumps(picked, sort_keys=True, default=str))
 
 
 def evaluated_model(name: str) -> tuple[str, str | None]:

@@ -59,7 +59,7 @@ def build_phases(phases: list[dict]) -> list[Phase]:
 
 def init_timestep_sigma(teacher: torch.nn.Module, timestep: int) -> float:
     """sigma_k of a diffusers teacher's discrete timestep k: one-step generation starts there."""
-    return float(teacher.log_sigmas[int(timestep)].double().exp())
+    return float(teacher.sigma_at(int(timestep)))
 
 
 def check_text_settings(rc: dict, teacher: torch.nn.Module) -> None:
