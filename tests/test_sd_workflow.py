@@ -37,7 +37,7 @@ def test_text_to_image_dag(snakemake):
     assert (exp / "report" / "report.md").is_file()
 
     stored = checkpoints.load_network(exp / "sid" / "network.pt")
-    assert stored.sida_meta["sigma_init"] == pytest.== teacher.sigma_at(625)  # init_timestep 625
+    assert stored.sida_meta["sigma_init"] == teacher.sigma_at(625)  # init_timestep 625
     assert not torch.equal(stored.model.unet.conv_out.weight, teacher.model.unet.conv_out.weight)  # it trained
     prompts = ["a handwritten 3", "a handwritten 7"]
     z = torch.randn(2, 4, 8, 8)
