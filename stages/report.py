@@ -89,7 +89,9 @@ def _results_table(rows: list[dict], label: str) -> tuple[list[str], list[list[s
         head += ["std over training seeds", "evaluation SE of one network"]
     extra = list(dict.fromkeys((x["metric"], x["metric_label"]) for r in rows for x in r.get("extra") or []))
     head += [f"{lab} ± SE" for _, lab in extra]  # extra feature networks, of the same samples
-    head += ["IS ± SE", "precision ± SE", "recall ± SE"] + (["training seeds"] if seeded else []) + ["runs × samples"]
+    aligned = any(r.get("alignment") for r in rows)  # text-to-image networks on class-labelled data
+    head += ["IS ± SE", "precision ± SE", "recall ± SE"] + (["prompt alignment ± SE"] if aligned else [])
+    head += (["training seeds"] if seeded else []) + ["runs × samples"]
     body = []
     for r in rows:
         v = r["value"] or {}
@@ -99,6 +101,8 @@ def _results_table(rows: list[dict], label: str) -> tuple[list[str], list[list[s
         xs = {x["metric"]: x["value"] for x in r.get("extra") or []}
         cells += [_with_se(xs.get(key), 3) for key, _ in extra]
         cells += [_with_se(r["is"], 2), _with_se(r["precision"], 3), _with_se(r["recall"], 3)]
+        if aligned:
+            cells.append(_with_se(r.get("alignment"), 3))
         if seeded:
             cells.append("–" if not r["train_seeds"] else ", ".join(map(str, r["train_seeds"])))
         body.append(cells + [f"{r['num_runs']} × {r['num_samples']:,}"])

@@ -158,8 +158,11 @@ def test_config_validation_and_folder_import(tmp_path):
     with pytest.raises(ConfigError, match="teacher.path: diffusers teacher: .* has no config.json"):
         validate(config(path=str(tmp_path / "empty")))
     validate(config(path=str(tmp_path / "nope")))  # made later (presets): the fetch job says it is missing
-    with pytest.raises(ConfigError, match="needs teacher.path"):
+    with pytest.raises(ConfigError, match="needs teacher.path .*, teacher.hub"):
         validate(config())
+    assert validate(config(hub="org/model"))["teacher"]["hub"] == "org/model"  # downloaded by the fetch job
+    with pytest.raises(ConfigError, match="teacher.hub apply to teacher.source: diffusers only"):
+        validate({"experiment": "x", "teacher": {"source": "train", "hub": "org/model"}})
     folder = save_tiny_teacher(tmp_path / "m", "epsilon", label_dim=10)
     cfg = validate(config(path=str(folder)))
     assert cfg["teacher"]["path"] == str(folder)

@@ -26,7 +26,8 @@ __all__ = ["Model", "group_models", "metric_stat", "model_row", "results_rows", 
            "evaluation_spread", "LOWER_IS_BETTER"]
 
 LOWER_IS_BETTER = {"fd", "fid"}
-SUMMARY_KEYS = ("is", "precision", "recall")
+# alignment: text networks on class-labelled data, the share of samples read as their prompt's class
+SUMMARY_KEYS = ("is", "precision", "recall", "alignment")
 
 
 @dataclass

@@ -111,14 +111,16 @@ def _check_diffusers_teacher(cfg: dict, source: str) -> None:
     not exist yet is the fetch job's error (one line too): presets may name folders made later."""
     t = cfg["teacher"]
     if t["source"] != "diffusers":
-        if t["path"] is not None or t["url"] is not None:
-            raise ConfigError(f"{source}: teacher.path / teacher.url apply to teacher.source: diffusers only")
+        if t["path"] is not None or t["url"] is not None or t.get("hub") is not None:
+            raise ConfigError(f"{source}: teacher.path / teacher.url / teacher.hub apply to teacher.source: "
+                              f"diffusers only")
         return
     if any(a.get("kind") == "teacher" for a in (cfg.get("fetch") or {}).get("assets") or [] if isinstance(a, dict)):
         raise ConfigError(f"{source}: fetch.assets: teacher.source diffusers takes the teacher from teacher.path / "
                           f"teacher.url: remove the asset of kind 'teacher'")
-    if t["path"] is None and t["url"] is None:
-        raise ConfigError(f"{source}: teacher.source diffusers needs teacher.path (a local folder) or teacher.url")
+    if t["path"] is None and t["url"] is None and t.get("hub") is None:
+        raise ConfigError(f"{source}: teacher.source diffusers needs teacher.path (a local folder), teacher.hub (a "
+                          f"hub repository id) or teacher.url")
     if t["path"] is None or not Path(t["path"]).expanduser().exists():
         return
     from ..errors import AssetError
