@@ -160,3 +160,20 @@ def test_guidance_on_a_class_conditional_teacher_is_refused_in_one_line():
         DistillLoop(_rc(1, 1, guidance_teacher=2.0), nets, None, dist.init("cpu", 0))
     with pytest.raises(ConfigError, match="timestep_range needs a diffusers teacher"):
         DistillLoop(_rc(1, 1, timestep_range=[20, 980]), nets, None, dist.init("cpu", 0))
+
+
+def test_dmd2_guided_real_score_moves_the_generator_to_the_guided_mean():
+    """DMD2 on a text teacher (its real score guided, DMD2's real_guidance_scale): distribution
+    matching goes to the guided Gaussian, MU_U + k (MU_C - MU_U), not the conditional one."""
+    k, batch = 1.75, 16
+    teacher = TextGaussDenoiser(MU_U, MU_C, learnable=False)
+    G = ShiftGenerator()
+    nets = Nets(teacher=teacher, G=G, G_ema=copy.deepcopy(G), fake=TextGaussDenoiser(MU_U, MU_C, learnable=True))
+    rc = _rc(40, 300, guidance_teacher=k, sigma_init=80.0)
+    rc["phases"] = [{"kind": "warmup", "kimg": 40 * batch / 1000}, {"kind": "dmd", "kimg": 300 * batch / 1000}]
+    rc["lr_fake"] = 0.03
+    gens = {"noise": torch.Generator().manual_seed(0), "data": torch.Generator().manual_seed(1)}
+    loop = DistillLoop(rc, nets, Prompts(), dist.init("cpu", 0), gens)
+    _iterate(loop, 340)
+    b = loop.nets.G.b.detach()
+    assert (b - (MU_U + k * (MU_C - MU_U))).abs().max() < 0.12, b

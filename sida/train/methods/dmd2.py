@@ -18,11 +18,12 @@ from typing import Callable, Optional
 
 import torch
 
+from ...nets.guidance import guided
 from ...nets.heads import DMD2Head, dmd2_head_for
 from ...nets.sampler import GRID_STEPS
 from ..baseline_losses import (dmd2_critic_objective, dmd2_generator_objective, dmd_generator_loss,
                                ns_discriminator_loss, ns_generator_loss)
-from ..losses import edm_denoising_loss
+from ..losses import loss_weight
 from .base import Method, Settings, Slot, Stats, disc_accuracy
 
 Net = Callable[..., torch.Tensor]
@@ -30,23 +31,25 @@ WHOLE_GRID = (0, GRID_STEPS - 1)
 
 
 def dmd_term(teacher: Net, fake: Net, x_g: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor,
-             labels: Optional[torch.Tensor]) -> torch.Tensor:
+             labels: Optional[torch.Tensor], real_guidance: float = 1.0) -> torch.Tensor:
     """Per-pixel DMD loss at x_t = x_g + sigma eps: both denoisers run without gradient (DMD2
-    evaluates them under no_grad), so the generator's gradient is exactly g on x_g."""
+    evaluates them under no_grad), so the generator's gradient is exactly g on x_g. Text teachers:
+    the real score is guided at `real_guidance` (DMD2's real_guidance_scale), the fake one not."""
     with torch.no_grad():
         x_t = x_g.detach() + sigma * eps
-        y_real = teacher(x_t, sigma.reshape(-1), labels)
+        y_real = guided(teacher, x_t, sigma.reshape(-1), labels, real_guidance)
         y_fake = fake(x_t, sigma.reshape(-1), labels)
     return dmd_generator_loss(y_real, y_fake, x_g)
 
 
 def dmd_denoising_term(fake: Net, x_g: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor,
-                       labels: Optional[torch.Tensor], sigma_data: float = 0.5) -> torch.Tensor:
-    """Per-pixel EDM denoising loss of DMD's fake score on the detached x_g noised at sigma
-    (DMD2's compute_loss_fake: weight 1/sigma^2 + 1/sd^2 = EDM's lambda(sigma))."""
+                       labels: Optional[torch.Tensor], sigma_data: float = 0.5, weighting: str = "edm") -> torch.Tensor:
+    """Per-pixel denoising loss of DMD's fake score on the detached x_g noised at sigma: EDM's
+    lambda(sigma) (DMD2's EDM compute_loss_fake: 1/sigma^2 + 1/sd^2), or for a text teacher on
+    its timesteps the epsilon-MSE weight 1/sigma^2 (DMD2's SD loss on the noise)."""
     x = x_g.detach()
     denoised = fake(x + sigma * eps, sigma.reshape(-1), labels)
-    return edm_denoising_loss(denoised.float(), x.float(), sigma, sigma_data)
+    return loss_weight(sigma, sigma_data, weighting) * (denoised.float() - x.float()) ** 2
 
 
 def dmd2_head_logits(fake: Net, head: Net, x: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor,
@@ -62,6 +65,8 @@ class DMD2Settings(Settings):
     dm_index_range: list[int]
     lambda_gan: float
     lambda_cls: float
+    guidance_teacher: float  # text teachers: the real score's guidance (DMD2's SD 1.5: 1.75)
+    timestep_range: list[int] | None  # text teachers: sigma_k of timesteps k ~ U[lo, hi) (DMD2: [20, 980])
 
 
 class DMD2(Method):
@@ -76,6 +81,13 @@ class DMD2(Method):
         elif not isinstance(self.nets.head, DMD2Head):
             self.nets.head = dmd2_head_for(self.nets.fake, img_shape, label_dim, seed, device)
 
+    def _sigma(self, index_range: tuple[int, int] | list[int], r: int) -> torch.Tensor:
+        """Grid sigmas on `index_range`, or a text teacher's timesteps (`timestep_range`)."""
+        s = self.settings
+        if s.timestep_range is not None:
+            return self.draws.timestep_sigma(self.nets.teacher.log_sigmas, *s.timestep_range, r)
+        return self.draws.grid_sigma(*index_range, r)
+
     def slot(self, r: int) -> Slot:
         d = self.draws
         real, labels = d.real(d.micro, r) if self.disc == "dmd2_head" else (None, d.labels(d.micro, r))
@@ -88,8 +100,9 @@ class DMD2(Method):
         gan = kind == "dmd2"
         with d.autocast():
             x_g = self.generate(labels, r).float()
-            sigma = d.grid_sigma(*self.settings.dm_index_range, r)
-            l_dm = dmd_term(nets.teacher, nets.fake, x_g, sigma, d.randn(x_g.shape, r), labels)
+            sigma = self._sigma(self.settings.dm_index_range, r)
+            l_dm = dmd_term(nets.teacher, nets.fake, x_g, sigma, d.randn(x_g.shape, r), labels,
+                            self.settings.guidance_teacher)
             l_gan = None
             if gan:
                 sigma_c = d.grid_sigma(*WHOLE_GRID, r)
@@ -110,9 +123,11 @@ class DMD2(Method):
         if x_g is None:  # an off-turn iteration: the generator did not run
             with torch.no_grad(), d.autocast():
                 x_g = self.generate(labels, r).float()
-        sigma = d.grid_sigma(*WHOLE_GRID, r)
+        sigma = self._sigma(WHOLE_GRID, r)
+        weighting = "edm" if self.settings.timestep_range is None else "epsilon"
         with d.autocast():
-            l_fake = dmd_denoising_term(nets.fake, x_g, sigma, d.randn(x_g.shape, r), labels, self.sigma_data)
+            l_fake = dmd_denoising_term(nets.fake, x_g, sigma, d.randn(x_g.shape, r), labels, self.sigma_data,
+                                        weighting)
             l_cls = None
             if nets.head is not None:
                 # real and generated images through one encoder pass (the head and GroupNorm
