@@ -20,6 +20,7 @@ import yaml
 
 from ..errors import ConfigError, output_location_problem
 from .config import evaluation_entries, run_config, validate
+from .configfile import deep_merge, read_config
 
 # The wildcard that stands for a run's training seed in output patterns.
 SEED_WILDCARD = "{seed}"
@@ -37,6 +38,19 @@ def default_configfile(basedir: str) -> str:
     `snakemake -s .../workflow/Snakefile -d elsewhere` finds it too."""
     path = os.path.normpath(os.path.join(basedir, "..", "config", "config.yaml"))
     return path if os.path.relpath(path).startswith("..") else os.path.relpath(path)
+
+
+def compose_config(config: dict, configfiles: Iterable[object], overrides: Mapping) -> dict:
+    """Snakemake's `config` rebuilt in place from its files as the stages read a file
+    (`read_config`: a preset's `extends` resolved, `1e-4` a number), merged in order as Snakemake
+    merges them, then the --config values on top."""
+    merged: dict = {}
+    for path in configfiles:
+        merged = deep_merge(merged, read_config(str(path)))
+    merged = deep_merge(merged, overrides)
+    config.clear()
+    config.update(merged)
+    return config
 
 
 def check_config(config: dict, source: str) -> Plan:
