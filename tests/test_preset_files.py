@@ -1,25 +1,53 @@
-"""Preset files: a preset extends another (`extends`, sida.run.configfile), and the workflow reads
-a file as the stages do."""
+"""Preset files: a preset extends another (`extends`, sida.run.configfile), the workflow reads a
+file as the stages do, and every preset still loads to the dict it loaded to before presets were
+rewritten as a base plus what differs (a fingerprint per preset, tests/data/preset_fingerprints.json).
+
+Rewrite the fingerprints (only for a preset whose settings change on purpose):
+`python tests/test_preset_files.py`."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from sida.errors import ConfigError
-from sida.run.config import load_config
-from sida.run.configfile import read_config
-from sida.run.workflow import check_config, compose_config
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: this checkout's sida
+
+from sida.errors import ConfigError  # noqa: E402
+from sida.run.config import load_config, load_schema  # noqa: E402
+from sida.run.configfile import read_config  # noqa: E402
+from sida.run.workflow import check_config, compose_config, without_defaults  # noqa: E402
 
 CONFIG_DIR = REPO / "config"
 PRESETS = sorted(CONFIG_DIR.glob("*.yaml"))
+FINGERPRINTS = REPO / "tests" / "data" / "preset_fingerprints.json"
 
 
-# ---- the workflow reads a preset as the stages do ----------------------------------------------
+def fingerprint(path: Path) -> str:
+    """sha256 of the canonical JSON of what a preset sets once loaded (defaults filled, then the
+    values equal to their default left out): what the stages see, and unchanged when the schema
+    gains a key with a default."""
+    cfg = without_defaults(load_config(path), load_schema())
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# ---- every preset loads to the dict it loaded to before -----------------------------------------
+
+def test_every_preset_has_a_fingerprint():
+    assert sorted(json.loads(FINGERPRINTS.read_text())) == sorted(p.stem for p in PRESETS), \
+        "a preset was added or removed: rewrite the fingerprints (see this file's docstring)"
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_preset_loads_to_its_fingerprint(path):
+    want = json.loads(FINGERPRINTS.read_text()).get(path.stem)
+    assert fingerprint(path) == want, f"{path.name} no longer loads to the settings it had"
+
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
 def test_the_workflow_reads_a_preset_as_the_stages_do(path):
@@ -96,3 +124,12 @@ def test_extends_must_name_a_file(tmp_path):
     child = _write(tmp_path / "child.yaml", {"extends": ["a.yaml"], "experiment": "c"})
     with pytest.raises(ConfigError, match=r"extends: \['a.yaml'\] is not a file name: name the base"):
         read_config(child)
+
+
+def _write_fingerprints() -> None:
+    FINGERPRINTS.parent.mkdir(exist_ok=True)
+    FINGERPRINTS.write_text(json.dumps({p.stem: fingerprint(p) for p in PRESETS}, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    _write_fingerprints()
