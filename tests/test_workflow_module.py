@@ -16,11 +16,12 @@ import pytest
 import yaml
 
 from conftest import REPO
+from helpers import add_defaulted_keys
 from sida.errors import ConfigError
-from sida.run import jobs
 from sida.run import config as config_module
-from sida.run.configfile import read_config
+from sida.run import jobs
 from sida.run.config import load_config, load_schema, run_config, validate
+from sida.run.configfile import read_config
 from sida.run.workflow import (RULE_SECTIONS, Plan, check_config, config_source, default_configfile, one_of,
                                resolved_config_text, settings, wildcard_names, write_resolved_config)
 
@@ -163,25 +164,6 @@ def test_params_hold_what_the_config_sets(default):
     assert other.rule_settings("teacher") == plan.rule_settings("teacher")
 
 
-def _add_defaulted_keys(schema: dict) -> dict:
-    """The schema with a defaulted key at every kind of place: top level, a new section, each
-    section, nested objects, a `distill` setting (which runs may set), a run's own key, a fetch
-    asset and a rule's resources."""
-    props = schema["properties"]
-    props["new_top"] = {"type": "integer", "default": 3}
-    props["new_section"] = {"type": "object", "default": {}, "properties": {"knob": {"type": "number", "default": 0.5}}}
-    for section in ("data", "network", "teacher", "distill", "evaluate", "fetch", "latent", "wandb", "slurm"):
-        props[section]["properties"]["new_knob"] = {"type": "boolean", "default": True}
-    props["evaluate"]["properties"]["during_training"]["properties"]["new_knob"] = {"type": "integer", "default": 7}
-    props["distill"]["properties"]["add_features"]["properties"]["new_knob"] = {"type": "string", "default": "x"}
-    props["fetch"]["properties"]["assets"]["items"]["properties"]["mirror"] = {"type": ["string", "null"], "default": None}
-    props["resources"]["additionalProperties"]["properties"]["new_knob"] = {"type": "integer", "default": 1}
-    run = schema["definitions"]["run"]["properties"]
-    run["new_knob"] = {"$ref": "#/properties/distill/properties/new_knob"}
-    run["new_run_key"] = {"type": "boolean", "default": False}
-    return schema
-
-
 def _all_params(name: str) -> dict[str, str]:
     plan = Plan(_preset(name))
     return {**{rule: plan.rule_settings(rule) for rule in RULE_SECTIONS},
@@ -195,7 +177,7 @@ def test_a_schema_that_gains_defaulted_keys_keeps_every_rules_params(name, tmp_p
     the old schema (Snakemake reruns a job whose params changed)."""
     before = _all_params(name)
     schema = tmp_path / "schema.yaml"
-    schema.write_text(yaml.safe_dump(_add_defaulted_keys(load_schema()), sort_keys=False))
+    schema.write_text(yaml.safe_dump(add_defaulted_keys(load_schema()), sort_keys=False))
     monkeypatch.setattr(config_module, "SCHEMA_PATH", schema)
     cfg = _preset(name)
     assert cfg["new_top"] == 3 and cfg["evaluate"]["during_training"]["new_knob"] == 7  # the keys are there
