@@ -105,7 +105,8 @@ def without_defaults(value: Any, schema: Mapping, root: Mapping | None = None) -
     """`value` (a validated config, or a part of it described by `schema`) without the settings
     equal to their schema default, at every level: what the config sets. Filling the defaults in
     again gives `value` back, so jobs' params made of it change when a setting does, and not when
-    the schema gains a key with a default (an upgrade keeps a finished folder's results). Only a
+    the schema gains a key with a default (an upgrade keeps a finished folder's results; a changed
+    default is, like changed stage code, not seen: --forcerun what it affects). Only a
     key's own `default` counts, as when defaults are filled: a run's setting that refers to a
     `distill` one has none (it replaces the section's value, whatever it is)."""
     root = schema if root is None else root
