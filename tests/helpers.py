@@ -179,3 +179,22 @@ def randomise_weights(net, seed: int = 1, scale: float = 0.2):
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * scale)
     return net
+
+
+def add_defaulted_keys(schema: dict) -> dict:
+    """The schema with a defaulted key at every kind of place: top level, a new section, each
+    section, nested objects, a `distill` setting (which runs may set), a run's own key, a fetch
+    asset and a rule's resources."""
+    props = schema["properties"]
+    props["new_top"] = {"type": "integer", "default": 3}
+    props["new_section"] = {"type": "object", "default": {}, "properties": {"knob": {"type": "number", "default": 0.5}}}
+    for section in ("data", "network", "teacher", "distill", "evaluate", "fetch", "latent", "wandb", "slurm"):
+        props[section]["properties"]["new_knob"] = {"type": "boolean", "default": True}
+    props["evaluate"]["properties"]["during_training"]["properties"]["new_knob"] = {"type": "integer", "default": 7}
+    props["distill"]["properties"]["add_features"]["properties"]["new_knob"] = {"type": "string", "default": "x"}
+    props["fetch"]["properties"]["assets"]["items"]["properties"]["mirror"] = {"type": ["string", "null"], "default": None}
+    props["resources"]["additionalProperties"]["properties"]["new_knob"] = {"type": "integer", "default": 1}
+    run = schema["definitions"]["run"]["properties"]
+    run["new_knob"] = {"$ref": "#/properties/distill/properties/new_knob"}
+    run["new_run_key"] = {"type": "boolean", "default": False}
+    return schema

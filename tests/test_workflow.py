@@ -16,6 +16,7 @@ import yaml
 
 from conftest import REPO, Snakemake
 from sida.run.config import evaluation_entries, load_config
+from sida.run.configfile import read_config
 
 PRESETS = sorted(p for p in (REPO / "config").glob("*.yaml"))
 CI = REPO / "config" / "ci-short.yaml"
@@ -43,7 +44,7 @@ def _children_cpu() -> float:
 
 
 def _write_config(path: Path, base: Path, edit) -> Path:
-    cfg = yaml.safe_load(base.read_text())
+    cfg = read_config(base)
     edit(cfg)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -61,7 +62,7 @@ def test_lint_is_clean(snakemake):
 def test_dry_run_of_every_preset_follows_its_runs(snakemake, preset):
     r = snakemake("-n", configfile=preset)
     assert r.returncode == 0, r.stderr[-3000:]
-    cfg = yaml.safe_load(preset.read_text())
+    cfg = read_config(preset)  # its `extends` resolved
     runs = cfg["distill"]["runs"]
     stats = _job_stats(r.stdout)
     seeds = len(cfg.get("seeds") or [None])  # training seeds: every run once per seed
@@ -83,7 +84,7 @@ def test_default_config_when_no_configfile_and_presets_are_not_merged(snakemake)
     assert set(_job_stats(r.stdout)) >= {"teacher", "warmup", "sid", "sida", "sid2a"}
     cifar = REPO / "config" / "cifar10-cond.yaml"
     if cifar.is_file():
-        runs = set(yaml.safe_load(cifar.read_text())["distill"]["runs"])
+        runs = set(read_config(cifar)["distill"]["runs"])
         r = snakemake("-n", configfile=cifar)
         rules = set(_job_stats(r.stdout)) - {"fetch", "teacher", "evaluate", "report", "all"}
         assert rules == runs  # the default's runs are not deep-merged into the preset's

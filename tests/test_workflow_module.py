@@ -4,6 +4,8 @@ check. The Snakemake dry runs of the same things are in test_workflow.py."""
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import shlex
 import subprocess
@@ -14,11 +16,14 @@ import pytest
 import yaml
 
 from conftest import REPO
+from helpers import add_defaulted_keys
 from sida.errors import ConfigError
+from sida.run import config as config_module
 from sida.run import jobs
-from sida.run.config import load_config, run_config
-from sida.run.workflow import (Plan, check_config, config_source, default_configfile, one_of, resolved_config_text,
-                               settings, wildcard_names, write_resolved_config)
+from sida.run.config import load_config, load_schema, run_config, validate
+from sida.run.configfile import read_config
+from sida.run.workflow import (RULE_SECTIONS, Plan, check_config, config_source, default_configfile, one_of,
+                               resolved_config_text, settings, wildcard_names, write_resolved_config)
 
 TRAP = "trap '' TERM; "
 TORCHRUN = "python -m sida.run.torchrun --standalone --nproc-per-node"
@@ -26,7 +31,7 @@ TORCHRUN = "python -m sida.run.torchrun --standalone --nproc-per-node"
 
 def _preset(name: str, **overrides) -> dict:
     """A preset as loaded by the workflow (defaults filled), with top-level keys replaced."""
-    cfg = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
+    cfg = read_config(REPO / "config" / f"{name}.yaml")
     cfg.update(overrides)
     return check_config(cfg, name).config
 
@@ -139,8 +144,45 @@ def test_a_fetched_teacher_comes_from_the_fetch_job(cifar):
 def test_settings_are_canonical_json_of_the_sections(default):
     text = settings(default, "seed", "data", run="sid")
     assert text.startswith('{"data": {') and text.endswith('"run": "sid", "seed": 0}')
-    run = run_config(default, "sid")
-    assert Plan(default).distill_settings("sid") == settings(default, "seed", "data", "network", run=run)
+    assert settings({"data": {}}, "seed", "data") == '{"data": {}}'  # a section all defaults: absent
+
+
+def test_params_hold_what_the_config_sets(default):
+    """Jobs' params are the sections without the values equal to their schema default: the
+    embedded default sets no `seed` (0) and no evaluate.seed, but its own teacher.kimg."""
+    plan = Plan(default)
+    teacher = json.loads(plan.rule_settings("teacher"))
+    assert "seed" not in teacher and teacher["teacher"]["kimg"] == default["teacher"]["kimg"] != 120
+    assert "seed" not in json.loads(plan.rule_settings("evaluate"))["evaluate"]
+    run = json.loads(plan.distill_settings("sid"))["run"]
+    assert run["init"] == "warmup" and "sigma_init" not in run and run["gen_sigmas"] == [2.5]
+    # Filling the defaults back gives the settings the stages read.
+    assert validate(copy.deepcopy(plan.set_config)) == default
+    # A setting changed, or set to another value than its default, changes the params.
+    other = Plan(check_config(_config(evaluate={**_config()["evaluate"], "seed": 1}), "src").config)
+    assert other.rule_settings("evaluate") != plan.rule_settings("evaluate")
+    assert other.rule_settings("teacher") == plan.rule_settings("teacher")
+
+
+def _all_params(name: str) -> dict[str, str]:
+    plan = Plan(_preset(name))
+    return {**{rule: plan.rule_settings(rule) for rule in RULE_SECTIONS},
+            **{run: plan.distill_settings(run) for run in plan.runs}}
+
+
+@pytest.mark.parametrize("name", ["config", "digits-weak-teacher", "cifar10-cond", "ffhq64", "dmd2-imagenet64",
+                                  "add-imagenet64", "edm2-img512-m", "ci-diffusers"])
+def test_a_schema_that_gains_defaulted_keys_keeps_every_rules_params(name, tmp_path, monkeypatch):
+    """An upgrade that adds settings with defaults reruns nothing: every rule's params are those of
+    the old schema (Snakemake reruns a job whose params changed)."""
+    before = _all_params(name)
+    schema = tmp_path / "schema.yaml"
+    schema.write_text(yaml.safe_dump(add_defaulted_keys(load_schema()), sort_keys=False))
+    monkeypatch.setattr(config_module, "SCHEMA_PATH", schema)
+    cfg = _preset(name)
+    assert cfg["new_top"] == 3 and cfg["evaluate"]["during_training"]["new_knob"] == 7  # the keys are there
+    assert run_config(cfg, next(iter(cfg["distill"]["runs"])))["new_knob"] is True
+    assert _all_params(name) == before
 
 
 def test_the_resolved_config_is_rewritten_only_when_it_changes(default, tmp_path):
@@ -157,7 +199,7 @@ def test_the_resolved_config_is_rewritten_only_when_it_changes(default, tmp_path
 # ---- the config check: once, one line ---------------------------------------------------------
 
 def _config(**overrides) -> dict:
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg = read_config(REPO / "config" / "config.yaml")
     cfg.update(overrides)
     return cfg
 

@@ -14,12 +14,13 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import yaml
 from jsonschema import Draft202012Validator, validators
 
-from ..errors import ConfigError, require_file
+from ..errors import ConfigError
+from .configfile import parse_value, read_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -265,20 +266,6 @@ def _check_cycles(runs: dict, source: str) -> None:
         visit(n, [])
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` (no dot) as a string; researchers write learning rates that way."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"""),
-    list("-+0123456789"))
-
-
-def _parse_value(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
-
-
 def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
     """Apply `a.b.c=value` overrides (value parsed as YAML) to a raw config dict, in place."""
     for item in overrides:
@@ -294,24 +281,14 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override '{item}': '{p}' is not a section")
             node = nxt
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = parse_value(value)
     return cfg
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
-    """Read a YAML experiment config, apply overrides, fill defaults and validate it."""
-    path = Path(path)
-    require_file(path, "config file", ConfigError, "pass --config with a file under config/")
-    try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not text (not UTF-8): pass a YAML file") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}: fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
+    """Read a YAML experiment config (its `extends` resolved), apply overrides, fill defaults and
+    validate it."""
+    raw = read_config(path)
     apply_overrides(raw, overrides)
     return validate(raw, source=str(path))
 

@@ -15,11 +15,13 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
 from ..errors import ConfigError, output_location_problem
-from .config import evaluation_entries, run_config, validate
+from .config import evaluation_entries, load_schema, run_config, validate
+from .configfile import deep_merge, read_config
 
 # The wildcard that stands for a run's training seed in output patterns.
 SEED_WILDCARD = "{seed}"
@@ -37,6 +39,19 @@ def default_configfile(basedir: str) -> str:
     `snakemake -s .../workflow/Snakefile -d elsewhere` finds it too."""
     path = os.path.normpath(os.path.join(basedir, "..", "config", "config.yaml"))
     return path if os.path.relpath(path).startswith("..") else os.path.relpath(path)
+
+
+def compose_config(config: dict, configfiles: Iterable[object], overrides: Mapping) -> dict:
+    """Snakemake's `config` rebuilt in place from its files as the stages read a file
+    (`read_config`: a preset's `extends` resolved, `1e-4` a number), merged in order as Snakemake
+    merges them, then the --config values on top."""
+    merged: dict = {}
+    for path in configfiles:
+        merged = deep_merge(merged, read_config(str(path)))
+    merged = deep_merge(merged, overrides)
+    config.clear()
+    config.update(merged)
+    return config
 
 
 def check_config(config: dict, source: str) -> Plan:
@@ -59,12 +74,68 @@ def one_of(names: Iterable[str]) -> str:
 
 def settings(config: Mapping, *sections: str, **extra: object) -> str:
     """A canonical JSON string of config sections (and extra values): a job's `params` entry, so
-    that the job reruns when one of them changes."""
-    picked = {s: config[s] for s in sections}
+    that the job reruns when one of them changes. A section absent from `config` (all defaults,
+    see `without_defaults`) is left out."""
+    picked = {s: config[s] for s in sections if s in config}
     picked.update(extra)
     # Snakemake reads "{name}" in a params string as a wildcard: a `{` before a name can only be
     # inside a JSON string (a template such as evaluate.class_prompt), where \u007b is the same text.
     return re.sub(r"\{(?=\s*[.\w])", r"\\u007b", json.dumps(picked, sort_keys=True, default=str))
+
+
+# The config sections each rule's results depend on (its `params.settings`, Plan.rule_settings);
+# a distillation run's are Plan.distill_settings.
+RULE_SECTIONS = {"teacher": ("seed", "data", "network", "teacher"), "fetch": ("network", "fetch"),
+                 "evaluate": ("seed", "data", "evaluate")}
+
+
+def _same(a: Any, b: Any) -> bool:
+    # JSON equality: 1 == 1.0 == True in Python, but a setting of another type is a setting.
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def _deref(schema: Mapping, root: Mapping) -> Mapping:
+    while "$ref" in schema:
+        node = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        schema = node
+    return schema
+
+
+def without_defaults(value: Any, schema: Mapping, root: Mapping | None = None) -> Any:
+    """`value` (a validated config, or a part of it described by `schema`) without the settings
+    equal to their schema default, at every level: what the config sets. Filling the defaults in
+    again gives `value` back, so jobs' params made of it change when a setting does, and not when
+    the schema gains a key with a default (an upgrade keeps a finished folder's results; a changed
+    default is, like changed stage code, not seen: --forcerun what it affects). Only a
+    key's own `default` counts, as when defaults are filled: a run's setting that refers to a
+    `distill` one has none (it replaces the section's value, whatever it is)."""
+    root = schema if root is None else root
+    schema = _deref(schema, root)
+    if isinstance(value, dict):
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        out = {}
+        for key, item in value.items():
+            sub = props.get(key, extra if isinstance(extra, Mapping) else None)
+            if sub is None:
+                out[key] = item
+                continue
+            item = without_defaults(item, sub, root)
+            if not ("default" in sub and _same(item, without_defaults(sub["default"], sub, root))):
+                out[key] = item
+        return out
+    if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        return [without_defaults(item, schema["items"], root) for item in value]
+    return value
+
+
+def run_settings_schema(schema: Mapping) -> dict:
+    """The schema of a run's merged settings (`run_config`): `distill`'s settings, with their
+    defaults, and a run's own keys (any key of a run that is not a `distill` setting)."""
+    distill = {k: v for k, v in schema["properties"]["distill"]["properties"].items() if k != "runs"}
+    own = {k: v for k, v in schema["definitions"]["run"]["properties"].items() if k not in distill}
+    return {"type": "object", "properties": distill | own}
 
 
 def evaluated_model(name: str) -> tuple[str, str | None]:
@@ -109,6 +180,9 @@ class Plan:
 
     def __init__(self, config: dict):
         self.config = config
+        # What the config sets (defaults left out): what jobs' params are made of.
+        self.schema = load_schema()
+        self.set_config = without_defaults(config, self.schema)
         self.results = config["results_dir"]
         self.exp = f"{self.results}/{config['experiment']}"
         self.logs = f"{self.exp}/logs"
@@ -224,8 +298,15 @@ class Plan:
         return run if self.seeds is None else f"seed{seed}/{run}"
 
     def distill_settings(self, run: str) -> str:
-        """What a run's result depends on: `settings` of its sections and its merged run config."""
-        return settings(self.config, "seed", "data", "network", run=run_config(self.config, run))
+        """What a run's result depends on: `settings` of its sections and its merged run config,
+        each without the values equal to their schema default."""
+        run_settings = without_defaults(run_config(self.config, run), run_settings_schema(self.schema), self.schema)
+        return settings(self.set_config, "seed", "data", "network", run=run_settings)
+
+    def rule_settings(self, rule: str) -> str:
+        """What a job of `rule` (RULE_SECTIONS) depends on: its sections without their default
+        values, and for the fetch job what else its outputs depend on (`fetch_settings`)."""
+        return settings(self.set_config, *RULE_SECTIONS[rule], **(self.fetch_settings if rule == "fetch" else {}))
 
     # ---- evaluations and exports ----------------------------------------------------------
     def evaluate_inputs(self, name: str) -> dict[str, str]:

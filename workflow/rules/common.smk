@@ -7,7 +7,7 @@ import os
 import sys
 
 from sida.run import jobs
-from sida.run.workflow import first_output_dir, one_of, settings as config_settings, wildcard_names
+from sida.run.workflow import first_output_dir, one_of, wildcard_names
 
 JOBS = jobs.RuleJobs(config)
 
@@ -18,7 +18,6 @@ IMAGE = PLAN.image
 RUNS = PLAN.runs
 SEEDS = PLAN.seeds
 FETCH_OUTPUTS = PLAN.fetch_outputs
-FETCH_SETTINGS = PLAN.fetch_settings
 EVALUATIONS = PLAN.evaluations
 EVALUATION_GRIDS = PLAN.evaluation_grids
 TRAINING_METRICS = PLAN.training_metrics
@@ -43,13 +42,10 @@ run_log = PLAN.run_log
 distill_inputs = PLAN.distill_inputs
 run_priority = PLAN.run_priority
 distill_settings = PLAN.distill_settings
+rule_settings = PLAN.rule_settings
 rule_resources = JOBS.resources
 rule_threads = JOBS.threads
 launcher = JOBS.launcher
-
-
-def settings(*sections, **extra):
-    return config_settings(config, *sections, **extra)
 
 
 def stage_threads_arg(rule):

@@ -22,7 +22,7 @@ rule evaluate:
         name=evaluate_name_args,
         launch=launcher("evaluate"),
         threads=stage_threads_arg("evaluate"),
-        settings=settings("seed", "data", "evaluate"),
+        settings=rule_settings("evaluate"),
     threads: rule_threads("evaluate")
     resources:
         **rule_resources("evaluate"),

@@ -20,7 +20,7 @@ rule teacher:
         out=output_dir,
         launch=launcher("teacher"),
         threads=stage_threads_arg("teacher"),
-        settings=settings("seed", "data", "network", "teacher"),
+        settings=rule_settings("teacher"),
     threads: rule_threads("teacher")
     resources:
         **rule_resources("teacher"),
@@ -40,7 +40,7 @@ rule fetch:
         config=CONFIG_RESOLVED,
         out=output_dir,
         launch=launcher("fetch"),
-        settings=settings("network", "fetch", **FETCH_SETTINGS),
+        settings=rule_settings("fetch"),
     threads: rule_threads("fetch")
     resources:
         **rule_resources("fetch"),
