@@ -1,0 +1,161 @@
+"""Zero-shot COCO evaluation wired into the evaluate stage (sida.eval.zero_shot_eval): a tiny
+random Stable Diffusion pipeline (its VAE makes 16x16 RGB images) is scored over two runs on a
+folder of three captions and a few RGB "COCO" images, with a tiny open_clip model and a pool
+extractor standing in for clean-mode Inception. Checked by hand: the caption every seed got, and
+each run's FID and CLIP score recomputed from images sampled here; bad settings fail in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import yaml
+from PIL import Image
+
+from conftest import REPO
+from sd_assets import save_tiny_sd_pipeline
+from zero_shot_assets import TINY_CLIP, PoolExtractor, save_tiny_clip
+
+CAPTIONS = ["a red bus", "two dogs on a bench", "a bowl of fruit"]
+SIGMA_INIT = 2.5
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from sida.io.checkpoints import save_network
+    from sida.io.diffusers_teacher import load_teacher
+
+    root = tmp_path_factory.mktemp("zero_shot_eval")
+    folder = save_tiny_sd_pipeline(root / "sd", "epsilon")
+    save_network(root / "net.pt", load_teacher(folder))
+    (root / "captions.txt").write_text("\n".join(CAPTIONS) + "\n")
+    rng = np.random.default_rng(0)
+    (root / "val2014").mkdir()
+    for i, (h, w) in enumerate([(12, 20), (16, 16), (20, 10), (9, 14), (15, 11)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "val2014" / f"{i}.png")
+    clip = save_tiny_clip(root)
+    raw = yaml.safe_load((REPO / "config" / "ci-sd.yaml").read_text())
+    raw["teacher"]["path"] = str(folder)
+    raw["results_dir"] = str(root / "results")
+    raw["distill"]["sigma_init"] = SIGMA_INIT
+    raw["evaluate"] = {
+        "data": None, "class_prompt": None, "extractor": "inception", "inception_mode": "clean",
+        "prompts": str(root / "captions.txt"), "coco": {"images": str(root / "val2014"), "resolution": 8},
+        "clip": {"model": TINY_CLIP, "weights": str(clip)}, "num_runs": 2, "num_samples": 5, "batch": 2,
+        "teacher_steps": 2, "teacher_guidance": 1.5, "inception_score": False, "precision_recall": False,
+        "grid_size": 2, "during_training": {"num_samples": 4}}
+    (root / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    return root
+
+
+@pytest.fixture
+def encoded(monkeypatch):
+    """Every prompt list the text encoder is asked for, in order; the pool extractor for Inception."""
+    from sida.io.text_encoder import TextEncoder
+
+    calls: list[list[str]] = []
+    encode = TextEncoder.encode
+
+    def recording(self, prompts):
+        calls.append(list(prompts))
+        return encode(self, prompts)
+
+    monkeypatch.setattr(TextEncoder, "encode", recording)
+    monkeypatch.setattr("sida.eval.evaluation.build_extractor", lambda cfg, device="cpu": PoolExtractor())
+    return calls
+
+
+def _evaluate(root: Path, kind: str, *sets: str) -> dict:
+    from stages.evaluate import main
+
+    out = root / kind / "metrics.json"
+    main(["--config", str(root / "cfg.yaml"), "--network", str(root / "net.pt"), "--kind", kind, "--name", kind,
+          "--out", str(out), *[a for s in sets for a in ("--set", s)]])
+    return json.loads(out.read_text())
+
+
+def _fid(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance of two feature sets, from its formula."""
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * root))
+
+
+def test_generator_runs_by_hand(setup, encoded):
+    from sida.eval.clip_score import ClipScorer
+    from sida.eval.coco import prepare_image, prepare_images
+    from sida.io.checkpoints import load_network
+    from sida.io.text_run import text_encoder_of, vae_of
+    from sida.nets.sampler import one_step_generate
+
+    m = _evaluate(setup, "generator")
+    # the grid's two rows are the first two captions; then seed s is sampled with caption s mod 3
+    assert encoded[0] == CAPTIONS[:2]
+    assert encoded[1:] == [[CAPTIONS[s % 3] for s in b] for b in ([0, 1], [2, 3], [4], [5, 6], [7, 8], [9])]
+    assert m["metric"] == "fid" and m["seeds"] == [[0, 4], [5, 9]] and m["nfe"] == 1
+    assert m["reference"]["source"] == "coco" and m["reference"]["num_images"] == 5
+    assert m["zero_shot"]["num_captions"] == 3 and m["zero_shot"]["clip"]["model"] == TINY_CLIP
+    assert all(r["class_counts"] is None for r in m["runs"]) and "alignment" not in m["summary"]
+    assert any("5 samples per run" in n for n in m["notes"])  # not the protocol's 30,000
+
+    # By hand: each seed's noise, caption, one step at sigma_init, the VAE, crop + resize to 8 px.
+    net = load_network(setup / "net.pt")
+    encoder, vae = text_encoder_of(net, "cpu"), vae_of(net, "cpu")
+    real = [prepare_image(Image.open(p), 8) for p in sorted((setup / "val2014").iterdir())]
+    ref_feats = PoolExtractor()(torch.from_numpy(np.stack(real)).permute(0, 3, 1, 2))[0].double().numpy()
+    scorer = ClipScorer(TINY_CLIP, setup / "tiny.bin")
+    for run, (first, last) in zip(m["runs"], m["seeds"]):
+        seeds = range(first, last + 1)
+        prompts = [CAPTIONS[s % 3] for s in seeds]
+        z = torch.stack([torch.randn([4, 8, 8], generator=torch.Generator().manual_seed(s)) for s in seeds])
+        with torch.no_grad():
+            images = vae.decode(one_step_generate(net, z, encoder.encode(prompts), sigma_init=SIGMA_INIT))
+        assert images.shape == (5, 3, 16, 16)
+        prepared = prepare_images(images, 8)
+        feats = PoolExtractor()(prepared)[0].double().numpy()
+        assert run["fid"] == pytest.approx(_fid(feats, ref_feats), rel=1e-4)
+        assert run["clip_score"] == pytest.approx(float(scorer.score(prepared, prompts).mean()), abs=1e-5)
+    for key in ("fid", "clip_score"):  # summaries with standard errors, as for every metric
+        s = m["summary"][key]
+        assert s["values"] == [r[key] for r in m["runs"]] and s["se"] == pytest.approx(abs(np.diff(s["values"])[0]) / 2)
+
+
+def test_teacher_guided(setup, encoded):
+    m = _evaluate(setup, "teacher", "evaluate.num_runs=1")
+    assert m["nfe"] == 2 * (2 * 2 - 1)  # Heun in 2 steps, each guided step on prompt and empty prompt
+    assert set(m["summary"]) == {"fid", "clip_score"} and np.isfinite(m["summary"]["clip_score"]["mean"])
+    assert encoded[1:] == [[CAPTIONS[s % 3] for s in b] for b in ([0, 1], [2, 3], [4])]
+
+
+def test_bad_settings_one_line(setup, tmp_path):
+    from sida.errors import AssetError, ConfigError
+    from sida.eval.zero_shot_eval import prepare_zero_shot
+    from sida.io.checkpoints import load_network
+    from sida.nets.precond import EDMPrecond
+    from sida.run.config import load_config
+    from sida.run.dist import DistInfo
+
+    cfg = load_config(setup / "cfg.yaml")
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    net = load_network(setup / "net.pt")
+    pixel = EDMPrecond(img_resolution=8, img_channels=1, label_dim=10, model_type="SongUNet", model_channels=16,
+                       channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    cases = [
+        (pixel, {}, ConfigError, "network edm.pt is not conditioned on text: unset evaluate.coco"),
+        (net, {"prompts": str(tmp_path / "missing.txt")}, AssetError, "captions file .*missing.txt does not exist"),
+        (net, {"coco": None}, ConfigError, "evaluate.clip scores samples against their COCO captions"),
+        (net, {"extra_extractors": ["dinov2"]}, ConfigError, "extra_extractors are not computed"),
+    ]
+    for network, evaluate, error, match in cases:
+        bad = {**cfg, "evaluate": {**cfg["evaluate"], **evaluate}}
+        with pytest.raises(error, match=match) as exc:
+            prepare_zero_shot(bad, network, "edm.pt", PoolExtractor(), info)
+        assert "\n" not in str(exc.value)
+    # neither coco nor clip: the class-prompt path (None), whatever the network
+    off = {**cfg, "evaluate": {**cfg["evaluate"], "coco": None, "clip": None}}
+    assert prepare_zero_shot(off, net, "net.pt", PoolExtractor(), info) is None
