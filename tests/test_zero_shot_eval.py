@@ -159,3 +159,44 @@ def test_bad_settings_one_line(setup, tmp_path):
     # neither coco nor clip: the class-prompt path (None), whatever the network
     off = {**cfg, "evaluate": {**cfg["evaluate"], "coco": None, "clip": None}}
     assert prepare_zero_shot(off, net, "net.pt", PoolExtractor(), info) is None
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_numbers(setup, tmp_path):
+    """torchrun with 2 ranks: each samples every other seed, the main rank computes the COCO
+    reference while the other waits and then reads its cache; FID, CLIP score and the monitor's
+    FID of the first seeds equal one process's (a random Inception-v3 of the real architecture,
+    in clean mode)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from sida.eval.features import make_random_inception_file
+
+    inception = make_random_inception_file(tmp_path / "inception.pt")
+    # the stage, with the tiny CLIP registered in the process (open_clip knows it only from its file)
+    (tmp_path / "evaluate.py").write_text(
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); import open_clip\n"
+        f"open_clip.add_model_config({str(setup / (TINY_CLIP + '.json'))!r})\n"
+        "from sida.run.cli import run_stage; from stages.evaluate import main; run_stage(main)\n")
+    values = {}
+    for procs in (1, 2):
+        out = tmp_path / str(procs) / "metrics.json"
+        args = [str(tmp_path / "evaluate.py"), "--config", str(setup / "cfg.yaml"), "--network", str(setup / "net.pt"),
+                "--kind", "generator", "--name", "g", "--out", str(out)]
+        for s in (f"evaluate.inception_weights={inception}", f"results_dir={tmp_path / str(procs)}",
+                  "evaluate.num_runs=1", "evaluate.during_training.every_kimg=1"):
+            args += ["--set", s]
+        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+        cmd = [sys.executable, *args] if procs == 1 else [torchrun, "--standalone", "--nproc-per-node", "2", *args]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        m = json.loads(out.read_text())
+        assert m["world_size"] == procs and m["extractor"]["feature_dim"] == 2048
+        values[procs] = {**m["runs"][0], "monitor": m["monitor"]["fid"]}
+    assert values[2]["fid"] == pytest.approx(values[1]["fid"], rel=1e-5)
+    assert values[2]["clip_score"] == pytest.approx(values[1]["clip_score"], abs=1e-6)
+    # the FID of the first 4 of the 5 seeds: the same only when the ranks' features are put back in seed order
+    assert values[2]["monitor"] == pytest.approx(values[1]["monitor"], rel=1e-5)
