@@ -125,6 +125,19 @@ def test_generator_runs_by_hand(setup, encoded):
         assert s["values"] == [r[key] for r in m["runs"]] and s["se"] == pytest.approx(abs(np.diff(s["values"])[0]) / 2)
 
 
+
+def test_eval_spread_scores_as_the_stage(setup, encoded, capsys):
+    """bench.eval_spread on the zero-shot path: the FIDs of the same seed ranges as the stage's runs."""
+    from bench.eval_spread import main
+
+    m = _evaluate(setup, "generator")
+    capsys.readouterr()
+    main(["--config", str(setup / "cfg.yaml"), "--network", str(setup / "net.pt"), "--runs", "2", "--samples", "5",
+          "--latents", "iid", "--seed", "0"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["results"][0]["values"] == pytest.approx(m["summary"]["fid"]["values"], rel=1e-6)
+
+
 def test_teacher_guided(setup, encoded):
     m = _evaluate(setup, "teacher", "evaluate.num_runs=1")
     assert m["nfe"] == 2 * (2 * 2 - 1)  # Heun in 2 steps, each guided step on prompt and empty prompt
