@@ -161,7 +161,8 @@ def test_bad_settings_one_line(setup, tmp_path):
     cases = [
         (pixel, {}, ConfigError, "network edm.pt is not conditioned on text: unset evaluate.coco"),
         (net, {"prompts": str(tmp_path / "missing.txt")}, AssetError, "captions file .*missing.txt does not exist"),
-        (net, {"coco": None}, ConfigError, "evaluate.clip scores samples against their COCO captions"),
+        (net, {"coco": None}, ConfigError, "evaluate.clip scores .* against their COCO captions: set evaluate.coco"),
+        (pixel, {"coco": None}, ConfigError, "evaluate.clip scores .* against their COCO captions: set evaluate.coco"),
         (net, {"extra_extractors": ["dinov2"]}, ConfigError, "extra_extractors are not computed"),
     ]
     for network, evaluate, error, match in cases:

@@ -70,9 +70,9 @@ def prepare_zero_shot(cfg: dict, net: torch.nn.Module, path: str, extractor: Ext
     ConfigError when the settings do not fit the network."""
     ev = cfg["evaluate"]
     if ev.get("coco") is None:
-        if ev.get("clip") is not None and is_text_network(net):
-            raise ConfigError("evaluate.clip scores samples against their COCO captions: set evaluate.coco (and "
-                              "evaluate.prompts) too, or unset evaluate.clip")
+        if ev.get("clip") is not None:  # nothing else draws the captions it scores against
+            raise ConfigError("evaluate.clip scores a text network's samples against their COCO captions: set "
+                              "evaluate.coco (and evaluate.prompts) too, or unset evaluate.clip")
         return None
     if not is_text_network(net):
         raise ConfigError(f"evaluate.coco scores a text-to-image network on captions, but network {path} is not "
