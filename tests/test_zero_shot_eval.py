@@ -102,6 +102,7 @@ def test_generator_runs_by_hand(setup, encoded):
     assert m["zero_shot"]["num_captions"] == 3 and m["zero_shot"]["clip"]["model"] == TINY_CLIP
     assert all(r["class_counts"] is None for r in m["runs"]) and "alignment" not in m["summary"]
     assert any("5 samples per run" in n for n in m["notes"])  # not the protocol's 30,000
+    assert not any("precision/recall" in n for n in m["notes"])  # off here; said when it is asked for
 
     # By hand: each seed's noise, caption, one step at sigma_init, the VAE, crop + resize to 8 px.
     net = load_network(setup / "net.pt")
@@ -139,7 +140,8 @@ def test_eval_spread_scores_as_the_stage(setup, encoded, capsys):
 
 
 def test_teacher_guided(setup, encoded):
-    m = _evaluate(setup, "teacher", "evaluate.num_runs=1")
+    m = _evaluate(setup, "teacher", "evaluate.num_runs=1", "evaluate.precision_recall=true")
+    assert "precision/recall skipped: the COCO reference statistics keep no image features" in m["notes"]
     assert m["nfe"] == 2 * (2 * 2 - 1)  # Heun in 2 steps, each guided step on prompt and empty prompt
     assert set(m["summary"]) == {"fid", "clip_score"} and np.isfinite(m["summary"]["clip_score"]["mean"])
     assert encoded[1:] == [[CAPTIONS[s % 3] for s in b] for b in ([0, 1], [2, 3], [4])]

@@ -83,7 +83,8 @@ def prepare_zero_shot(cfg: dict, net: torch.nn.Module, path: str, extractor: Ext
     notes = check_zero_shot(cfg)
     captions = load_prompts(cfg)
     ref = _reference(cfg, extractor, info)
-    ref.notes += notes
+    ref.notes += notes + (["precision/recall skipped: the COCO reference statistics keep no image features"]
+                          if ev["precision_recall"] else [])
     zs = ZeroShot(captions, coco_resolution(cfg), text_encoder_of(net, info.device).encode,
                   build_clip_scorer(cfg, info.device), ev["coco"]["protocol"])
     return zs, ref
