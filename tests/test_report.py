@@ -34,7 +34,8 @@ def _evaluation(path: Path, name: str, kind: str, nfe: int, values: list[float],
         "metric_label": "FD (digits classifier)", "mode": "digits_classifier", "labels": "balanced",
         "num_runs": len(values), "num_samples": 2000, "seeds": [[0, 1999], [2000, 3999], [4000, 5999]],
         "extractor": {"name": "digits_classifier", "sha256": "ab" * 32}, "reference": {"sha256": "cd" * 32},
-        "summary": {"fd": stat, "is": stat, **({} if clip is None else {"clip_score": _stat(clip)})}, "monitor": None if monitor is None else {"fd": monitor},
+        "summary": {"fd": stat, "is": stat, **({} if clip is None else {"clip_score": _stat(clip)})},
+        "monitor": None if monitor is None else {"fd": monitor},
         **({} if label is None else {"label": label, "steps": nfe})}))
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(path.parent / "samples.png")
 
