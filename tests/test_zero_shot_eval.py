@@ -216,3 +216,23 @@ def test_two_processes_give_the_one_process_numbers(setup, tmp_path):
     assert values[2]["clip_score"] == pytest.approx(values[1]["clip_score"], abs=1e-6)
     # the FID of the first 4 of the 5 seeds: the same only when the ranks' features are put back in seed order
     assert values[2]["monitor"] == pytest.approx(values[1]["monitor"], rel=1e-5)
+
+
+def test_kept_runs_are_taken_on_a_rerun(setup, encoded, tmp_path):
+    """A rerun takes each finished run's FID and CLIP score from the kept file, sampling nothing."""
+    from sida.eval.evaluation import evaluate_network
+    from sida.eval.prompting import evaluation_view
+    from sida.run import dist
+    from sida.run.config import load_config
+
+    cfg = evaluation_view(load_config(setup / "cfg.yaml", ["evaluate.num_runs=1"]))
+    info = dist.init("cpu", 1)
+    try:
+        first, _ = evaluate_network(cfg, setup / "net.pt", "generator", "g", info, keep=(tmp_path, "m"))
+        assert len(list(tmp_path.glob("m.run0.*.pt"))) == 1 and len(encoded) == 1 + 3  # grid, 3 batches
+        again, _ = evaluate_network(cfg, setup / "net.pt", "generator", "g", info, keep=(tmp_path, "m"))
+    finally:
+        dist.shutdown()
+    assert len(encoded) == 1 + 3 + 1  # only the grid's prompts again
+    assert again["runs"][0]["fid"] == first["runs"][0]["fid"]
+    assert again["runs"][0]["clip_score"] == first["runs"][0]["clip_score"]
