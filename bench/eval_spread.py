@@ -29,6 +29,7 @@ def _list(text: str, kind: type) -> list:
 def main(argv: list[str] | None = None) -> None:
     from sida.eval.evaluation import prepare_evaluand
     from sida.eval.extract import extract_generated
+    from sida.eval.zero_shot_eval import zero_shot_run
     from sida.eval.metrics import feature_stats, frechet_distance
     from sida.eval.noise import LATENT_MODES, seed_ranges
     from sida.run import dist
@@ -64,8 +65,13 @@ def main(argv: list[str] | None = None) -> None:
         for mode in latents:
             t0, values = time.time(), []
             for seeds in seed_ranges(args.seed, args.runs, n):
-                feats, _ = extract_generated(e.extractor, e.generate, seeds, e.shape, label_dim, ev["batch"], info,
-                                             desc=f"{mode} {n}", want_probs=False, labels=ev["labels"], latents=mode)
+                if e.zero_shot is not None:  # a text network on COCO captions: each seed's caption
+                    feats = zero_shot_run(e.zero_shot, e.extractor, e.generate, seeds, e.shape, ev["batch"], info,
+                                          desc=f"{mode} {n}", latents=mode)[0]
+                else:
+                    feats, _ = extract_generated(e.extractor, e.generate, seeds, e.shape, label_dim, ev["batch"],
+                                                 info, desc=f"{mode} {n}", want_probs=False, labels=ev["labels"],
+                                                 latents=mode)
                 values.append(frechet_distance(*feature_stats(feats), e.ref.mu, e.ref.sigma))
             v = np.asarray(values)
             row = {"latents": mode, "samples": n, "runs": args.runs, "mean": float(v.mean()),

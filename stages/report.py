@@ -90,7 +90,9 @@ def _results_table(rows: list[dict], label: str) -> tuple[list[str], list[list[s
     extra = list(dict.fromkeys((x["metric"], x["metric_label"]) for r in rows for x in r.get("extra") or []))
     head += [f"{lab} ± SE" for _, lab in extra]  # extra feature networks, of the same samples
     aligned = any(r.get("alignment") for r in rows)  # text-to-image networks on class-labelled data
+    clip = any(r.get("clip_score") for r in rows)  # text-to-image networks on COCO captions
     head += ["IS ± SE", "precision ± SE", "recall ± SE"] + (["prompt alignment ± SE"] if aligned else [])
+    head += ["CLIP score ± SE"] if clip else []
     head += (["training seeds"] if seeded else []) + ["runs × samples"]
     body = []
     for r in rows:
@@ -103,21 +105,23 @@ def _results_table(rows: list[dict], label: str) -> tuple[list[str], list[list[s
         cells += [_with_se(r["is"], 2), _with_se(r["precision"], 3), _with_se(r["recall"], 3)]
         if aligned:
             cells.append(_with_se(r.get("alignment"), 3))
+        if clip:
+            cells.append(_with_se(r.get("clip_score"), 4))
         if seeded:
             cells.append("–" if not r["train_seeds"] else ", ".join(map(str, r["train_seeds"])))
         body.append(cells + [f"{r['num_runs']} × {r['num_samples']:,}"])
     return head, body
 
 
-def _comparison_table(comps: list[dict], label: str) -> tuple[list[str], list[list[str]]]:
+def _comparison_table(comps: list[dict], label: str, digits: int = 3) -> tuple[list[str], list[list[str]]]:
     head = ["difference", f"Δ {label}", "95 % interval", "paired over", "verdict"]
     body = []
     for c in comps:
         if c.get("unit") is None:
             body.append([f"{c['a_label']} − {c['b_label']}", "–", "–", "–", c["verdict"]])
             continue
-        ci = "–" if c["ci"] is None else f"[{_signed(c['ci'][0], 3)}, {_signed(c['ci'][1], 3)}]"
-        body.append([f"{c['a_label']} − {c['b_label']}", _signed(c["mean"], 3), ci, f"{c['n']} {c['unit']}",
+        ci = "–" if c["ci"] is None else f"[{_signed(c['ci'][0], digits)}, {_signed(c['ci'][1], digits)}]"
+        body.append([f"{c['a_label']} − {c['b_label']}", _signed(c["mean"], digits), ci, f"{c['n']} {c['unit']}",
                      c["verdict"]])
     return head, body
 
@@ -201,8 +205,15 @@ def _blocks(cfg: dict, rows: list[dict], comps: list[dict], spread: dict | None,
     if rows:
         b += [("table", *_results_table(rows, label)), ("p", _protocol_sentence(rows)),
               ("p", _spread_sentence(spread, label))]
-        if comps:
-            b += [("h2", "Differences between models"), ("table", *_comparison_table(comps, label))]
+        from sida.eval.summary import PAIRED_KEYS
+
+        main = [c for c in comps if c["metric"] not in PAIRED_KEYS]
+        if main:
+            b += [("h2", "Differences between models"), ("table", *_comparison_table(main, label))]
+        clip = [c for c in comps if c["metric"] == "clip_score"]
+        if clip:
+            b += [("h2", "Differences in CLIP score (higher is better)"),
+                  ("table", *_comparison_table(clip, "CLIP score", 4))]
         b += _reach_blocks(reach, label, {run: spec.get("label") or run for run, spec in cfg["distill"]["runs"].items()})
         extractors = sorted({(r["extractor"], r["mode"], r["extractor_sha256"][:12]) for r in rows})
         b.append(("p", "Features: " + "; ".join(f"{n} ({m}, sha256 {h}…)" for n, m, h in extractors) + "."))

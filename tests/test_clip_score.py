@@ -4,7 +4,6 @@ preprocessing is checked on hand-made images, and bad inputs fail in one line.""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -14,9 +13,8 @@ import torch.nn.functional as F
 from sida.errors import AssetError, ConfigError, DataError
 from sida.eval.clip_score import GIGAGAN_PREFIX, ClipScorer
 from sida.io.images import quantize
+from zero_shot_assets import CLIP_SIZE as SIZE, TINY_CLIP as TINY, save_tiny_clip
 
-TINY = "sida-tiny-clip"
-SIZE = 16
 # open_clip's default (OpenAI) normalisation, which ViT-g-14's laion2b weights use too.
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
@@ -25,18 +23,7 @@ SOT, EOT = 49406, 49407
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    import open_clip
-
-    d = tmp_path_factory.mktemp("clip")
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": SIZE, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (d / f"{TINY}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(d / f"{TINY}.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY, pretrained=None, pretrained_text=False)
-    torch.save(model.state_dict(), d / "tiny.bin")
-    return d / "tiny.bin"
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")

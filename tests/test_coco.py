@@ -16,8 +16,8 @@ from PIL import Image
 from sida.errors import AssetError, ConfigError, DataError
 from sida.eval.coco import (PROTOCOLS, center_crop_box, get_protocol, list_reference_images, prepare_image,
                             prepare_images, prompts_for_seeds, read_captions, reference_stats)
-from sida.eval.features import Extractor
 from sida.io.images import quantize
+from zero_shot_assets import PoolExtractor
 
 
 def test_captions_txt_pkl_json(tmp_path):
@@ -106,21 +106,6 @@ def test_prepare_generated_images():
     assert np.array_equal(out[1].permute(1, 2, 0).numpy(), prepare_image(one, 8))
 
 
-class _PoolExtractor(Extractor):
-    """Stands in for clean-mode Inception: features are the 2x2 average pool of the image (12-d),
-    so the statistics can be recomputed by hand."""
-
-    name, mode, feature_dim, sha256 = "inception", "clean", 12, "0" * 64
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, images: torch.Tensor):
-        self.calls += 1
-        return torch.nn.functional.adaptive_avg_pool2d(images.float(), 2).flatten(1), None
-
-
 def _write_images(folder, n: int = 7) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     arrays = []
@@ -137,7 +122,7 @@ def _write_images(folder, n: int = 7) -> list[np.ndarray]:
 
 def test_reference_stats_by_hand_cached_and_from_zip(tmp_path):
     arrays = _write_images(tmp_path / "val2014")
-    x = _PoolExtractor()
+    x = PoolExtractor()
     ref = reference_stats(tmp_path / "val2014", x, 4, tmp_path / "cache", batch=3, workers=2)
     feats = np.stack([np.asarray(prepare_image(Image.fromarray(a), 4), np.float64).transpose(2, 0, 1)
                       .reshape(3, 2, 2, 2, 2).mean((2, 4)).reshape(-1) for a in arrays])
@@ -152,22 +137,22 @@ def test_reference_stats_by_hand_cached_and_from_zip(tmp_path):
         for p in sorted((tmp_path / "val2014").rglob("*")):
             if p.is_file():
                 z.write(p, p.relative_to(tmp_path / "val2014").as_posix())
-    zref = reference_stats(tmp_path / "val2014.zip", _PoolExtractor(), 4, tmp_path / "cache2")
+    zref = reference_stats(tmp_path / "val2014.zip", PoolExtractor(), 4, tmp_path / "cache2")
     assert np.allclose(zref.mu, ref.mu) and np.allclose(zref.sigma, ref.sigma)
     assert len(list_reference_images(tmp_path / "val2014.zip")) == 7
 
 
 def test_reference_errors_one_line(tmp_path):
     with pytest.raises(AssetError, match="do not exist: run the fetch stage"):
-        reference_stats(tmp_path / "nope", _PoolExtractor(), 4, tmp_path / "cache")
+        reference_stats(tmp_path / "nope", PoolExtractor(), 4, tmp_path / "cache")
     (tmp_path / "empty").mkdir()
     with pytest.raises(AssetError, match="hold no images"):
         list_reference_images(tmp_path / "empty")
     (tmp_path / "empty" / "bad.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match="reference image bad.jpg in .* cannot be read") as exc:
-        reference_stats(tmp_path / "empty", _PoolExtractor(), 4, tmp_path / "cache")
+        reference_stats(tmp_path / "empty", PoolExtractor(), 4, tmp_path / "cache")
     assert "\n" not in str(exc.value) and not (tmp_path / "cache").exists()
-    legacy = _PoolExtractor()
+    legacy = PoolExtractor()
     legacy.mode = "legacy_tensorflow"
     with pytest.raises(ConfigError, match="evaluate.inception_mode: clean"):
         reference_stats(tmp_path / "empty", legacy, 4, tmp_path / "cache")

@@ -19,18 +19,23 @@ CONFIG = str(REPO / "config" / "config.yaml")
 T2 = 0.95 * math.sqrt(2 / 0.0975)  # t quantile 0.975 with 2 degrees of freedom, closed form
 
 
-def _evaluation(path: Path, name: str, kind: str, nfe: int, values: list[float], train_seed: int | None = None,
-                monitor: float | None = None, label: str | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _stat(values: list[float]) -> dict:
     sd = float(np.std(values, ddof=1))
-    stat = {"mean": float(np.mean(values)), "std": sd, "se": sd / math.sqrt(len(values)), "n": len(values),
+    return {"mean": float(np.mean(values)), "std": sd, "se": sd / math.sqrt(len(values)), "n": len(values),
             "values": values}
+
+
+def _evaluation(path: Path, name: str, kind: str, nfe: int, values: list[float], train_seed: int | None = None,
+                monitor: float | None = None, label: str | None = None, clip: list[float] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stat = _stat(values)
     path.write_text(json.dumps({
         "name": name, "kind": kind, "nfe": nfe, "train_seed": train_seed, "metric": "fd",
         "metric_label": "FD (digits classifier)", "mode": "digits_classifier", "labels": "balanced",
         "num_runs": len(values), "num_samples": 2000, "seeds": [[0, 1999], [2000, 3999], [4000, 5999]],
         "extractor": {"name": "digits_classifier", "sha256": "ab" * 32}, "reference": {"sha256": "cd" * 32},
-        "summary": {"fd": stat, "is": stat}, "monitor": None if monitor is None else {"fd": monitor},
+        "summary": {"fd": stat, "is": stat, **({} if clip is None else {"clip_score": _stat(clip)})},
+        "monitor": None if monitor is None else {"fd": monitor},
         **({} if label is None else {"label": label, "steps": nfe})}))
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(path.parent / "samples.png")
 
@@ -208,3 +213,25 @@ def test_quality_plot_names_runs_by_their_labels(tmp_path, monkeypatch):
     assert plots.plot_quality_vs_images(curves, ("fd",), {}, tmp_path / "q.png", "FD", ("teacher", 1.0),
                                         names={"dmd2": "DMD2", "sid": "sid"})
     assert seen["legend"][:2] == ["DMD2 (mean of 2 seeds, band min-max)", "sid"]
+
+
+def test_report_clip_score_column_and_paired_differences(tmp_path):
+    """Text networks scored on COCO captions: the CLIP score beside the other columns, and paired
+    over the same evaluation runs where both models have one (higher is better)."""
+    evals, jsonls, grids = _inputs(tmp_path)
+    _evaluation(evals[0], "sid", "generator", 1, [2.3, 2.2, 2.4], clip=[0.29, 0.30, 0.30])
+    _evaluation(evals[1], "teacher", "teacher", 35, [1.3, 1.4, 1.4], monitor=3.0, clip=[0.31, 0.32, 0.33])
+    out, res = _report(tmp_path, evals, jsonls, grids)
+    md = out.read_text()
+    # teacher: mean 0.32, std 0.01, se 0.01 / sqrt(3) = 0.0058; sida has none
+    assert "CLIP score ± SE" in md and "| 0.3200 ± 0.0058 |" in md
+    assert [r["clip_score"] is None for r in res["rows"]] == [False, False, True]
+    clip = [c for c in res["comparisons"] if c["metric"] == "clip_score"]
+    # sid - teacher per run: [-0.02, -0.02, -0.03]: mean -0.02333, std 0.005774, se 0.003333
+    assert [(c["a"], c["b"]) for c in clip] == [("sid", "teacher")]
+    c = clip[0]
+    assert c["mean"] == pytest.approx(-0.0233333, abs=1e-6) and c["n"] == 3
+    assert c["ci"] == pytest.approx([-0.0233333 - T2 * 0.0033333, -0.0233333 + T2 * 0.0033333], abs=1e-6)
+    assert c["verdict"] == "teacher is better"  # the higher CLIP score
+    assert "Differences in CLIP score (higher is better)" in md and "| sid − teacher | -0.0233 |" in md
+    assert len([c for c in res["comparisons"] if c["metric"] == "fd"]) == 3  # the main metric's pairs unchanged

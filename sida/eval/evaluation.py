@@ -1,7 +1,8 @@
 """Evaluation of one network (the job behind `stages.evaluate`): `num_runs` runs of
 `num_samples` samples, each scored against the reference statistics.
 
-- `prepare_evaluand`: the network, its sampler, the feature network and its reference.
+- `prepare_evaluand`: the network, its sampler, the feature network and its reference (a text
+  network with `evaluate.coco`: the zero-shot COCO protocol of `sida.eval.zero_shot_eval`).
 - `score_run`: FD/FID, IS and precision/recall of one run's features.
 - `evaluate_network`: every run (kept on disk as it finishes, see `RunStore`), the summaries with
   their standard errors, the value at the training monitor's sample count, the sample grid, and
@@ -34,9 +35,10 @@ from .refstats import Reference, get_reference
 from ..io.text_run import is_text_network, vae_of
 from .alignment import prompt_alignment
 from .noise import latents_for_seeds
-from .prompting import ClassPrompts, GuidedDenoiser, check_text_network, class_prompts, text_generate
+from .prompting import ClassPrompts, check_text_network, class_prompts, text_generate, text_sampler
 from .sampling import GenerateFn, check_network, decode_fn, generator_sigmas, make_generate, sample_grid
 from .stats import summarize
+from .zero_shot_eval import ZeroShot, prepare_zero_shot, zero_shot_run
 
 __all__ = ["score_run", "extractor_config", "Evaluand", "prepare_evaluand", "evaluate_network"]
 
@@ -98,7 +100,8 @@ class Evaluand:
     extractor: Extractor
     ref: Reference
     decode: Callable | None
-    prompts: ClassPrompts | None = None  # a text network's prompt per class
+    prompts: ClassPrompts | None = None  # a text network's prompt per class (zero-shot: per grid row)
+    zero_shot: ZeroShot | None = None  # scored on COCO captions (`sida.eval.zero_shot_eval`)
 
 
 def prepare_evaluand(cfg: dict, network: str | Path, kind: str, info: dist.DistInfo, steps: int = 1,
@@ -110,6 +113,7 @@ def prepare_evaluand(cfg: dict, network: str | Path, kind: str, info: dist.DistI
 
     net = load_network(network, info.device)
     extractor = build_extractor(cfg, info.device)
+    zero_shot = prepare_zero_shot(cfg, net, str(network), extractor, info)
     if not is_text_network(net):
         res, ch, label_dim = check_network(net, cfg, str(network))
         extractor.check_images(res, ch, f"network {network}")
@@ -117,22 +121,22 @@ def prepare_evaluand(cfg: dict, network: str | Path, kind: str, info: dist.DistI
         decode = decode_fn(cfg, info.device)
         generate, nfe = make_generate(net, kind, cfg, decode, steps)
         return Evaluand(net, generate, nfe, (ch, res, res), label_dim, extractor, ref, decode)
-    # A text network: its images (decoded by its pipeline's VAE) against the evaluation data, a
-    # prompt per class, the teacher under guidance.
+    # A text network: its images decoded by its pipeline's VAE, the teacher under guidance; scored
+    # on COCO captions (zero-shot) or, on class-labelled data, with a prompt per class.
     vae = vae_of(net, info.device)
     decode = None if vae is None else vae.decode
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)  # the noise is the network's (latents)
+    if zero_shot is not None:
+        zs, ref = zero_shot
+        net, generate, nfe = text_sampler(net, kind, cfg, decode, steps)
+        return Evaluand(net, generate, nfe, shape, 0, extractor, ref, decode,
+                        zs.grid_prompts(cfg["evaluate"]["grid_size"]), zs)
     res, ch, label_dim = check_text_network(net, cfg, str(network), decode)
     extractor.check_images(res, ch, f"network {network}")
     ref = get_reference(cfg, extractor, info, res, need_features=need_features)
-    res, ch = net.img_resolution, net.img_channels  # the noise is the network's (latents)
-    if kind == "teacher":
-        net = GuidedDenoiser(net, cfg["evaluate"]["teacher_guidance"])
+    net, generate, nfe = text_sampler(net, kind, cfg, decode, steps)
     prompts = class_prompts(cfg, net, info.device)
-    generate, nfe = make_generate(net, kind, cfg, decode, steps)
-    if kind == "teacher" and cfg["evaluate"]["teacher_guidance"] != 1:
-        nfe *= 2  # each guided step runs the network on the conditional and the empty prompt
-    return Evaluand(net, text_generate(generate, prompts), nfe, (ch, res, res), label_dim, extractor, ref, decode,
-                    prompts)
+    return Evaluand(net, text_generate(generate, prompts), nfe, shape, label_dim, extractor, ref, decode, prompts)
 
 
 def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info: dist.DistInfo,
@@ -155,7 +159,7 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
     net, extractor, ref, decode, generate, nfe, label_dim = (e.net, e.extractor, e.ref, e.decode, e.generate, e.nfe,
                                                              e.label_dim)
     # Text networks on class-labelled data: how often the classifier reads a sample as its prompt's class.
-    alignment = e.prompts is not None and extractor.has_probs
+    alignment = e.zero_shot is None and e.prompts is not None and extractor.has_probs
     ch, res, _ = e.shape
     extras = _extra_metrics(cfg, info, res, ch, str(network))
     notes = ref.notes + [n for _, xref in extras for n in xref.notes]
@@ -173,15 +177,23 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
     for r, seeds in enumerate(ranges):
         kept = store.load(r) if store is not None else None
         if kept is None:
-            (feats, probs), *extra_feats = extract_generated_multi(
-                [extractor] + [x for x, _ in extras], generate, seeds, (ch, res, res), label_dim, ev["batch"], info,
-                desc=f"{name} run {r + 1}/{len(ranges)}", want_probs=ev["inception_score"] or alignment,
-                labels=ev["labels"], latents=ev["latents"])
+            desc, clip = f"{name} run {r + 1}/{len(ranges)}", None
+            if e.zero_shot is not None:  # each seed's caption; no extra feature networks (refused)
+                feats, probs, clip = zero_shot_run(e.zero_shot, extractor, generate, seeds, (ch, res, res), ev["batch"],
+                                                   info, desc, want_probs=ev["inception_score"], latents=ev["latents"])
+                extra_feats = []
+            else:
+                (feats, probs), *extra_feats = extract_generated_multi(
+                    [extractor] + [x for x, _ in extras], generate, seeds, (ch, res, res), label_dim, ev["batch"],
+                    info, desc=desc, want_probs=ev["inception_score"] or alignment, labels=ev["labels"],
+                    latents=ev["latents"])
             run_head = feats[:max(0, ev["during_training"]["num_samples"] - sum(len(h) for h in head))]
             scores = score_run(ref, feats, probs, cfg, key, info.device) if info.is_main else {}
             if alignment and info.is_main:
                 _, onehot = latents_for_seeds(seeds, (ch, res, res), label_dim, "cpu", ev["labels"])
                 scores["alignment"] = prompt_alignment(torch.as_tensor(probs), onehot.argmax(dim=1))
+            if clip is not None and info.is_main:  # CLIP score: the run's mean raw cosine
+                scores["clip_score"] = float(clip.mean())
             if info.is_main:  # the extra feature networks' Fréchet distances of the same samples
                 for (x, xref), (xf, _) in zip(extras, extra_feats):
                     scores[x.metric_key] = frechet_distance(*feature_stats(xf), xref.mu, xref.sigma)
@@ -209,6 +221,7 @@ def evaluate_network(cfg: dict, network: str | Path, kind: str, name: str, info:
         "sigmas": sigmas, "sigma_init": sigmas[0] if sigmas else None,
         "metric": key, "metric_label": extractor.label, "mode": extractor.mode,
         "extractor": extractor.info, "reference": ref.info, "notes": notes,
+        "zero_shot": None if e.zero_shot is None else e.zero_shot.info,
         "extra_metrics": [{"metric": x.metric_key, "metric_label": x.label, "mode": x.mode, "extractor": x.info,
                            "reference": xref.info} for x, xref in extras],
         "num_runs": ev["num_runs"], "num_samples": ev["num_samples"], "labels": ev["labels"], "latents": ev["latents"],

@@ -23,7 +23,7 @@ from .features import Extractor
 from .noise import latents_for_seeds
 from .sampling import GenerateFn
 
-__all__ = ["Progress", "extract_generated_multi", "extract_generated", "dataset_features"]
+__all__ = ["Progress", "gather_in_order", "extract_generated_multi", "extract_generated", "dataset_features"]
 
 
 class Progress:
@@ -41,7 +41,7 @@ class Progress:
             print(f"[evaluate] {self.desc}: {done}/{self.total} ({rate:.1f}/s)", file=sys.stderr, flush=True)
 
 
-def _gather_in_order(positions: list[int], feats: np.ndarray, probs: np.ndarray | None,
+def gather_in_order(positions: list[int], feats: np.ndarray, probs: np.ndarray | None,
                      total: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Every rank's (positions, features, probs) reassembled in position order (on every rank)."""
     parts = dist.gather_objects((positions, feats, probs))
@@ -100,7 +100,7 @@ def extract_generated_multi(extractors: Sequence[Extractor], generate: GenerateF
         p_all = np.concatenate(pk) if pk else None
         if p_all is None and want_probs and extractor.has_probs and not fk:
             p_all = np.zeros([0, 1], np.float32)  # a rank with no seeds still answers the gather
-        out.append(_gather_in_order(mine, f_all, p_all, len(seeds)))
+        out.append(gather_in_order(mine, f_all, p_all, len(seeds)))
     prog.update(len(seeds), force=True)
     return out
 
@@ -129,7 +129,7 @@ def dataset_features(extractor: Extractor, ds, indices: Sequence[int], batch: in
         feats.append(_run_extractor(extractor, u8, False)[0])
         prog.update(min(len(indices), (i + len(pos)) * info.world_size))
     f_all = np.concatenate(feats) if feats else np.zeros([0, extractor.feature_dim], np.float32)
-    f_all, _ = _gather_in_order(mine, f_all, None, len(indices))
+    f_all, _ = gather_in_order(mine, f_all, None, len(indices))
     prog.update(len(indices), force=True)
     return f_all
 

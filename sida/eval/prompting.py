@@ -17,6 +17,7 @@ import torch
 from ..errors import ConfigError
 from ..io.digits_text import caption
 from ..nets.guidance import guided
+from .sampling import make_generate
 
 Encode = Callable[[Sequence[str]], torch.Tensor]
 
@@ -78,6 +79,18 @@ def check_text_network(net: torch.nn.Module, cfg: dict, path: str, decode: Calla
         raise DataError(f"network {path} makes {shape[1]}x{shape[2]}x{shape[0]} images but the evaluation data is "
                         f"{d['resolution']}x{d['resolution']}x{d['channels']}: set evaluate.data to images of that shape")
     return int(shape[1]), int(shape[0]), int(d["label_dim"])
+
+
+def text_sampler(net: torch.nn.Module, kind: str, cfg: dict, decode: Callable | None,
+                 steps: int) -> tuple[torch.nn.Module, Callable, int]:
+    """(the network as sampled, generate(z, prompt embeddings), NFE) of a text network: the
+    teacher under classifier-free guidance at `evaluate.teacher_guidance`, its NFE doubled (each
+    guided step runs the network on the prompt and on the empty prompt)."""
+    scale = cfg["evaluate"]["teacher_guidance"]
+    if kind == "teacher":
+        net = GuidedDenoiser(net, scale)
+    generate, nfe = make_generate(net, kind, cfg, decode, steps)
+    return net, generate, nfe * 2 if kind == "teacher" and scale != 1 else nfe
 
 
 def text_generate(generate: Callable, prompts: ClassPrompts) -> Callable:

@@ -23,11 +23,14 @@ from dataclasses import dataclass, field
 from .stats import paired_difference, summarize
 
 __all__ = ["Model", "group_models", "metric_stat", "model_row", "results_rows", "comparisons",
-           "evaluation_spread", "LOWER_IS_BETTER"]
+           "evaluation_spread", "LOWER_IS_BETTER", "PAIRED_KEYS"]
 
 LOWER_IS_BETTER = {"fd", "fid"}
-# alignment: text networks on class-labelled data, the share of samples read as their prompt's class
-SUMMARY_KEYS = ("is", "precision", "recall", "alignment")
+# alignment: text networks on class-labelled data, the share of samples read as their prompt's class;
+# clip_score: text networks on COCO captions (zero-shot), the mean raw CLIP cosine of a run
+SUMMARY_KEYS = ("is", "precision", "recall", "alignment", "clip_score")
+# compared between models beside the main metric, when both were scored with it (higher is better)
+PAIRED_KEYS = ("clip_score",)
 
 
 @dataclass
@@ -184,16 +187,18 @@ def _verdict(a: str, b: str, d: dict, key: str) -> str:
 
 def comparisons(models: list[Model], level: float = 0.95) -> list[dict]:
     """Paired differences (later model - earlier model) of the main metric for every pair of
-    models, in table order (so students are compared with the teacher first)."""
+    models, in table order (so students are compared with the teacher first); then of each of
+    `PAIRED_KEYS` that both models were scored with."""
     out = []
     for i, base in enumerate(models):
         for other in models[i + 1:]:
             key = base.first["metric"]
             if other.first["metric"] != key:
                 continue
-            d = _pair(other, base, key, level)
-            out.append({"a": other.name, "b": base.name, "a_label": other.label, "b_label": base.label,
-                        "metric": key, **d, "verdict": _verdict(other.label, base.label, d, key)})
+            for k in [key] + [k for k in PAIRED_KEYS if metric_stat(base, k) and metric_stat(other, k)]:
+                d = _pair(other, base, k, level)
+                out.append({"a": other.name, "b": base.name, "a_label": other.label, "b_label": base.label,
+                            "metric": k, **d, "verdict": _verdict(other.label, base.label, d, k)})
     return out
 
 
