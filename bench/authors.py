@@ -233,7 +233,7 @@ def patched_training_loop(g_start: int, gan_start: int, on_start: Callable, on_i
 
 
 def loop_kwargs(rc: dict, run_dir: Path, teacher_pkl: Path, seed: int, total_nimg: int,
-                use_gan: bool, lr_g: float, dataset_class: str) -> dict:
+                use_gan: bool, lr_g: float, dataset_class: str, device: torch.device = torch.device("cpu")) -> dict:
     """Their loop's arguments for one of our runs, `rc` its resolved settings plus `teacher_kwargs`
     (the mapping table of docs/authors-code.md). Betas default to the config's (0, 0.999)."""
     net_kw = {k: v for k, v in rc["teacher_kwargs"].items() if k not in ("img_resolution", "img_channels", "label_dim")}
@@ -252,5 +252,5 @@ def loop_kwargs(rc: dict, run_dir: Path, teacher_pkl: Path, seed: int, total_nim
         ema_halflife_kimg=rc["ema_halflife_kimg"], ema_rampup_ratio=rc["ema_rampup_ratio"], loss_scaling=1,
         loss_scaling_G=rc["lambda_sid"], kimg_per_tick=10 ** 6, snapshot_ticks=None, state_dump_ticks=None,
         resume_pkl=str(teacher_pkl), alpha=rc["alpha"], tmax=rc["tmax"], cudnn_benchmark=False,
-        device=torch.device("cpu"), metrics=None, init_sigma=rc["sigma_init"], loss_scaling_G_gan=rc["lambda_adv"],
+        device=device, metrics=None, init_sigma=rc["sigma_init"], loss_scaling_G_gan=rc["lambda_adv"],
         loss_scaling_D=rc["lambda_d"], use_gan=use_gan, save_best_and_last=False)

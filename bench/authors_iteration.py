@@ -33,7 +33,7 @@ class AuthorsIteration:
     (networks and optimisers, for bench.compare's memory figures)."""
 
     def __init__(self, repo: Path, rc: dict, teacher: torch.nn.Module, dataset, discriminator: bool,
-                 seed: int = 1) -> None:
+                 seed: int = 1, device: torch.device = torch.device("cpu")) -> None:
         self.commit = load_checkout(repo)
         self._tmp = tempfile.TemporaryDirectory(prefix="authors-iteration-")
         run_dir = Path(self._tmp.name)
@@ -41,10 +41,11 @@ class AuthorsIteration:
         dataset_class = serve(dataset.images, labels)
         pkl = run_dir / "teacher.pkl"
         with open(pkl, "wb") as f:
-            pickle.dump({"ema": to_authors(teacher)}, f)
+            pickle.dump({"ema": to_authors(teacher)}, f)  # their copy on the CPU, as a pickle holds it
         rc = dict(rc, teacher_kwargs=teacher.init_kwargs)
         loop = patched_training_loop(-1, -1, lambda **k: None, self._keep, pause=True)
-        self._run = loop(**loop_kwargs(rc, run_dir, pkl, seed, 10 ** 12, discriminator, rc["lr_g"], dataset_class))
+        self._run = loop(**loop_kwargs(rc, run_dir, pkl, seed, 10 ** 12, discriminator, rc["lr_g"], dataset_class,
+                                       device))
         self._nets: dict = {}
         self._started = False
 

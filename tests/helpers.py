@@ -179,3 +179,15 @@ def randomise_weights(net, seed: int = 1, scale: float = 0.2):
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * scale)
     return net
+
+
+# The authors' code (github.com/mingyuanzhou/SiD at bench.authors.AUTHORS_COMMIT) is never in this
+# repository; tests that run it look for a checkout here and are skipped without one.
+AUTHORS_REPO = Path(os.environ.get("SIDA_AUTHORS_REPO", "/work/exp/authors/SiD"))
+
+
+def needs_authors(fn):
+    import pytest
+
+    return pytest.mark.skipif(not (AUTHORS_REPO / "sida_training").is_dir(),
+                              reason=f"no checkout of the authors' code at {AUTHORS_REPO} (SIDA_AUTHORS_REPO)")(fn)

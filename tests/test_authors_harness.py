@@ -9,7 +9,6 @@ the tests that run their loop look for a checkout at $SIDA_AUTHORS_REPO (default
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import subprocess
 from pathlib import Path
@@ -21,10 +20,7 @@ import torch
 import bench.authors_sida as authors_sida
 from bench.authors import AUTHORS_COMMIT, check_checkout, isolated_rng, to_ours
 from bench.step import MemoryDataset, build_teacher
-
-AUTHORS_REPO = Path(os.environ.get("SIDA_AUTHORS_REPO", "/work/exp/authors/SiD"))
-needs_authors = pytest.mark.skipif(not (AUTHORS_REPO / "sida_training").is_dir(),
-                                   reason=f"no checkout of the authors' code at {AUTHORS_REPO}")
+from tests.helpers import AUTHORS_REPO, needs_authors
 
 
 def _git_repo(path: Path) -> None:
