@@ -262,6 +262,12 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
             per_proc = gathered([peak], dev)[:, 0]
             peaks[c.name], peaks_all[c.name] = float(per_proc.max()), float(per_proc.sum())
     load1 = os.getloadavg()
+    prof = None
+    if args.profile and info.rank == 0:  # after the timing and the memory pass: it slows what it watches
+        from bench.opprofile import print_side_by_side, profile_interleaved
+
+        ones = {c.name: (c.step, c.threads) for c in cs if c.procs == 1}  # -pN needs all its processes
+        prof = print_side_by_side(profile_interleaved(ones, args.profile), "authors", out)
 
     off = cs[0]
     off_med, off_best = statistics.median(off.times), min(off.times)
@@ -297,7 +303,7 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
         "cpus": os.cpu_count(), "threads": args.threads, "interop_threads": torch.get_num_interop_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup, "first": args.first,
-        "load_avg_start": load0[0], "load_avg_end": load1[0], "variants": rows,
+        "load_avg_start": load0[0], "load_avg_end": load1[0], "variants": rows, "profile_ms": prof,
     }
 
 
@@ -329,6 +335,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: the GPU when one is visible, else the CPU")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="then profile N iterations of each one-process contestant (torch.profiler) and print "
+                        "their self CPU time per iteration side by side, by section and by operator")
     p.add_argument("--json", help="also write the JSON result here")
     p.add_argument("--authors-repo", type=Path, default=os.environ.get("SIDA_AUTHORS_REPO"),
                    help="checkout of github.com/mingyuanzhou/SiD at bench.authors.AUTHORS_COMMIT "
