@@ -240,4 +240,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sida.run.cli import run_stage
+
+    run_stage(main)  # config and file errors as one `error:` line
