@@ -17,9 +17,9 @@ import torch
 # Section -> operator-name pattern (first match wins; self time, so nested ops are not counted twice).
 SECTIONS: list[tuple[str, str]] = [
     ("custom autograd functions (their own Python)", r"^_[A-Z]\w*$"),
-    ("convolution", r"conv|mkldnn_convolution|_convolution|convolution_backward|addmm|mm$|bmm|linear|matmul"),
+    ("attention (SDPA; einsum products and softmax)", r"attention|softmax|bmm|baddbmm|einsum"),
+    ("convolution and linear", r"conv|mkldnn_convolution|_convolution|convolution_backward|addmm|mm$|linear|matmul"),
     ("group norm", r"group_norm|native_group_norm"),
-    ("attention", r"attention|softmax"),
     ("copies", r"copy_|clone|contiguous|to_copy|_to_copy|cat|stack|index|gather|scatter|expand|as_strided_scatter"),
     ("optimizer (fused Adam)", r"adam|_fused|foreach"),
     ("random draws", r"randn|normal_|uniform_|rand$|randint|bernoulli|multinomial|exponential"),
