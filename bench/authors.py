@@ -241,13 +241,14 @@ def loop_kwargs(rc: dict, run_dir: Path, teacher_pkl: Path, seed: int, total_nim
     if rc["dropout"] is not None:
         net_kw["dropout"] = rc["dropout"]
     adam = dict(class_name="torch.optim.Adam", eps=rc["adam_eps"] or 1e-8)
+    beta2 = rc.get("beta2", 0.999)
     run_dir.mkdir(parents=True, exist_ok=True)
     return dict(
         run_dir=str(run_dir), dataset_kwargs=dict(class_name=dataset_class), data_loader_kwargs={},
         network_kwargs=net_kw, loss_kwargs=dict(class_name="sida_training.sida_loss.SIDA_EDMLoss", P_mean=rc["P_mean"],
                                                 P_std=rc["P_std"]),
-        fake_score_optimizer_kwargs=dict(adam, lr=rc["lr_fake"], betas=[rc.get("beta1_fake", 0.0), rc.get("beta2", 0.999)]),
-        g_optimizer_kwargs=dict(adam, lr=lr_g, betas=[rc.get("beta1_g", 0.0), rc.get("beta2", 0.999)]),
+        fake_score_optimizer_kwargs=dict(adam, lr=rc["lr_fake"], betas=[rc.get("beta1_fake", 0.0), beta2]),
+        g_optimizer_kwargs=dict(adam, lr=lr_g, betas=[rc.get("beta1_g", 0.0), beta2]),
         augment_kwargs=None, seed=seed, batch_size=rc["batch"], batch_gpu=None, total_kimg=total_nimg / 1000,
         ema_halflife_kimg=rc["ema_halflife_kimg"], ema_rampup_ratio=rc["ema_rampup_ratio"], loss_scaling=1,
         loss_scaling_G=rc["lambda_sid"], kimg_per_tick=10 ** 6, snapshot_ticks=None, state_dump_ticks=None,

@@ -181,8 +181,8 @@ def report(a: argparse.Namespace) -> str:
                     per_seed_curves([(s.name, s, k) for s in (ours, theirs) for k in seeds]), "```", "",
                     "Mean losses over the run: " + losses_line(ours, theirs, seeds), ""]
     if a.rampup is not None:
-        ramp = Side("authors, ramp-up", a.rampup, "sida-authors", "bench.authors_sida --set distill.ema_rampup_ratio=0.05",
-                    a.offset_kimg)
+        ramp = Side("authors, ramp-up", a.rampup, "sida-authors",
+                    "bench.authors_sida --set distill.ema_rampup_ratio=0.05", a.offset_kimg)
         m, se = ramp.fd(0)
         out += ["## Their loop with EMA ramp-up 0.05 (seed 0)", "", "```",
                 per_seed_curves([("authors, ramp-up 0.05, seed", ramp, 0), ("authors, no ramp-up,   seed", theirs, 0)]),

@@ -1,21 +1,19 @@
 """Side-by-side benchmark: our SiD/SiDA iteration against the authors' own loop, in one process.
 
-    python -m bench.compare --authors-repo DIR --preset small32 --phase sida --ours fp32,fp32-cl,bf16 --iters 6 --threads 2
+    python -m bench.compare --authors-repo DIR --preset small32 --phase sida --ours fp32,fp32-cl,bf16 --threads 2
     python -m bench.compare --authors-repo DIR --preset digits --phase sid --ours fp32 --json out.json
     python -m bench.compare --authors-repo DIR --preset digits --phase sid --ours fp32,fp32-p2,fp32-cl-p2 --threads 2
 
-DIR is a checkout of github.com/mingyuanzhou/SiD at bench.authors.AUTHORS_COMMIT (default:
-$SIDA_AUTHORS_REPO); nothing of theirs is in this repository.
-
+DIR: a checkout of github.com/mingyuanzhou/SiD at bench.authors.AUTHORS_COMMIT ($SIDA_AUTHORS_REPO).
 `--device auto` (the default) runs on the GPU when one is visible, else on the CPU; on CUDA the
 device is drained around every timed iteration and the peak memory is the allocator's.
 
 The yardstick ("authors") is their `sida_training_loop.training_loop` while-body as they wrote
-it, one iteration per step, in this process (`bench.authors_iteration`: DDP and data loading
-stubbed for one CPU process; their SiD path for `--phase sid`, their SiDA path with the
-adversarial terms on for `--phase sida`), on the same teacher weights, batch, data and threads.
-(`bench.official`, our re-statement of it, is only the reference of tests/test_compare.py's
-equivalence test.) Ours is `sida.train.distill.DistillLoop.step` as a run would execute it. Every variant starts
+it, one iteration per step, in this process (`bench.authors_iteration`: DDP a pass-through,
+their own DataLoader over our in-memory images; their SiD path for `--phase sid`, their SiDA path with the
+adversarial terms on for `--phase sida`), on the same teacher weights, batch, data and threads
+(bench.official, our re-statement of it, is no yardstick: it ran slower than their code).
+Ours is `sida.train.distill.DistillLoop.step` as a run would execute it. Every variant starts
 from the same random teacher. Iterations are interleaved: each round runs one iteration of every
 variant, in an order that rotates from round to round, so load drift on a shared machine hits
 all of them alike; `--warmup` rounds are untimed. Reported per variant: median and best

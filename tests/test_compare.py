@@ -217,9 +217,10 @@ def test_compare_prints_ratios_and_memory_json(tmp_path):
 
 
 def test_compare_without_the_authors_checkout_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "SIDA_AUTHORS_REPO"}
     for extra in ([], ["--authors-repo", str(tmp_path / "SiD")]):
         out = subprocess.run([sys.executable, "-m", "bench.compare", *extra], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "SIDA_AUTHORS_REPO"})
+                             text=True, timeout=120, env=env)
         lines = out.stderr.strip().splitlines()
         assert out.returncode != 0 and len(lines) == 1, out.stderr
         assert "git clone https://github.com/mingyuanzhou/SiD" in lines[0]
