@@ -1,20 +1,23 @@
-"""Side-by-side benchmark: our SiD/SiDA iteration against the official loop's, in one process.
+"""Side-by-side benchmark: our SiD/SiDA iteration against the authors' own loop, in one process.
 
-    python -m bench.compare --preset small32 --phase sida --ours fp32,fp32-cl,bf16 --iters 6 --threads 2
-    python -m bench.compare --preset digits --phase sid --ours fp32 --json out.json
-    python -m bench.compare --device cuda --ours fp32,bf16,fp16,fp32-cl-compile,bf16-cl-compile
-    python -m bench.compare --preset digits --phase sid --ours fp32,fp32-p2,fp32-cl-p2 --threads 2
+    python -m bench.compare --authors-repo DIR --preset small32 --phase sida --ours fp32,fp32-cl,bf16 --threads 2
+    python -m bench.compare --authors-repo DIR --preset digits --phase sid --ours fp32 --json out.json
+    python -m bench.compare --authors-repo DIR --preset digits --phase sid --ours fp32,fp32-p2,fp32-cl-p2 --threads 2
 
+DIR: a checkout of github.com/mingyuanzhou/SiD at bench.authors.AUTHORS_COMMIT ($SIDA_AUTHORS_REPO).
 `--device auto` (the default) runs on the GPU when one is visible, else on the CPU; on CUDA the
 device is drained around every timed iteration and the peak memory is the allocator's.
 
-The official iteration is `bench.official.OfficialIteration`: the authors' network calls in their
-order (fp32, NCHW, the two discriminator encoder passes as two calls, EDM's layer arithmetic).
+The yardstick ("authors") is their `sida_training_loop.training_loop` while-body as they wrote
+it, one iteration per step, in this process (`bench.authors_iteration`: DDP a pass-through,
+their own DataLoader over our in-memory images; their SiD path for `--phase sid`, their SiDA path with the
+adversarial terms on for `--phase sida`), on the same teacher weights, batch, data and threads
+(bench.official, our re-statement of it, is no yardstick: it ran slower than their code).
 Ours is `sida.train.distill.DistillLoop.step` as a run would execute it. Every variant starts
 from the same random teacher. Iterations are interleaved: each round runs one iteration of every
 variant, in an order that rotates from round to round, so load drift on a shared machine hits
 all of them alike; `--warmup` rounds are untimed. Reported per variant: median and best
-iteration time and images/s, the ratio to the official loop (official time / ours: > 1 means
+iteration time and images/s, the ratio to the authors' loop (their time / ours: > 1 means
 ours is faster; also in process CPU time, which a loaded machine distorts less when one thread
 runs), and the peak memory of one iteration (see `PeakMemory`).
 
@@ -25,7 +28,7 @@ compile time (the first iterations) is reported apart, not in the rates. `-pN` r
 N processes (gloo on the CPU, one GPU each on CUDA) with threads / N threads each, splitting
 the batch as a run with `resources.distill.procs: N` does (each process draws its batch slot's
 noise: the computation of one process with N accumulation rounds). The benchmark then re-runs
-itself under `sida.run.torchrun` with N processes; the official loop and the one-process
+itself under `sida.run.torchrun` with N processes; the authors' loop and the one-process
 variants run in rank 0 with all `--threads` while the other ranks wait asleep, and a `-pN`
 iteration's time is its slowest process's (`bench.procs`). Peak memory is per process (one
 GPU's share).
@@ -48,13 +51,15 @@ import re
 import statistics
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import sida  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 import torch
 import torch.distributed as dist
 
-from bench.official import OfficialIteration
+from bench.authors import FETCH_HINT, check_checkout, fail
+from bench.authors_iteration import AuthorsIteration
 from bench.step import MemoryDataset, build_teacher, run_config
 from bench.procs import gathered, launch, timed_together
 from sida.run.dist import init as dist_init, launched
@@ -183,23 +188,22 @@ def _args_ns(a: argparse.Namespace, channels_last: bool) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace, info) -> list[Contestant]:
-    """The official iteration (rank 0, all `args.threads` threads) and our variants: a `-pN`
+    """The authors' iteration (rank 0, all `args.threads` threads) and our variants: a `-pN`
     variant runs in all N processes of the job with threads / N threads each, the others in
     rank 0 alone (a one-process group of their own)."""
     world = info.world_size
     # The one-process contestants' own group (new_group is called by every rank).
     solo = replace(info, rank=0, world_size=1, group=dist.new_group([0])) if world > 1 else info
     teacher = build_teacher(args).to(info.device)
-    dataset = (MemoryDataset(max(4 * args.batch, 256), args.channels, args.res, args.label_dim)
-               if args.phase == "sida" else None)
+    data = MemoryDataset(max(4 * args.batch, 256), args.channels, args.res, args.label_dim)
+    dataset = data if args.phase == "sida" else None  # our SiD draws labels; their loop always reads data
     out = []
     step = holds = None
     if info.rank == 0:
-        off_rc = run_config(_args_ns(args, False))
-        off = OfficialIteration(off_rc, init_nets(copy.deepcopy(teacher), None), dataset,
-                                discriminator=args.phase == "sida", seed=1)
-        step, holds = off.step, (lambda o=off: [o.nets.teacher, o.nets.G, o.nets.G_ema, o.nets.fake, o.opt_f, o.opt_g])
-    out.append(Contestant("official", step, holds, args.batch, 1, args.threads))
+        theirs = AuthorsIteration(Path(args.authors_repo), run_config(_args_ns(args, False)), teacher, data,
+                                  discriminator=args.phase == "sida", seed=1, device=info.device)
+        step, holds = theirs.step, theirs.holds
+    out.append(Contestant("authors", step, holds, args.batch, 1, args.threads))
     for name in args.ours:
         v = parse_variant(name)
         if v["precision"] == "fp16" and info.device.type != "cuda":
@@ -257,6 +261,12 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
             per_proc = gathered([peak], dev)[:, 0]
             peaks[c.name], peaks_all[c.name] = float(per_proc.max()), float(per_proc.sum())
     load1 = os.getloadavg()
+    prof = None
+    if args.profile and info.rank == 0:  # after the timing and the memory pass: it slows what it watches
+        from bench.opprofile import print_side_by_side, profile_interleaved
+
+        ones = {c.name: (c.step, c.threads) for c in cs if c.procs == 1}  # -pN needs all its processes
+        prof = print_side_by_side(profile_interleaved(ones, args.profile), "authors", out)
 
     off = cs[0]
     off_med, off_best = statistics.median(off.times), min(off.times)
@@ -266,19 +276,19 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
         med, best, cpu = statistics.median(c.times), min(c.times), statistics.median(c.cpu_times)
         row = {"iter_ms_median": med * 1e3, "iter_ms_best": best * 1e3, "images_per_sec": c.batch / med,
                "images_per_sec_best": c.batch / best, "first_iters_s": [round(t, 3) for t in c.first_s],
-               "speedup_vs_official": off_med / med, "speedup_vs_official_best": off_best / best,
-               "cpu_ms_median": cpu * 1e3, "cpu_speedup_vs_official": off_cpu / cpu}
+               "speedup_vs_authors": off_med / med, "speedup_vs_authors_best": off_best / best,
+               "cpu_ms_median": cpu * 1e3, "cpu_speedup_vs_authors": off_cpu / cpu}
         row.update(procs=c.procs, threads_per_proc=c.threads)
         if c.name in peaks:  # per process (what one GPU must hold), and over all of them
             row["peak_memory_mb"] = peaks[c.name] / 2 ** 20
-            row["peak_memory_vs_official"] = peaks[c.name] / peaks["official"]
+            row["peak_memory_vs_authors"] = peaks[c.name] / peaks["authors"]
             row["peak_memory_all_procs_mb"] = peaks_all[c.name] / 2 ** 20
         rows[c.name] = row
-        mem_s = (f", peak memory {row['peak_memory_mb']:8.1f} MB ({row['peak_memory_vs_official']:.2f}x official)"
+        mem_s = (f", peak memory {row['peak_memory_mb']:8.1f} MB ({row['peak_memory_vs_authors']:.2f}x authors)"
                  if "peak_memory_mb" in row else "")
         print(f"{c.name:>20}: {row['images_per_sec']:8.2f} img/s median ({row['images_per_sec_best']:8.2f} best), "
-              f"{row['speedup_vs_official']:.2f}x official (best/best {row['speedup_vs_official_best']:.2f}x, "
-              f"CPU time {row['cpu_speedup_vs_official']:.2f}x){mem_s}", file=out)
+              f"{row['speedup_vs_authors']:.2f}x authors (best/best {row['speedup_vs_authors_best']:.2f}x, "
+              f"CPU time {row['cpu_speedup_vs_authors']:.2f}x){mem_s}", file=out)
         if c.first_s:
             print(f"{'':>20}  first {len(c.first_s)} iteration(s), untimed: "
                   f"{', '.join(f'{t:.2f}' for t in c.first_s)} s", file=out)
@@ -292,7 +302,7 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
         "cpus": os.cpu_count(), "threads": args.threads, "interop_threads": torch.get_num_interop_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup, "first": args.first,
-        "load_avg_start": load0[0], "load_avg_end": load1[0], "variants": rows,
+        "load_avg_start": load0[0], "load_avg_end": load1[0], "variants": rows, "profile_ms": prof,
     }
 
 
@@ -324,7 +334,13 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: the GPU when one is visible, else the CPU")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="then profile N iterations of each one-process contestant (torch.profiler) and print "
+                        "their self CPU time per iteration side by side, by section and by operator")
     p.add_argument("--json", help="also write the JSON result here")
+    p.add_argument("--authors-repo", type=Path, default=os.environ.get("SIDA_AUTHORS_REPO"),
+                   help="checkout of github.com/mingyuanzhou/SiD at bench.authors.AUTHORS_COMMIT "
+                        "(default $SIDA_AUTHORS_REPO)")
     args = p.parse_args(argv)
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
@@ -337,16 +353,26 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def require_authors(args: argparse.Namespace) -> None:
+    """One line, naming how to fetch it, unless --authors-repo is a checkout at AUTHORS_COMMIT."""
+    if args.authors_repo is None:
+        fail(f"bench.compare measures against the authors' code: pass --authors-repo DIR (or set "
+             f"SIDA_AUTHORS_REPO), DIR a checkout of it: {FETCH_HINT}")
+    check_checkout(Path(args.authors_repo))
+
+
 def main(argv: Sequence[str] | None = None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     procs = max([parse_variant(v)["procs"] for v in args.ours] + [1])
     if procs > 1 and not launched():
-        # The machine's thread budget, fixed here: the official loop and one-process variants
+        # The machine's thread budget, fixed here: the authors' loop and one-process variants
         # get all of it, a -pN variant's processes a share each.
         threads = args.threads or torch.get_num_threads()
+        require_authors(args)  # once, before the processes start
         sys.exit(launch("bench.compare", [*argv, "--threads", str(threads)], procs))
     info = dist_init(args.device, args.threads)
+    require_authors(args)
     args.threads = args.threads or torch.get_num_threads()
     out = sys.stdout if info.is_main else open(os.devnull, "w")
     if info.device.type == "cuda":  # the authors' settings: cuDNN autotuning, no TF32

@@ -2,8 +2,9 @@
 # The GPU figures of docs/performance.md's speed section in one short run (a few minutes on one GPU):
 # bench.compare on CUDA for every precision, channels-last and compile, on the issue's 32x32x3
 # SongUNet (SiDA) and the embedded default's network (SiD). JSON files and the log go to $1.
-#   bash bench/gpu.sh OUT_DIR
+#   SIDA_AUTHORS_REPO=<checkout of the authors' code> bash bench/gpu.sh OUT_DIR
 set -euo pipefail
+: "${SIDA_AUTHORS_REPO:?set it to a checkout of the authors' code at bench.authors.AUTHORS_COMMIT (docs/authors-code.md)}"
 out=${1:?usage: bash bench/gpu.sh OUT_DIR}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"

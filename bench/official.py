@@ -1,5 +1,7 @@
-"""The official SiD / SiDA iteration, re-stated: the yardstick of `bench.compare` and of the
-equivalence test of our loop (tests/test_compare.py).
+"""The official SiD / SiDA iteration, re-stated: the reference of the equivalence test of our
+loop (tests/test_compare.py), and nothing else. It is no speed yardstick: it ran 1.2-1.4x slower
+than the authors' own loop (issue 33), so `bench.compare` times their code itself
+(bench.authors_iteration).
 
 Re-stated from the algorithm and from the order and number of network calls in the authors' loop
 (github.com/mingyuanzhou/SiD, branch `sida`: sida_training/sida_training_loop.py with the losses

@@ -1,12 +1,14 @@
 """Our iteration computes what the official one computes (bench.official re-states the authors'
 loop and EDM's layer arithmetic): same networks' outputs, and on the same random draws the same
-losses, gradients, updated weights and EMA. Plus the side-by-side benchmark's output contract.
+losses, gradients, updated weights and EMA. Plus the side-by-side benchmark's output contract
+(against the authors' own loop: those tests need their checkout, tests.helpers.AUTHORS_REPO).
 No timings are asserted."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,7 @@ from sida.run.dist import init as dist_init
 from sida.train.distill import DistillLoop
 from sida.train.nets import init_nets
 from sida.train.draws import make_generators
+from tests.helpers import AUTHORS_REPO, needs_authors
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 6
@@ -194,37 +197,49 @@ def test_iteration_matches_official_on_the_same_draws(phase, channels_last):
         assert float(torch.cat([g.flatten() for g in off_grads["fake"]]).abs().max()) == pytest.approx(rc["fake_clip"])
 
 
+@needs_authors
 def test_compare_prints_ratios_and_memory_json(tmp_path):
     out_json = tmp_path / "cmp.json"
     cmd = [sys.executable, "-m", "bench.compare", "--preset", "digits", "--phase", "sida", "--ours", "fp32,fp32-cl",
            "--res", "8", "--channels", "1", "--batch", "4", "--model-channels", "8", "--iters", "2", "--warmup", "0",
-           "--threads", "1", "--json", str(out_json)]
+           "--threads", "1", "--json", str(out_json), "--authors-repo", str(AUTHORS_REPO)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert any("official" in ln for ln in lines[:-1])  # human-readable lines first
+    assert any("x authors" in ln for ln in lines[:-1])  # human-readable lines first
     result = json.loads(lines[-1])
     assert json.loads(out_json.read_text()) == result
-    assert set(result["variants"]) == {"official", "ours-fp32", "ours-fp32-cl"}
+    assert set(result["variants"]) == {"authors", "ours-fp32", "ours-fp32-cl"}
     for row in result["variants"].values():
-        assert row["images_per_sec"] > 0 and row["speedup_vs_official"] > 0
+        assert row["images_per_sec"] > 0 and row["speedup_vs_authors"] > 0
         if sys.platform.startswith("linux"):
             assert row["peak_memory_mb"] > 0
-    assert result["variants"]["official"]["speedup_vs_official"] == 1.0
+    assert result["variants"]["authors"]["speedup_vs_authors"] == 1.0
 
 
-def test_compare_runs_process_variants_beside_the_official_loop(tmp_path):
-    """-p2: the benchmark re-runs itself as 2 processes; the official loop and the one-process
+def test_compare_without_the_authors_checkout_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "SIDA_AUTHORS_REPO"}
+    for extra in ([], ["--authors-repo", str(tmp_path / "SiD")]):
+        out = subprocess.run([sys.executable, "-m", "bench.compare", *extra], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120, env=env)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode != 0 and len(lines) == 1, out.stderr
+        assert "git clone https://github.com/mingyuanzhou/SiD" in lines[0]
+
+
+@needs_authors
+def test_compare_runs_process_variants_beside_the_authors_loop(tmp_path):
+    """-p2: the benchmark re-runs itself as 2 processes; the authors' loop and the one-process
     variant run in rank 0 alone with the whole thread budget, the -p2 loop in both with half."""
     cmd = [sys.executable, "-m", "bench.compare", "--preset", "digits", "--phase", "sid", "--ours", "fp32,fp32-p2",
            "--res", "8", "--channels", "1", "--batch", "4", "--model-channels", "8", "--iters", "2", "--warmup", "0",
-           "--threads", "2"]
+           "--threads", "2", "--authors-repo", str(AUTHORS_REPO)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("[bench.compare]") == 1  # rank 0 prints, rank 1 does not
     rows = json.loads(out.stdout.strip().splitlines()[-1])["variants"]
     layout = {k: (r["procs"], r["threads_per_proc"]) for k, r in rows.items()}
-    assert layout == {"official": (1, 2), "ours-fp32": (1, 2), "ours-fp32-p2": (2, 1)}
+    assert layout == {"authors": (1, 2), "ours-fp32": (1, 2), "ours-fp32-p2": (2, 1)}
     assert all(r["images_per_sec"] > 0 for r in rows.values())
     if sys.platform.startswith("linux"):  # per process, and both processes together
         p2 = rows["ours-fp32-p2"]

@@ -469,3 +469,12 @@ def test_box_downsampling_backward_is_avg_pool_backward_bit_for_bit():
     assert not saved
     assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(F.avg_pool2d(x, 2), x, g)[0])
 
+
+
+def test_box_upsampling_is_nearest_upsampling_bit_for_bit():
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    g = torch.randn(2, 3, 8, 10)
+    up = layers.Conv2d(3, 3, kernel=0, up=True)
+    y, ref = up(x), F.interpolate(x, scale_factor=2, mode="nearest")
+    assert torch.equal(y, ref)
+    assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
