@@ -151,8 +151,16 @@ class Plan:
         if teacher["source"] == "diffusers":
             self.fetch_outputs["teacher"] = f"{fetch_dir}/teacher.pt"
             self.fetch_settings = {"diffusers_teacher": {k: teacher[k] for k in ("path", "url")}}
-        if teacher["source"] == "train":
-            self.teacher_pt = f"{self.exp}/teacher/network.pt"
+        # The teacher stage's own outputs besides samples.png and metrics.jsonl (its rule's), and
+        # the teacher downstream rules read: a network file, or for the text testbed the
+        # pipeline folder (a directory output).
+        self.teacher_outputs = {"network": f"{self.exp}/teacher/network.pt"}
+        if teacher["source"] == "train_text":
+            self.teacher_outputs = {"pipeline": f"{self.exp}/teacher/pipeline",
+                                    "prompts": f"{self.exp}/teacher/prompts.txt"}
+            self.teacher_pt = self.teacher_outputs["pipeline"]
+        elif teacher["source"] == "train":
+            self.teacher_pt = self.teacher_outputs["network"]
         elif "teacher" in self.fetch_outputs:
             self.teacher_pt = self.fetch_outputs["teacher"]
         else:
