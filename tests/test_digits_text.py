@@ -114,22 +114,62 @@ def test_text_encoder_is_frozen_seeded_and_checked():
 
 # -- the teacher --------------------------------------------------------------------------------
 
+def _tiny_loop(cfg: dict):
+    from sida.io.clip_text import clip_tokenizer, make_text_encoder
+    from sida.io.data import open_dataset
+    from sida.run.dist import init
+    from sida.train.text_teacher import TextTeacherLoop, text_unet
+
+    torch.manual_seed(0)
+    tok, enc = clip_tokenizer(8), make_text_encoder(16, 2, 2, 8, seed=0)
+    loop = TextTeacherLoop(cfg, text_unet(cfg), open_dataset(cfg["data"]), init("cpu", 1), tok, enc, seed=1)
+    return loop, tok, enc
+
+
+def test_text_teacher_loss_is_sds_objective_on_its_draws():
+    """The loss of a micro-batch, replayed by hand from the same generator states: x_t is
+    diffusers' own add_noise at the drawn integer steps, the condition is the bank row of a
+    caption of the image's digit (or the empty one), the loss the per-sample eps MSE."""
+    from types import SimpleNamespace
+
+    from sida.run.config import validate
+
+    cfg = validate(_text_config())
+    loop, _, _ = _tiny_loop(cfg)
+    seen = {}
+
+    def zero_net(x_t, t, encoder_hidden_states):
+        seen.update(x_t=x_t, t=t, cond=encoder_hidden_states)
+        return SimpleNamespace(sample=torch.zeros_like(x_t))
+
+    data_gen, noise_gen = torch.Generator(), torch.Generator()
+    data_gen.set_state(loop.gens["data"].get_state())
+    noise_gen.set_state(loop.gens["noise"].get_state())
+    loop.net = zero_net
+    loss = loop.micro_loss(0)
+    x, labels = loop.dataset.get_batch(torch.randint(len(loop.dataset), (16,), generator=data_gen))
+    caps = dt.draw_caption_indices(labels.argmax(1), len(TEMPLATES), 0.1, data_gen)
+    t = torch.randint(1000, (16,), generator=noise_gen)
+    eps = torch.randn(x.shape, generator=noise_gen)
+    assert torch.equal(seen["t"], t)
+    assert torch.allclose(seen["x_t"], loop.scheduler.add_noise(x, eps, t), atol=1e-6)
+    assert torch.equal(seen["cond"], loop.bank[caps])
+    _, bank_digits = dt.caption_bank(TEMPLATES)
+    assert all(bank_digits[c] in (-1, d) for c, d in zip(caps.tolist(), labels.argmax(1).tolist()))
+    assert torch.allclose(loss, eps.square().mean(dim=(1, 2, 3)))  # a zero prediction: mean eps^2
+
+
 def test_text_teacher_pipeline_reads_back_identically(tmp_path):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from sida.io.clip_text import clip_tokenizer, encode_prompts, make_text_encoder
-    from sida.io.data import open_dataset
+    from sida.io.clip_text import encode_prompts
     from sida.io.text_pipeline import load_text_pipeline, save_text_pipeline
     from sida.run.config import validate
-    from sida.run.dist import init
-    from sida.train.text_teacher import TextTeacherLoop, text_unet
 
     cfg = validate(_text_config())
-    torch.manual_seed(0)
     text = cfg["teacher"]["text"]
-    tok, enc = clip_tokenizer(8), make_text_encoder(16, 2, 2, 8, seed=0)
-    loop = TextTeacherLoop(cfg, text_unet(cfg), open_dataset(cfg["data"]), init("cpu", 1), tok, enc, seed=1)
+    loop, tok, enc = _tiny_loop(cfg)
     losses = [float(loop.step()["loss"]) for _ in range(3)]
     assert all(0.05 < v < 5 for v in losses), losses  # eps-MSE starts near 1 (unit-variance targets)
     out = save_text_pipeline(tmp_path / "pipeline", loop.ema, enc, loop.scheduler, text["max_length"])

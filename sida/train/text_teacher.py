@@ -47,7 +47,11 @@ def text_unet(cfg: dict) -> torch.nn.Module:
         block_out_channels=tuple(u["channels"]), down_block_types=tuple(down), up_block_types=tuple(up),
         mid_block_type="UNetMidBlock2DCrossAttn", layers_per_block=u["layers_per_block"],
         cross_attention_dim=cfg["teacher"]["text"]["width"], attention_head_dim=u["head_dim"],
-        norm_num_groups=u["norm_groups"])
+        norm_num_groups=u["norm_groups"],
+        # pooled_text: diffusers' "text" addition embedding (attention pooling of the caption
+        # added to the time embedding), a global path for the caption beside cross-attention.
+        addition_embed_type="text" if u["pooled_text"] else None,
+        addition_embed_type_num_heads=cfg["teacher"]["text"]["heads"])
 
 
 def ddpm_scheduler(beta_schedule: str):
