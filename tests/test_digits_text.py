@@ -193,6 +193,7 @@ def test_text_teacher_pipeline_reads_back_identically(tmp_path):
         load_text_pipeline(tmp_path)
 
 
+@pytest.mark.slow
 def test_text_teacher_stage_kill_and_resume_is_bit_exact(tmp_path):
     from safetensors.torch import load_file
 

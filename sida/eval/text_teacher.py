@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -73,8 +73,8 @@ def score_samples(extractor: DigitsClassifierExtractor, images: torch.Tensor, di
 
 
 def evaluate_text_teacher(cfg: dict, pipeline: str, scales: Sequence[float], num: int, steps: int,
-                          seed: int = 0) -> list[dict]:
-    """One row per guidance scale: FD (digits classifier, `num` samples vs the 1,797 digits) and
+                          seed: int = 0) -> Iterator[dict]:
+    """One row per guidance scale, as each is done: FD (digits classifier, `num` samples vs the 1,797 digits) and
     prompt alignment, for a balanced prompt set (`sida.io.digits_text.prompt_set`); the same
     noise at every scale."""
     parts = load_text_pipeline(pipeline)
@@ -83,15 +83,12 @@ def evaluate_text_teacher(cfg: dict, pipeline: str, scales: Sequence[float], num
     prompts, digits = prompt_set(num, cfg["teacher"]["text"]["templates"])
     cond = encode_prompts(parts["tokenizer"], parts["text_encoder"], prompts)
     uncond = encode_prompts(parts["tokenizer"], parts["text_encoder"], [""])
-    rows = []
     for scale in scales:
         t0 = time.perf_counter()
         images = ddim_sample(parts["unet"], parts["scheduler"], cond, uncond, scale, steps,
                              torch.Generator().manual_seed(seed))
-        row = {"scale": scale, **score_samples(extractor, images, digits, real), "num": num, "steps": steps,
+        yield {"scale": scale, **score_samples(extractor, images, digits, real), "num": num, "steps": steps,
                "seconds": round(time.perf_counter() - t0, 1)}
-        rows.append(row)
-    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> None:
