@@ -25,13 +25,13 @@ import torch
 
 from sida.io import checkpoints
 from sida.run.cli import run_stage, stage_parser
-from sida.run.config import discriminator_kind, load_config, run_config, run_method
+from sida.run.config import discriminator_kind, load_config, run_config, run_method, with_data_of
 from sida.io.data import open_dataset
 from sida.io.latents import codec_from_config, decoder_from_config
 from sida.train.distill import DistillLoop
 from sida.train.nets import init_nets
 from sida.io.text_run import is_text_network, open_run_text_dataset, vae_of
-from sida.eval.prompting import evaluation_view, grid_prompts
+from sida.eval.prompting import grid_prompts
 from sida.nets.heads import head_record
 from sida.errors import CheckpointError, ConfigError
 from sida.io.images import save_grid
@@ -187,8 +187,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     loop.features_sha256 = features_sha
     ckpt = Checkpointer(ctx.work, info, ctx.cfg_hash, f"distill/{args.run}")
     noise = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
-    keeper = BestKeeper(TrainingMonitor(evaluation_view(cfg), info.device, info, noise), ctx, nets, rc["sigma_init"],
-                        text)
+    monitor = TrainingMonitor(with_data_of(cfg, "evaluate"), info.device, info, noise)
+    keeper = BestKeeper(monitor, ctx, nets, rc["sigma_init"], text)
     ckpt.track("best", keeper)
     if ckpt.load_if_any(loop):
         ctx.log(f"{args.run}: resuming from {ckpt.path} at {loop.nimg / 1000:.2f} kimg")

@@ -21,8 +21,7 @@ from typing import Sequence
 from sida.run import dist, signals
 from sida.io.atomic import atomic_write_json
 from sida.run.cli import run_stage, stage_parser
-from sida.eval.prompting import evaluation_view
-from sida.run.config import load_config
+from sida.run.config import load_config, with_data_of
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -42,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="the training seed of the network (recorded in metrics.json; the workflow sets it "
                              "when the config lists `seeds`)")
     args = parser.parse_args(argv)
-    cfg = evaluation_view(load_config(args.config, args.overrides))
+    cfg = with_data_of(load_config(args.config, args.overrides), "evaluate")
     signals.install(raise_now=True)  # a signal stops at once: finished runs are kept, exit 75
     info = dist.init(cfg["device"], cfg["threads"])
     try:

@@ -141,6 +141,15 @@ def test_a_fetched_teacher_comes_from_the_fetch_job(cifar):
     assert plan.distill_inputs("sid") == {"teacher": plan.teacher_pt}
 
 
+def test_a_text_teacher_is_its_pipeline_folder(default):
+    plan = Plan(_preset("digits-text"))
+    assert plan.teacher_outputs == {"pipeline": "results/digits-text/teacher/pipeline",
+                                    "prompts": "results/digits-text/teacher/prompts.txt"}
+    assert plan.teacher_pt == plan.teacher_outputs["pipeline"]
+    assert plan.distill_inputs("sid") == {"teacher": "results/digits-text/teacher/pipeline"}
+    assert Plan(default).teacher_outputs == {"network": "results/digits/teacher/network.pt"}
+
+
 def test_settings_are_canonical_json_of_the_sections(default):
     text = settings(default, "seed", "data", run="sid")
     assert text.startswith('{"data": {') and text.endswith('"run": "sid", "seed": 0}')

@@ -221,11 +221,11 @@ def test_two_processes_give_the_one_process_numbers(setup, tmp_path):
 def test_kept_runs_are_taken_on_a_rerun(setup, encoded, tmp_path):
     """A rerun takes each finished run's FID and CLIP score from the kept file, sampling nothing."""
     from sida.eval.evaluation import evaluate_network
-    from sida.eval.prompting import evaluation_view
+    from sida.run.config import with_data_of
     from sida.run import dist
     from sida.run.config import load_config
 
-    cfg = evaluation_view(load_config(setup / "cfg.yaml", ["evaluate.num_runs=1"]))
+    cfg = with_data_of(load_config(setup / "cfg.yaml", ["evaluate.num_runs=1"]), "evaluate")
     info = dist.init("cpu", 1)
     try:
         first, _ = evaluate_network(cfg, setup / "net.pt", "generator", "g", info, keep=(tmp_path, "m"))

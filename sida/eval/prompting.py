@@ -15,18 +15,12 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import ConfigError
+from ..run.config import with_data_of
 from ..io.digits_text import caption
 from ..nets.guidance import guided
 from .sampling import make_generate
 
 Encode = Callable[[Sequence[str]], torch.Tensor]
-
-
-def evaluation_view(cfg: dict) -> dict:
-    """The config as the evaluation reads it: `data` is `evaluate.data` when that is set (a text
-    run trains on prompts but is scored against images, e.g. the digits)."""
-    data = cfg["evaluate"].get("data")
-    return cfg if data is None else {**cfg, "data": data}
 
 
 class ClassPrompts:
@@ -59,7 +53,7 @@ def grid_prompts(cfg: dict, net: torch.nn.Module, dataset, device: torch.device 
     `distill.grid_size` prompts of the run's prompt set."""
     from ..io.text_run import text_encoder_of
 
-    ev = evaluation_view(cfg)
+    ev = with_data_of(cfg, "evaluate")
     if ev["data"]["label_dim"] > 0 and ev["evaluate"]["class_prompt"] is not None:
         return class_prompts(ev, net, device)
     rows = dataset.prompts(list(range(min(len(dataset), cfg["distill"]["grid_size"]))))

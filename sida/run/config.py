@@ -299,6 +299,14 @@ def config_hash(cfg: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def with_data_of(cfg: dict, section: str) -> dict:
+    """The config as a stage of `section` reads it: `data` is `<section>.data` when that is set.
+    A text run trains on prompts (`data`) while its teacher (testbed: `teacher.data`) trains on,
+    and its evaluation (`evaluate.data`) scores against, images."""
+    data = (cfg.get(section) or {}).get("data")
+    return cfg if data is None else {**cfg, "data": data}
+
+
 def distill_defaults() -> dict:
     """The schema's default of every `distill` setting (not `runs`): what a hand-made run config
     (tests, benchmarks) falls back on, from the same single source as a validated config."""

@@ -227,8 +227,15 @@ class Plan:
         if teacher["source"] == "diffusers":
             self.fetch_outputs["teacher"] = f"{fetch_dir}/teacher.pt"
             self.fetch_settings = {"diffusers_teacher": {k: teacher.get(k) for k in ("path", "url", "hub")}}
-        if teacher["source"] == "train":
-            self.teacher_pt = f"{self.exp}/teacher/network.pt"
+        # The teacher stage's own outputs besides samples.png and metrics.jsonl (its rule's): a
+        # network file, which downstream rules read, and for the text testbed also the pipeline
+        # folder (a directory output the network file points at) and its prompt set.
+        self.teacher_outputs = {"network": f"{self.exp}/teacher/network.pt"}
+        if teacher["source"] == "train_text":
+            self.teacher_outputs.update(pipeline=f"{self.exp}/teacher/pipeline",
+                                        prompts=f"{self.exp}/teacher/prompts.txt")
+        if teacher["source"] in ("train", "train_text"):
+            self.teacher_pt = self.teacher_outputs["network"]
         elif "teacher" in self.fetch_outputs:
             self.teacher_pt = self.fetch_outputs["teacher"]
         else:

@@ -52,16 +52,7 @@ class TeacherLoop:
         total = self.micro * self.rounds
         loss_sum = torch.zeros((), device=self.device)
         for r in range(self.rounds):
-            idx = torch.randint(len(self.dataset), (self.micro,), generator=slot_generator(self.gens, "data", r))
-            x, labels = self.dataset.get_batch(idx)
-            x, labels = x.to(self.device), labels.to(self.device)
-            g = slot_generator(self.gens, "noise", r)
-            sigma = (torch.randn([self.micro, 1, 1, 1], generator=g, device=self.device) * self.t["P_std"]
-                     + self.t["P_mean"]).exp()
-            n = torch.randn(x.shape, generator=g, device=self.device) * sigma
-            with autocast(self.device, self.t["precision"]):
-                denoised = self.net(x + n, sigma, labels)
-            loss = edm_denoising_loss(denoised.float(), x, sigma, self.sigma_data).sum() / total
+            loss = self.micro_loss(r).sum() / total
             loss.backward()
             loss_sum += loss.detach()
         bad = sync_gradients(self.params, self.info.group)
@@ -69,6 +60,21 @@ class TeacherLoop:
         ema_update(self.ema, self.net, self.nimg + self.batch, self.batch,
                    self.t["ema_halflife_kimg"], self.t["ema_rampup_ratio"])
         return {"loss": loss_sum, "nonfinite_grads": bad}
+
+    def micro_loss(self, r: int) -> torch.Tensor:
+        """The losses of accumulation round `r` (per pixel here: EDM's denoising loss at a log-normal
+        sigma); `step` sums them and divides by the process batch. Subclasses with another
+        objective override this (`sida.train.text_teacher`)."""
+        idx = torch.randint(len(self.dataset), (self.micro,), generator=slot_generator(self.gens, "data", r))
+        x, labels = self.dataset.get_batch(idx)
+        x, labels = x.to(self.device), labels.to(self.device)
+        g = slot_generator(self.gens, "noise", r)
+        sigma = (torch.randn([self.micro, 1, 1, 1], generator=g, device=self.device) * self.t["P_std"]
+                 + self.t["P_mean"]).exp()
+        n = torch.randn(x.shape, generator=g, device=self.device) * sigma
+        with autocast(self.device, self.t["precision"]):
+            denoised = self.net(x + n, sigma, labels)
+        return edm_denoising_loss(denoised.float(), x, sigma, self.sigma_data)
 
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "ema": self.ema.state_dict(),

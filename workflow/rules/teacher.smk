@@ -1,12 +1,13 @@
 # The teacher network: trained on `data` (teacher.source: train), a published EDM checkpoint
 # imported safely (teacher.source: fetch) or a diffusers UNet2DModel folder with its scheduler
-# (teacher.source: diffusers, imported by the fetch job). Downstream rules read PLAN.teacher_pt
+# (teacher.source: diffusers, imported by the fetch job); teacher.source train_text trains the
+# text testbed's teacher into a pipeline folder. Downstream rules read PLAN.teacher_pt
 # (sida/run/workflow.py).
 
 
 rule teacher:
     output:
-        network=f"{EXP}/teacher/network.pt",
+        **{k: directory(v) if k == "pipeline" else v for k, v in PLAN.teacher_outputs.items()},
         samples=report(
             f"{EXP}/teacher/samples.png",
             caption="../report/teacher.rst",
