@@ -324,7 +324,8 @@ def _reach(curves: dict, offsets: dict[str, float], monitor: dict, teacher: dict
 def build_report(cfg: dict, out: Path, evaluations: Sequence[str], jsonls: Sequence[str],
                  grids: Sequence[str]) -> dict:
     """Write report.md, report.html, results.json and plots into out's folder; return results."""
-    from sida.eval.plots import plot_quality_vs_images, plot_scalars, run_and_seed, upstream_kimg
+    from sida.eval.plots import (plot_quality_vs_images, plot_quality_vs_text_score, plot_scalars, run_and_seed,
+                                 upstream_kimg)
     from sida.eval.summary import comparisons, evaluation_spread, group_models, results_rows
 
     folder = out.parent
@@ -354,6 +355,8 @@ def build_report(cfg: dict, out: Path, evaluations: Sequence[str], jsonls: Seque
                               names={run: spec.get("label") or run for run, spec in cfg["distill"]["runs"].items()}):
         plots.append(("quality_vs_images.png", f"{label} vs training images (the training monitor's "
                                                f"{monitor['num_samples']:,} samples; log scales)"))
+    if plot_quality_vs_text_score(rows, folder / "quality_vs_alignment.png", label):
+        plots.append(("quality_vs_alignment.png", f"{label} against prompt alignment or CLIP score (± SE)"))
     if plot_scalars(curves, LOSS_KEYS, offsets, folder / "losses_vs_kimg.png", "losses"):
         plots.append(("losses_vs_kimg.png", "Losses vs training images"))
     if plot_scalars(curves, DISC_KEYS, offsets, folder / "discriminator_vs_kimg.png",

@@ -235,3 +235,19 @@ def test_report_clip_score_column_and_paired_differences(tmp_path):
     assert c["verdict"] == "teacher is better"  # the higher CLIP score
     assert "Differences in CLIP score (higher is better)" in md and "| sid − teacher | -0.0233 |" in md
     assert len([c for c in res["comparisons"] if c["metric"] == "fd"]) == 3  # the main metric's pairs unchanged
+
+
+def test_quality_against_text_score_plot(tmp_path):
+    """A guidance sweep's picture: one point per model with a CLIP score or prompt alignment;
+    no file when no model has one (class-conditional experiments)."""
+    from sida.eval.plots import plot_quality_vs_text_score
+
+    def row(name, fd, align):
+        return {"name": name, "label": name, "nfe": 1, "value": {"mean": fd, "se": 0.1},
+                "alignment": None if align is None else {"mean": align, "se": 0.01}}
+
+    path = tmp_path / "q.png"
+    assert plot_quality_vs_text_score([row("k1", 5.0, 0.4), row("k3", 9.0, 0.7)], path, "FD")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plot_quality_vs_text_score([row("sid", 5.0, None)], tmp_path / "none.png", "FD")
+    assert not (tmp_path / "none.png").exists()

@@ -160,3 +160,30 @@ def plot_scalars(curves: Curves, keys: Sequence[str], offsets: dict[str, float],
     _save(fig, path)
     plt.close(fig)
     return True
+
+
+TEXT_SCORES = (("clip_score", "CLIP score (raw cosine)"), ("alignment", "prompt alignment (classifier reads the prompt's class)"))
+
+
+def plot_quality_vs_text_score(rows: Sequence[dict], path: Path, label: str) -> bool:
+    """Text-to-image models: FD/FID (y) against CLIP score or prompt alignment (x), one point per
+    model with its standard errors, so a guidance sweep shows what a higher scale buys in
+    alignment and costs in FD (SiD-LSG's figure). False (no file) when no row has such a score."""
+    key, xlabel = next(((k, xl) for k, xl in TEXT_SCORES if any(r.get(k) for r in rows)), (None, None))
+    points = [r for r in rows if key and r.get(key) and r.get("value")]
+    if not points:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r, color in zip(points, _colors([r["name"] for r in points]).values()):
+        x, y = r[key], r["value"]
+        ax.errorbar(x["mean"], y["mean"], xerr=x.get("se") or 0, yerr=y.get("se") or 0, fmt="o", c=color,
+                    capsize=3, label=f"{r['label']} ({r['nfe']} NFE)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True
