@@ -7,14 +7,18 @@
 
 Parameters: the Stable Diffusion UNet, CLIP text encoder and VAE of each preset's teacher, built
 from their public configs (bench/sd_configs.py) under ``torch.device("meta")``: no weights, no
-download. Activations: MEASURED on the CPU, at batch 1 and the preset's latent resolution: the
-bytes of every tensor autograd saves for the backward pass during one UNet forward (a
-`saved_tensors_hooks` count of distinct storages, the parameters themselves left out), in fp32 and
-under bf16 autocast, for a trained UNet (parameters require grad, input does not) and for a frozen
-one whose input requires grad (the teacher and the fake score inside SiD's generator loss, whose
-gradient reaches x_g through them), with the encoder's share (up to the end of the mid block: what
-SiDA's and DMD2's discriminators run). Saved tensors scale linearly with the batch, so a step's
-activations are batch_per_proc x the per-sample sum over the forwards it keeps alive (`STEP_PASSES`).
+download. Activations: MEASURED on the CPU as the bytes of every tensor autograd saves for the
+backward pass during one UNet forward (a `saved_tensors_hooks` count of distinct storages, the
+parameters themselves left out), for a trained UNet (parameters require grad, input does not) and
+for a frozen one whose input requires grad (the teacher and the fake score inside SiD's generator
+loss, whose gradient reaches x_g through them), with the encoder's share (up to the end of the mid
+block: what SiDA's and DMD2's discriminators run). Saved bytes are per-call + batch x per-sample
+(fitted from batches 1 and 2; per-call is bf16 autocast's weight copies). A 64x64 forward does
+not fit this shared 23 GB CPU beside the weights, so fp32 per-sample bytes are measured at 8x8,
+16x16 and 32x32 and extrapolated to the preset's 64x64 by a quadratic in the pixel count
+(`extrapolate`); bf16 autocast (slow on the CPU) is measured at 8x8 and applied as the bf16 / fp32
+ratio (`measure`). Both are estimates from measurements, not a 64x64 measurement. A step's activations: the calls alive together
+in its larger half (generator or critic update, `passes`).
 
 Weights are fp32 in both precisions (bf16 = autocast over fp32 master weights): the frozen teacher,
 G, the fake score, G's EMA where the run keeps one, the text encoder and the VAE; gradients fp32 for
@@ -115,32 +119,59 @@ def linear_fit(unet, res: int, text_dim: int, precision: str, frozen: bool) -> d
     return {"per_sample": {k: two[k] - one[k] for k in one}, "per_call": {k: 2 * one[k] - two[k] for k in one}}
 
 
-def measure(res: int = 64, small: int = 16) -> dict:
-    """fp32: measured at `res`, batch 1 (less the per-call bytes of the batch-1/2 fit at `small`).
-    bf16 (autocast is slow on the CPU): per-call bytes measured at `small`; per-sample bytes = the
-    fp32 ones at `res` x the bf16 / fp32 ratio of per-sample bytes measured at `small`."""
+def extrapolate(points: dict[int, float], res: int) -> float:
+    """The quadratic in the pixel count n = r^2 through three (r, bytes) points, at `res`:
+    c0 (per-sample bytes of the text and time embeddings) + c1 n (convolutions, norms, attention
+    kernels that save O(n)) + c2 n^2 (attention matrices, where a kernel saves them)."""
+    import numpy as np
+
+    rs = sorted(points)
+    a = np.array([[1.0, r * r, float(r) ** 4] for r in rs])
+    c = np.linalg.solve(a, np.array([points[r] for r in rs], dtype=float))
+    return float(c[0] + c[1] * res * res + c[2] * float(res) ** 4)
+
+
+def measure(res: int = 64, small: tuple[int, ...] = (8, 16, 32)) -> dict:
+    """Per-call and per-sample saved bytes at `res`. fp32: per-sample bytes measured at batch 1 at
+    the `small` resolutions (less the per-call bytes of a batch-1/2 fit at the smallest) and
+    extrapolated to `res` (`extrapolate`). bf16 autocast (slow on the CPU): per-call bytes from the
+    batch-1/2 fit at the smallest resolution; per-sample bytes = fp32's at `res` x the bf16 / fp32
+    ratio of per-sample bytes there."""
+    import subprocess
+
+    from bench.sd_configs import CONFIGS
+
+    results, raw = {}, {}
+    for version in CONFIGS:
+        for mode in ("trained", "frozen"):
+            # one process per network and mode: the CPU allocator keeps what a forward freed
+            out = subprocess.run([sys.executable, "-m", "bench.memory", "--measure-one", version, mode,
+                                  "--small", ",".join(map(str, small))], check=True, capture_output=True, text=True,
+                                 cwd=REPO)
+            fit32, fit16, points = json.loads(out.stdout.strip().splitlines()[-1])
+            points = {int(r): v for r, v in points.items()}
+            per32 = {k: round(extrapolate({r: v[k] - fit32["per_call"][k] for r, v in points.items()}, res))
+                     for k in ("full", "encoder")}
+            results.setdefault(version, {})[f"fp32_{mode}"] = {"per_sample": per32, "per_call": fit32["per_call"]}
+            results[version][f"bf16_{mode}"] = {
+                "per_sample": {k: round(per32[k] * fit16["per_sample"][k] / fit32["per_sample"][k]) for k in per32},
+                "per_call": fit16["per_call"]}
+            raw.setdefault(version, {})[mode] = {"fp32_fit": fit32, "bf16_fit": fit16, "fp32_batch1": points}
+    return {"res": res, "small": list(small), "torch": torch.__version__,
+            "machine": f"{platform.machine()} CPU ({platform.node()}), 2 threads",
+            "date": datetime.date.today().isoformat(), "command": f"python -m bench.memory --measure --res {res}",
+            "bytes": results, "measured": raw}
+
+
+def measure_one(version: str, mode: str, small: tuple[int, ...]) -> list:
     from bench.sd_configs import CONFIGS
 
     torch.manual_seed(0)
-    results = {}
-    for version in CONFIGS:
-        unet = build(version, "cpu")["unet"]
-        text_dim = CONFIGS[version]["unet"]["cross_attention_dim"]
-        for mode, frozen in (("trained", False), ("frozen", True)):
-            fit32 = linear_fit(unet, small, text_dim, "fp32", frozen)
-            fit16 = linear_fit(unet, small, text_dim, "bf16", frozen)
-            big = measure_unet(unet, 1, res, text_dim, "fp32", frozen)
-            per32 = {k: big[k] - fit32["per_call"][k] for k in big}
-            results.setdefault(version, {})[f"fp32_{mode}"] = {"per_sample": per32, "per_call": fit32["per_call"]}
-            results[version][f"bf16_{mode}"] = {
-                "per_sample": {k: round(per32[k] * fit16["per_sample"][k] / fit32["per_sample"][k]) for k in big},
-                "per_call": fit16["per_call"]}
-            results[version][f"small_{mode}"] = {"fp32": fit32, "bf16": fit16}
-        del unet
-    return {"res": res, "small_res": small, "torch": torch.__version__,
-            "machine": f"{platform.machine()} CPU ({platform.node()}), 2 threads",
-            "date": datetime.date.today().isoformat(), "command": f"python -m bench.memory --measure --res {res}",
-            "bytes": results}
+    unet = build(version, "cpu")["unet"]
+    text_dim, frozen, lo = CONFIGS[version]["unet"]["cross_attention_dim"], mode == "frozen", min(small)
+    fit32 = linear_fit(unet, lo, text_dim, "fp32", frozen)
+    fit16 = linear_fit(unet, lo, text_dim, "bf16", frozen)
+    return [fit32, fit16, {r: measure_unet(unet, 1, r, text_dim, "fp32", frozen) for r in small}]
 
 
 # --- a training step ----------------------------------------------------------------------------
@@ -202,19 +233,18 @@ def table(act_file: Path = ACTIVATIONS) -> str:
         cfg = load_config(REPO / "config" / f"{preset}.yaml")
         params = param_counts(version)
         counts = " / ".join(f"{params[k] / 1e6:.1f}M" for k in ("unet", "text_encoder", "vae"))
-        seen = set()
+        groups: dict[tuple, list[str]] = {}
         for run in cfg["distill"]["runs"]:
             rc = run_config(cfg, run)
-            kinds = tuple(sorted({p["kind"] for p in rc["phases"]}))
-            key = (kinds, rc["ema"], rc["batch_per_proc"], rc["guidance_fake_train"], rc["discriminator"])
-            if key in seen:
-                continue
-            seen.add(key)
-            for precision in ("fp32", "bf16"):
-                m = step_memory(params, rc, acts[version], precision)
-                rows.append(f"| {preset} | {run} | {version} | {counts} | {rc['batch_per_proc']} | {precision} | "
-                            + " | ".join(f"{m[k] / GIB:.1f}" for k in ("weights", "grads", "adam", "activations", "total"))
-                            + ("**" if precision == rc["precision"] else "") + " |")
+            ms = tuple(tuple(step_memory(params, rc, acts[version], p).items()) for p in ("fp32", "bf16"))
+            groups.setdefault((ms, rc["batch_per_proc"], rc["precision"]), []).append(run)
+        for (ms, bpp, own), runs in groups.items():
+            for precision, m in zip(("fp32", "bf16"), map(dict, ms)):
+                cells = [f"{m[k] / GIB:.1f}" for k in ("weights", "grads", "adam", "activations", "total")]
+                if precision == own:
+                    cells[-1] = f"**{cells[-1]}**"
+                rows.append(f"| {preset} | {', '.join(runs)} | {version} | {counts} | {bpp} | {precision} | "
+                            + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -224,14 +254,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure", action="store_true")
     ap.add_argument("--res", type=int, default=64)
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--measure-one", nargs=2, metavar=("VERSION", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--small", default="8,16,32")
     args = ap.parse_args(argv)
     if args.params:
         from bench.sd_configs import CONFIGS
         for version in CONFIGS:
             print(version, json.dumps(param_counts(version)))
-    if args.measure:
+    small = tuple(int(r) for r in args.small.split(","))
+    if args.measure_one:
         torch.set_num_threads(2)
-        result = measure(args.res)
+        print(json.dumps(measure_one(*args.measure_one, small)))
+    if args.measure:
+        result = measure(args.res, small)
         ACTIVATIONS.parent.mkdir(exist_ok=True)
         ACTIVATIONS.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result, indent=1))

@@ -71,3 +71,8 @@ def test_the_table_names_every_text_preset():
     text = memory.table()
     for preset in memory.TEXT_PRESETS:
         assert f"| {preset} |" in text
+
+
+def test_extrapolation_is_exact_for_a_quadratic_in_the_pixel_count():
+    f = lambda r: 7 + 3 * r * r + 0.5 * r ** 4  # noqa: E731
+    assert memory.extrapolate({r: f(r) for r in (8, 16, 32)}, 64) == pytest.approx(f(64))
