@@ -1,0 +1,279 @@
+"""Per-GPU memory of one training step of the text-to-image presets, computed without a GPU.
+
+    python -m bench.memory --params            # parameter counts (networks built on the meta device)
+    python -m bench.memory --measure [--res 64] # activations: one forward on the CPU, written to
+                                                # bench/data/sd_activations.json
+    python -m bench.memory --table              # the table of docs/memory.md, from the presets and that file
+
+Parameters: the Stable Diffusion UNet, CLIP text encoder and VAE of each preset's teacher, built
+from their public configs (bench/sd_configs.py) under ``torch.device("meta")``: no weights, no
+download. Activations: MEASURED on the CPU as the bytes of every tensor autograd saves for the
+backward pass during one UNet forward (a `saved_tensors_hooks` count of distinct storages, the
+parameters themselves left out), for a trained UNet (parameters require grad, input does not) and
+for a frozen one whose input requires grad (the teacher and the fake score inside SiD's generator
+loss, whose gradient reaches x_g through them), with the encoder's share (up to the end of the mid
+block: what SiDA's and DMD2's discriminators run). Saved bytes are per-call + batch x per-sample
+(fitted from batches 1 and 2; per-call is bf16 autocast's weight copies). A 64x64 forward does
+not fit this shared 23 GB CPU beside the weights, so fp32 per-sample bytes are measured at 8x8,
+16x16 and 32x32 and extrapolated to the preset's 64x64 by a quadratic in the pixel count
+(`extrapolate`); bf16 autocast (slow on the CPU) is measured at 8x8 and applied as the bf16 / fp32
+ratio (`measure`). Both are estimates from measurements, not a 64x64 measurement. A step's activations: the calls alive together
+in its larger half (generator or critic update, `passes`).
+
+Weights are fp32 in both precisions (bf16 = autocast over fp32 master weights): the frozen teacher,
+G, the fake score, G's EMA where the run keeps one, the text encoder and the VAE; gradients fp32 for
+G and the fake score; Adam / AdamW two fp32 moments for each. Not counted: the CUDA context,
+allocator fragmentation, kernel workspaces, DDP's gradient buckets, DMD2's small classifier head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ACTIVATIONS = REPO / "bench" / "data" / "sd_activations.json"
+GIB = 1024 ** 3
+TEXT_PRESETS = {"sid-lsg-sd15": "sd15", "sid-lsg-sd21base": "sd21base", "dmd2-sd15": "sd15", "sida-sd15": "sd15"}
+
+
+def build(version: str, device: str = "meta") -> dict[str, torch.nn.Module]:
+    """The UNet, text encoder and VAE of `version` (a key of bench.sd_configs.CONFIGS) on `device`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from bench.sd_configs import CONFIGS
+
+    cfg = CONFIGS[version]
+    with torch.device(device):
+        return {"unet": UNet2DConditionModel(**cfg["unet"]), "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+                "vae": AutoencoderKL(**cfg["vae"])}
+
+
+def param_counts(version: str) -> dict[str, int]:
+    return {name: sum(p.numel() for p in net.parameters()) for name, net in build(version).items()}
+
+
+# --- activations -------------------------------------------------------------------------------
+
+class SavedBytes:
+    """Bytes of the distinct storages autograd saves for backward inside the context, parameters
+    left out; `mark()` records the count so far (e.g. at the end of the encoder)."""
+
+    def __init__(self, params) -> None:
+        self.skip = {p.untyped_storage().data_ptr() for p in params}
+        self.seen: set[int] = set()
+        self.total = 0
+        self.marks: list[int] = []
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self.skip and ptr not in self.seen:
+            self.seen.add(ptr)
+            self.total += storage.nbytes()
+        return t
+
+    def mark(self, *_args) -> None:
+        self.marks.append(self.total)
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def measure_unet(unet: torch.nn.Module, batch: int, res: int, text_dim: int, precision: str,
+                 frozen: bool) -> dict[str, int]:
+    """Saved-for-backward bytes of one UNet forward of `batch` samples: {'full', 'encoder'}."""
+    for p in unet.parameters():
+        p.requires_grad_(not frozen)
+    x = torch.randn(batch, 4, res, res, requires_grad=frozen)
+    t = torch.full((batch,), 625)
+    text = torch.randn(batch, 77, text_dim)
+    counter = SavedBytes(unet.parameters())
+    hook = unet.mid_block.register_forward_hook(lambda *a: counter.mark())
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    try:
+        with counter, autocast:
+            out = unet(x, t, encoder_hidden_states=text).sample
+    finally:
+        hook.remove()
+    del out
+    return {"full": counter.total, "encoder": counter.marks[0]}
+
+
+def linear_fit(unet, res: int, text_dim: int, precision: str, frozen: bool) -> dict[str, dict[str, int]]:
+    """Per-sample bytes (slope) and per-call bytes (intercept: bf16 autocast's weight copies) from
+    batches 1 and 2."""
+    one, two = (measure_unet(unet, b, res, text_dim, precision, frozen) for b in (1, 2))
+    return {"per_sample": {k: two[k] - one[k] for k in one}, "per_call": {k: 2 * one[k] - two[k] for k in one}}
+
+
+def extrapolate(points: dict[int, float], res: int) -> float:
+    """The quadratic in the pixel count n = r^2 through three (r, bytes) points, at `res`:
+    c0 (per-sample bytes of the text and time embeddings) + c1 n (convolutions, norms, attention
+    kernels that save O(n)) + c2 n^2 (attention matrices, where a kernel saves them)."""
+    import numpy as np
+
+    rs = sorted(points)
+    a = np.array([[1.0, r * r, float(r) ** 4] for r in rs])
+    c = np.linalg.solve(a, np.array([points[r] for r in rs], dtype=float))
+    return float(c[0] + c[1] * res * res + c[2] * float(res) ** 4)
+
+
+def measure(res: int = 64, small: tuple[int, ...] = (8, 16, 32)) -> dict:
+    """Per-call and per-sample saved bytes at `res`. fp32: per-sample bytes measured at batch 1 at
+    the `small` resolutions (less the per-call bytes of a batch-1/2 fit at the smallest) and
+    extrapolated to `res` (`extrapolate`). bf16 autocast (slow on the CPU): per-call bytes from the
+    batch-1/2 fit at the smallest resolution; per-sample bytes = fp32's at `res` x the bf16 / fp32
+    ratio of per-sample bytes there."""
+    import subprocess
+
+    from bench.sd_configs import CONFIGS
+
+    results, raw = {}, {}
+    for version in CONFIGS:
+        for mode in ("trained", "frozen"):
+            # one process per network and mode: the CPU allocator keeps what a forward freed
+            out = subprocess.run([sys.executable, "-m", "bench.memory", "--measure-one", version, mode,
+                                  "--small", ",".join(map(str, small))], check=True, capture_output=True, text=True,
+                                 cwd=REPO)
+            fit32, fit16, points = json.loads(out.stdout.strip().splitlines()[-1])
+            points = {int(r): v for r, v in points.items()}
+            per32 = {k: round(extrapolate({r: v[k] - fit32["per_call"][k] for r, v in points.items()}, res))
+                     for k in ("full", "encoder")}
+            results.setdefault(version, {})[f"fp32_{mode}"] = {"per_sample": per32, "per_call": fit32["per_call"]}
+            results[version][f"bf16_{mode}"] = {
+                "per_sample": {k: round(per32[k] * fit16["per_sample"][k] / fit32["per_sample"][k]) for k in per32},
+                "per_call": fit16["per_call"]}
+            raw.setdefault(version, {})[mode] = {"fp32_fit": fit32, "bf16_fit": fit16, "fp32_batch1": points}
+    return {"res": res, "small": list(small), "torch": torch.__version__,
+            "machine": f"{platform.machine()} CPU ({platform.node()}), 2 threads",
+            "date": datetime.date.today().isoformat(), "command": f"python -m bench.memory --measure --res {res}",
+            "bytes": results, "measured": raw}
+
+
+def measure_one(version: str, mode: str, small: tuple[int, ...]) -> list:
+    from bench.sd_configs import CONFIGS
+
+    torch.manual_seed(0)
+    unet = build(version, "cpu")["unet"]
+    text_dim, frozen, lo = CONFIGS[version]["unet"]["cross_attention_dim"], mode == "frozen", min(small)
+    fit32 = linear_fit(unet, lo, text_dim, "fp32", frozen)
+    fit16 = linear_fit(unet, lo, text_dim, "bf16", frozen)
+    return [fit32, fit16, {r: measure_unet(unet, 1, r, text_dim, "fp32", frozen) for r in small}]
+
+
+# --- a training step ----------------------------------------------------------------------------
+
+def passes(rc: dict, kind: str) -> dict[str, list[tuple[str, float]]]:
+    """The forwards whose saved tensors are alive together in each half of one iteration of phase
+    `kind` (as sida/train/methods run them): {step: [(pass, samples per batch sample)]}, a pass
+    being 'trained' (parameters train), 'frozen' (input requires grad) or its '_encoder' share.
+    A guided call runs the conditional and the empty prompt as one pass of twice the batch."""
+    g = lambda scale: 2.0 if scale != 1 else 1.0  # noqa: E731
+    if kind in ("sid", "sida", "warmup"):
+        gen = [("trained", 1.0), ("frozen", g(rc["guidance_teacher"])), ("frozen", g(rc["guidance_fake"]))]
+        critic = [("trained", g(rc["guidance_fake_train"]))]
+        if rc["discriminator"]:
+            # SiDA: the fake score's encoder judges real and generated images (one pass of 2b; the
+            # unguided path decodes only the generated half, which its full pass above counts)
+            critic.append(("trained_encoder", 2.0 if rc["guidance_fake_train"] != 1 else 1.0))
+        if kind == "warmup":
+            gen = []
+        return {"generator": gen, "critic": critic}
+    if kind in ("dmd", "dmd2"):
+        gan = kind == "dmd2"
+        return {"generator": [("trained", 1.0)] + ([("frozen_encoder", 1.0)] if gan else []),
+                "critic": [("trained", 1.0)] + ([("trained_encoder", 2.0)] if gan else [])}
+    raise ValueError(f"no memory model for phase kind {kind!r}")
+
+
+def call_bytes(acts: dict, precision: str, pass_name: str, samples: float) -> float:
+    """Saved bytes of one network call of `samples` samples: per-call + samples x per-sample."""
+    kind, _, part = pass_name.partition("_")
+    entry, key = acts[f"{precision}_{kind}"], "encoder" if part == "encoder" else "full"
+    return entry["per_call"][key] + samples * entry["per_sample"][key]
+
+
+def step_memory(params: dict[str, int], rc: dict, acts: dict, precision: str) -> dict[str, float]:
+    """Bytes per GPU of one iteration of run config `rc` (its largest phase) at its per-GPU batch."""
+    unet = params["unet"]
+    trained = 2 * unet  # G and the fake score (discriminator heads not counted)
+    nets = 3 + (1 if rc["ema"] else 0)  # teacher, G, fake score (+ G's EMA)
+    weights = 4 * (nets * unet + params["text_encoder"] + params["vae"])
+    bpp = rc["batch_per_proc"] or rc["batch"]
+    act = 0.0
+    for phase in rc["phases"]:
+        for step in passes(rc, phase["kind"]).values():
+            act = max(act, sum(call_bytes(acts, precision, name, bpp * n) for name, n in step))
+    out = {"weights": weights, "grads": 4 * trained, "adam": 8 * trained, "activations": act}
+    out["total"] = sum(out.values())
+    return out
+
+
+def table(act_file: Path = ACTIVATIONS) -> str:
+    from sida.run.config import load_config, run_config
+
+    data = json.loads(act_file.read_text())
+    acts = data["bytes"]
+    rows = ["| preset | run | teacher | UNet / text / VAE params | per-GPU batch | precision | weights | grads | Adam | "
+            "activations | total (GiB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for preset, version in TEXT_PRESETS.items():
+        cfg = load_config(REPO / "config" / f"{preset}.yaml")
+        params = param_counts(version)
+        counts = " / ".join(f"{params[k] / 1e6:.1f}M" for k in ("unet", "text_encoder", "vae"))
+        groups: dict[tuple, list[str]] = {}
+        for run in cfg["distill"]["runs"]:
+            rc = run_config(cfg, run)
+            ms = tuple(tuple(step_memory(params, rc, acts[version], p).items()) for p in ("fp32", "bf16"))
+            groups.setdefault((ms, rc["batch_per_proc"], rc["precision"]), []).append(run)
+        for (ms, bpp, own), runs in groups.items():
+            for precision, m in zip(("fp32", "bf16"), map(dict, ms)):
+                cells = [f"{m[k] / GIB:.1f}" for k in ("weights", "grads", "adam", "activations", "total")]
+                if precision == own:
+                    cells[-1] = f"**{cells[-1]}**"
+                rows.append(f"| {preset} | {', '.join(runs)} | {version} | {counts} | {bpp} | {precision} | "
+                            + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", action="store_true")
+    ap.add_argument("--measure", action="store_true")
+    ap.add_argument("--res", type=int, default=64)
+    ap.add_argument("--table", action="store_true")
+    ap.add_argument("--measure-one", nargs=2, metavar=("VERSION", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--small", default="8,16,32")
+    args = ap.parse_args(argv)
+    if args.params:
+        from bench.sd_configs import CONFIGS
+        for version in CONFIGS:
+            print(version, json.dumps(param_counts(version)))
+    small = tuple(int(r) for r in args.small.split(","))
+    if args.measure_one:
+        torch.set_num_threads(2)
+        print(json.dumps(measure_one(*args.measure_one, small)))
+    if args.measure:
+        result = measure(args.res, small)
+        ACTIVATIONS.parent.mkdir(exist_ok=True)
+        ACTIVATIONS.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result, indent=1))
+    if args.table:
+        print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
