@@ -105,7 +105,7 @@ class DMD2(Method):
                             self.settings.guidance_teacher)
             l_gan = None
             if gan:
-                sigma_c = d.grid_sigma(*WHOLE_GRID, r)
+                sigma_c = self._sigma(WHOLE_GRID, r)
                 l_gan = ns_generator_loss(dmd2_head_logits(nets.fake, nets.head, x_g, sigma_c, d.randn(x_g.shape, r),
                                                            labels))
         slot["x_g"] = x_g.detach()
@@ -132,8 +132,8 @@ class DMD2(Method):
             if nets.head is not None:
                 # real and generated images through one encoder pass (the head and GroupNorm
                 # never mix samples), each freshly noised on the whole grid
-                s_real, e_real = d.grid_sigma(*WHOLE_GRID, r), d.randn(real.shape, r)
-                s_fake, e_fake = d.grid_sigma(*WHOLE_GRID, r), d.randn(x_g.shape, r)
+                s_real, e_real = self._sigma(WHOLE_GRID, r), d.randn(real.shape, r)
+                s_fake, e_fake = self._sigma(WHOLE_GRID, r), d.randn(x_g.shape, r)
                 logits = dmd2_head_logits(nets.fake, nets.head, torch.cat([real, x_g]), torch.cat([s_real, s_fake]),
                                           torch.cat([e_real, e_fake]), torch.cat([labels, labels]))
                 logits_real, logits_fake = logits[:d.micro], logits[d.micro:]
