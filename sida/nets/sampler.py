@@ -131,8 +131,13 @@ def sample_sigma_lognormal(n: int, P_mean: float = -1.2, P_std: float = 1.2,
     """
     if generator is not None and device is None:
         device = generator.device
-    rnd = torch.randn([n, 1, 1, 1], generator=generator, device=device, dtype=torch.float32)
-    return (rnd * P_std + P_mean).exp()
+    return lognormal_sigma(torch.randn([n, 1, 1, 1], generator=generator, device=device, dtype=torch.float32),
+                           P_mean, P_std)
+
+
+def lognormal_sigma(normal: torch.Tensor, P_mean: float, P_std: float) -> torch.Tensor:
+    """exp(P_mean + P_std * normal) of standard normal draws `normal`: EDM's training noise levels."""
+    return (normal * P_std + P_mean).exp()
 
 
 # The teacher's schedule as 1000 integer time steps. DMD2 (main/edm/edm_guidance.py) builds

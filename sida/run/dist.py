@@ -71,14 +71,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Average a tensor over all processes (in place, returned for chaining)."""
-    if dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
-    return t
-
-
 def barrier() -> None:
     """Wait for every process (no-op for a world of one)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -17,6 +17,7 @@ from ..io.factory import autocast
 from .draws import make_generators, slot_generator
 from .updates import accumulation, ema_update, make_optimizer, set_lr, sync_gradients
 from .losses import edm_denoising_loss
+from ..nets.sampler import sample_sigma_lognormal
 
 
 class TeacherLoop:
@@ -69,8 +70,7 @@ class TeacherLoop:
         x, labels = self.dataset.get_batch(idx)
         x, labels = x.to(self.device), labels.to(self.device)
         g = slot_generator(self.gens, "noise", r)
-        sigma = (torch.randn([self.micro, 1, 1, 1], generator=g, device=self.device) * self.t["P_std"]
-                 + self.t["P_mean"]).exp()
+        sigma = sample_sigma_lognormal(self.micro, self.t["P_mean"], self.t["P_std"], generator=g, device=self.device)
         n = torch.randn(x.shape, generator=g, device=self.device) * sigma
         with autocast(self.device, self.t["precision"]):
             denoised = self.net(x + n, sigma, labels)

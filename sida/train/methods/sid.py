@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ...nets.guidance import guided
-from ...nets.sampler import sid_sigma_t
+from ...nets.sampler import lognormal_sigma, sid_sigma_t
 from ..losses import sid_critic_objective, sid_critic_terms, sid_generator_objective, sid_generator_terms
 from .base import Method, Settings, Slot, Stats, disc_accuracy
 
@@ -92,7 +92,7 @@ class SiD(Method):
         d, s = self.draws, self.settings
         if s.timestep_range is not None:
             return d.timestep_sigma(self.nets.teacher.log_sigmas, *s.timestep_range, r)
-        return (d.randn([d.micro, 1, 1, 1], r) * s.P_std + s.P_mean).exp()
+        return lognormal_sigma(d.randn([d.micro, 1, 1, 1], r), s.P_mean, s.P_std)
 
     def _generator_sigma(self, r: int) -> torch.Tensor:
         d, s = self.draws, self.settings
