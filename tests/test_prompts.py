@@ -151,15 +151,20 @@ def test_prompt_dataset_draws_replay():
     conditions exactly (what a resumed run relies on)."""
     ds = PromptDataset(PROMPTS, fake_encode)
     gens = make_generators(seed=3, rank=0, device=torch.device("cpu"), rounds=2)
-    draws = Draws(gens, rounds=2, micro=4, device=torch.device("cpu"), dataset=ds, generator=None,
-                  img_shape=(1, 8, 8), label_dim=0, sigma_init=2.5, precision="fp32", augment=None)
+    draws = Draws(gens, rounds=2, micro=4, device=torch.device("cpu"), dataset=ds, img_shape=(1, 8, 8),
+                  label_dim=0, text=True, precision="fp32", augment=None)
     state = capture_rng(gens)
     first = [draws.indices(4, r) for r in range(2)]
+    conds = [draws.labels(4, r) for r in range(2)]  # a text run's conditions: the drawn prompts' embeddings
     restore_rng(gens, state)
     again = [draws.indices(4, r) for r in range(2)]
     for a, b in zip(first, again):
         assert torch.equal(a, b) and ds.prompts(a) == ds.prompts(b) and torch.equal(ds.labels(a), ds.labels(b))
     assert not torch.equal(first[0], first[1])  # the two slots draw from their own streams
+    restore_rng(gens, state)
+    for r in range(2):
+        draws.indices(4, r)
+    assert all(torch.equal(draws.labels(4, r), c) for r, c in enumerate(conds))
 
 
 def test_prompt_dataset_errors():
