@@ -141,12 +141,15 @@ def test_a_fetched_teacher_comes_from_the_fetch_job(cifar):
     assert plan.distill_inputs("sid") == {"teacher": plan.teacher_pt}
 
 
-def test_a_text_teacher_is_its_pipeline_folder(default):
+def test_a_text_teacher_is_its_network_file_beside_its_pipeline(default):
+    """The testbed's teacher rule outputs its pipeline folder and prompt set too; downstream rules
+    read its network file (of that folder), as for every diffusers teacher."""
     plan = Plan(_preset("digits-text"))
-    assert plan.teacher_outputs == {"pipeline": "results/digits-text/teacher/pipeline",
+    assert plan.teacher_outputs == {"network": "results/digits-text/teacher/network.pt",
+                                    "pipeline": "results/digits-text/teacher/pipeline",
                                     "prompts": "results/digits-text/teacher/prompts.txt"}
-    assert plan.teacher_pt == plan.teacher_outputs["pipeline"]
-    assert plan.distill_inputs("sid") == {"teacher": "results/digits-text/teacher/pipeline"}
+    assert plan.teacher_pt == plan.teacher_outputs["network"]
+    assert plan.distill_inputs("k1") == {"teacher": "results/digits-text/teacher/network.pt"}
     assert Plan(default).teacher_outputs == {"network": "results/digits/teacher/network.pt"}
 
 
