@@ -163,7 +163,7 @@ def test_text_teacher_pipeline_reads_back_identically(tmp_path):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from sida.io.clip_text import encode_prompts
+    from sida.io.text_encoder import TextEncoder
     from sida.io.text_pipeline import load_text_pipeline, save_text_pipeline
     from sida.run.config import validate
 
@@ -180,9 +180,9 @@ def test_text_teacher_pipeline_reads_back_identically(tmp_path):
     tok2 = CLIPTokenizer.from_pretrained(out / "tokenizer")
     assert tok2.model_max_length == 8
     prompts = ["a handwritten 3", "the digit five", ""]
-    cond = encode_prompts(tok, enc, prompts)
+    cond = TextEncoder(tok, enc).encode(prompts)
     assert cond.shape == (3, 8, 16)
-    assert torch.equal(encode_prompts(tok2, enc2, prompts), cond)
+    assert torch.equal(TextEncoder(tok2, enc2).encode(prompts), cond)
     x, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 500, 999])
     with torch.no_grad():
         assert torch.equal(unet(x, t, encoder_hidden_states=cond).sample,

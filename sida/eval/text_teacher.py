@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..io.clip_text import encode_prompts
+from ..io.text_encoder import TextEncoder
 from ..io.digits_text import caption, prompt_set
 from ..io.images import quantize
 from ..io.text_pipeline import load_text_pipeline
@@ -60,8 +60,8 @@ def sample_text_grid(unet: torch.nn.Module, scheduler: Any, tokenizer, text_enco
                      templates: Sequence[str], cols: int, scale: float, steps: int, seed: int) -> torch.Tensor:
     """A sample grid's images: row d shows digit d under the first template, `cols` samples a row."""
     prompts = [caption(templates[0], d) for d in range(10) for _ in range(cols)]
-    cond = encode_prompts(tokenizer, text_encoder, prompts)
-    uncond = encode_prompts(tokenizer, text_encoder, [""])
+    encoder = TextEncoder(tokenizer, text_encoder)
+    cond, uncond = encoder.encode(prompts), encoder.encode([""])
     return ddim_sample(unet, scheduler, cond, uncond, scale, steps, torch.Generator().manual_seed(seed))
 
 
@@ -81,8 +81,8 @@ def evaluate_text_teacher(cfg: dict, pipeline: str, scales: Sequence[float], num
     extractor = load_or_train_digits_classifier(cache_dir(cfg), seed=0)
     real, _ = extractor(torch.from_numpy(digits_uint8()[0]))
     prompts, digits = prompt_set(num, cfg["teacher"]["text"]["templates"])
-    cond = encode_prompts(parts["tokenizer"], parts["text_encoder"], prompts)
-    uncond = encode_prompts(parts["tokenizer"], parts["text_encoder"], [""])
+    encoder = TextEncoder(parts["tokenizer"], parts["text_encoder"])
+    cond, uncond = encoder.encode(prompts), encoder.encode([""])
     for scale in scales:
         t0 = time.perf_counter()
         images = ddim_sample(parts["unet"], parts["scheduler"], cond, uncond, scale, steps,

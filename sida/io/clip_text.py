@@ -14,7 +14,6 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -100,13 +99,3 @@ def make_text_encoder(width: int, layers: int, heads: int, max_length: int, seed
         torch.manual_seed(seed)
         model = CLIPTextModel(config)
     return model.eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[str]) -> torch.Tensor:
-    """The condition of each prompt: the text encoder's last_hidden_state [n, max_length, width],
-    prompts padded (and truncated) to the tokenizer's max length."""
-    device = next(text_encoder.parameters()).device
-    ids = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                    return_tensors="pt").input_ids
-    return text_encoder(ids.to(device)).last_hidden_state

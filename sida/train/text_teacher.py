@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..io.clip_text import encode_prompts
+from ..io.text_encoder import TextEncoder
 from ..io.data import ImageDataset
 from ..io.digits_text import caption_bank, draw_caption_indices
 from ..io.factory import autocast
@@ -86,7 +86,7 @@ class TextTeacherLoop(TeacherLoop):
         self.num_templates = len(text["templates"])
         self.empty_ratio = text["empty_ratio"]
         captions, _ = caption_bank(text["templates"])
-        self.bank = encode_prompts(tokenizer, text_encoder, captions).to(self.device)
+        self.bank = TextEncoder(tokenizer, text_encoder).encode(captions).to(self.device)
         self.scheduler = ddpm_scheduler(self.t["beta_schedule"])
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
 
