@@ -5,12 +5,41 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Snakemake's SLURM executor plugin runs `scontrol show config` at every snakemake start (for a help
+# text); with SLURM installed (the SLURM tests install it) and no controller running, scontrol
+# retries for 9-10 s. Every process of the test session finds this scontrol first: it answers
+# `show config` at once with an error when no slurmctld runs here, and is the real one otherwise.
+SCONTROL_SHIM = """#!/bin/sh
+if [ "$1 $2" = "show config" ] && ! pgrep -x slurmctld >/dev/null 2>&1; then
+    echo "scontrol: no slurmctld runs on this machine (test session)" >&2
+    exit 1
+fi
+PATH=$(printf %s "$PATH" | tr ':' '\\n' | grep -vxF "$(dirname "$0")" | paste -sd: -)
+exec scontrol "$@"
+"""
+
+
+def pytest_configure(config) -> None:
+    shim = Path(tempfile.mkdtemp(prefix="sida-test-bin-")) / "scontrol"
+    shim.write_text(SCONTROL_SHIM)
+    shim.chmod(0o755)
+    config.scontrol_shim = shim
+    os.environ["PATH"] = f"{shim.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def pytest_unconfigure(config) -> None:
+    shim = getattr(config, "scontrol_shim", None)
+    if shim is not None:
+        shim.unlink(missing_ok=True)
+        shim.parent.rmdir()
 
 
 class Snakemake:
