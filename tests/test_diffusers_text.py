@@ -197,11 +197,9 @@ def _write(folder, rel, data):
     ("no_tokenizer", "has no tokenizer/"), ("no_unet", "has no unet/config.json"),
     ("no_scheduler", "scheduler_config.json is missing"),
     ("width", "hidden_size 64 (.*) differs from the UNet's cross_attention_dim 32"),
-    ("sdxl_folder", "SDXL pipeline (text_encoder_2/): not supported yet (SDXL comes with a later issue)"),
-    ("sdxl_class", "SDXL pipeline (StableDiffusionXLPipeline): not supported yet"),
-    ("sdxl_unet", "addition_embed_type 'text_time' (an SDXL-style UNet): not supported yet (SDXL comes"),
+    ("added", "addition_embed_type 'image': only SD 1.x / 2.x UNets (none) and SDXL's ('text_time') are"),
     ("bare", "a bare UNet2DConditionModel: set teacher.path to its pipeline folder"),
-    ("blocks", "down_block_types SimpleCrossAttnDownBlock2D: only SD 1.x / 2.x blocks (CrossAttnDownBlock2D,"),
+    ("blocks", "down_block_types SimpleCrossAttnDownBlock2D: only SD 1.x / 2.x and SDXL blocks (CrossAttnDownBlock2D,"),
     ("flow", "scheduler 'FlowMatchEulerDiscreteScheduler'")])
 def test_bad_text_pipelines_give_one_line(tmp_path, case, needle):
     import re
@@ -210,8 +208,8 @@ def test_bad_text_pipelines_give_one_line(tmp_path, case, needle):
 
     root = tmp_path / "sd"
     unet = {"_class_name": "UNet2DConditionModel", "sample_size": 8, "cross_attention_dim": 32}
-    if case == "sdxl_unet":
-        unet["addition_embed_type"] = "text_time"
+    if case == "added":
+        unet["addition_embed_type"] = "image"
     if case == "blocks":
         unet["down_block_types"] = ["CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"]
     if case == "bare":
@@ -225,10 +223,7 @@ def test_bad_text_pipelines_give_one_line(tmp_path, case, needle):
         _write(root, "text_encoder/config.json", {"hidden_size": 64 if case == "width" else 32})
     if case != "no_tokenizer":
         _write(root, "tokenizer/tokenizer_config.json", {})
-    _write(root, "model_index.json", {"_class_name": "StableDiffusionXLPipeline" if case == "sdxl_class"
-                                      else "StableDiffusionPipeline"})
-    if case == "sdxl_folder":
-        (root / "text_encoder_2").mkdir()
+    _write(root, "model_index.json", {"_class_name": "StableDiffusionPipeline"})
     with pytest.raises(AssetError) as exc:
         check_folder(root)
     assert re.search(needle if case == "width" else re.escape(needle), str(exc.value)), str(exc.value)
@@ -288,7 +283,7 @@ def test_network_refuses_sdxl_unets_and_other_widths():
     from sida.nets.diffusers_text import DiffusersTextPrecond
 
     cfg = dict(tiny_unet_config(4), addition_embed_type="text_time")
-    with pytest.raises(ValueError, match=r"\(SDXL comes with a later issue\)"):
+    with pytest.raises(ValueError, match=r"an SDXL UNet\): load it from its StableDiffusionXLPipeline folder"):
         DiffusersTextPrecond(cfg, [0.9, 0.5], cond_shape=(16, 32))
     with pytest.raises(ValueError, match="width 64 must be the UNet's cross_attention_dim 32"):
         DiffusersTextPrecond(tiny_unet_config(4), [0.9, 0.5], cond_shape=(16, 64))
