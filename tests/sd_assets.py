@@ -127,6 +127,17 @@ def save_tiny_sdxl_pipeline(folder: str | Path, prediction_type: str = "epsilon"
     return folder
 
 
+def vp_batch(sched, t: int, seed: int = 0):
+    """(x_vp, its EDM x, sigma) at integer timestep t of `sched` from a fixed x0 and noise [4, 4, 8, 8]."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x0, n = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    abar = sched.alphas_cumprod[t]
+    x_vp = abar.sqrt() * x0 + (1 - abar).sqrt() * n
+    return x_vp, x_vp / abar.sqrt(), float(((1 - abar) / abar).sqrt())
+
+
 def save_tiny_sd_pipeline(folder: str | Path, prediction_type: str = "epsilon", vae: bool = True,
                           seed: int = 0, digits: bool = False) -> Path:
     """Write a tiny SD pipeline (save_pretrained's layout, safetensors) into `folder`; return it."""

@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from sd_assets import XL_POOLED, make_tiny_sdxl_pipeline, save_tiny_sdxl_pipeline
+from sd_assets import XL_POOLED, make_tiny_sdxl_pipeline, save_tiny_sdxl_pipeline, vp_batch
 from sida.errors import AssetError
 
 PROMPTS = ["the dog", "a cat and the dog", "photo", "x"]
@@ -33,15 +33,6 @@ def wrap(pipe, image_size=16):
     net.model.unet.load_state_dict(pipe.unet.state_dict())
     net.uncond.copy_(enc.encode([""]))
     return net.eval(), enc
-
-
-def _vp_batch(sched, t, seed=0):
-    """(x_vp, its EDM x, sigma) at integer timestep t from a fixed x0 and noise."""
-    g = torch.Generator().manual_seed(seed)
-    x0, n = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
-    abar = sched.alphas_cumprod[t]
-    x_vp = abar.sqrt() * x0 + (1 - abar).sqrt() * n
-    return x_vp, x_vp / abar.sqrt(), float(((1 - abar) / abar).sqrt())
 
 
 def _unet_output(pipe, x_vp, t, hidden, pooled, size=16):
@@ -77,7 +68,7 @@ def test_denoiser_is_the_schedulers_x0_prediction(tiny):
     pipe, net, cond, (hidden, _, pooled, _) = tiny
     sched = pipe.scheduler
     for t in (0, 625, 999):
-        x_vp, x, sigma = _vp_batch(sched, t)
+        x_vp, x, sigma = vp_batch(sched, t)
         with torch.no_grad():
             ref = sched.step(_unet_output(pipe, x_vp, t, hidden, pooled), t, x_vp).pred_original_sample
             d = net(x, sigma, cond)
@@ -91,7 +82,7 @@ def test_guidance_is_the_pipelines_guidance(tiny, scale):
 
     pipe, net, cond, (hidden, neg, pooled, neg_pooled) = tiny
     t = 625
-    x_vp, x, sigma = _vp_batch(pipe.scheduler, t, seed=1)
+    x_vp, x, sigma = vp_batch(pipe.scheduler, t, seed=1)
     with torch.no_grad():
         f_u = _unet_output(pipe, x_vp, t, neg, neg_pooled)
         f_c = _unet_output(pipe, x_vp, t, hidden, pooled)

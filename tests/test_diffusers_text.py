@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd_assets import make_tiny_sd_pipeline, save_tiny_sd_pipeline
+from sd_assets import make_tiny_sd_pipeline, save_tiny_sd_pipeline, vp_batch
 from sida.errors import AssetError
 
 
@@ -30,15 +30,6 @@ def wrap(pipe):
 PROMPTS = ["the dog", "a cat and the dog", "photo", "x"]
 
 
-def _vp_batch(sched, t, seed=0):
-    """(x_vp, its EDM x, sigma) at integer timestep t from a fixed x0 and noise."""
-    g = torch.Generator().manual_seed(seed)
-    x0, n = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
-    abar = sched.alphas_cumprod[t]
-    x_vp = abar.sqrt() * x0 + (1 - abar).sqrt() * n
-    return x_vp, x_vp / abar.sqrt(), float(((1 - abar) / abar).sqrt())
-
-
 @pytest.fixture(scope="module", params=["epsilon", "v_prediction", "sample"])
 def tiny(request):
     pipe = make_tiny_sd_pipeline(request.param)
@@ -51,7 +42,7 @@ def test_denoiser_is_the_schedulers_x0_prediction(tiny):
     pipe, net, cond = tiny
     sched = pipe.scheduler
     for t in (0, 1, 625, 999):
-        x_vp, x, sigma = _vp_batch(sched, t)
+        x_vp, x, sigma = vp_batch(sched, t)
         with torch.no_grad():
             ref = sched.step(pipe.unet(x_vp, t, encoder_hidden_states=cond).sample, t, x_vp).pred_original_sample
             d = net(x, sigma, cond)
@@ -70,7 +61,7 @@ def test_guidance_is_sid_lsg_epsilon_guidance(tiny, scale):
     sched, calls = pipe.scheduler, []
     hook = net.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
     t = 625
-    x_vp, x, sigma = _vp_batch(sched, t, seed=1)
+    x_vp, x, sigma = vp_batch(sched, t, seed=1)
     with torch.no_grad():
         f_u = pipe.unet(x_vp, t, encoder_hidden_states=net.uncond.expand(4, -1, -1)).sample
         f_c = pipe.unet(x_vp, t, encoder_hidden_states=cond).sample
