@@ -3,7 +3,8 @@ downloaded) as an EDM denoiser D(x; sigma, c) with c the packed condition (both 
 penultimate hidden states, then the pooled projection in one extra row). D equals the scheduler's
 x0 prediction through diffusers' own UNet call with `added_cond_kwargs`, with and without
 guidance; the pooled row and the time ids reach the UNet; the empty prompt is zeros; bad folders
-are one line; the export is a StableDiffusionXLPipeline that gives the generator's images."""
+are one line; the export is a StableDiffusionXLPipeline that gives the generator's images. About 45 s
+on the loaded 2-core machine."""
 
 from __future__ import annotations
 
