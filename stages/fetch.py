@@ -20,7 +20,7 @@ dataset, refstats, inception, sid_generator, vae, dinov2, captions, clip, images
    EDM2 teachers' latent scale/bias and loss P_mean/P_std go to the manifest; with
    ``teacher.source: diffusers`` the teacher is ``teacher.path`` (or the pipeline folder at
    ``teacher.url``, or the Hugging Face hub repository ``teacher.hub``, downloaded into
-   ``<cache_dir>/teacher``): a diffusers UNet2DModel + scheduler, or a Stable Diffusion 1.x / 2.x
+   ``<cache_dir>/teacher``): a diffusers UNet2DModel + scheduler, or a Stable Diffusion 1.x / 2.x / SDXL
    text-to-image pipeline, wrapped as an EDM denoiser;
 4. write ``manifest.json`` (what came from where, with hashes) last.
 Outputs are staged in a temporary folder and moved into place only when every asset succeeded,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd_assets import make_tiny_sd_pipeline, save_tiny_sd_pipeline
+from sd_assets import make_tiny_sd_pipeline, save_tiny_sd_pipeline, vp_batch
 from sida.errors import AssetError
 
 
@@ -30,15 +30,6 @@ def wrap(pipe):
 PROMPTS = ["the dog", "a cat and the dog", "photo", "x"]
 
 
-def _vp_batch(sched, t, seed=0):
-    """(x_vp, its EDM x, sigma) at integer timestep t from a fixed x0 and noise."""
-    g = torch.Generator().manual_seed(seed)
-    x0, n = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
-    abar = sched.alphas_cumprod[t]
-    x_vp = abar.sqrt() * x0 + (1 - abar).sqrt() * n
-    return x_vp, x_vp / abar.sqrt(), float(((1 - abar) / abar).sqrt())
-
-
 @pytest.fixture(scope="module", params=["epsilon", "v_prediction", "sample"])
 def tiny(request):
     pipe = make_tiny_sd_pipeline(request.param)
@@ -51,7 +42,7 @@ def test_denoiser_is_the_schedulers_x0_prediction(tiny):
     pipe, net, cond = tiny
     sched = pipe.scheduler
     for t in (0, 1, 625, 999):
-        x_vp, x, sigma = _vp_batch(sched, t)
+        x_vp, x, sigma = vp_batch(sched, t)
         with torch.no_grad():
             ref = sched.step(pipe.unet(x_vp, t, encoder_hidden_states=cond).sample, t, x_vp).pred_original_sample
             d = net(x, sigma, cond)
@@ -70,7 +61,7 @@ def test_guidance_is_sid_lsg_epsilon_guidance(tiny, scale):
     sched, calls = pipe.scheduler, []
     hook = net.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
     t = 625
-    x_vp, x, sigma = _vp_batch(sched, t, seed=1)
+    x_vp, x, sigma = vp_batch(sched, t, seed=1)
     with torch.no_grad():
         f_u = pipe.unet(x_vp, t, encoder_hidden_states=net.uncond.expand(4, -1, -1)).sample
         f_c = pipe.unet(x_vp, t, encoder_hidden_states=cond).sample
@@ -197,11 +188,9 @@ def _write(folder, rel, data):
     ("no_tokenizer", "has no tokenizer/"), ("no_unet", "has no unet/config.json"),
     ("no_scheduler", "scheduler_config.json is missing"),
     ("width", "hidden_size 64 (.*) differs from the UNet's cross_attention_dim 32"),
-    ("sdxl_folder", "SDXL pipeline (text_encoder_2/): not supported yet (SDXL comes with a later issue)"),
-    ("sdxl_class", "SDXL pipeline (StableDiffusionXLPipeline): not supported yet"),
-    ("sdxl_unet", "addition_embed_type 'text_time' (an SDXL-style UNet): not supported yet (SDXL comes"),
+    ("added", "addition_embed_type 'image': only SD 1.x / 2.x UNets (none) and SDXL's ('text_time') are"),
     ("bare", "a bare UNet2DConditionModel: set teacher.path to its pipeline folder"),
-    ("blocks", "down_block_types SimpleCrossAttnDownBlock2D: only SD 1.x / 2.x blocks (CrossAttnDownBlock2D,"),
+    ("blocks", "down_block_types SimpleCrossAttnDownBlock2D: only SD 1.x / 2.x and SDXL blocks (CrossAttnDownBlock2D,"),
     ("flow", "scheduler 'FlowMatchEulerDiscreteScheduler'")])
 def test_bad_text_pipelines_give_one_line(tmp_path, case, needle):
     import re
@@ -210,8 +199,8 @@ def test_bad_text_pipelines_give_one_line(tmp_path, case, needle):
 
     root = tmp_path / "sd"
     unet = {"_class_name": "UNet2DConditionModel", "sample_size": 8, "cross_attention_dim": 32}
-    if case == "sdxl_unet":
-        unet["addition_embed_type"] = "text_time"
+    if case == "added":
+        unet["addition_embed_type"] = "image"
     if case == "blocks":
         unet["down_block_types"] = ["CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"]
     if case == "bare":
@@ -225,10 +214,7 @@ def test_bad_text_pipelines_give_one_line(tmp_path, case, needle):
         _write(root, "text_encoder/config.json", {"hidden_size": 64 if case == "width" else 32})
     if case != "no_tokenizer":
         _write(root, "tokenizer/tokenizer_config.json", {})
-    _write(root, "model_index.json", {"_class_name": "StableDiffusionXLPipeline" if case == "sdxl_class"
-                                      else "StableDiffusionPipeline"})
-    if case == "sdxl_folder":
-        (root / "text_encoder_2").mkdir()
+    _write(root, "model_index.json", {"_class_name": "StableDiffusionPipeline"})
     with pytest.raises(AssetError) as exc:
         check_folder(root)
     assert re.search(needle if case == "width" else re.escape(needle), str(exc.value)), str(exc.value)
@@ -288,7 +274,7 @@ def test_network_refuses_sdxl_unets_and_other_widths():
     from sida.nets.diffusers_text import DiffusersTextPrecond
 
     cfg = dict(tiny_unet_config(4), addition_embed_type="text_time")
-    with pytest.raises(ValueError, match=r"\(SDXL comes with a later issue\)"):
+    with pytest.raises(ValueError, match=r"an SDXL UNet\): load it from its StableDiffusionXLPipeline folder"):
         DiffusersTextPrecond(cfg, [0.9, 0.5], cond_shape=(16, 32))
     with pytest.raises(ValueError, match="width 64 must be the UNet's cross_attention_dim 32"):
         DiffusersTextPrecond(tiny_unet_config(4), [0.9, 0.5], cond_shape=(16, 64))

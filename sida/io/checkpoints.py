@@ -28,11 +28,13 @@ VERSION = 1
 
 
 def _precond_classes() -> dict:
-    from ..nets.diffusers_text import DiffusersTextPrecond  # late: keeps `import sida.io.checkpoints` light
+    from ..nets.diffusers_sdxl import DiffusersSDXLPrecond  # late: keeps `import sida.io.checkpoints` light
+    from ..nets.diffusers_text import DiffusersTextPrecond
     from ..nets.diffusers_vp import DiffusersVPPrecond
     from ..nets.precond import PRECOND_CLASSES
 
-    return {**PRECOND_CLASSES, "DiffusersVPPrecond": DiffusersVPPrecond, "DiffusersTextPrecond": DiffusersTextPrecond}
+    return {**PRECOND_CLASSES, "DiffusersVPPrecond": DiffusersVPPrecond, "DiffusersTextPrecond": DiffusersTextPrecond,
+            "DiffusersSDXLPrecond": DiffusersSDXLPrecond}
 
 
 def build_network(class_name: str, kwargs: dict) -> torch.nn.Module:

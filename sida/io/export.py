@@ -9,8 +9,8 @@
 - for a generator distilled from a diffusers teacher (`DiffusersVPPrecond`), ``unet/``: a folder
   `diffusers.UNet2DModel.from_pretrained` loads, with the exact one-step formula in the README and
   its numbers (timestep, c_in, c_skip, c_out at sigma_init) in ``generator.json``;
-- for one distilled from a text-to-image teacher (`DiffusersTextPrecond`), the diffusers parts of a
-  StableDiffusionPipeline (`sida.io.export_text`).
+- for one distilled from a text-to-image teacher (`DiffusersTextPrecond`, `DiffusersSDXLPrecond`), the
+  diffusers parts of a StableDiffusionPipeline or StableDiffusionXLPipeline (`sida.io.export_text`).
 
 `load_generator(path)` (also `sida.load_generator`) reads the first two back with torch and
 safetensors only (diffusers is imported when the network is a diffusers UNet): the result is
@@ -29,6 +29,7 @@ import torch
 FORMAT = "sida-generator"
 VERSION = 1
 WEIGHTS, CONFIG = "generator.safetensors", "generator.json"
+TEXT_CLASSES = ("DiffusersTextPrecond", "DiffusersSDXLPrecond")  # text-to-image generators (`export_text`)
 
 
 def _one_step_numbers(net: Any, sigma: float) -> dict:
@@ -93,7 +94,7 @@ def export_generator(net: torch.nn.Module, out: str | Path, meta: Optional[dict]
         net.model.unet.save_pretrained(out / "unet")
         cfg["diffusers_one_step"] = _one_step_numbers(net, gen_sigmas[0])
         atomic_write_json(out / "unet" / "sida_one_step.json", cfg["diffusers_one_step"])
-    elif type(net).__name__ == "DiffusersTextPrecond":
+    elif type(net).__name__ in TEXT_CLASSES:
         from .export_text import export_text_parts
 
         cfg["text"] = export_text_parts(net, out, gen_sigmas[0], teacher_dir)
@@ -163,7 +164,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Any:
     net = build_network(config["class"], config["kwargs"])
     net.load_state_dict(state, strict=True)
     net = net.to(device).eval().requires_grad_(False)
-    if config["class"] == "DiffusersTextPrecond":
+    if config["class"] in TEXT_CLASSES:
         from .export_text import load_text_generator
 
         return load_text_generator(net, config, folder)

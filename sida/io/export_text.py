@@ -1,12 +1,16 @@
-"""Export of generators distilled from a text-to-image teacher (`DiffusersTextPrecond`).
+"""Export of generators distilled from a text-to-image teacher (`DiffusersTextPrecond`, or
+`DiffusersSDXLPrecond` for SDXL).
 
 Besides generator.safetensors / generator.json (see `sida.io.export`), the folder gets the parts a
 diffusers user needs: `unet/` (the generator's UNet2DConditionModel), `text_encoder/`,
-`tokenizer/` and, for a latent teacher, `vae/` (copied from the teacher's pipeline folder), and
+`tokenizer/` (SDXL: and `text_encoder_2/`, `tokenizer_2/`) and, for a latent teacher, `vae/`
+(copied from the teacher's pipeline folder), and
 `scheduler/`: a DDPMScheduler with the teacher's betas and `clip_sample` off, because it accepts
 `timesteps=[t]` and, at the last step (alpha_bar_prev = 1), its `prev_sample` is exactly the x0
 prediction (LCMScheduler would mix in c_skip(t) x_t, DDIM refuses custom timesteps). With a VAE a
-`model_index.json` makes the folder a `StableDiffusionPipeline`; the README gives the exact call.
+`model_index.json` makes the folder a `StableDiffusionPipeline` (SDXL: a `StableDiffusionXLPipeline`,
+whose default size is the generator's, so its time ids are the ones the generator was distilled
+with); the README gives the exact call.
 
 `TextGenerator` is what `sida.load_generator` returns for such a folder:
 ``G(z, prompts=[...])`` or ``G(z, cond=embeddings)`` -> images in [-1, 1] (decoded by the VAE
@@ -27,7 +31,8 @@ from .export import Generator
 
 __all__ = ["export_text_parts", "text_readme", "TextGenerator", "load_text_generator"]
 
-_COPIED = ("text_encoder", "tokenizer", "vae")
+PIPELINES = {False: "StableDiffusionPipeline", True: "StableDiffusionXLPipeline"}  # by "is SDXL"
+_COPIED = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae")
 
 
 def _scheduler(net: Any, pipeline: Path) -> Any:
@@ -61,17 +66,20 @@ def export_text_parts(net: Any, out: Path, sigma_init: float, pipeline_dir: Opti
     parts = [p for p in _COPIED if (pipeline / p).is_dir()]
     for part in parts:
         shutil.copytree(pipeline / part, out / part, dirs_exist_ok=True)
-    vae = "vae" in parts
-    if vae:  # the teacher's index with our scheduler and no safety checker (not copied)
+    vae, sdxl = "vae" in parts, type(net).__name__ == "DiffusersSDXLPrecond"
+    if vae:  # the teacher's index with our scheduler and no safety checker or image encoder (not copied)
         src = pipeline / "model_index.json"
-        index = json.loads(src.read_text()) if src.is_file() else {"_class_name": "StableDiffusionPipeline"}
+        index = json.loads(src.read_text()) if src.is_file() else {"_class_name": PIPELINES[sdxl]}
         index.update(unet=["diffusers", "UNet2DConditionModel"], scheduler=["diffusers", "DDPMScheduler"],
-                     safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+                     feature_extractor=[None, None])
+        if not sdxl:  # StableDiffusionXLPipeline has no safety checker argument
+            index.update(safety_checker=[None, None], requires_safety_checker=False)
         index.pop("image_encoder", None)
         (out / "model_index.json").write_text(json.dumps(index, indent=2))
     t = net.one_step_timestep(sigma_init)
     return {"cond_shape": list(net.cond_shape), "vae": vae, "pipeline": str(pipeline), "timestep": t,
-            "int_timestep": int(round(t)), "latent_scale": float(sigma_init / (1 + sigma_init ** 2) ** 0.5)}
+            "int_timestep": int(round(t)), "latent_scale": float(sigma_init / (1 + sigma_init ** 2) ** 0.5),
+            "pipeline_class": PIPELINES[sdxl], "image_size": getattr(net, "image_size", None)}
 
 
 def text_readme(cfg: dict) -> list[str]:
@@ -82,11 +90,12 @@ def text_readme(cfg: dict) -> list[str]:
             f"pipeline's integer timestep approximates it; sida.load_generator is exact.")
     lines = ["", "## With diffusers alone", ""]
     call = (f"timesteps=[{text['int_timestep']}], latents={text['latent_scale']!r} * z, guidance_scale=1.0")
+    pipe_cls = text.get("pipeline_class", PIPELINES[False])
     if text["vae"]:
-        lines += ["This folder is a `diffusers.StableDiffusionPipeline` (DDPMScheduler, clip_sample off). One step:",
+        lines += [f"This folder is a `diffusers.{pipe_cls}` (DDPMScheduler, clip_sample off). One step:",
                   "",
-                  "```python", "import torch", "from diffusers import StableDiffusionPipeline",
-                  "pipe = StableDiffusionPipeline.from_pretrained('.')  # this folder",
+                  "```python", "import torch", f"from diffusers import {pipe_cls}",
+                  f"pipe = {pipe_cls}.from_pretrained('.')  # this folder",
                   "prompts = ['a photo of a dog', 'a red car']",
                   f"z = torch.randn(len(prompts), {c}, {h}, {w})",
                   f"images = pipe(prompts, num_inference_steps=1, {call}, output_type='pt').images  # in [0, 1]",
@@ -102,6 +111,10 @@ def text_readme(cfg: dict) -> list[str]:
     lines += [f"The input is SiD-LSG's sqrt(1 - alpha_bar_t) z = sigma_init / sqrt(1 + sigma_init^2) z (a pipeline "
               f"multiplies `latents` by init_noise_sigma = 1); guidance_scale 1 disables classifier-free guidance "
               f"(guidance acted during distillation; SiD-LSG samples without it).{note}"]
+    if text.get("image_size"):
+        lines += ["", f"Leave height and width at the pipeline's default ({text['image_size']} px): SDXL's time ids "
+                      f"(original and target size {text['image_size']}, crop (0, 0)) are the ones the generator was "
+                      f"distilled with."]
     return lines
 
 

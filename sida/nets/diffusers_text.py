@@ -14,7 +14,7 @@ fractional timestep, c_skip / c_out / c_in by prediction type); this module adds
 
 Supported UNets are SD 1.5 / 2.1's: CrossAttnDownBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn,
 CrossAttnUpBlock2D, UpBlock2D, no class or additional embeddings (SDXL's `addition_embed_type`
-"text_time" needs pooled embeddings and size ids: refused here and by the folder check).
+"text_time", which needs pooled embeddings and size ids, is `sida.nets.diffusers_sdxl`'s).
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ __all__ = ["DiffusersTextPrecond"]
 class _TextUNetAdapter(_UNetAdapter):
     """A UNet2DConditionModel behind our UNets' call; the third argument is the prompt embedding."""
 
-    @staticmethod
-    def _build(config: Dict[str, Any]) -> torch.nn.Module:
+    sdxl = False  # which UNets `text_unet_problem` accepts (SDXL's adapter sets it)
+
+    @classmethod
+    def _build(cls, config: Dict[str, Any]) -> torch.nn.Module:
         from diffusers import UNet2DConditionModel  # late: importing diffusers costs seconds
 
-        problem = text_unet_problem(config)
+        problem = text_unet_problem(config, sdxl=cls.sdxl)
         if problem:
             raise ValueError(f"UNet2DConditionModel: {problem}")
         return UNet2DConditionModel(**config)
