@@ -153,6 +153,18 @@ def _fsdp_worker(out: Path) -> None:
     if info.is_main:
         with torch.no_grad():
             results["export"] = (type(plain).__name__, (plain(x, sigma, labels) - sharded_out).abs().max().item())
+    # bf16: the blocks gather bf16 parameters, gradients come back fp32, G's output stays near fp32's
+    low = _nets()
+    shard_networks(low, mesh, "bf16")
+    gathered = []
+    low.G.model.enc["8x8_block0"].register_forward_pre_hook(lambda m, i: gathered.append(m.conv0.weight.dtype))
+    with torch.autocast("cpu", torch.bfloat16):
+        low_out = low.G(x, sigma, labels)
+    low_out.square().mean().backward()
+    with torch.no_grad():
+        ref_out = _nets().G(x, sigma, labels)  # the same weights, unsharded, fp32
+    results["bf16"] = (gathered, {p.grad.dtype for p in low.G.parameters()},
+                       ((low_out.float() - ref_out).abs().max() / ref_out.abs().max()).item())
     # checkpoint at 2, reload at 2 into differently initialised networks
     save_sharded(out / "ckpt", _entries(nets, opt_g, opt_f), {"nimg": STEPS * BATCH},
                  {"config_hash": HASH, "stage": "test", "nimg": STEPS * BATCH}, group)
@@ -235,6 +247,8 @@ def test_two_sharded_processes_equal_one_plain_process(runs):
     _, start = _nets(), _nets().G.state_dict()
     assert max((start[k] - v).abs().max().item() for k, v in plain["trained"]["G"].items()) > 1e-4
     assert fsdp["counts"] == [0] * (2 * STEPS)
+    gathered, grad_dtypes, rel = fsdp["bf16"]
+    assert gathered == [torch.bfloat16] and grad_dtypes == {torch.float32} and 0 < rel < 0.05
     assert fsdp["nonfinite"] == [2, 2] and fsdp["replaced"] == [0.0, 1e5]
 
 
@@ -282,7 +296,7 @@ def test_fsdp_with_one_process_is_refused():
     from sida.errors import ConfigError
     from sida.train.sharding import check_fsdp
 
-    with pytest.raises(ConfigError, match=r"parallel: fsdp .* this run has 1: set parallel: ddp"):
+    with pytest.raises(ConfigError, match=r"parallel: fsdp .* this run has 1 process\(es\): set parallel: ddp"):
         check_fsdp(1)
     check_fsdp(2)
 

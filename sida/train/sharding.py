@@ -50,8 +50,8 @@ from .updates import GRAD_NAN, GRAD_NEGINF, GRAD_POSINF
 def check_fsdp(world_size: int) -> None:
     """`parallel: fsdp` shards over processes: a one-process run has nothing to shard over."""
     if world_size < 2:
-        raise ConfigError(f"parallel: fsdp shards the networks over processes, but this run has {world_size}: "
-                          f"set parallel: ddp, or launch 2 or more processes (num_procs)")
+        raise ConfigError(f"parallel: fsdp shards the networks over processes, but this run has {world_size} "
+                          f"process(es): set parallel: ddp, or launch 2 or more processes (num_procs)")
 
 
 def fsdp_mesh(device: torch.device, world_size: int) -> DeviceMesh:
