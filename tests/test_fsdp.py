@@ -7,6 +7,7 @@ norm, fused Adam, EMA on G_ema), once sharded and once also with activation chec
 plain process runs the same updates on the whole batch. The sharded run writes a sharded
 checkpoint, reloads it at 2 processes, and the plain process loads it at 1.
 
+The tests that need those processes are marked slow; the rest runs in this process.
 This file doubles as the worker: `torchrun ... tests/test_fsdp.py fsdp OUT` and
 `python tests/test_fsdp.py plain OUT`.
 """
@@ -119,6 +120,41 @@ def _full_state(nets, opt_g, opt_f) -> dict:
     return out
 
 
+def _edm2_gradients(mesh, rows: tuple[int, int]) -> tuple[float, int, float]:
+    """A tiny EDM2 network (0-dim gains, which FSDP leaves whole): (largest difference between the
+    sharded gradient on half the batch, synchronised, and the plain one on the whole batch;
+    the non-finite count after an inf in rank 1's gain gradient; the sharded peak's difference
+    from the plain one). The plain network runs on every process (no collectives)."""
+    from torch.distributed.tensor import DTensor
+
+    from sida.nets.precond import EDM2Precond
+    from sida.train.sharding import sharded_peak, shard_network, mixed_precision, sync_sharded_gradients
+
+    torch.manual_seed(0)
+    plain = EDM2Precond(img_resolution=8, img_channels=1, label_dim=10, use_fp16=False, model_channels=8,
+                        channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.5 if p.ndim == 0 else 0.0)  # the gains start at 0: no gradient would reach the rest
+    sharded = shard_network(copy.deepcopy(plain), mesh, mixed_precision("fp32"))
+    b = _batch(0, 0, BATCH)
+    for net, (lo, hi) in ((plain, (0, BATCH)), (sharded, rows)):
+        net(b["z"][lo:hi], b["sigma"][lo:hi], b["labels"][lo:hi]).square().mean().backward()
+    group = mesh.get_group()
+    assert sync_sharded_gradients(sharded.parameters(), group) == 0
+    full = {k: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            for k, p in sharded.named_parameters() if p.grad is not None}
+    ref = {k: p.grad for k, p in plain.named_parameters() if p.grad is not None}  # (logvar's get none)
+    assert full.keys() == ref.keys()
+    diff = max((full[k] - v).abs().max().item() for k, v in ref.items())
+    gain = next(p for p in sharded.parameters() if p.ndim == 0)
+    if mesh.get_rank() == 1:
+        gain.grad.fill_(float("inf"))
+    bad = int(sync_sharded_gradients(sharded.parameters(), group))
+    peak = max(p.detach().abs().max().item() for p in plain.parameters())
+    return diff, bad, abs(sharded_peak(sharded.parameters(), group).item() - peak)
+
+
 def _fsdp_worker(out: Path) -> None:
     from sida.io.sharded_checkpoint import load_sharded, save_sharded
     from sida.run import dist
@@ -165,6 +201,7 @@ def _fsdp_worker(out: Path) -> None:
         ref_out = _nets().G(x, sigma, labels)  # the same weights, unsharded, fp32
     results["bf16"] = (gathered, {p.grad.dtype for p in low.G.parameters()},
                        ((low_out.float() - ref_out).abs().max() / ref_out.abs().max()).item())
+    results["edm2"] = _edm2_gradients(mesh, rows)
     # checkpoint at 2, reload at 2 into differently initialised networks
     save_sharded(out / "ckpt", _entries(nets, opt_g, opt_f), {"nimg": STEPS * BATCH},
                  {"config_hash": HASH, "stage": "test", "nimg": STEPS * BATCH}, group)
@@ -238,6 +275,7 @@ def runs(tmp_path_factory) -> tuple[dict, dict, Path]:
     return torch.load(out / "fsdp.pt"), torch.load(out / "plain.pt"), out
 
 
+@pytest.mark.slow  # two torchrun jobs: ~40 s of CPU, more wall time on a shared machine
 def test_two_sharded_processes_equal_one_plain_process(runs):
     fsdp, plain, _ = runs
     _assert_close(fsdp[False], plain["trained"], atol=1e-5)
@@ -247,11 +285,14 @@ def test_two_sharded_processes_equal_one_plain_process(runs):
     _, start = _nets(), _nets().G.state_dict()
     assert max((start[k] - v).abs().max().item() for k, v in plain["trained"]["G"].items()) > 1e-4
     assert fsdp["counts"] == [0] * (2 * STEPS)
+    grad_diff, bad, peak_diff = fsdp["edm2"]
+    assert grad_diff <= 1e-6 and bad == 1 and peak_diff == 0
     gathered, grad_dtypes, rel = fsdp["bf16"]
     assert gathered == [torch.bfloat16] and grad_dtypes == {torch.float32} and 0 < rel < 0.05
     assert fsdp["nonfinite"] == [2, 2] and fsdp["replaced"] == [0.0, 1e5]
 
 
+@pytest.mark.slow  # two torchrun jobs: ~40 s of CPU, more wall time on a shared machine
 def test_sharded_checkpoint_reloads_at_two_and_one_process(runs):
     fsdp, plain, out = runs
     _assert_close(fsdp["reloaded"], fsdp[False], atol=0)
@@ -271,22 +312,28 @@ def test_a_save_cut_between_its_renames_leaves_the_previous_state(tmp_path):
     assert sharded_state_dir(tmp_path / "state") == tmp_path / "state"
 
 
+@pytest.mark.slow  # two torchrun jobs: ~40 s of CPU, more wall time on a shared machine
 def test_consolidated_network_is_the_plain_network(runs):
     name, diff = runs[0]["export"]
     assert name == "EDMPrecond" and diff <= 1e-6
 
 
-def test_bad_sharded_checkpoints_are_refused_in_one_line(runs, tmp_path):
-    from sida.errors import CheckpointError
-    from sida.io.sharded_checkpoint import load_sharded
+def test_bad_sharded_checkpoints_are_refused_in_one_line(tmp_path):
+    """Refused on meta.json alone, before any process reads a shard."""
+    import json
 
-    ckpt = runs[2] / "ckpt"
+    from sida.errors import CheckpointError
+    from sida.io.sharded_checkpoint import SHARDED_FORMAT, load_sharded
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "meta.json").write_text(json.dumps({"format": SHARDED_FORMAT, "config_hash": "cfg-b", "world_size": 2}))
     with pytest.raises(CheckpointError, match=r"written with another config .*restore that config, or delete") as e:
-        load_sharded(ckpt, {}, "cfg-b")
+        load_sharded(other, {}, HASH)
     assert "\n" not in str(e.value)
-    partial = tmp_path / "state"
-    shutil.copytree(ckpt, partial)
-    (partial / "meta.json").unlink()
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / ".metadata").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"is incomplete \(no meta.json.*delete .* to start the stage over"):
         load_sharded(partial, {}, HASH)
     assert load_sharded(tmp_path / "none", {}, HASH) is None

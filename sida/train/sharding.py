@@ -22,7 +22,8 @@ shards; it is gathered in fp32 (it only samples, also outside autocast).
 
 Gradients: FSDP reduce-scatters them (averaged over processes, in the policy's reduce dtype) in
 the backward, so the loop's `sync_gradients` is replaced by `sync_sharded_gradients`, which only
-counts and replaces the non-finite entries, on each process's shard. `clip_grad_value_`,
+counts and replaces the non-finite entries, on each process's shard. FSDP shards no 0-dim
+parameter (EDM2's gains): those stay whole on every process and are averaged as without FSDP. `clip_grad_value_`,
 `clip_grad_norm_` and the optimiser work on the sharded (DTensor) gradients as they are.
 `consolidated_network` gives rank 0 the unsharded network to export.
 
@@ -44,7 +45,7 @@ from torch.distributed.tensor import DTensor
 from ..errors import ConfigError
 from ..io.sharded_checkpoint import consolidated_state_dict
 from .nets import Nets
-from .updates import GRAD_NAN, GRAD_NEGINF, GRAD_POSINF
+from .updates import GRAD_NAN, GRAD_NEGINF, GRAD_POSINF, sync_gradients
 
 
 def check_fsdp(world_size: int) -> None:
@@ -88,13 +89,15 @@ def shard_network(net: torch.nn.Module, mesh: DeviceMesh, policy: MixedPrecision
                   activation_checkpointing: bool = False) -> torch.nn.Module:
     """`fully_shard` each block of `net` (with non-reentrant activation checkpointing if asked),
     then `net` itself; in place, state-dict keys unchanged. Returns `net`."""
+    # FSDP shards no 0-dim parameter (EDM2's gains): they stay whole on every process.
+    scalars = {p for p in net.parameters() if p.ndim == 0}
     for block in blocks(net):
         if activation_checkpointing:
             # Before fully_shard: the recomputation in the backward then runs inside FSDP's hooks,
             # on gathered parameters. Composable: no wrapper module, so keys and isinstance hold.
             checkpoint_activations(block)
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-    fully_shard(net, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True, ignored_params=scalars)
+    fully_shard(net, mesh=mesh, mp_policy=policy, reshard_after_forward=True, ignored_params=scalars)
     return net
 
 
@@ -121,21 +124,17 @@ def shard_networks(nets: Nets, mesh: DeviceMesh, precision: str, activation_chec
 
 def sync_sharded_gradients(params: Iterable[torch.nn.Parameter], group: object = None) -> torch.Tensor:
     """What replaces `sync_gradients` under FSDP, after the backward (whose reduce-scatter already
-    averaged the gradients over processes): count the non-finite entries of every process's
-    shards (summed over `group`, the mesh's, so every process returns the job's count), replace
-    them as the official code does (NaN -> 0, +inf -> 1e5, -inf -> -1e5) and return the count.
-
-    Every gradient must be sharded: a plain one would not have been averaged.
+    averaged the sharded gradients over processes): count the non-finite entries of every
+    process's shards (summed over `group`, the mesh's, so every process returns the job's count),
+    replace them as the official code does (NaN -> 0, +inf -> 1e5, -inf -> -1e5) and return the
+    count. The gradients of parameters FSDP leaves whole (0-dim ones) are averaged and counted by
+    `sync_gradients`, as without FSDP.
     """
-    grads = []
+    sharded, whole = [], []
     for p in params:
-        if p.grad is None:
-            continue
-        if not isinstance(p.grad, DTensor):
-            raise ValueError("sync_sharded_gradients got a gradient FSDP did not reduce: shard every trained "
-                             "network with shard_networks")
-        grads.append(p.grad.to_local())
-    grads = [g for g in grads if g.numel()]  # a process's shard of a small tensor can be empty
+        if p.grad is not None:
+            (sharded if isinstance(p.grad, DTensor) else whole).append(p)
+    grads = [g for g in (p.grad.to_local() for p in sharded) if g.numel()]  # a shard can be empty
     device = grads[0].device if grads else torch.device("cpu")
     bad = torch.zeros((), dtype=torch.int64, device=device)
     # As in sync_gradients: one multi-tensor max-norm says whether anything is non-finite; the
@@ -145,7 +144,21 @@ def sync_sharded_gradients(params: Iterable[torch.nn.Parameter], group: object =
             bad += (~torch.isfinite(g)).sum()
             torch.nan_to_num_(g, nan=GRAD_NAN, posinf=GRAD_POSINF, neginf=GRAD_NEGINF)
     dist.all_reduce(bad, op=dist.ReduceOp.SUM, group=group)
-    return bad
+    # (after the average the whole gradients are the same on every process: counted once)
+    return bad + sync_gradients(whole, group).to(device) if whole else bad
+
+
+def sharded_peak(params: Iterable[torch.nn.Parameter], group: object = None) -> torch.Tensor:
+    """The largest |value| of `params` over every process's shards (inf if any is NaN or inf), the
+    same on every process: the loop's non-finite guard on sharded networks, whose
+    `get_total_norm(params, inf)` fails on a process whose shard of a small tensor is empty. A
+    collective."""
+    local = [t for t in (p.detach().to_local() if isinstance(p, DTensor) else p.detach() for p in params) if t.numel()]
+    peak = torch.stack(torch._foreach_norm(local, float("inf"))).max() if local else torch.zeros(())
+    # NaN does not survive a MAX reduction reliably: it becomes inf first.
+    peak = torch.where(peak.isfinite(), peak, torch.full_like(peak, float("inf")))
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    return peak
 
 
 def consolidated_network(net: torch.nn.Module) -> torch.nn.Module | None:
