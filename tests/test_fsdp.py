@@ -120,36 +120,57 @@ def _full_state(nets, opt_g, opt_f) -> dict:
     return out
 
 
-def _edm2_gradients(mesh, rows: tuple[int, int]) -> tuple[float, int, float]:
-    """A tiny EDM2 network (0-dim gains, which FSDP leaves whole): (largest difference between the
-    sharded gradient on half the batch, synchronised, and the plain one on the whole batch;
-    the non-finite count after an inf in rank 1's gain gradient; the sharded peak's difference
-    from the plain one). The plain network runs on every process (no collectives)."""
-    from torch.distributed.tensor import DTensor
-
-    from sida.nets.precond import EDM2Precond
-    from sida.train.sharding import sharded_peak, shard_network, mixed_precision, sync_sharded_gradients
+def _text_precond():
+    """A tiny SD-like DiffusersTextPrecond (UNet2DConditionModel blocks) and prompt embeddings."""
+    from sida.nets.diffusers_text import DiffusersTextPrecond
+    from sd_assets import HIDDEN, MAX_TOKENS, tiny_unet_config
 
     torch.manual_seed(0)
-    plain = EDM2Precond(img_resolution=8, img_channels=1, label_dim=10, use_fp16=False, model_channels=8,
-                        channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
+    alphas = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0).tolist()
+    net = DiffusersTextPrecond(tiny_unet_config(1), alphas, cond_shape=(MAX_TOKENS, HIDDEN), img_resolution=8,
+                               img_channels=1)
+    return net, torch.randn([BATCH, MAX_TOKENS, HIDDEN], generator=torch.Generator().manual_seed(5))
+
+
+def _edm2_precond():
+    """A tiny EDM2Precond whose 0-dim gains (which FSDP leaves whole) are off zero (at zero no
+    gradient would reach the rest), and class labels."""
+    from sida.nets.precond import EDM2Precond
+
+    torch.manual_seed(0)
+    net = EDM2Precond(img_resolution=8, img_channels=1, label_dim=10, use_fp16=False, model_channels=8,
+                      channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
     with torch.no_grad():
-        for p in plain.parameters():
-            p.add_(0.5 if p.ndim == 0 else 0.0)  # the gains start at 0: no gradient would reach the rest
+        for p in net.parameters():
+            p.add_(0.5 if p.ndim == 0 else 0.0)
+    return net, _batch(0, 0, BATCH)["labels"]
+
+
+def _gradient_parity(plain: torch.nn.Module, cond: torch.Tensor, mesh, rows: tuple[int, int]) -> tuple[float, int, float]:
+    """(largest difference between the sharded network's gradient on half the batch, synchronised,
+    and the plain one's on the whole batch; the non-finite count after an inf in rank 1's shard of
+    the first parameter; the sharded peak's difference from the plain one). The plain network
+    runs on every process (no collectives)."""
+    from torch.distributed.tensor import DTensor
+
+    from sida.train.sharding import mixed_precision, shard_network, sharded_peak, sync_sharded_gradients
+
     sharded = shard_network(copy.deepcopy(plain), mesh, mixed_precision("fp32"))
     b = _batch(0, 0, BATCH)
     for net, (lo, hi) in ((plain, (0, BATCH)), (sharded, rows)):
-        net(b["z"][lo:hi], b["sigma"][lo:hi], b["labels"][lo:hi]).square().mean().backward()
+        net(b["z"][lo:hi], b["sigma"][lo:hi], cond[lo:hi]).square().mean().backward()
     group = mesh.get_group()
     assert sync_sharded_gradients(sharded.parameters(), group) == 0
     full = {k: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
             for k, p in sharded.named_parameters() if p.grad is not None}
-    ref = {k: p.grad for k, p in plain.named_parameters() if p.grad is not None}  # (logvar's get none)
+    ref = {k: p.grad for k, p in plain.named_parameters() if p.grad is not None}  # (EDM2's logvar gets none)
     assert full.keys() == ref.keys()
     diff = max((full[k] - v).abs().max().item() for k, v in ref.items())
-    gain = next(p for p in sharded.parameters() if p.ndim == 0)
+    # an inf in a whole (0-dim) gradient where there is one, else in a shard
+    first = next((p for p in sharded.parameters() if p.ndim == 0), next(iter(sharded.parameters())))
+    grad = first.grad.to_local() if isinstance(first.grad, DTensor) else first.grad
     if mesh.get_rank() == 1:
-        gain.grad.fill_(float("inf"))
+        grad.view(-1)[0] = float("inf")
     bad = int(sync_sharded_gradients(sharded.parameters(), group))
     peak = max(p.detach().abs().max().item() for p in plain.parameters())
     return diff, bad, abs(sharded_peak(sharded.parameters(), group).item() - peak)
@@ -201,7 +222,8 @@ def _fsdp_worker(out: Path) -> None:
         ref_out = _nets().G(x, sigma, labels)  # the same weights, unsharded, fp32
     results["bf16"] = (gathered, {p.grad.dtype for p in low.G.parameters()},
                        ((low_out.float() - ref_out).abs().max() / ref_out.abs().max()).item())
-    results["edm2"] = _edm2_gradients(mesh, rows)
+    results["edm2"] = _gradient_parity(*_edm2_precond(), mesh, rows)
+    results["text"] = _gradient_parity(*_text_precond(), mesh, rows)
     # checkpoint at 2, reload at 2 into differently initialised networks
     save_sharded(out / "ckpt", _entries(nets, opt_g, opt_f), {"nimg": STEPS * BATCH},
                  {"config_hash": HASH, "stage": "test", "nimg": STEPS * BATCH}, group)
@@ -285,8 +307,9 @@ def test_two_sharded_processes_equal_one_plain_process(runs):
     _, start = _nets(), _nets().G.state_dict()
     assert max((start[k] - v).abs().max().item() for k, v in plain["trained"]["G"].items()) > 1e-4
     assert fsdp["counts"] == [0] * (2 * STEPS)
-    grad_diff, bad, peak_diff = fsdp["edm2"]
-    assert grad_diff <= 1e-6 and bad == 1 and peak_diff == 0
+    for net in ("edm2", "text"):  # EDM2's 0-dim gains; diffusers' UNet2DConditionModel blocks
+        grad_diff, bad, peak_diff = fsdp[net]
+        assert grad_diff <= 1e-6 and bad == 1 and peak_diff == 0, (net, fsdp[net])
     gathered, grad_dtypes, rel = fsdp["bf16"]
     assert gathered == [torch.bfloat16] and grad_dtypes == {torch.float32} and 0 < rel < 0.05
     assert fsdp["nonfinite"] == [2, 2] and fsdp["replaced"] == [0.0, 1e5]
