@@ -23,8 +23,9 @@ shards; it is gathered in fp32 (it only samples, also outside autocast).
 Gradients: FSDP reduce-scatters them (averaged over processes, in the policy's reduce dtype) in
 the backward, so the loop's `sync_gradients` is replaced by `sync_sharded_gradients`, which only
 counts and replaces the non-finite entries, on each process's shard. FSDP shards no 0-dim
-parameter (EDM2's gains): those stay whole on every process and are averaged as without FSDP. `clip_grad_value_`,
-`clip_grad_norm_` and the optimiser work on the sharded (DTensor) gradients as they are.
+parameter (EDM2's gains): those stay whole on every process and are averaged as without FSDP.
+`clip_grad_value_`, `clip_grad_norm_` and the optimiser work on the sharded (DTensor) gradients,
+mixed with the whole ones, as they are; the non-finite guard's peak needs `sharded_peak`.
 `consolidated_network` gives rank 0 the unsharded network to export.
 
 Every call into a sharded network must go through its `forward` (module call): FSDP gathers the
