@@ -265,6 +265,25 @@ def test_nan_sample_is_dropped_in_the_generator_step():
     assert stats["dropped_fake"].item() == 0 and stats["nonfinite_fake"].item() == 0
 
 
+def test_stats_are_divided_by_the_process_batch_once_and_counts_are_not():
+    from sida.train.methods.base import disc_accuracy
+
+    loop = _loop(_cfg(batch_per_proc=B // 2), run="sid")  # two accumulation rounds of B / 2
+    w = loop.f_params[0]
+
+    def objective(slot, r):  # slot r reports the sums 6 + r (a loss) and 1 + r (a count)
+        return (w * 0).sum(), {"loss_fake": torch.tensor(6.0 + r), "dropped_fake": torch.tensor(1 + r)}
+
+    loop.objectives.critic_loss = objective
+    stats = loop.critic_update()
+    assert loop.rounds == 2 and stats["loss_fake"].item() == pytest.approx(13 / B)
+    assert stats["dropped_fake"].item() == 3 and stats["nonfinite_fake"].item() == 0
+    # accuracy as a sum over samples of each one's share of correct logits (here 3/4 and 0)
+    real = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0, -1.0]).reshape(2, 1, 2, 2)
+    acc = disc_accuracy(real, torch.full_like(real, -1.0))
+    assert acc["d_acc_real"].item() == pytest.approx(0.75) and acc["d_acc_fake"].item() == 2.0
+
+
 def test_sync_gradients_is_nan_to_num_and_counts():
     dist.init("cpu", 0)
     p = torch.nn.Parameter(torch.zeros(5))

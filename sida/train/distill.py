@@ -35,7 +35,7 @@ from ..nets.edm2 import force_weight_norm_
 from .augment import AUGMENT_DIM, AugmentPipe
 from .draws import Draws, make_generators
 from .methods import method_class
-from .methods.base import Slot, Stats, freeze, unfreeze
+from .methods.base import Slot, Stats, freeze, is_count, unfreeze
 from .nets import Nets, prepare_networks
 from .updates import accumulation, ema_update, generator_turn, make_optimizer, set_lr, sync_gradients, warmup_lr
 
@@ -219,18 +219,19 @@ class DistillLoop:
     def _accumulate(self, objective: Callable[[Slot, int], tuple[torch.Tensor, Stats]], slots: list[Slot] | None,
                     opt: torch.optim.Optimizer) -> Stats:
         """Backward of `objective(slot, r)` for every slot (the gradient of the process's batch,
-        each loss already divided by it); returns the stats summed over the slots."""
+        each loss already divided by it); returns the slots' stats as per-sample means over the
+        process's batch: the sums added and divided by it once (counts summed only; `Stats`)."""
         opt.zero_grad(set_to_none=True)
         if slots is None:
             slots = [self.objectives.slot(r) for r in range(self.rounds)]
         zero = torch.zeros((), device=self.device)
-        stats: Stats = {}
+        sums: Stats = {}
         for r, slot in enumerate(slots):
             loss, part = objective(slot, r)
             loss.backward()
             for k, v in part.items():
-                stats[k] = stats.get(k, zero) + v
-        return stats
+                sums[k] = sums.get(k, zero) + v.detach()
+        return {k: v if is_count(k) else v / self.draws.total for k, v in sums.items()}
 
     def update(self, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], nets: list[torch.nn.Module],
                value_clip: float | None = None) -> torch.Tensor:

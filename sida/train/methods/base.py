@@ -13,7 +13,20 @@ if TYPE_CHECKING:  # annotations only: the loop imports the methods, never the o
     from ..draws import Draws
 
 Stats = dict[str, torch.Tensor]
+"""What an objective reports for its slot, one scalar tensor per name: a sum over the slot's
+samples (a loss: the per-sample values summed; an accuracy: each sample's share of correct
+logits, summed). The loop (`DistillLoop._accumulate`) detaches them, adds the slots' sums and
+divides by the process batch (`Draws.total`) once, so every logged stat is a per-sample mean over
+the iteration. Names in `COUNTS` (`dropped_*`: samples left out for a NaN; `nonfinite_*`:
+non-finite gradient entries) are counts and are logged as summed, undivided."""
 Slot = dict[str, Any]
+
+COUNTS = ("dropped_", "nonfinite_")
+
+
+def is_count(name: str) -> bool:
+    """Whether stat `name` is a count (summed, never divided by the batch): see `Stats`."""
+    return name.startswith(COUNTS)
 
 
 @dataclass(frozen=True)
@@ -33,8 +46,8 @@ class Method:
     `slot(r)` first (draws that both objectives of the iteration share), then the objectives in
     the method's order (`generator_first`): `critic_loss(slot, r)` on the critic's turn (every
     iteration) and `generator_loss(kind, slot, r)` on the generator's. Each returns (the scalar
-    to backpropagate, {stat: this slot's share}); the loop backpropagates, sums the stats over the
-    slots, and does the rest: gradient sync, clipping, the optimiser steps, weight norm, EMA,
+    to backpropagate, already divided by the process batch; this slot's `Stats`, sums); the loop
+    backpropagates, turns the stats into means, and does the rest: gradient sync, clipping, the optimiser steps, weight norm, EMA,
     modes (`critic_nets` train in the critic's update and are frozen in the generator's).
     A generator objective that the critic reuses (DMD2, ADD: the critic trains on the generator's
     detached samples of the same iteration) keeps them in the slot.
@@ -92,9 +105,11 @@ def unfreeze(*nets: torch.nn.Module | None) -> None:
             net.train().requires_grad_(True)
 
 
-def disc_accuracy(logits_real: torch.Tensor, logits_fake: torch.Tensor, rounds: int) -> Stats:
-    """One slot's share of the discriminator's accuracy: the share of real logits > 0 and of fake
-    logits < 0, logged separately (a discriminator that calls everything real, or fake, averages
-    0.5 but shows 1 and 0 here)."""
-    return {"d_acc_real": (logits_real.detach() > 0).float().mean() / rounds,
-            "d_acc_fake": (logits_fake.detach() < 0).float().mean() / rounds}
+def disc_accuracy(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> Stats:
+    """The discriminator's accuracy as `Stats` sums: per sample, the share of its real logits > 0
+    and of its fake logits < 0, summed over the slot's samples; logged separately (a
+    discriminator that calls everything real, or fake, averages 0.5 but shows 1 and 0 here)."""
+    def correct(hits: torch.Tensor) -> torch.Tensor:
+        return hits.float().reshape(hits.shape[0], -1).mean(dim=1).sum()
+
+    return {"d_acc_real": correct(logits_real > 0), "d_acc_fake": correct(logits_fake < 0)}

@@ -110,9 +110,9 @@ class DMD2(Method):
                                                            labels))
         slot["x_g"] = x_g.detach()
         # DMD2's logged loss: the mean over pixels (its F.mse_loss), 0.5 g^2 per pixel
-        stats = {"loss_g_dm": l_dm.detach().mean(dim=(1, 2, 3)).sum() / d.total}
+        stats = {"loss_g_dm": l_dm.mean(dim=(1, 2, 3)).sum()}
         if gan:
-            stats["loss_g_adv"] = l_gan.detach().sum() / d.total
+            stats["loss_g_adv"] = l_gan.sum()
         return dmd2_generator_objective(l_dm, l_gan, d.total, self.settings.lambda_gan), stats
 
     def critic_loss(self, slot: Slot, r: int) -> tuple[torch.Tensor, Stats]:
@@ -138,8 +138,8 @@ class DMD2(Method):
                                           torch.cat([e_real, e_fake]), torch.cat([labels, labels]))
                 logits_real, logits_fake = logits[:d.micro], logits[d.micro:]
                 l_cls = ns_discriminator_loss(logits_real, logits_fake)
-        stats = {"loss_fake": l_fake.detach().mean(dim=(1, 2, 3)).sum() / d.total}
+        stats = {"loss_fake": l_fake.mean(dim=(1, 2, 3)).sum()}
         if l_cls is not None:
-            stats["loss_d"] = l_cls.detach().sum() / d.total
-            stats.update(disc_accuracy(logits_real, logits_fake, d.rounds))
+            stats["loss_d"] = l_cls.sum()
+            stats.update(disc_accuracy(logits_real, logits_fake))
         return dmd2_critic_objective(l_fake, l_cls, d.total, self.settings.lambda_cls), stats
