@@ -51,6 +51,19 @@ def test_baseline_runs_validate_with_their_generation_sigmas():
     assert "warmup" in entries  # tiny_config evaluates every run
 
 
+def test_a_diffusers_teachers_init_timestep_sets_sigma_init_and_the_generation_sigmas():
+    from sida.run.config import resolve_run
+
+    class Scheduler:  # what resolve_run reads of a diffusers teacher: its sigma table
+        def sigma_at(self, timestep: int) -> float:
+            return timestep / 100
+
+    rc = run_config(validate(_cfg()), "sid")
+    out = resolve_run({**rc, "init_timestep": 300}, Scheduler())
+    assert out["sigma_init"] == out["gen_sigmas"][0] == 3.0
+    assert rc["sigma_init"] == 2.5 and rc["gen_sigmas"] == [2.5]  # config resolution: no teacher, a copy
+
+
 @pytest.mark.parametrize("run,edit,needles", [
     ("dmd2", {"discriminator": "none"}, ["distill.runs.dmd2", "'dmd2' phase needs discriminator: dmd2_head"]),
     ("dmd2", {"discriminator": "add"}, ["distill.runs.dmd2", "dmd2_head"]),

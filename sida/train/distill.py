@@ -28,16 +28,17 @@ from typing import Callable
 import torch
 
 from ..io.data import ImageDataset
-from ..run.config import discriminator_kind, distill_defaults, generation_sigmas, run_method
+from ..run.config import discriminator_kind, distill_defaults, resolve_run, run_method
 from ..run.dist import DistInfo
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
 from ..nets.edm2 import force_weight_norm_
-from .augment import AUGMENT_DIM, AugmentPipe
+from .augment import AugmentPipe
 from .draws import Draws, make_generators
 from .methods import method_class
 from .methods.base import Slot, Stats, freeze, is_count, unfreeze
 from .nets import Nets, prepare_networks
-from .updates import accumulation, ema_update, generator_turn, make_optimizer, set_lr, sync_gradients, warmup_lr
+from .run_checks import check_run
+from .updates import accumulation, ema_update, generator_turn, run_optimizers, set_lr, sync_gradients, warmup_lr
 
 
 @dataclass(frozen=True)
@@ -57,32 +58,6 @@ def build_phases(phases: list[dict]) -> list[Phase]:
     return out
 
 
-def init_timestep_sigma(teacher: torch.nn.Module, timestep: int) -> float:
-    """sigma_k of a diffusers teacher's discrete timestep k: one-step generation starts there."""
-    return float(teacher.sigma_at(int(timestep)))
-
-
-def check_text_settings(rc: dict, teacher: torch.nn.Module) -> None:
-    """Guidance needs a text teacher (its empty-prompt embedding); discrete timesteps need a
-    diffusers teacher (its sigma table). One line each, naming the setting."""
-    scales = {k: rc[k] for k in ("guidance_fake_train", "guidance_fake", "guidance_teacher") if rc[k] != 1}
-    if scales and not hasattr(teacher, "uncond"):
-        raise ConfigError(f"distill.{next(iter(scales))} {next(iter(scales.values()))}: classifier-free guidance "
-                          f"needs a text-to-image teacher (an empty-prompt embedding); set it to 1 for this teacher")
-    for key in ("timestep_range", "init_timestep"):
-        if rc[key] is not None and not hasattr(teacher, "log_sigmas"):
-            raise ConfigError(f"distill.{key} needs a diffusers teacher (a discrete scheduler): set it to null")
-    if rc["timestep_range"] is not None:
-        lo, hi = rc["timestep_range"]
-        n = teacher.log_sigmas.shape[0]
-        if not 0 <= lo < hi <= n:
-            raise ConfigError(f"distill.timestep_range {[lo, hi]}: need 0 <= lo < hi <= {n} (the scheduler's "
-                              f"timesteps), e.g. [20, 980]")
-    if rc["init_timestep"] is not None and rc["init_timestep"] >= teacher.log_sigmas.shape[0]:
-        raise ConfigError(f"distill.init_timestep {rc['init_timestep']}: the scheduler has "
-                          f"{teacher.log_sigmas.shape[0]} timesteps")
-
-
 class DistillLoop:
     """One distillation iteration per `step`; state for checkpoints in `state_dict`.
 
@@ -94,48 +69,28 @@ class DistillLoop:
                  gens: dict[str, torch.Generator] | None = None, sigma_data: float = 0.5,
                  seed: int = 0, fused_optimizer: bool = True) -> None:
         rc = {**distill_defaults(), **rc}  # a hand-made rc (tests, benchmarks) gets the schema's defaults
-        if rc["adam_eps"] is None:
-            rc["adam_eps"] = 1e-6 if rc["precision"] == "fp16" else 1e-8
-        self.rc = rc
-        self.nets = nets
-        self.dataset = dataset
-        self.info = info
-        self.device = info.device
-        self.sigma_data = sigma_data
+        check_run(rc, nets, dataset)
+        self.rc = rc = resolve_run(rc, nets.teacher)
+        self.nets, self.dataset, self.info, self.device = nets, dataset, info, info.device
+        self.sigma_data, self.gen_sigmas, self.batch = sigma_data, rc["gen_sigmas"], rc["batch"]
         self.phases = build_phases(rc["phases"])
         self.total_nimg = self.phases[-1].end_nimg
         # The method (sid, dmd, add) decides what an iteration does; the discriminator kind what
         # the critic trains besides (or, for ADD, instead of) the fake score.
         self.method = run_method(rc["phases"])
         self.disc = discriminator_kind(rc["discriminator"])
-        if (self.disc != "none" or self.method == "add") and dataset is None:
-            raise ConfigError(f"a run with discriminator {self.disc} or ADD phases needs real images: configure `data`")
-        check_text_settings(rc, nets.teacher)
-        if rc["init_timestep"] is not None:  # a diffusers teacher's discrete timestep (SiD-LSG's 625)
-            rc["sigma_init"] = init_timestep_sigma(nets.teacher, rc["init_timestep"])
-        self.gen_sigmas = rc["gen_sigmas"] = generation_sigmas(rc)
-        rc["sigma_init"] = self.gen_sigmas[0]
-        self.batch = rc["batch"]
-        self.micro, self.rounds = accumulation(self.batch, rc["batch_per_proc"], info.world_size)
-        self.gens = gens if gens is not None else make_generators(seed, info.rank, info.device, self.rounds)
-        ref = nets.teacher
-        self.img_shape = (ref.img_channels, ref.img_resolution, ref.img_resolution)
-        self.label_dim = ref.label_dim
-        augment = AugmentPipe(rc["augment"]) if rc["augment"] > 0 else None
-        if augment is not None and getattr(nets.fake, "augment_dim", 0) < AUGMENT_DIM:
-            raise ConfigError(f"distill.augment {rc['augment']} feeds {AUGMENT_DIM} augmentation labels to the fake "
-                              f"score, but its network has augment_dim {getattr(nets.fake, 'augment_dim', 0)}: use a "
-                              f"teacher built with network.kwargs.augment_dim: {AUGMENT_DIM}, or set distill.augment: 0")
         # The official SiDA loop clips the fake score's gradients in every phase of a run that
         # trains the discriminator (warm-up and SiD stretch included); the SiD loop never clips.
         self.fake_clip = rc["fake_clip"] if self.disc == "sida" else None
-        if rc.get("logvar") and not getattr(nets.fake, "has_logvar", False):
-            raise ConfigError("distill.logvar: true needs a teacher with an uncertainty head (EDM2Precond): "
-                              "set it false for this teacher")
-        self.force_wn = bool(rc.get("force_weight_norm"))
+        self.force_wn = bool(rc["force_weight_norm"])
+        self.micro, self.rounds = accumulation(self.batch, rc["batch_per_proc"], info.world_size)
+        self.gens = gens if gens is not None else make_generators(seed, info.rank, info.device, self.rounds)
+        t = nets.teacher
+        self.img_shape, self.label_dim = (t.img_channels, t.img_resolution, t.img_resolution), t.label_dim
+        augment = AugmentPipe(rc["augment"]) if rc["augment"] > 0 else None
         prepare_networks(nets, rc)
         self.draws = Draws(self.gens, self.rounds, self.micro, self.device, dataset, self.img_shape, self.label_dim,
-                           hasattr(ref, "uncond"), rc["precision"], augment)
+                           hasattr(t, "uncond"), rc["precision"], augment)
         cls = method_class(self.method)
         self.objectives = cls(nets, self.draws, cls.Settings.from_run(rc), self.disc, sigma_data, self.gen_sigmas)
         # The critic's extra network (DMD2's head, ADD's heads), unless the run starts from a state
@@ -143,14 +98,9 @@ class DistillLoop:
         # same head and the global RNG does not move.
         self.objectives.build_head(seed + 7, self.img_shape, self.label_dim, self.device)
         self.features_sha256: str | None = None  # ADD's DINOv2 weights (set by the stage), checked on resume
-        self.g_params = list(nets.G.parameters())
         # The critic: the fake score (SiD family, DMD) with DMD2's head, or ADD's heads alone.
-        self.f_params = self.objectives.critic_params()
-        opt = dict(kind=rc["optimizer"], eps=rc["adam_eps"], weight_decay=rc["weight_decay"], fused=fused_optimizer)
-        self.opt_g = make_optimizer(self.g_params, lr=rc["lr_g"], betas=(rc["beta1_g"], rc["beta2"]), **opt)
-        # (none for ADD without a discriminator: its distillation term alone trains the student)
-        self.opt_f = (make_optimizer(self.f_params, lr=rc["lr_fake"], betas=(rc["beta1_fake"], rc["beta2"]), **opt)
-                      if self.f_params else None)
+        self.g_params, self.f_params = list(nets.G.parameters()), self.objectives.critic_params()
+        self.opt_g, self.opt_f = run_optimizers(rc, self.g_params, self.f_params, fused_optimizer)
         self.nimg = 0
 
     # -- schedule ---------------------------------------------------------------------------------
