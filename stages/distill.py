@@ -28,14 +28,14 @@ from sida.run.cli import run_stage, stage_parser
 from sida.run.config import discriminator_kind, load_config, run_config, run_method, with_data_of
 from sida.io.data import open_dataset
 from sida.io.latents import codec_from_config, decoder_from_config
-from sida.train.distill import DistillLoop
+from sida.train.loop import DistillLoop
 from sida.train.nets import init_nets
 from sida.io.text_run import is_text_network, open_run_text_dataset, vae_of
 from sida.eval.prompting import grid_prompts
 from sida.nets.heads import head_record
 from sida.errors import CheckpointError, ConfigError
 from sida.io.images import save_grid
-from sida.train.loop import Checkpointer, Timings, run
+from sida.train.driver import Checkpointer, Timings, run
 from sida.eval.monitor import TrainingMonitor
 from sida.run.runtime import start_stage
 from sida.nets.sampler import one_step_generate

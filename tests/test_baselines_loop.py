@@ -102,9 +102,9 @@ def test_evaluation_entry_named_like_a_run_is_refused():
 
 def _loop(run: str, cfg_edit=None, seed: int = 0, **run_edit):
     from sida.io.data import open_dataset
-    from sida.io.factory import network_from_config
+    from sida.nets.build import network_from_config
     from sida.run import dist
-    from sida.train.distill import DistillLoop
+    from sida.train.loop import DistillLoop
     from sida.train.nets import init_nets
 
     cfg = _cfg()
@@ -138,21 +138,21 @@ def test_dmd2_run_declares_what_it_does():
 
     loop = _loop("dmd2")
     n = loop.nets
-    assert loop.method == "dmd" and loop.disc == "dmd2_head" and isinstance(n.head, DMD2Head)
+    assert loop.method_name == "dmd" and loop.disc == "dmd2_head" and isinstance(n.head, DMD2Head)
     # the head reads the fake score's bottleneck (8x8 digits, 2 levels: 16 channels at 4x4)
     assert (n.head.channels, n.head.resolution) == (16, 4)
     # AdamW (0.9, 0.999), weight decay 0.01, for G and for the critic = fake score + head
     assert type(loop.opt_g) is torch.optim.AdamW and loop.opt_g.defaults["betas"] == (0.9, 0.999)
-    assert loop.opt_f.defaults["weight_decay"] == 0.01
-    assert len(loop.f_params) == len(list(n.fake.parameters())) + len(list(n.head.parameters()))
+    assert loop.opt_critic.defaults["weight_decay"] == 0.01
+    assert len(loop.critic_params) == len(list(n.fake.parameters())) + len(list(n.head.parameters()))
     assert loop.gen_sigmas == [80.0]
     # warm-up phase (2 iterations): the critic learns, the generator does not move
     g0, f0, h0 = _params(n.G), _params(n.fake), _params(n.head)
     # lr warm-up over 64 images: 0 at the first iteration, then a quarter
     _step(loop)
-    assert loop.opt_f.param_groups[0]["lr"] == 0.0 and not _moved(f0, n.fake)
+    assert loop.opt_critic.param_groups[0]["lr"] == 0.0 and not _moved(f0, n.fake)
     stats = _step(loop)
-    assert loop.opt_f.param_groups[0]["lr"] == pytest.approx(1e-4 * 16 / 64)
+    assert loop.opt_critic.param_groups[0]["lr"] == pytest.approx(1e-4 * 16 / 64)
     assert _moved(f0, n.fake) and _moved(h0, n.head) and not _moved(g0, n.G)
     assert "loss_g_dm" not in stats and {"loss_fake", "loss_d", "d_acc_real", "d_acc_fake"} <= set(stats)
     # dmd2 phase, critic ratio 2: iterations 2 (turn), 3 (critic only), 4 (turn)
@@ -178,7 +178,7 @@ def test_dmd2_run_declares_what_it_does():
 
 
 def test_grad_norm_clip_bounds_every_update(monkeypatch):
-    import sida.train.distill as distill_mod
+    import sida.train.loop as loop_mod
 
     seen = []
     orig = torch.nn.utils.clip_grad_norm_
@@ -190,7 +190,7 @@ def test_grad_norm_clip_bounds_every_update(monkeypatch):
         seen.append((float(total), float(after)))
         return total
 
-    monkeypatch.setattr(distill_mod.torch.nn.utils, "clip_grad_norm_", spy)
+    monkeypatch.setattr(loop_mod.torch.nn.utils, "clip_grad_norm_", spy)
     loop = _loop("dmd2", grad_clip=1e-3)
     for _ in range(3):
         _step(loop)
@@ -201,7 +201,7 @@ def test_grad_norm_clip_bounds_every_update(monkeypatch):
 def test_sid_family_defaults_are_todays_adam():
     loop = _loop("sid")
     assert type(loop.opt_g) is torch.optim.Adam and loop.opt_g.defaults["betas"] == (0.0, 0.999)
-    assert loop.opt_f.defaults["weight_decay"] == 0.0 and loop.nets.head is None
+    assert loop.opt_critic.defaults["weight_decay"] == 0.0 and loop.nets.head is None
     assert "head" not in loop.state_dict()
 
 
@@ -212,7 +212,7 @@ def test_add_run_trains_heads_not_the_fake_score():
     n = loop.nets
     assert isinstance(n.head, ADDHeads) and isinstance(n.features, TeacherFeatures)
     assert [h.channels for h in n.head.heads] == [8, 16]  # every encoder level of the teacher
-    assert len(loop.f_params) == len(list(n.head.parameters()))
+    assert len(loop.critic_params) == len(list(n.head.parameters()))
     f0, h0, g0 = _params(n.fake), _params(n.head), _params(n.G)
     t0 = _params(n.teacher)
     _step(loop)

@@ -30,7 +30,7 @@ FULL = 8  # global batch; 2 halves of 4 (2 ranks x 1 round, or 1 rank x 2 rounds
 
 def _nets():
     from sida.run.config import validate
-    from sida.io.factory import network_from_config
+    from sida.nets.build import network_from_config
 
     cfg = validate(tiny_config())
     torch.manual_seed(0)

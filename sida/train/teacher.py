@@ -2,7 +2,7 @@
 
 EDM's recipe: sigma ~ exp(N(P_mean, P_std)), loss lambda(sigma) ||D(x + n; sigma) - x||^2,
 Adam with a learning-rate ramp-up, EMA with a ramped half-life. One iteration is `step`;
-`sida.train.loop.run` drives ticks, checkpoints and resume.
+`sida.train.driver.run` drives ticks, checkpoints and resume.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from ..io.data import ImageDataset
 from ..run.dist import DistInfo
-from ..io.factory import autocast
+from ..nets.build import autocast
 from .draws import make_generators, slot_generator
 from .updates import accumulation, ema_update, make_optimizer, set_lr, sync_gradients
 from .losses import edm_denoising_loss

@@ -2,7 +2,7 @@
 
 Batch splitting (`accumulation`), the one optimiser factory (`make_optimizer`), learning-rate
 warm-up, the generator's turn, gradient synchronisation over processes with the official code's
-non-finite handling, and EDM's EMA. The loops (`sida.train.teacher`, `sida.train.distill`) say
+non-finite handling, and EDM's EMA. The loops (`sida.train.teacher`, `sida.train.loop`) say
 when each runs.
 """
 
@@ -55,7 +55,7 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], kind: str, lr: float,
     raise ValueError(f"optimizer kind must be one of {OPTIMIZERS}, got {kind!r}")
 
 
-def run_optimizers(rc: dict, g_params: list[torch.nn.Parameter], f_params: list[torch.nn.Parameter],
+def run_optimizers(rc: dict, g_params: list[torch.nn.Parameter], critic_params: list[torch.nn.Parameter],
                    fused: bool = True) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
     """The generator's and the critic's optimisers from a run's settings (`optimizer`, `lr_g` /
     `lr_fake`, `beta1_g` / `beta1_fake`, `beta2`, `adam_eps`, `weight_decay`); the critic's is
@@ -63,9 +63,9 @@ def run_optimizers(rc: dict, g_params: list[torch.nn.Parameter], f_params: list[
     trains the student)."""
     opt = dict(kind=rc["optimizer"], eps=rc["adam_eps"], weight_decay=rc["weight_decay"], fused=fused)
     opt_g = make_optimizer(g_params, lr=rc["lr_g"], betas=(rc["beta1_g"], rc["beta2"]), **opt)
-    opt_f = (make_optimizer(f_params, lr=rc["lr_fake"], betas=(rc["beta1_fake"], rc["beta2"]), **opt)
-             if f_params else None)
-    return opt_g, opt_f
+    opt_critic = (make_optimizer(critic_params, lr=rc["lr_fake"], betas=(rc["beta1_fake"], rc["beta2"]), **opt)
+                  if critic_params else None)
+    return opt_g, opt_critic
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:

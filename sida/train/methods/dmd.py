@@ -61,7 +61,7 @@ def dmd2_head_logits(fake: Net, head: Net, x: torch.Tensor, sigma: torch.Tensor,
 
 
 @dataclass(frozen=True)
-class DMD2Settings(Settings):
+class DMDSettings(Settings):
     dm_index_range: list[int]
     lambda_gan: float
     lambda_cls: float
@@ -69,10 +69,10 @@ class DMD2Settings(Settings):
     timestep_range: list[int] | None  # text teachers: sigma_k of timesteps k ~ U[lo, hi) (DMD2: [20, 980])
 
 
-class DMD2(Method):
+class DMD(Method):
     name = "dmd"
     generator_first = True
-    Settings = DMD2Settings
+    Settings = DMDSettings
 
     def build_head(self, seed: int, img_shape: tuple[int, int, int], label_dim: int, device: torch.device) -> None:
         """DMD2's classifier head on the fake score's bottleneck (`dmd2_head` runs)."""
