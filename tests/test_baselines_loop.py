@@ -263,10 +263,10 @@ def test_stage_records_generation_sigmas_and_head_and_a_later_run_keeps_the_head
     base = ["--config", str(cfg_path), "--teacher", str(teacher)]
     run_stage(main, [*base, "--run", "dmd2", "--out", str(tmp_path / "dmd2")])
     run_stage(main, [*base, "--run", "add", "--out", str(tmp_path / "add")])
-    meta = checkpoints.network_meta(tmp_path / "dmd2" / "network.pt")
+    meta = checkpoints.load_network(tmp_path / "dmd2" / "network.pt").sida_meta
     assert meta["gen_sigmas"] == [80.0] and meta["sigma_init"] == 80.0 and meta["method"] == "dmd"
     assert meta["ema"] is False
-    add_meta = checkpoints.network_meta(tmp_path / "add" / "network.pt")
+    add_meta = checkpoints.load_network(tmp_path / "add" / "network.pt").sida_meta
     assert len(add_meta["gen_sigmas"]) == 4 and add_meta["sigma_init"] == pytest.approx(80.0)
     state = checkpoints.load_state(tmp_path / "dmd2" / "state.pt")
     assert state["head"]["class"] == "DMD2Head"

@@ -128,12 +128,6 @@ def load_network(path: str | Path, device: str | torch.device = "cpu") -> torch.
     return net
 
 
-def network_meta(path: str | Path) -> dict:
-    """The metadata stored with a network file."""
-    rec = _torch_load(Path(path), "network file")
-    return json.loads(rec.get("meta") or "{}")
-
-
 def save_state(path: str | Path, state: dict) -> None:
     """Write a training state atomically. `state` holds tensors, plain containers and a `meta` dict."""
     out = dict(state)
