@@ -159,11 +159,11 @@ class DistillLoop:
 
     def generator_update(self, kind: str, slots: list[Slot] | None = None) -> Stats:
         """The generator's update through the frozen teacher and critic."""
-        self.nets.G.train().requires_grad_(True)
+        unfreeze(self.nets.G)
         freeze(*self.method.critic_nets())
         stats = self._accumulate(lambda slot, r: self.method.generator_loss(kind, slot, r), slots, self.opt_g)
         stats["nonfinite_g"] = self.update(self.opt_g, self.g_params, [self.nets.G])
-        self.nets.G.eval().requires_grad_(False)
+        freeze(self.nets.G)
         return stats
 
     def _accumulate(self, objective: Callable[[Slot, int], tuple[torch.Tensor, Stats]], slots: list[Slot] | None,

@@ -15,7 +15,7 @@ from ..io.data import ImageDataset
 from ..run.dist import DistInfo
 from ..nets.build import autocast
 from .draws import make_generators, slot_generator
-from .updates import accumulation, ema_update, make_optimizer, set_lr, sync_gradients
+from .updates import accumulation, ema_update, make_optimizer, set_lr, sync_gradients, warmup_lr
 from .losses import edm_denoising_loss
 from ..nets.sampler import sample_sigma_lognormal
 
@@ -44,8 +44,7 @@ class TeacherLoop:
         return "teacher"
 
     def lr(self) -> float:
-        ramp = self.t["lr_rampup_kimg"] * 1000
-        return self.t["lr"] * (min(self.nimg / ramp, 1.0) if ramp > 0 else 1.0)
+        return warmup_lr(self.t["lr"], self.nimg, self.t["lr_rampup_kimg"])
 
     def step(self) -> dict[str, torch.Tensor]:
         set_lr(self.opt, self.lr())

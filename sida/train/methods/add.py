@@ -121,10 +121,7 @@ class ADD(Method):
         the real images' head inputs (the frozen features)."""
         d, nets, x0, labels = self.draws, self.nets, slot["x0"], slot["labels"]
         gamma = self.settings.r1_gamma
-        x_hat = slot.get("x_g")
-        if x_hat is None:  # an off-turn iteration: the student did not run
-            with torch.no_grad(), d.autocast():
-                x_hat = nets.G(slot["x_s"], slot["sigma_s"].flatten(), labels).float()
+        x_hat = self.generated(slot, lambda: nets.G(slot["x_s"], slot["sigma_s"].flatten(), labels))
         with d.autocast():
             if gamma > 0:
                 logits_real, r1 = add_real_logits_with_r1(nets.features, nets.head, x0, labels)

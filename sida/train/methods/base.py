@@ -4,7 +4,7 @@ helpers (`freeze`, `unfreeze`, `disc_accuracy`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -42,7 +42,7 @@ class Settings:
 class Method:
     """A distillation method's two objectives, per micro-batch slot, as EDM2's loss class is.
 
-    The loop (`sida.train.distill.DistillLoop`) calls, every iteration and for every slot r,
+    The loop (`sida.train.loop.DistillLoop`) calls, every iteration and for every slot r,
     `slot(r)` first (draws that both objectives of the iteration share), then the objectives in
     the method's order (`generator_first`): `critic_loss(slot, r)` on the critic's turn (every
     iteration) and `generator_loss(kind, slot, r)` on the generator's. Each returns (the scalar
@@ -69,6 +69,16 @@ class Method:
         n, s = labels.shape[0], self.gen_sigmas[0]
         z = self.draws.randn([n, *self.draws.img_shape], r)
         return self.nets.G(s * z, torch.full([n], s, device=z.device), labels)
+
+    def generated(self, slot: Slot, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The generator's detached samples of this iteration, kept in the slot by a generator
+        objective that runs first (DMD2, ADD), or, on an off-turn iteration, `draw()` now without
+        gradient (the critic still trains on fresh samples)."""
+        x = slot.get("x_g")
+        if x is None:
+            with torch.no_grad(), self.draws.autocast():
+                x = draw().float()
+        return x
 
     def build_head(self, seed: int, img_shape: tuple[int, int, int], label_dim: int, device: torch.device) -> None:
         """Give `nets.head` the critic's extra network, if the method's discriminator has one

@@ -119,10 +119,7 @@ class DMD(Method):
         """The fake score's denoising loss on the detached x_g at sigmas on the whole grid, plus,
         with DMD2's head, its non-saturating classification of noisy real vs noisy generated images."""
         d, nets, real, labels = self.draws, self.nets, slot["real"], slot["labels"]
-        x_g = slot.get("x_g")
-        if x_g is None:  # an off-turn iteration: the generator did not run
-            with torch.no_grad(), d.autocast():
-                x_g = self.generate(labels, r).float()
+        x_g = self.generated(slot, lambda: self.generate(labels, r))
         sigma = self._sigma(WHOLE_GRID, r)
         weighting = "edm" if self.settings.timestep_range is None else "epsilon"
         with d.autocast():
