@@ -39,9 +39,9 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], kind: str, lr: float,
     `fused`: torch's fused implementation (one kernel over all parameters, same update rule) where
     torch has one for the parameters' device (CPU and CUDA floating-point tensors); otherwise, and
     with fused False, torch's default (on the CPU a Python loop of about ten small ops per tensor).
-    The two round differently, so a run's weights depend on the choice. Both loops fuse: on the
-    CPU a distillation iteration runs 1.02-1.03x faster with it (`bench.step --compare-unfused`,
-    docs/performance.md); fused=False is for that comparison.
+    The two round differently, so a run's weights depend on the choice. Both loops fuse, the
+    faster step (measured by `bench.step --compare-unfused`: docs/performance.md); fused=False is
+    for that comparison.
     """
     params = list(params)
     kw = dict(lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
