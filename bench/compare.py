@@ -13,7 +13,7 @@ it, one iteration per step, in this process (`bench.authors_iteration`: DDP a pa
 their own DataLoader over our in-memory images; their SiD path for `--phase sid`, their SiDA path with the
 adversarial terms on for `--phase sida`), on the same teacher weights, batch, data and threads
 (bench.official, our re-statement of it, is no yardstick: it ran slower than their code).
-Ours is `sida.train.distill.DistillLoop.step` as a run would execute it. Every variant starts
+Ours is `sida.train.loop.DistillLoop.step` as a run would execute it. Every variant starts
 from the same random teacher. Iterations are interleaved: each round runs one iteration of every
 variant, in an order that rotates from round to round, so load drift on a shared machine hits
 all of them alike; `--warmup` rounds are untimed. Reported per variant: median and best
@@ -63,7 +63,7 @@ from bench.authors_iteration import AuthorsIteration
 from bench.step import MemoryDataset, build_teacher, run_config
 from bench.procs import gathered, launch, timed_together
 from sida.run.dist import init as dist_init, launched
-from sida.train.distill import DistillLoop
+from sida.train.loop import DistillLoop
 from sida.train.nets import init_nets
 
 PRESETS = {
@@ -223,7 +223,7 @@ def build(args: argparse.Namespace, info) -> list[Contestant]:
                 loop.nimg += loop.batch
                 return stats
 
-            holds = lambda lp=loop: [lp.nets.teacher, lp.nets.G, lp.nets.G_ema, lp.nets.fake, lp.opt_f, lp.opt_g]
+            holds = lambda lp=loop: [lp.nets.teacher, lp.nets.G, lp.nets.G_ema, lp.nets.fake, lp.opt_critic, lp.opt_g]
         out.append(Contestant(f"ours-{name}", step, holds, args.batch, v["procs"], max(args.threads // v["procs"], 1)))
     return out
 

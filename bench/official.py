@@ -205,7 +205,7 @@ def _nan_rows(*tensors: torch.Tensor) -> torch.Tensor:
 class OfficialIteration:
     """One official SiD (`discriminator=False`) or SiDA adversarial-phase iteration per `step`.
 
-    `rc` holds the run settings of `sida.train.distill.DistillLoop` (sigma_init, tmax, alpha,
+    `rc` holds the run settings of `sida.train.loop.DistillLoop` (sigma_init, tmax, alpha,
     lambda_sid, lambda_adv, lambda_d, P_mean, P_std, batch, lr_g, lr_fake, adam_eps,
     ema_halflife_kimg, ema_rampup_ratio, fake_clip). One process, one accumulation round.
     """

@@ -1,4 +1,4 @@
-"""Benchmark: one SiD / SiDA distillation iteration (`sida.train.distill.DistillLoop.step`) on the CPU.
+"""Benchmark: one SiD / SiDA distillation iteration (`sida.train.loop.DistillLoop.step`) on the CPU.
 
     python -m bench.step --phase {sid,sida} --res 32 --channels 3 --batch 32 --model-channels 32 \
         --channel-mult 1,2,2 --attn-res 16 [--num-blocks 2] --iters 10 --warmup 2 --threads 2 \
@@ -39,7 +39,7 @@ import torch
 from bench.procs import launch, timed_together
 from sida.train.methods import sid as sid_method
 from sida.run.dist import init as dist_init, launched
-from sida.train.distill import DistillLoop
+from sida.train.loop import DistillLoop
 from sida.train.nets import init_nets
 from sida.train.draws import make_generators
 from sida.nets.precond import EDMPrecond

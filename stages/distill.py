@@ -28,14 +28,14 @@ from sida.run.cli import run_stage, stage_parser
 from sida.run.config import discriminator_kind, load_config, run_config, run_method, with_data_of
 from sida.io.data import open_dataset
 from sida.io.latents import codec_from_config, decoder_from_config
-from sida.train.distill import DistillLoop
+from sida.train.loop import DistillLoop
 from sida.train.nets import init_nets
 from sida.io.text_run import is_text_network, open_run_text_dataset, vae_of
 from sida.eval.prompting import grid_prompts
 from sida.nets.heads import head_record
 from sida.errors import CheckpointError, ConfigError
 from sida.io.images import save_grid
-from sida.train.loop import Checkpointer, Timings, run
+from sida.train.driver import Checkpointer, Timings, run
 from sida.eval.monitor import TrainingMonitor
 from sida.run.runtime import start_stage
 from sida.nets.sampler import one_step_generate
@@ -199,10 +199,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     tracker = ctx.tracker("distill", run_name=args.run, resume_kimg=loop.nimg / 1000 if loop.nimg else None)
     grid = rc["grid_size"]
 
+    def write_grid(path: Path) -> None:
+        save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"], decode=decode,
+                               prompts=text and text[0]), path, grid)
+
     def snapshot() -> None:
         if info.is_main:
-            save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"], decode=decode,
-                                   prompts=text and text[0]), ctx.work / "samples.png", grid)
+            write_grid(ctx.work / "samples.png")
 
     def on_tick(row: dict) -> None:
         with timings("evaluation"):
@@ -220,14 +223,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         if info.is_main:
             meta = {"stage": "distill", "run": args.run, "kimg": loop.nimg / 1000, "config_hash": ctx.cfg_hash,
                     "experiment": cfg["experiment"], "sigma_init": rc["sigma_init"], "gen_sigmas": rc["gen_sigmas"],
-                    "method": run_method(rc["phases"]), "ema": rc["ema"], "one_step": True}
+                    "method": loop.method_name, "ema": rc["ema"], "one_step": True}
             final = {"G": checkpoints.network_record(nets.G), "G_ema": checkpoints.network_record(nets.G_ema),
                      "fake": checkpoints.network_record(nets.fake), "meta": meta}
             if nets.head is not None:
                 final["head"] = head_record(nets.head)
             checkpoints.save_state(ctx.out / "state.pt", final)
-            save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"], decode=decode,
-                                   prompts=text and text[0]), ctx.out / "samples.png", grid)
+            write_grid(ctx.out / "samples.png")
             best = keeper.best_network()
             if best is not None:
                 # The papers report their lowest-FID snapshot: network.pt is the best generator the

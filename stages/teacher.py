@@ -23,9 +23,9 @@ from sida.io import checkpoints
 from sida.run.cli import run_stage, stage_parser
 from sida.run.config import load_config, with_data_of
 from sida.io.data import open_dataset
-from sida.io.factory import network_from_config
+from sida.nets.build import network_from_config
 from sida.io.images import save_grid
-from sida.train.loop import Checkpointer, run
+from sida.train.driver import Checkpointer, run
 from sida.run.runtime import StageContext, start_stage
 from sida.eval.sampling import grid_samples
 from sida.train.teacher import TeacherLoop

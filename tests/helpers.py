@@ -85,7 +85,7 @@ def write_teacher(path: Path, cfg: dict | None = None, seed: int = 0) -> Path:
 
     from sida.io import checkpoints
     from sida.run.config import validate
-    from sida.io.factory import network_from_config
+    from sida.nets.build import network_from_config
 
     import copy
     cfg = validate(copy.deepcopy(cfg or tiny_config()))

@@ -1,5 +1,5 @@
 """DMD and ADD's distillation term in the analytic Gaussian case, through the real loop
-(`sida.train.distill.DistillLoop`: its phases, slot streams, optimisers, turns and EMA).
+(`sida.train.loop.DistillLoop`: its phases, slot streams, optimisers, turns and EMA).
 
 As in test_sid_gaussian.py (whose toy networks are reused): data N(mu, s^2 I) on 1x4x4 images,
 the teacher is the exact EDM denoiser D(x, sigma) = mu + c (x - mu), c = s^2 / (s^2 + sigma^2),
@@ -25,12 +25,12 @@ import pytest
 import torch
 
 import sida.train.methods.add as add_mod
-import sida.train.methods.dmd2 as dmd2_mod
+import sida.train.methods.dmd as dmd_mod
 from sida.nets.sampler import add_student_sigmas, karras_grid_sigma
 from sida.run import dist
-from sida.train.distill import DistillLoop
+from sida.train.loop import DistillLoop
 from sida.train.nets import Nets
-from sida.train.methods.dmd2 import dmd_term
+from sida.train.methods.dmd import dmd_term
 from sida.train.updates import set_lr
 from sida.train.baseline_losses import dmd_gradient
 from sida.train.losses import sid_generator_loss
@@ -125,8 +125,8 @@ def test_dmd_moves_generator_shift_to_data_mean(ratio):
 
 
 def test_dmd_sign_flipped_moves_away(monkeypatch):
-    orig = dmd2_mod.dmd_generator_loss  # what dmd_term, and so the loop, calls
-    monkeypatch.setattr(dmd2_mod, "dmd_generator_loss", lambda *a, **k: -orig(*a, **k))
+    orig = dmd_mod.dmd_generator_loss  # what dmd_term, and so the loop, calls
+    monkeypatch.setattr(dmd_mod, "dmd_generator_loss", lambda *a, **k: -orig(*a, **k))
     loop = _dmd_loop(60)
     _iterate(loop, 100)
     b = loop.nets.G.b.detach()
@@ -173,7 +173,7 @@ def _add_run(iters: int, weighting: str = "exponential", seed: int = 0) -> tuple
                 fake=GaussDenoiser(MU, learnable=False))
     rc = _rc([("add", iters)], lr_g=0.02, add_weighting=weighting)
     loop = DistillLoop(rc, nets, GaussDataset(), dist.init("cpu", 0), _gens(seed))
-    assert loop.gen_sigmas == pytest.approx(sigmas) and loop.f_params == []  # ADD trains no fake score
+    assert loop.gen_sigmas == pytest.approx(sigmas) and loop.critic_params == []  # ADD trains no fake score
     _iterate(loop, iters * 3 // 4)
     set_lr(loop.opt_g, 0.004)  # a smaller last step shrinks Adam's jitter around the fixed point
     _iterate(loop, iters - iters * 3 // 4)

@@ -51,6 +51,19 @@ def test_baseline_runs_validate_with_their_generation_sigmas():
     assert "warmup" in entries  # tiny_config evaluates every run
 
 
+def test_a_diffusers_teachers_init_timestep_sets_sigma_init_and_the_generation_sigmas():
+    from sida.run.config import resolve_run
+
+    class Scheduler:  # what resolve_run reads of a diffusers teacher: its sigma table
+        def sigma_at(self, timestep: int) -> float:
+            return timestep / 100
+
+    rc = run_config(validate(_cfg()), "sid")
+    out = resolve_run({**rc, "init_timestep": 300}, Scheduler())
+    assert out["sigma_init"] == out["gen_sigmas"][0] == 3.0
+    assert rc["sigma_init"] == 2.5 and rc["gen_sigmas"] == [2.5]  # config resolution: no teacher, a copy
+
+
 @pytest.mark.parametrize("run,edit,needles", [
     ("dmd2", {"discriminator": "none"}, ["distill.runs.dmd2", "'dmd2' phase needs discriminator: dmd2_head"]),
     ("dmd2", {"discriminator": "add"}, ["distill.runs.dmd2", "dmd2_head"]),
@@ -89,9 +102,9 @@ def test_evaluation_entry_named_like_a_run_is_refused():
 
 def _loop(run: str, cfg_edit=None, seed: int = 0, **run_edit):
     from sida.io.data import open_dataset
-    from sida.io.factory import network_from_config
+    from sida.nets.build import network_from_config
     from sida.run import dist
-    from sida.train.distill import DistillLoop
+    from sida.train.loop import DistillLoop
     from sida.train.nets import init_nets
 
     cfg = _cfg()
@@ -125,21 +138,21 @@ def test_dmd2_run_declares_what_it_does():
 
     loop = _loop("dmd2")
     n = loop.nets
-    assert loop.method == "dmd" and loop.disc == "dmd2_head" and isinstance(n.head, DMD2Head)
+    assert loop.method_name == "dmd" and loop.disc == "dmd2_head" and isinstance(n.head, DMD2Head)
     # the head reads the fake score's bottleneck (8x8 digits, 2 levels: 16 channels at 4x4)
     assert (n.head.channels, n.head.resolution) == (16, 4)
     # AdamW (0.9, 0.999), weight decay 0.01, for G and for the critic = fake score + head
     assert type(loop.opt_g) is torch.optim.AdamW and loop.opt_g.defaults["betas"] == (0.9, 0.999)
-    assert loop.opt_f.defaults["weight_decay"] == 0.01
-    assert len(loop.f_params) == len(list(n.fake.parameters())) + len(list(n.head.parameters()))
+    assert loop.opt_critic.defaults["weight_decay"] == 0.01
+    assert len(loop.critic_params) == len(list(n.fake.parameters())) + len(list(n.head.parameters()))
     assert loop.gen_sigmas == [80.0]
     # warm-up phase (2 iterations): the critic learns, the generator does not move
     g0, f0, h0 = _params(n.G), _params(n.fake), _params(n.head)
     # lr warm-up over 64 images: 0 at the first iteration, then a quarter
     _step(loop)
-    assert loop.opt_f.param_groups[0]["lr"] == 0.0 and not _moved(f0, n.fake)
+    assert loop.opt_critic.param_groups[0]["lr"] == 0.0 and not _moved(f0, n.fake)
     stats = _step(loop)
-    assert loop.opt_f.param_groups[0]["lr"] == pytest.approx(1e-4 * 16 / 64)
+    assert loop.opt_critic.param_groups[0]["lr"] == pytest.approx(1e-4 * 16 / 64)
     assert _moved(f0, n.fake) and _moved(h0, n.head) and not _moved(g0, n.G)
     assert "loss_g_dm" not in stats and {"loss_fake", "loss_d", "d_acc_real", "d_acc_fake"} <= set(stats)
     # dmd2 phase, critic ratio 2: iterations 2 (turn), 3 (critic only), 4 (turn)
@@ -165,7 +178,7 @@ def test_dmd2_run_declares_what_it_does():
 
 
 def test_grad_norm_clip_bounds_every_update(monkeypatch):
-    import sida.train.distill as distill_mod
+    import sida.train.loop as loop_mod
 
     seen = []
     orig = torch.nn.utils.clip_grad_norm_
@@ -177,7 +190,7 @@ def test_grad_norm_clip_bounds_every_update(monkeypatch):
         seen.append((float(total), float(after)))
         return total
 
-    monkeypatch.setattr(distill_mod.torch.nn.utils, "clip_grad_norm_", spy)
+    monkeypatch.setattr(loop_mod.torch.nn.utils, "clip_grad_norm_", spy)
     loop = _loop("dmd2", grad_clip=1e-3)
     for _ in range(3):
         _step(loop)
@@ -188,7 +201,7 @@ def test_grad_norm_clip_bounds_every_update(monkeypatch):
 def test_sid_family_defaults_are_todays_adam():
     loop = _loop("sid")
     assert type(loop.opt_g) is torch.optim.Adam and loop.opt_g.defaults["betas"] == (0.0, 0.999)
-    assert loop.opt_f.defaults["weight_decay"] == 0.0 and loop.nets.head is None
+    assert loop.opt_critic.defaults["weight_decay"] == 0.0 and loop.nets.head is None
     assert "head" not in loop.state_dict()
 
 
@@ -199,7 +212,7 @@ def test_add_run_trains_heads_not_the_fake_score():
     n = loop.nets
     assert isinstance(n.head, ADDHeads) and isinstance(n.features, TeacherFeatures)
     assert [h.channels for h in n.head.heads] == [8, 16]  # every encoder level of the teacher
-    assert len(loop.f_params) == len(list(n.head.parameters()))
+    assert len(loop.critic_params) == len(list(n.head.parameters()))
     f0, h0, g0 = _params(n.fake), _params(n.head), _params(n.G)
     t0 = _params(n.teacher)
     _step(loop)
@@ -250,10 +263,10 @@ def test_stage_records_generation_sigmas_and_head_and_a_later_run_keeps_the_head
     base = ["--config", str(cfg_path), "--teacher", str(teacher)]
     run_stage(main, [*base, "--run", "dmd2", "--out", str(tmp_path / "dmd2")])
     run_stage(main, [*base, "--run", "add", "--out", str(tmp_path / "add")])
-    meta = checkpoints.network_meta(tmp_path / "dmd2" / "network.pt")
+    meta = checkpoints.load_network(tmp_path / "dmd2" / "network.pt").sida_meta
     assert meta["gen_sigmas"] == [80.0] and meta["sigma_init"] == 80.0 and meta["method"] == "dmd"
     assert meta["ema"] is False
-    add_meta = checkpoints.network_meta(tmp_path / "add" / "network.pt")
+    add_meta = checkpoints.load_network(tmp_path / "add" / "network.pt").sida_meta
     assert len(add_meta["gen_sigmas"]) == 4 and add_meta["sigma_init"] == pytest.approx(80.0)
     state = checkpoints.load_state(tmp_path / "dmd2" / "state.pt")
     assert state["head"]["class"] == "DMD2Head"

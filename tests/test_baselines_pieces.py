@@ -1,4 +1,4 @@
-"""The per-update pieces of the DMD2 / ADD baselines (`sida.train.methods.dmd2`, `.add`, and the
+"""The per-update pieces of the DMD2 / ADD baselines (`sida.train.methods.dmd`, `.add`, and the
 loop's `sida.train.updates`) on small real networks:
 optimiser kinds, warm-up, the critic/generator turn, head logits, R1 on the heads' inputs, and
 the property the loop relies on: a batch split into accumulation rounds gives the same gradient."""
@@ -12,7 +12,7 @@ from sida.nets.heads import ADDHeads, DMD2Head, TeacherFeatures, probe_features,
 from sida.nets.precond import EDMPrecond
 from sida.nets.sampler import add_student_sigmas
 from sida.train.methods.add import add_logits, add_real_logits_with_r1, add_student_sigma
-from sida.train.methods.dmd2 import dmd2_head_logits, dmd_denoising_term
+from sida.train.methods.dmd import dmd2_head_logits, dmd_denoising_term
 from sida.train.updates import generator_turn, make_optimizer, warmup_lr
 from sida.train.baseline_losses import (add_discriminator_objective, dmd2_critic_objective, hinge_discriminator_loss,
                                ns_discriminator_loss, r1_penalty)

@@ -20,7 +20,7 @@ from bench.official import Draws, OfficialIteration, edm_forward
 from bench.step import MemoryDataset
 from sida.nets.precond import EDMPrecond
 from sida.run.dist import init as dist_init
-from sida.train.distill import DistillLoop
+from sida.train.loop import DistillLoop
 from sida.train.nets import init_nets
 from sida.train.draws import make_generators
 from tests.helpers import AUTHORS_REPO, needs_authors
@@ -122,7 +122,7 @@ class _Recorder:
         for name in ("real", "labels", "randn", "rand"):
             orig = getattr(loop.draws, name)
             setattr(loop.draws, name, self._wrap(name, orig))
-        _capture_grads(loop.opt_f, "fake", self.grads)
+        _capture_grads(loop.opt_critic, "fake", self.grads)
         _capture_grads(loop.opt_g, "G", self.grads)
 
     def _wrap(self, name, fn):

@@ -127,7 +127,7 @@ def test_empty_prompt_is_zeros_unless_the_pipeline_says_otherwise(tmp_path):
 def test_load_teacher_records_and_clones(tmp_path):
     from sida.io.checkpoints import network_from_record, network_record
     from sida.io.diffusers_teacher import check_folder, load_teacher
-    from sida.io.factory import clone_with_dropout
+    from sida.nets.build import clone_with_dropout
     from sida.io.latent_vae import load_vae
 
     folder = save_tiny_sdxl_pipeline(tmp_path / "xl", "v_prediction")

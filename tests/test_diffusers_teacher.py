@@ -67,7 +67,7 @@ def test_fractional_timestep_interpolates_log_sigma():
 
 def test_return_flags_for_sida_and_dmd2():
     from sida.io.checkpoints import network_from_record, network_record
-    from sida.io.factory import clone_with_dropout
+    from sida.nets.build import clone_with_dropout
 
     net = wrap(*make_tiny_unet("v_prediction", label_dim=10), label_dim=10)
     g = torch.Generator().manual_seed(1)
@@ -219,7 +219,7 @@ def test_distill_methods_run_unchanged_on_a_diffusers_teacher(run):
     from sida.io.data import open_dataset
     from sida.run import dist
     from sida.run.config import run_config, validate
-    from sida.train.distill import DistillLoop
+    from sida.train.loop import DistillLoop
     from sida.train.nets import init_nets
 
     cfg = tiny_config(batch=4)

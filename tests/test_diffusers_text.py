@@ -102,7 +102,7 @@ def test_guidance_hand_computed():
 
 def test_condition_defaults_broadcasts_and_return_flags(tiny):
     from sida.io.checkpoints import network_from_record, network_record
-    from sida.io.factory import clone_with_dropout
+    from sida.nets.build import clone_with_dropout
 
     _, net, cond = tiny
     g = torch.Generator().manual_seed(2)

@@ -37,7 +37,7 @@ def test_band_shares_follow_the_two_sigma_distributions():
 
 def test_probe_of_a_state_reports_every_band_and_the_logit_map(tmp_path):
     from sida.io import checkpoints
-    from sida.io.factory import network_from_config
+    from sida.nets.build import network_from_config
     from sida.run.config import validate
 
     cfg = validate(copy.deepcopy(tiny_config()))
@@ -58,7 +58,7 @@ def test_probe_of_a_state_reports_every_band_and_the_logit_map(tmp_path):
 def test_grad_split_scales_with_lambda_adv_and_leaves_the_sid_half_alone(tmp_path):
     from bench.disc_probe import grad_split
     from sida.io import checkpoints
-    from sida.io.factory import network_from_config
+    from sida.nets.build import network_from_config
     from sida.run.config import validate
 
     cfg = validate(copy.deepcopy(tiny_config()))

@@ -30,7 +30,7 @@ FULL = 8  # global batch; 2 halves of 4 (2 ranks x 1 round, or 1 rank x 2 rounds
 
 def _nets():
     from sida.run.config import validate
-    from sida.io.factory import network_from_config
+    from sida.nets.build import network_from_config
 
     cfg = validate(tiny_config())
     torch.manual_seed(0)
@@ -207,7 +207,7 @@ def test_torchrun_two_process_distill_end_to_end(tmp_path, stage_inputs):
 
     net = checkpoints.load_network(out / "network.pt")
     assert all(torch.isfinite(v).all() for v in net.state_dict().values())
-    meta = checkpoints.network_meta(out / "network.pt")
+    meta = checkpoints.load_network(out / "network.pt").sida_meta
     assert meta["kimg"] == pytest.approx(0.064)
 
     # The same global batch in one process (4 per pass x 4 accumulation rounds) draws the same

@@ -53,7 +53,7 @@ def test_diffusers_generator_round_trip(tmp_path, pred):
 def test_edm_generator_round_trip_and_errors(tmp_path):
     import sida
     from sida.errors import CheckpointError, ConfigError
-    from sida.io.checkpoints import build_network
+    from sida.nets.build import build_network
     from sida.nets.sampler import one_step_generate
 
     net = build_network("EDMPrecond", dict(img_resolution=8, img_channels=1, label_dim=0, model_type="SongUNet",

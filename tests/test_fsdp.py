@@ -31,7 +31,7 @@ BATCH, STEPS, HASH = 8, 3, "cfg-a"
 
 def _nets(seed: int = 0):
     """A Nets of separate modules: G a little off the teacher, fake = teacher, G_ema = G."""
-    from sida.io.factory import network_from_config
+    from sida.nets.build import network_from_config
     from sida.run.config import validate
     from sida.train.nets import Nets
 

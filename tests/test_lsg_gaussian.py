@@ -20,7 +20,7 @@ import torch
 from sida.errors import ConfigError
 from sida.nets.guidance import guided
 from sida.run import dist
-from sida.train.distill import DistillLoop
+from sida.train.loop import DistillLoop
 from sida.train.nets import Nets
 
 S = 0.5

@@ -18,13 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import tiny_config  # noqa: E402
 
 from sida.errors import ConfigError
-from sida.io.factory import network_from_config
+from sida.nets.build import network_from_config
 from sida.nets.blocks import UNetBlock
 from sida.nets.layers import Conv2d
 from sida.nets.precond import EDMPrecond
 from sida.run import dist
 from sida.run.config import load_config, run_config, validate
-from sida.train.distill import DistillLoop
+from sida.train.loop import DistillLoop
 from sida.train.nets import init_nets
 from sida.train.updates import sync_gradients
 
@@ -140,9 +140,9 @@ def test_generator_trains_in_train_mode_and_fake_score_in_its_own_step():
 def test_adam_betas_and_eps(precision, eps):
     loop = _loop(_cfg(beta1_g=0.9, precision=precision))
     assert loop.opt_g.param_groups[0]["betas"] == (0.9, 0.999)
-    assert loop.opt_f.param_groups[0]["betas"] == (0.0, 0.999)
-    assert loop.opt_g.param_groups[0]["eps"] == eps == loop.opt_f.param_groups[0]["eps"]
-    assert loop.opt_g.defaults["fused"] and loop.opt_f.defaults["fused"]  # the faster step (bench.step)
+    assert loop.opt_critic.param_groups[0]["betas"] == (0.0, 0.999)
+    assert loop.opt_g.param_groups[0]["eps"] == eps == loop.opt_critic.param_groups[0]["eps"]
+    assert loop.opt_g.defaults["fused"] and loop.opt_critic.defaults["fused"]  # the faster step (bench.step)
     # an explicit eps is kept
     assert _loop(_cfg(precision=precision, adam_eps=3e-7)).opt_g.param_groups[0]["eps"] == 3e-7
 
@@ -152,12 +152,12 @@ def test_adam_betas_and_eps(precision, eps):
 def _applied_fake_grad_peak(loop) -> list[float]:
     """The largest fake-score gradient entry each optimiser step applies (the loop frees the
     gradients right after the step, so they are read as the step sees them)."""
-    peaks, step = [], loop.opt_f.step
+    peaks, step = [], loop.opt_critic.step
 
     def wrapped(*a, **k):
-        peaks.append(max(p.grad.abs().max().item() for p in loop.f_params if p.grad is not None))
+        peaks.append(max(p.grad.abs().max().item() for p in loop.critic_params if p.grad is not None))
         return step(*a, **k)
-    loop.opt_f.step = wrapped
+    loop.opt_critic.step = wrapped
     return peaks
 
 
@@ -231,12 +231,12 @@ def test_augmentation_is_drawn_from_the_loops_streams():
     a.step()
     torch.manual_seed(456)
     b.step()
-    for pa, pb in zip(a.f_params, b.f_params):
+    for pa, pb in zip(a.critic_params, b.critic_params):
         assert torch.equal(pa, pb)
     # and augmentation changes the update (the test can fail)
     c = _loop(_cfg(augment_dim=9), teacher=teacher)
     c.step()
-    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.f_params, c.f_params))
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.critic_params, c.critic_params))
 
 
 def test_augment_needs_augment_labels_in_the_network():
@@ -263,6 +263,25 @@ def test_nan_sample_is_dropped_in_the_generator_step():
     assert all(torch.isfinite(p).all() for p in loop.g_params)
     stats = loop.critic_update()
     assert stats["dropped_fake"].item() == 0 and stats["nonfinite_fake"].item() == 0
+
+
+def test_stats_are_divided_by_the_process_batch_once_and_counts_are_not():
+    from sida.train.methods.base import disc_accuracy
+
+    loop = _loop(_cfg(batch_per_proc=B // 2), run="sid")  # two accumulation rounds of B / 2
+    w = loop.critic_params[0]
+
+    def objective(slot, r):  # slot r reports the sums 6 + r (a loss) and 1 + r (a count)
+        return (w * 0).sum(), {"loss_fake": torch.tensor(6.0 + r), "dropped_fake": torch.tensor(1 + r)}
+
+    loop.method.critic_loss = objective
+    stats = loop.critic_update()
+    assert loop.rounds == 2 and stats["loss_fake"].item() == pytest.approx(13 / B)
+    assert stats["dropped_fake"].item() == 3 and stats["nonfinite_fake"].item() == 0
+    # accuracy as a sum over samples of each one's share of correct logits (here 3/4 and 0)
+    real = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0, -1.0]).reshape(2, 1, 2, 2)
+    acc = disc_accuracy(real, torch.full_like(real, -1.0))
+    assert acc["d_acc_real"].item() == pytest.approx(0.75) and acc["d_acc_fake"].item() == 2.0
 
 
 def test_sync_gradients_is_nan_to_num_and_counts():

@@ -201,11 +201,11 @@ def test_file_size_limit_while_checkpointing_any_user(setup, tmp_path):
 def test_output_directory_vanishing_mid_run(setup, tmp_path, monkeypatch, stage_here):
     """The whole --out removed after the first tick: the next write says so (in process, placed
     deterministically with the loop's tick hook)."""
-    import sida.train.loop as loop_mod
+    import sida.train.driver as driver_mod
     from stages.teacher import main
 
     out = tmp_path / "teacher"
-    monkeypatch.setattr(loop_mod, "kill_point", lambda name: shutil.rmtree(out) if name == "tick" and out.exists() else None)
+    monkeypatch.setattr(driver_mod, "kill_point", lambda name: shutil.rmtree(out) if name == "tick" and out.exists() else None)
     code, err = stage_here(main, ["--config", str(setup["config"]), "--set", "teacher.tick_kimg=0.016", "--set",
                                   "teacher.snapshot_kimg=0.128", "--out", str(out)])
     assert code == 1
@@ -214,7 +214,7 @@ def test_output_directory_vanishing_mid_run(setup, tmp_path, monkeypatch, stage_
 
 
 def test_dataset_file_vanishing_mid_run(setup, tmp_path, monkeypatch, stage_here):
-    import sida.train.loop as loop_mod
+    import sida.train.driver as driver_mod
     from PIL import Image
     from stages.teacher import main
 
@@ -223,7 +223,7 @@ def test_dataset_file_vanishing_mid_run(setup, tmp_path, monkeypatch, stage_here
     rng = np.random.default_rng(0)
     for i in range(4):
         Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(data / f"{i}.png")
-    monkeypatch.setattr(loop_mod, "kill_point",
+    monkeypatch.setattr(driver_mod, "kill_point",
                         lambda name: [p.unlink() for p in data.glob("*.png")] if name == "tick" else None)
     code, err = stage_here(main, ["--config", str(setup["config"]), "--set", "data.kind=folder", "--set",
                                   f"data.path={data}", "--set", "data.label_dim=0", "--set", "teacher.tick_kimg=0.016",
@@ -612,7 +612,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(setup, tmp_
     """G's weights turn NaN right after the warm-up's checkpoint (placed with the loop's hook): the
     run stops at the next check with one line naming the tensor; the warm-up checkpoint stays,
     finite; no network or final state is written."""
-    import sida.train.loop as loop_mod
+    import sida.train.driver as driver_mod
     import stages.distill as stage
     from sida.io import checkpoints
 
@@ -624,7 +624,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(setup, tmp_
         if name == "checkpointed":
             with torch.no_grad():
                 next(made["nets"].G.parameters()).fill_(float("nan"))
-    monkeypatch.setattr(loop_mod, "kill_point", poison)
+    monkeypatch.setattr(driver_mod, "kill_point", poison)
     out = tmp_path / "out"
     code, err = stage_here(stage.main, ["--config", str(setup["config"]), "--run", "mixed", "--teacher",
                                         str(setup["teacher"]), "--out", str(out)])
@@ -701,7 +701,7 @@ class _FakeLoop:
 def _drive(tmp_path: Path, loop: _FakeLoop, budget: int | None, iters: int = 8) -> Path:
     """Ticks of 2 updates, a checkpoint every 2 ticks."""
     from sida.run.dist import DistInfo, init
-    from sida.train.loop import Checkpointer, run
+    from sida.train.driver import Checkpointer, run
 
     init("cpu", 1)
     ckpt = Checkpointer(tmp_path / "work", DistInfo(0, 1, 0, torch.device("cpu")), "h", "fake")

@@ -1,4 +1,4 @@
-"""SiD in the analytic Gaussian case, through the real `sida.train.distill.DistillLoop`.
+"""SiD in the analytic Gaussian case, through the real `sida.train.loop.DistillLoop`.
 
 Data N(mu, s^2 I) on 1x4x4 "images". The teacher is the exact EDM denoiser of that
 distribution, D(x, sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu). The generator is a learnable
@@ -19,7 +19,7 @@ import torch
 
 import sida.train.losses as losses_mod
 from sida.run import dist
-from sida.train.distill import DistillLoop
+from sida.train.loop import DistillLoop
 from sida.train.nets import Nets
 
 S = 0.5  # data std

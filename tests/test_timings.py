@@ -1,4 +1,4 @@
-"""A training stage's time accounting (sida.train.loop.Timings, run): the logged img/s is the
+"""A training stage's time accounting (sida.train.driver.Timings, run): the logged img/s is the
 iteration rate, and evaluations, snapshots and checkpoints are timed apart. A fake clock makes
 every duration exact, so nothing here depends on the machine's speed."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sida.run.dist import DistInfo
-from sida.train import loop as loop_mod
-from sida.train.loop import Timings, run
+from sida.train import driver as driver_mod
+from sida.train.driver import Timings, run
 
 
 class Clock:
@@ -47,7 +47,7 @@ class FakeCheckpointer:
 
 def test_logged_rate_is_the_iteration_rate_and_the_rest_is_accounted(monkeypatch):
     clock = Clock()
-    monkeypatch.setattr(loop_mod.time, "perf_counter", clock)
+    monkeypatch.setattr(driver_mod.time, "perf_counter", clock)
     timings = Timings()
     clock.now += 3.0  # set-up before the loop
     lp, ck = FakeLoop(clock, step_s=0.5), FakeCheckpointer(clock)

@@ -19,30 +19,13 @@ from typing import Any
 import torch
 
 from .atomic import atomic_save_torch
+from ..nets.build import build_network
 from ..errors import (CheckpointError, FileSystemError, NonFiniteError, brief_reason, describe_os_error,
                       is_os_failure, require_file)
 
 NETWORK_FORMAT = "sida-network"
 STATE_FORMAT = "sida-state"
 VERSION = 1
-
-
-def _precond_classes() -> dict:
-    from ..nets.diffusers_sdxl import DiffusersSDXLPrecond  # late: keeps `import sida.io.checkpoints` light
-    from ..nets.diffusers_text import DiffusersTextPrecond
-    from ..nets.diffusers_vp import DiffusersVPPrecond
-    from ..nets.precond import PRECOND_CLASSES
-
-    return {**PRECOND_CLASSES, "DiffusersVPPrecond": DiffusersVPPrecond, "DiffusersTextPrecond": DiffusersTextPrecond,
-            "DiffusersSDXLPrecond": DiffusersSDXLPrecond}
-
-
-def build_network(class_name: str, kwargs: dict) -> torch.nn.Module:
-    """Construct one of our network classes by name from its constructor kwargs."""
-    classes = _precond_classes()
-    if class_name not in classes:
-        raise CheckpointError(f"unknown network class '{class_name}' (known: {', '.join(classes)})")
-    return classes[class_name](**kwargs)
 
 
 def nonfinite_tensors(state_dict: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
@@ -143,12 +126,6 @@ def load_network(path: str | Path, device: str | torch.device = "cpu") -> torch.
     net = network_from_record(rec, f"network file {path}").to(device).eval().requires_grad_(False)
     net.sida_meta = json.loads(rec.get("meta") or "{}")
     return net
-
-
-def network_meta(path: str | Path) -> dict:
-    """The metadata stored with a network file."""
-    rec = _torch_load(Path(path), "network file")
-    return json.loads(rec.get("meta") or "{}")
 
 
 def save_state(path: str | Path, state: dict) -> None:

@@ -149,7 +149,8 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Any:
     from safetensors.torch import load_file
 
     from ..errors import CheckpointError
-    from .checkpoints import build_network, check_finite
+    from .checkpoints import check_finite
+    from ..nets.build import build_network
 
     path = Path(path)
     folder = path.parent if path.is_file() else path

@@ -85,7 +85,7 @@ class _Precond(torch.nn.Module):
         return x, sigma, class_labels, self.unet_dtype(x.device, force_fp32)
 
     # Runtime choice of the UNet's dtype, not part of init_kwargs: a training loop sets it to
-    # run EDM's fp16 path on any device (sida.train.distill.apply_precision).
+    # run EDM's fp16 path on any device (sida.train.nets.apply_precision).
     compute_dtype: Optional[torch.dtype] = None
 
     def unet_dtype(self, device: torch.device, force_fp32: bool = False) -> torch.dtype:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import yaml
 from jsonschema import Draft202012Validator, validators
@@ -327,18 +327,29 @@ def rule_procs(cfg: dict, rule: str) -> int:
 def run_config(cfg: dict, run: str) -> dict:
     """The distillation settings of one run: `distill` with every setting the run sets itself
     (`distill.runs.<run>.<key>`, any key of `distill` but `runs`) replacing the section's value,
-    plus the run's own keys. `adam_eps: null` resolves to the official rule (1e-6 with fp16,
-    else 1e-8)."""
+    plus the run's own keys, and the values they imply (`resolve_run`)."""
     runs = cfg["distill"]["runs"]
     if run not in runs:
         raise ConfigError(f"unknown run '{run}': the config defines {', '.join(runs) or 'no runs'}")
     merged = {k: v for k, v in cfg["distill"].items() if k != "runs"}
     merged.update(copy.deepcopy(runs[run]))  # a key present in the run wins, even an explicit null
-    if merged.get("adam_eps") is None:
-        merged["adam_eps"] = 1e-6 if merged.get("precision") == "fp16" else 1e-8
-    merged["gen_sigmas"] = generation_sigmas(merged)
-    merged["sigma_init"] = merged["gen_sigmas"][0]
-    return merged
+    return resolve_run(merged)
+
+
+def resolve_run(rc: dict, teacher: Any = None) -> dict:
+    """A copy of run settings `rc` with the values they imply, computed here only: `adam_eps:
+    null` -> the official rule (1e-6 with fp16, else 1e-8); with the run's teacher, a diffusers
+    teacher's `init_timestep` k -> `sigma_init` = its sigma_k (SiD-LSG's 625); then the generation
+    sigmas (`gen_sigmas`, `generation_sigmas`) and `sigma_init`, their first. Without a teacher
+    (config resolution) an `init_timestep`'s sigma is left to the loop, which has one."""
+    rc = dict(rc)
+    if rc.get("adam_eps") is None:
+        rc["adam_eps"] = 1e-6 if rc.get("precision") == "fp16" else 1e-8
+    if teacher is not None and rc.get("init_timestep") is not None:
+        rc["sigma_init"] = float(teacher.sigma_at(int(rc["init_timestep"])))
+    rc["gen_sigmas"] = generation_sigmas(rc)
+    rc["sigma_init"] = rc["gen_sigmas"][0]
+    return rc
 
 
 def generation_sigmas(rc: dict) -> list[float]:

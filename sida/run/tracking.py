@@ -64,17 +64,6 @@ class Tracker:
             values = {k: v for k, v in values.items() if isinstance(v, (int, float, bool))}
             self._wandb_call(lambda: self.wandb_run.log({**values, "kimg": float(step)}))
 
-    def log_image(self, key: str, path: str | Path, step: float) -> None:
-        """Record an image file: its path in the JSONL, the picture itself in W&B."""
-        if not self.enabled:
-            return
-        self._append({key: str(path)}, step)
-        if self.wandb_run is not None:
-            def call() -> None:
-                import wandb
-                self.wandb_run.log({key: wandb.Image(str(path)), "kimg": float(step)})
-            self._wandb_call(call)
-
     def summary(self, values: dict[str, Any]) -> None:
         """Final metrics of the run (JSONL: a ``final/<key>`` record; W&B: the run summary)."""
         if not self.enabled:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..io.data import ImageDataset
-from ..io.factory import autocast
+from ..nets.build import autocast
 from ..nets.sampler import sample_karras_grid_sigma
 from .augment import AugmentPipe
 
@@ -150,7 +150,7 @@ class Draws:
 
     def autocast(self) -> AbstractContextManager:
         """torch.autocast for `precision: bf16`; fp16 needs none (the networks run EDM's fp16 path
-        themselves, see `sida.train.distill.apply_precision`) and fp32 none either."""
+        themselves, see `sida.train.nets.apply_precision`) and fp32 none either."""
         return autocast(self.device, "bf16" if self.precision == "bf16" else "fp32")
 
     def augment(self, images: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:

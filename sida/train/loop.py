@@ -1,367 +1,245 @@
-"""The driver shared by the teacher and the distillation loops: `run` takes a loop from its image
-count to the end, with progress ticks, snapshots, checkpoint/resume (`Checkpointer`, which keeps
-every rank's RNG states, `sida.train.draws`), non-finite guards and time accounting.
+"""The distillation loop: SiD, SiDA, SiD2A and the DMD / DMD2 and ADD baselines as one loop over
+phases that are data.
 
-The loops themselves (`sida.train.teacher`, `sida.train.distill`) say what one iteration does;
-the pieces of an update (gradient sync, optimisers, EMA) are in `sida.train.updates`.
+A run is a list of phases ({kind, kimg}) of one method (`sida.run.config.run_method`); the
+method's class (`sida.train.methods`: SiD, DMD, ADD) holds its critic and generator objectives,
+and `kind` says what an iteration trains:
+- warmup: only the critic learns (the fake score and / or the run's discriminator);
+- sid, sida: SiD's critic then generator; sida adds the SiDA adversarial term;
+- dmd, dmd2: DMD2's generator (on its turn) then critic; dmd2 adds the GAN term;
+- add: ADD's student (on its turn) then the heads.
+The loop owns what every method shares: accumulation over micro-batch slots (each with its own
+random streams, `sida.train.draws`), the optimiser (`optimizer` adam / adamw, betas, weight decay),
+a linear lr warm-up (`lr_warmup_kimg`), gradient sync and clipping (`fake_clip` by value for runs
+that train SiDA's discriminator, as the official SiDA loop does in every phase; `grad_clip` by
+norm), EDM2's forced weight norm after each step, the critic / generator ratio (`critic_ratio`:
+the generator updates every k-th iteration, each iteration counts `batch` images), the EMA (`ema:
+false` keeps G_ema equal to G), and the checkpoint state. What the official SiD loops do and
+this one does too: G and f_psi carry `dropout` and train in train mode (the teacher and G_ema
+never do); labels of class-conditional runs come from dataset samples; `precision: fp16` runs
+EDM's fp16 path in all networks (no gradient scaler; Adam eps 1e-6).
 """
 
 from __future__ import annotations
 
-import math
-import shutil
-import sys
-import time
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
-import torch.distributed as dist
 
-from ..io import checkpoints
-from ..run.dist import DistInfo, gather_objects
-from ..errors import CheckpointError, NonFiniteError
-from ..io.killpoint import kill_point
-from ..run import signals
-from .draws import capture_rng, restore_rng
-
-
-class Loop(Protocol):
-    """What `run` drives: one iteration, its state, and its outputs."""
-
-    nimg: int
-    batch: int
-    gens: dict[str, torch.Generator]
-
-    def step(self) -> dict[str, float]: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
-    def phase_name(self) -> str: ...
+from ..io.data import ImageDataset
+from ..run.config import discriminator_kind, distill_defaults, resolve_run, run_method
+from ..run.dist import DistInfo
+from ..errors import CheckpointError
+from ..nets.edm2 import force_weight_norm_
+from .augment import AugmentPipe
+from .draws import Draws, make_generators
+from .methods import method_class
+from .methods.base import Slot, Stats, freeze, is_count, unfreeze
+from .nets import Nets, prepare_networks
+from .run_checks import check_run
+from .updates import accumulation, ema_update, generator_turn, run_optimizers, set_lr, sync_gradients, warmup_lr
 
 
-def format_eta(seconds: float) -> str:
-    """'1h02m', '3m20s', '12s'."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    s = int(seconds)
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
+@dataclass(frozen=True)
+class Phase:
+    """A phase of a run: its kind and the image count (within the run) where it ends."""
+
+    kind: str
+    end_nimg: int
 
 
-class Stateful(Protocol):
-    """Anything whose state belongs in the resume checkpoint beside the loop's."""
+def build_phases(phases: list[dict]) -> list[Phase]:
+    """Cumulative phase boundaries from the config's [{kind, kimg}, ...]."""
+    out, end = [], 0
+    for p in phases:
+        end += int(round(p["kimg"] * 1000))
+        out.append(Phase(p["kind"], end))
+    return out
 
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
 
+class DistillLoop:
+    """One distillation iteration per `step`; state for checkpoints in `state_dict`.
 
-class Checkpointer:
-    """The resumable state of one stage in `<out>/work/state.pt` (atomic; rank 0 writes).
-
-    Holds whatever the loop's `state_dict` returns plus every rank's RNG states, the state of the
-    objects registered with `track` (e.g. the best-snapshot keeper), the loop driver's own
-    counters, and the config hash: resuming under a different config is refused rather than
-    silently mixed. Everything that steers what a run does next is in here, so a run killed at
-    any point resumes exactly where its last checkpoint stood.
+    `fused_optimizer`: torch's fused Adam / AdamW step (`make_optimizer`), the faster one
+    (docs/performance.md); False gives torch's default step, for `bench.step --compare-unfused`.
     """
 
-    def __init__(self, work_dir: Path, info: DistInfo, cfg_hash: str, stage: str) -> None:
-        self.work_dir = Path(work_dir)
-        self.path = self.work_dir / "state.pt"
-        self.info = info
-        self.cfg_hash = cfg_hash
-        self.stage = stage
-        self.tracked: dict[str, Stateful] = {}
-        self.driver: dict = {}  # `run`'s counters from the checkpoint resumed from
-        self.saved_nimg: int | None = None  # the image count of the checkpoint on disk
+    def __init__(self, rc: dict, nets: Nets, dataset: ImageDataset | None, info: DistInfo,
+                 gens: dict[str, torch.Generator] | None = None, sigma_data: float = 0.5,
+                 seed: int = 0, fused_optimizer: bool = True) -> None:
+        rc = {**distill_defaults(), **rc}  # a hand-made rc (tests, benchmarks) gets the schema's defaults
+        check_run(rc, nets, dataset)
+        self.rc = rc = resolve_run(rc, nets.teacher)
+        self.nets, self.dataset, self.info, self.device = nets, dataset, info, info.device
+        self.sigma_data, self.gen_sigmas, self.batch = sigma_data, rc["gen_sigmas"], rc["batch"]
+        self.phases = build_phases(rc["phases"])
+        self.total_nimg = self.phases[-1].end_nimg
+        # The method (sid, dmd, add) decides what an iteration does; the discriminator kind what
+        # the critic trains besides (or, for ADD, instead of) the fake score.
+        self.method_name = run_method(rc["phases"])
+        self.disc = discriminator_kind(rc["discriminator"])
+        # The official SiDA loop clips the fake score's gradients in every phase of a run that
+        # trains the discriminator (warm-up and SiD stretch included); the SiD loop never clips.
+        self.fake_clip = rc["fake_clip"] if self.disc == "sida" else None
+        self.force_wn = bool(rc["force_weight_norm"])
+        self.micro, self.rounds = accumulation(self.batch, rc["batch_per_proc"], info.world_size)
+        self.gens = gens if gens is not None else make_generators(seed, info.rank, info.device, self.rounds)
+        t = nets.teacher
+        self.img_shape, self.label_dim = (t.img_channels, t.img_resolution, t.img_resolution), t.label_dim
+        augment = AugmentPipe(rc["augment"]) if rc["augment"] > 0 else None
+        prepare_networks(nets, rc)
+        self.draws = Draws(self.gens, self.rounds, self.micro, self.device, dataset, self.img_shape, self.label_dim,
+                           hasattr(t, "uncond"), rc["precision"], augment)
+        cls = method_class(self.method_name)
+        self.method = cls(nets, self.draws, cls.Settings.from_run(rc), self.disc, sigma_data, self.gen_sigmas)
+        # The critic's extra network (DMD2's head, ADD's heads), unless the run starts from a state
+        # that holds one (`init_nets`). Weights from a private seed, so every process builds the
+        # same head and the global RNG does not move.
+        self.method.build_head(seed + 7, self.img_shape, self.label_dim, self.device)
+        self.features_sha256: str | None = None  # ADD's DINOv2 weights (set by the stage), checked on resume
+        # The critic: the fake score (SiD family, DMD) with DMD2's head, or ADD's heads alone.
+        self.g_params, self.critic_params = list(nets.G.parameters()), self.method.critic_params()
+        self.opt_g, self.opt_critic = run_optimizers(rc, self.g_params, self.critic_params, fused_optimizer)
+        self.nimg = 0
 
-    def track(self, name: str, obj: Stateful) -> None:
-        """Save `obj.state_dict()` with every checkpoint and restore it on resume (register
-        before `load_if_any`)."""
-        self.tracked[name] = obj
+    # -- schedule ---------------------------------------------------------------------------------
+    def phase(self) -> Phase:
+        for p in self.phases:
+            if self.nimg < p.end_nimg:
+                return p
+        return self.phases[-1]
 
-    def save(self, loop: Loop, driver: dict | None = None) -> None:
-        """Gather RNG states from all ranks; rank 0 writes the checkpoint."""
-        rngs = gather_objects(capture_rng(loop.gens))
-        if self.info.is_main:
-            state = loop.state_dict()
-            state["rng"] = rngs
-            state["tracked"] = {name: obj.state_dict() for name, obj in self.tracked.items()}
-            state["driver"] = driver or {}
-            state["meta"] = {"stage": self.stage, "config_hash": self.cfg_hash, "nimg": loop.nimg,
-                             "world_size": self.info.world_size, "phase": loop.phase_name()}
-            checkpoints.save_state(self.path, state)
-        self.saved_nimg = loop.nimg
+    def phase_name(self) -> str:
+        return self.phase().kind
 
-    def load_if_any(self, loop: Loop) -> bool:
-        """Resume from the checkpoint if one exists; False when starting fresh."""
-        if not self.path.exists():
-            return False
-        try:
-            state = checkpoints.load_state(self.path)
-        except CheckpointError as exc:  # say what this file is and how to get going again
-            raise CheckpointError(f"{exc}; it is this stage's resume checkpoint: delete {self.path} to "
-                                  f"start the stage over") from None
-        meta = state["meta"]
-        if meta.get("config_hash") != self.cfg_hash:
-            raise CheckpointError(f"checkpoint {self.path} was written with another config (hash "
-                                  f"{meta.get('config_hash')} vs {self.cfg_hash}): restore that config, "
-                                  f"or delete {self.work_dir} to start this stage over")
-        if meta.get("world_size") != self.info.world_size:
-            raise CheckpointError(f"checkpoint {self.path} was written by {meta.get('world_size')} processes, "
-                                  f"this run has {self.info.world_size}: resume with the same process count")
-        loop.load_state_dict(state)
-        restore_rng(loop.gens, state["rng"][self.info.rank])
-        tracked = state.get("tracked", {})
-        for name, obj in self.tracked.items():
-            if name in tracked:
-                obj.load_state_dict(tracked[name])
-        self.driver = state.get("driver", {})
-        self.saved_nimg = loop.nimg
-        return True
+    def generator_turn(self) -> bool:
+        """Whether this iteration updates the generator (every `critic_ratio`-th; a function of
+        the image count, so a resumed run keeps the turn)."""
+        return generator_turn(self.nimg, self.batch, self.rc["critic_ratio"])
 
-    def where(self) -> str:
-        """Which checkpoint a stopped run keeps, for error messages."""
-        if self.saved_nimg is None:
-            return "no checkpoint had been written yet"
-        return f"the last good checkpoint {self.path} ({self.saved_nimg / 1000:.3f} kimg) is kept"
+    def _set_lrs(self) -> None:
+        """`lr_warmup_kimg`: both learning rates ramp linearly with the run's images."""
+        w = self.rc["lr_warmup_kimg"]
+        if w > 0:
+            set_lr(self.opt_g, warmup_lr(self.rc["lr_g"], self.nimg, w))
+            if self.opt_critic is not None:
+                set_lr(self.opt_critic, warmup_lr(self.rc["lr_fake"], self.nimg, w))
 
-    def clear(self) -> None:
-        """Remove the work dir once the stage's outputs are written: a forced rerun starts fresh."""
-        if self.info.is_main:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
+    # -- one iteration ----------------------------------------------------------------------------
+    def step(self) -> Stats:
+        """The critic's update and, on the generator's turn outside warm-up, the generator's and
+        the EMA, in the method's order, on the slots' shared draws."""
+        kind = self.phase().kind
+        self._set_lrs()
+        slots = [self.method.slot(r) for r in range(self.rounds)]
+        stats: Stats = {}
+        if not self.method.generator_first:
+            stats.update(self.critic_update(slots))
+        if kind != "warmup" and self.generator_turn():
+            stats.update(self.generator_update(kind, slots))
+            self.update_ema()
+        if self.method.generator_first:
+            stats.update(self.critic_update(slots))
+        return stats
 
+    def critic_update(self, slots: list[Slot] | None = None) -> Stats:
+        """The critic's (fake score's and / or discriminator's) update on the generator's detached
+        samples; the critic's networks train in train mode, the generator in eval mode. A run
+        without a critic (ADD with `discriminator: none`) has nothing to update."""
+        if self.opt_critic is None:
+            return {}
+        critic = self.method.critic_nets()
+        unfreeze(*critic)
+        self.nets.G.eval()
+        stats = self._accumulate(self.method.critic_loss, slots, self.opt_critic)
+        stats["nonfinite_fake"] = self.update(self.opt_critic, self.critic_params, critic, self.fake_clip)
+        freeze(*critic)
+        return stats
 
-class TickStats:
-    """What one progress tick accumulates: per-stat sums (device tensors: no host sync per
-    iteration), the update count, and how many updates had non-finite gradients (a stat whose
-    name starts with ``nonfinite`` counts the non-finite gradient entries of an update)."""
+    def generator_update(self, kind: str, slots: list[Slot] | None = None) -> Stats:
+        """The generator's update through the frozen teacher and critic."""
+        unfreeze(self.nets.G)
+        freeze(*self.method.critic_nets())
+        stats = self._accumulate(lambda slot, r: self.method.generator_loss(kind, slot, r), slots, self.opt_g)
+        stats["nonfinite_g"] = self.update(self.opt_g, self.g_params, [self.nets.G])
+        freeze(self.nets.G)
+        return stats
 
-    def __init__(self, start: int) -> None:
-        self.start = start
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.iters = 0
-        self.skipped = torch.zeros((), dtype=torch.int64)
+    def _accumulate(self, objective: Callable[[Slot, int], tuple[torch.Tensor, Stats]], slots: list[Slot] | None,
+                    opt: torch.optim.Optimizer) -> Stats:
+        """Backward of `objective(slot, r)` for every slot (the gradient of the process's batch,
+        each loss already divided by it); returns the slots' stats as per-sample means over the
+        process's batch: the sums added and divided by it once (counts summed only; `Stats`)."""
+        opt.zero_grad(set_to_none=True)
+        if slots is None:
+            slots = [self.method.slot(r) for r in range(self.rounds)]
+        zero = torch.zeros((), device=self.device)
+        sums: Stats = {}
+        for r, slot in enumerate(slots):
+            loss, part = objective(slot, r)
+            loss.backward()
+            for k, v in part.items():
+                sums[k] = sums.get(k, zero) + v.detach()
+        return {k: v if is_count(k) else v / self.draws.total for k, v in sums.items()}
 
-    def add(self, stats: dict) -> None:
-        bad = None
-        for k, v in stats.items():
-            v = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-            self.counts[k] = self.counts.get(k, 0) + 1
-            if k.startswith("nonfinite"):
-                bad = (v > 0) if bad is None else bad | (v > 0)
-        self.iters += 1
-        if bad is not None:
-            self.skipped = self.skipped + bad
+    def update(self, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], nets: list[torch.nn.Module],
+               value_clip: float | None = None) -> torch.Tensor:
+        """One optimiser step on accumulated gradients: average over processes (non-finite entries
+        counted and replaced), clip by value (`fake_clip`) then by norm (`grad_clip`), step, and
+        the networks' post-step (EDM2's forced weight norm). Returns the non-finite count."""
+        bad = sync_gradients(params, self.info.group)
+        if value_clip is not None:
+            torch.nn.utils.clip_grad_value_(params, value_clip)
+        if self.rc["grad_clip"] is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.rc["grad_clip"])
+        opt.step()
+        for net in nets:
+            self._post_step(net)
+        opt.zero_grad(set_to_none=True)  # freed at once: the next pass builds its graph without them
+        return bad
 
-    def means(self) -> dict[str, float]:
-        return {k: float(self.sums[k]) / self.counts[k] for k in self.sums}
+    def update_ema(self) -> None:
+        """After a generator update: EMA of G, or, with `ema: false`, G_ema is a copy of G (so the
+        raw generator is what is saved and evaluated, as DMD2 does)."""
+        if self.rc["ema"]:
+            ema_update(self.nets.G_ema, self.nets.G, self.nimg + self.batch, self.batch,
+                       self.rc["ema_halflife_kimg"], self.rc["ema_rampup_ratio"])
+        else:
+            with torch.no_grad():
+                for dst, src in zip(self.nets.G_ema.state_dict().values(), self.nets.G.state_dict().values()):
+                    dst.copy_(src)
 
+    def _post_step(self, net: torch.nn.Module) -> None:
+        """After an optimiser step: forced weight normalisation of EDM2 layers (a no-op elsewhere)."""
+        if self.force_wn:
+            force_weight_norm_(net)
+
+    # -- checkpoint state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"start": self.start, "sums": {k: v.cpu() for k, v in self.sums.items()},
-                "counts": dict(self.counts), "iters": self.iters, "skipped": self.skipped.cpu()}
+        n = self.nets
+        state = {"G": n.G.state_dict(), "G_ema": n.G_ema.state_dict(), "fake": n.fake.state_dict(),
+                 "opt_g": self.opt_g.state_dict(), "nimg": self.nimg}
+        if self.opt_critic is not None:
+            state["opt_f"] = self.opt_critic.state_dict()
+        if n.head is not None:
+            state["head"] = n.head.state_dict()
+        if self.features_sha256 is not None:
+            state["features_sha256"] = self.features_sha256
+        return state
 
-    @classmethod
-    def from_state(cls, state: dict | None, start: int) -> "TickStats":
-        """The tick a checkpoint was written in (or a fresh one at `start`)."""
-        tick = cls(start)
-        if state:
-            tick.start, tick.iters = int(state["start"]), int(state["iters"])
-            tick.sums, tick.counts = dict(state["sums"]), dict(state["counts"])
-            tick.skipped = state["skipped"]
-        return tick
-
-
-class NonFiniteGuard:
-    """Stops a run before a non-finite result can be written.
-
-    After every update the largest |value| of every watched parameter is folded into one
-    device flag (NaN/inf propagate through it; no host sync); the flag is read at tick ends and
-    before each checkpoint, so no checkpoint or output ever holds NaN/inf weights. A tick in
-    which more than `budget` updates had non-finite gradients also stops the run (`budget`
-    None: all of them, i.e. a whole tick of skipped updates).
-    """
-
-    def __init__(self, nets: dict[str, torch.nn.Module], budget: int | None, label: str = "") -> None:
-        self.nets = nets
-        self.params = [p for net in nets.values() for p in net.parameters()]
-        self.budget = budget
-        self.label = label
-        self.flag: torch.Tensor | None = None
-
-    @torch.no_grad()
-    def after_update(self) -> None:
-        if self.params:
-            peak = torch.nn.utils.get_total_norm(self.params, float("inf"))
-            self.flag = peak if self.flag is None else torch.maximum(self.flag, peak)
-
-    def check_params(self, nimg: int, checkpointer: Checkpointer) -> None:
-        """Raise `NonFiniteError` naming the first non-finite tensor, if any update made one."""
-        flag, self.flag = self.flag, None
-        if flag is None or bool(torch.isfinite(flag)):
-            return
-        for net_name, net in self.nets.items():
-            bad = checkpoints.nonfinite_tensors({k: v.detach() for k, v in net.state_dict().items()})
-            if bad:
-                name, count = bad[0]
-                raise NonFiniteError(
-                    f"{self.label}training diverged: {net_name}.{name} holds {count} NaN/inf value(s) after the "
-                    f"updates up to {nimg / 1000:.3f} kimg; {checkpointer.where()} and no network was written: "
-                    f"lower the learning rate or check the inputs, then delete {checkpointer.work_dir} and rerun")
-
-    def end_tick(self, tick: TickStats, nimg: int, checkpointer: Checkpointer) -> None:
-        """The checks of a tick's end: parameters, then the skipped-update budget."""
-        self.check_params(nimg, checkpointer)
-        skipped = int(tick.skipped)
-        allowed = tick.iters - 1 if self.budget is None else self.budget
-        if skipped > allowed:
-            what = "all" if skipped == tick.iters else f"{skipped} of the"
-            raise NonFiniteError(
-                f"{self.label}{what} {tick.iters} updates of the tick ending at {nimg / 1000:.3f} kimg had NaN/inf "
-                f"gradients (nonfinite_budget: {'a whole tick' if self.budget is None else self.budget}); "
-                f"{checkpointer.where()} and no network was written: check the teacher, the data and the "
-                f"learning rates (or raise nonfinite_budget), then delete {checkpointer.work_dir} and rerun")
-
-
-class Timings:
-    """Wall seconds of a training stage by kind of work, for its log: `iterations` (the loop's
-    own steps), `evaluation` (declared evaluations, e.g. the in-training FD), `snapshot` (sample
-    grids), `checkpoint` (state writes), `logging` (progress lines, tracker), `setup` (from the
-    moment the object is made, which a stage does first thing, to the first iteration: reading
-    inputs, building networks, resuming). `with timings("evaluation"): ...` adds to one.
-    """
-
-    KINDS = ("iterations", "evaluation", "snapshot", "checkpoint", "logging", "setup")
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.seconds = {k: 0.0 for k in self.KINDS}
-        self.images = 0
-
-    @contextmanager
-    def __call__(self, kind: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[kind] += time.perf_counter() - t0
-
-    def end_setup(self) -> None:
-        """Mark the first iteration's start: the time so far not booked elsewhere is set-up."""
-        if self.seconds["setup"] == 0.0:
-            self.seconds["setup"] = time.perf_counter() - self.start - sum(self.seconds.values())
-
-    def report(self) -> dict[str, float]:
-        """Totals so far: seconds per kind, wall, `other` (the rest: what follows the loop),
-        the iteration rate, and `iteration_share`: iterations / (wall - evaluation - checkpoint)."""
-        wall = time.perf_counter() - self.start
-        out = {f"{k}_s": round(v, 3) for k, v in self.seconds.items()}
-        out["wall_s"] = round(wall, 3)
-        out["other_s"] = round(wall - sum(self.seconds.values()), 3)
-        it = self.seconds["iterations"]
-        out["images_per_sec"] = self.images / it if it > 0 else 0.0
-        busy = wall - self.seconds["evaluation"] - self.seconds["checkpoint"]
-        out["iteration_share"] = it / busy if busy > 0 else 0.0
-        return out
-
-    def line(self) -> str:
-        r = self.report()
-        parts = [f"{k} {r[k + '_s']:.1f}s" for k in self.KINDS]
-        return (f"wall {r['wall_s']:.1f}s: " + ", ".join(parts) + f", other {r['other_s']:.1f}s; "
-                f"{r['images_per_sec']:.1f} img/s over the iterations, which take "
-                f"{100 * r['iteration_share']:.1f}% of the wall time outside evaluations and checkpoints")
-
-
-def run(loop: Loop, total_nimg: int, tick_kimg: float, snapshot_kimg: float,
-        checkpointer: Checkpointer, info: DistInfo,
-        on_tick: Callable[[dict[str, float]], None] | None = None,
-        on_snapshot: Callable[[], None] | None = None, label: str = "",
-        watch: dict[str, torch.nn.Module] | None = None, nonfinite_budget: int | None = None,
-        timings: Timings | None = None) -> Timings:
-    """Drive `loop` from its current `nimg` to `total_nimg` images: ticks (progress + `on_tick`),
-    snapshots and checkpoints. Call `checkpointer.load_if_any` first to resume.
-
-    Losses are averaged over the iterations of a tick on the host only at tick boundaries, so
-    the hot loop has no device-to-host synchronisation. The networks in `watch` must stay finite
-    and at most `nonfinite_budget` updates per tick may have non-finite gradients (see
-    `NonFiniteGuard`); otherwise the run stops with `NonFiniteError`, keeping its last checkpoint.
-    The tick's accumulators go into every checkpoint, so a resumed run ticks (and evaluates, in
-    `on_tick`) at the same image counts, with the same numbers, as an uninterrupted one.
-    The logged `images_per_sec` is the iteration rate: a tick's images over the time its
-    iterations took; snapshots, checkpoint writes and the tick callback (where stages evaluate)
-    are timed apart in `timings`, which is returned.
-    """
-    timings = timings if timings is not None else Timings()
-    timings.end_setup()
-    tick_nimg = int(tick_kimg * 1000)
-    snap_nimg = int(snapshot_kimg * 1000)
-    guard = NonFiniteGuard(watch or {}, nonfinite_budget, label)
-    start_nimg = loop.nimg
-    start_iter_s = tick_iter_s = timings.seconds["iterations"]
-    # A checkpoint taken on a signal lies between snapshots: the schedule comes back with it.
-    last_snapshot = int(checkpointer.driver.get("last_snapshot", loop.nimg))
-    tick = TickStats.from_state(checkpointer.driver.get("tick"), loop.nimg)
-    while loop.nimg < total_nimg:
-        t_iter = time.perf_counter()
-        phase = loop.phase_name()  # before the step: the counter moves on during it
-        stats = loop.step()
-        loop.nimg += loop.batch
-        guard.after_update()
-        tick.add(stats)
-        done = loop.nimg >= total_nimg
-        tick_due = loop.nimg - tick.start >= tick_nimg or done
-        if tick_due:  # reading the sums waits for the device: part of the iterations' time
-            row = tick.means()
-        timings.seconds["iterations"] += time.perf_counter() - t_iter
-        timings.images += loop.batch
-        if tick_due:
-            with timings("logging"):
-                it_s = timings.seconds["iterations"]
-                row["images_per_sec"] = (loop.nimg - max(tick.start, start_nimg)) / max(it_s - tick_iter_s, 1e-9)
-                rate = (loop.nimg - start_nimg) / max(it_s - start_iter_s, 1e-9)
-                row["phase"] = phase
-                if info.is_main:
-                    parts = [f"{label}kimg {loop.nimg / 1000:8.2f}/{total_nimg / 1000:.1f}",
-                             f"phase {row['phase']:<6}", f"img/s {row['images_per_sec']:7.1f}"]
-                    parts += [f"{k} {v:9.4g}" for k, v in row.items() if k not in ("images_per_sec", "phase")]
-                    parts.append(f"eta {format_eta((total_nimg - loop.nimg) / max(rate, 1e-9))}")
-                    print("  ".join(parts), file=sys.stderr, flush=True)
-            guard.end_tick(tick, loop.nimg, checkpointer)
-            if on_tick is not None:
-                on_tick(row)
-            tick, tick_iter_s = TickStats(loop.nimg), timings.seconds["iterations"]
-            kill_point("tick")
-        if (loop.nimg - last_snapshot >= snap_nimg) and not done:
-            guard.check_params(loop.nimg, checkpointer)
-            if on_snapshot is not None:
-                with timings("snapshot"):
-                    on_snapshot()
-            with timings("checkpoint"):
-                checkpointer.save(loop, driver={"tick": tick.state_dict(), "last_snapshot": loop.nimg})
-            last_snapshot = loop.nimg
-            kill_point("checkpointed")
-        kill_point("iteration")
-        if not done and signals.stop_agreed(info.group):
-            _stop_on_signal(loop, checkpointer, info, guard, timings,
-                            {"tick": tick.state_dict(), "last_snapshot": last_snapshot}, label)
-    return timings
-
-
-def _stop_on_signal(loop: Loop, checkpointer: Checkpointer, info: DistInfo, guard: NonFiniteGuard,
-                    timings: Timings, driver: dict, label: str) -> None:
-    """Write the resume checkpoint of this iteration boundary (unless the snapshot just did),
-    wait until it is on disk on every rank, and raise `signals.Preempted`."""
-    if checkpointer.saved_nimg != loop.nimg:
-        guard.check_params(loop.nimg, checkpointer)
-        with timings("checkpoint"):
-            checkpointer.save(loop, driver=driver)
-    dist.barrier(group=info.group)  # no rank exits (and gets its peers stopped) before the write is done
-    name = signals.requested() or "a signal to another process"
-    raise signals.Preempted(f"{label}stopped by {name} at {loop.nimg / 1000:.3f} kimg: checkpoint {checkpointer.path} "
-                            f"written; rerun the same command to resume")
+    def load_state_dict(self, state: dict) -> None:
+        n = self.nets
+        if state.get("features_sha256") != self.features_sha256:
+            raise CheckpointError(f"the checkpoint was written with ADD features of sha256 {state.get('features_sha256')}, "
+                                  f"this run's are {self.features_sha256}: restore those weights, or delete the "
+                                  f"stage's work dir to start over")
+        n.G.load_state_dict(state["G"])
+        n.G_ema.load_state_dict(state["G_ema"])
+        n.fake.load_state_dict(state["fake"])
+        if n.head is not None:
+            n.head.load_state_dict(state["head"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        if self.opt_critic is not None:
+            self.opt_critic.load_state_dict(state["opt_f"])
+        self.nimg = int(state["nimg"])

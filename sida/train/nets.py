@@ -56,7 +56,7 @@ def init_nets(teacher: torch.nn.Module, dropout: float | None, init_state: dict 
     `dropout` (None: keep the rate they were built with), as the official code builds all of
     them with --dropout; the teacher keeps its own (it never trains)."""
     from ..io.checkpoints import network_from_record
-    from ..io.factory import clone_with_dropout
+    from ..nets.build import clone_with_dropout
 
     device = next(teacher.parameters()).device
     if init_state is not None:

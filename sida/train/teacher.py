@@ -2,7 +2,7 @@
 
 EDM's recipe: sigma ~ exp(N(P_mean, P_std)), loss lambda(sigma) ||D(x + n; sigma) - x||^2,
 Adam with a learning-rate ramp-up, EMA with a ramped half-life. One iteration is `step`;
-`sida.train.loop.run` drives ticks, checkpoints and resume.
+`sida.train.driver.run` drives ticks, checkpoints and resume.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 
 from ..io.data import ImageDataset
 from ..run.dist import DistInfo
-from ..io.factory import autocast
+from ..nets.build import autocast
 from .draws import make_generators, slot_generator
-from .updates import accumulation, ema_update, make_optimizer, set_lr, sync_gradients
+from .updates import accumulation, ema_update, make_optimizer, set_lr, sync_gradients, warmup_lr
 from .losses import edm_denoising_loss
 from ..nets.sampler import sample_sigma_lognormal
 
@@ -44,8 +44,7 @@ class TeacherLoop:
         return "teacher"
 
     def lr(self) -> float:
-        ramp = self.t["lr_rampup_kimg"] * 1000
-        return self.t["lr"] * (min(self.nimg / ramp, 1.0) if ramp > 0 else 1.0)
+        return warmup_lr(self.t["lr"], self.nimg, self.t["lr_rampup_kimg"])
 
     def step(self) -> dict[str, torch.Tensor]:
         set_lr(self.opt, self.lr())

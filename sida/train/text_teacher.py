@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from ..io.text_encoder import TextEncoder
 from ..io.data import ImageDataset
 from ..io.digits_text import caption_bank, draw_caption_indices
-from ..io.factory import autocast
+from ..nets.build import autocast
 from ..run.dist import DistInfo
 from .draws import slot_generator
 from .teacher import TeacherLoop

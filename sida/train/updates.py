@@ -2,7 +2,7 @@
 
 Batch splitting (`accumulation`), the one optimiser factory (`make_optimizer`), learning-rate
 warm-up, the generator's turn, gradient synchronisation over processes with the official code's
-non-finite handling, and EDM's EMA. The loops (`sida.train.teacher`, `sida.train.distill`) say
+non-finite handling, and EDM's EMA. The loops (`sida.train.teacher`, `sida.train.loop`) say
 when each runs.
 """
 
@@ -39,9 +39,9 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], kind: str, lr: float,
     `fused`: torch's fused implementation (one kernel over all parameters, same update rule) where
     torch has one for the parameters' device (CPU and CUDA floating-point tensors); otherwise, and
     with fused False, torch's default (on the CPU a Python loop of about ten small ops per tensor).
-    The two round differently, so a run's weights depend on the choice. Both loops fuse: on the
-    CPU a distillation iteration runs 1.02-1.03x faster with it (`bench.step --compare-unfused`,
-    docs/performance.md); fused=False is for that comparison.
+    The two round differently, so a run's weights depend on the choice. Both loops fuse, the
+    faster step (measured by `bench.step --compare-unfused`: docs/performance.md); fused=False is
+    for that comparison.
     """
     params = list(params)
     kw = dict(lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
@@ -53,6 +53,19 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], kind: str, lr: float,
     if kind == "adamw":
         return torch.optim.AdamW(params, **kw)
     raise ValueError(f"optimizer kind must be one of {OPTIMIZERS}, got {kind!r}")
+
+
+def run_optimizers(rc: dict, g_params: list[torch.nn.Parameter], critic_params: list[torch.nn.Parameter],
+                   fused: bool = True) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+    """The generator's and the critic's optimisers from a run's settings (`optimizer`, `lr_g` /
+    `lr_fake`, `beta1_g` / `beta1_fake`, `beta2`, `adam_eps`, `weight_decay`); the critic's is
+    None when it has no parameters (ADD without a discriminator: its distillation term alone
+    trains the student)."""
+    opt = dict(kind=rc["optimizer"], eps=rc["adam_eps"], weight_decay=rc["weight_decay"], fused=fused)
+    opt_g = make_optimizer(g_params, lr=rc["lr_g"], betas=(rc["beta1_g"], rc["beta2"]), **opt)
+    opt_critic = (make_optimizer(critic_params, lr=rc["lr_fake"], betas=(rc["beta1_fake"], rc["beta2"]), **opt)
+                  if critic_params else None)
+    return opt_g, opt_critic
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:

@@ -1,7 +1,7 @@
 """The distillation methods, one file each; `DistillLoop` runs the run's method's class.
 
 - `sid.SiD`: SiD, SiDA and SiD2A (phases warmup, sid, sida; discriminator none or sida);
-- `dmd2.DMD2`: DMD and DMD2 (phases warmup, dmd, dmd2; discriminator none or dmd2_head);
+- `dmd.DMD`: DMD and DMD2 (phases warmup, dmd, dmd2; discriminator none or dmd2_head);
 - `add.ADD`: ADD (phases warmup, add; discriminator none or add).
 
 A method is a `base.Method`: per micro-batch slot, a critic objective and a generator objective
@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from .add import ADD
 from .base import Method
-from .dmd2 import DMD2
+from .dmd import DMD
 from .sid import SiD
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SiD, DMD2, ADD)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SiD, DMD, ADD)}
 
 
 def method_class(name: str) -> type[Method]:
@@ -31,4 +31,4 @@ def method_class(name: str) -> type[Method]:
     return METHODS[name]
 
 
-__all__ = ["ADD", "DMD2", "METHODS", "Method", "SiD", "method_class"]
+__all__ = ["ADD", "DMD", "METHODS", "Method", "SiD", "method_class"]

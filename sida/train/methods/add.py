@@ -111,9 +111,9 @@ class ADD(Method):
                                       s.add_weighting)
             l_adv = hinge_generator_loss(add_logits(nets.features, nets.head, x_hat, labels)) if adv else None
         slot["x_g"] = x_hat.detach()
-        stats = {"loss_g_distill": l_dist.detach().mean(dim=(1, 2, 3)).sum() / d.total}
+        stats = {"loss_g_distill": l_dist.mean(dim=(1, 2, 3)).sum()}
         if adv:
-            stats["loss_g_adv"] = l_adv.detach().sum() / d.total
+            stats["loss_g_adv"] = l_adv.sum()
         return add_generator_objective(l_adv, l_dist, d.total, s.lambda_distill), stats
 
     def critic_loss(self, slot: Slot, r: int) -> tuple[torch.Tensor, Stats]:
@@ -121,10 +121,7 @@ class ADD(Method):
         the real images' head inputs (the frozen features)."""
         d, nets, x0, labels = self.draws, self.nets, slot["x0"], slot["labels"]
         gamma = self.settings.r1_gamma
-        x_hat = slot.get("x_g")
-        if x_hat is None:  # an off-turn iteration: the student did not run
-            with torch.no_grad(), d.autocast():
-                x_hat = nets.G(slot["x_s"], slot["sigma_s"].flatten(), labels).float()
+        x_hat = self.generated(slot, lambda: nets.G(slot["x_s"], slot["sigma_s"].flatten(), labels))
         with d.autocast():
             if gamma > 0:
                 logits_real, r1 = add_real_logits_with_r1(nets.features, nets.head, x0, labels)
@@ -132,7 +129,7 @@ class ADD(Method):
                 logits_real, r1 = add_logits(nets.features, nets.head, x0, labels), None
             logits_fake = add_logits(nets.features, nets.head, x_hat, labels)
             l_hinge = hinge_discriminator_loss(logits_real, logits_fake)
-        stats = {"loss_d": l_hinge.detach().sum() / d.total, **disc_accuracy(logits_real, logits_fake, d.rounds)}
+        stats = {"loss_d": l_hinge.sum(), **disc_accuracy(logits_real, logits_fake)}
         if r1 is not None:
-            stats["r1"] = r1.detach().sum() / d.total
+            stats["r1"] = r1.sum()
         return add_discriminator_objective(l_hinge, r1, d.total, gamma), stats

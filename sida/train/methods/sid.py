@@ -129,10 +129,10 @@ class SiD(Method):
         logvar = fake.logvar(sigma) if s.logvar else None  # EDM2: u(sigma), a function of sigma only
         l_fake, l_d, keep = sid_critic_terms(denoised.float(), x_g, sigma, logits_fake, logits_real, self.sigma_data,
                                              logvar, self.weighting)
-        stats = {"loss_fake": (l_fake.sum() / d.total).detach(), "dropped_fake": (~keep).sum()}
+        stats = {"loss_fake": l_fake.sum(), "dropped_fake": (~keep).sum()}
         if self.sida_disc:
-            stats["loss_d"] = (l_d.sum() / d.total).detach()
-            stats.update(disc_accuracy(logits_real, logits_fake, d.rounds))
+            stats["loss_d"] = l_d.sum()
+            stats.update(disc_accuracy(logits_real, logits_fake))
         return sid_critic_objective(l_fake, l_d, d.total, s.lambda_d), stats
 
     def generator_loss(self, kind: str, slot: Slot, r: int) -> tuple[torch.Tensor, Stats]:
@@ -155,8 +155,8 @@ class SiD(Method):
             with torch.no_grad():  # the fake score is frozen here: a constant weight
                 logvar = nets.fake.logvar(sigma_t)
         l_sid, l_adv, keep = sid_generator_terms(y_real.float(), y_fake.float(), x_g, s.alpha, logits, logvar)
-        stats = {"loss_g_sid": (l_sid.sum() / d.total).detach(), "dropped_g": (~keep).sum()}
+        stats = {"loss_g_sid": l_sid.sum(), "dropped_g": (~keep).sum()}
         if adversarial:
-            stats["loss_g_adv"] = (l_adv.sum() / d.total).detach()
+            stats["loss_g_adv"] = l_adv.sum()
         loss = sid_generator_objective(l_sid, l_adv, s.lambda_sid, s.lambda_adv, d.total, adversarial)
         return loss, stats

@@ -6,7 +6,26 @@ import copy
 
 import torch
 
-from .checkpoints import build_network
+from ..errors import CheckpointError
+
+
+def network_classes() -> dict:
+    """Our network classes by name: what a network file's `class` may be."""
+    from .diffusers_sdxl import DiffusersSDXLPrecond  # late: keeps `import sida.nets.build` light
+    from .diffusers_text import DiffusersTextPrecond
+    from .diffusers_vp import DiffusersVPPrecond
+    from .precond import PRECOND_CLASSES
+
+    return {**PRECOND_CLASSES, "DiffusersVPPrecond": DiffusersVPPrecond, "DiffusersTextPrecond": DiffusersTextPrecond,
+            "DiffusersSDXLPrecond": DiffusersSDXLPrecond}
+
+
+def build_network(class_name: str, kwargs: dict) -> torch.nn.Module:
+    """Construct one of our network classes by name from its constructor kwargs."""
+    classes = network_classes()
+    if class_name not in classes:
+        raise CheckpointError(f"unknown network class '{class_name}' (known: {', '.join(classes)})")
+    return classes[class_name](**kwargs)
 
 
 def teacher_kwargs(cfg: dict) -> dict:

@@ -61,7 +61,7 @@ def dmd2_head_logits(fake: Net, head: Net, x: torch.Tensor, sigma: torch.Tensor,
 
 
 @dataclass(frozen=True)
-class DMD2Settings(Settings):
+class DMDSettings(Settings):
     dm_index_range: list[int]
     lambda_gan: float
     lambda_cls: float
@@ -69,10 +69,10 @@ class DMD2Settings(Settings):
     timestep_range: list[int] | None  # text teachers: sigma_k of timesteps k ~ U[lo, hi) (DMD2: [20, 980])
 
 
-class DMD2(Method):
+class DMD(Method):
     name = "dmd"
     generator_first = True
-    Settings = DMD2Settings
+    Settings = DMDSettings
 
     def build_head(self, seed: int, img_shape: tuple[int, int, int], label_dim: int, device: torch.device) -> None:
         """DMD2's classifier head on the fake score's bottleneck (`dmd2_head` runs)."""
@@ -110,19 +110,16 @@ class DMD2(Method):
                                                            labels))
         slot["x_g"] = x_g.detach()
         # DMD2's logged loss: the mean over pixels (its F.mse_loss), 0.5 g^2 per pixel
-        stats = {"loss_g_dm": l_dm.detach().mean(dim=(1, 2, 3)).sum() / d.total}
+        stats = {"loss_g_dm": l_dm.mean(dim=(1, 2, 3)).sum()}
         if gan:
-            stats["loss_g_adv"] = l_gan.detach().sum() / d.total
+            stats["loss_g_adv"] = l_gan.sum()
         return dmd2_generator_objective(l_dm, l_gan, d.total, self.settings.lambda_gan), stats
 
     def critic_loss(self, slot: Slot, r: int) -> tuple[torch.Tensor, Stats]:
         """The fake score's denoising loss on the detached x_g at sigmas on the whole grid, plus,
         with DMD2's head, its non-saturating classification of noisy real vs noisy generated images."""
         d, nets, real, labels = self.draws, self.nets, slot["real"], slot["labels"]
-        x_g = slot.get("x_g")
-        if x_g is None:  # an off-turn iteration: the generator did not run
-            with torch.no_grad(), d.autocast():
-                x_g = self.generate(labels, r).float()
+        x_g = self.generated(slot, lambda: self.generate(labels, r))
         sigma = self._sigma(WHOLE_GRID, r)
         weighting = "edm" if self.settings.timestep_range is None else "epsilon"
         with d.autocast():
@@ -138,8 +135,8 @@ class DMD2(Method):
                                           torch.cat([e_real, e_fake]), torch.cat([labels, labels]))
                 logits_real, logits_fake = logits[:d.micro], logits[d.micro:]
                 l_cls = ns_discriminator_loss(logits_real, logits_fake)
-        stats = {"loss_fake": l_fake.detach().mean(dim=(1, 2, 3)).sum() / d.total}
+        stats = {"loss_fake": l_fake.mean(dim=(1, 2, 3)).sum()}
         if l_cls is not None:
-            stats["loss_d"] = l_cls.detach().sum() / d.total
-            stats.update(disc_accuracy(logits_real, logits_fake, d.rounds))
+            stats["loss_d"] = l_cls.sum()
+            stats.update(disc_accuracy(logits_real, logits_fake))
         return dmd2_critic_objective(l_fake, l_cls, d.total, self.settings.lambda_cls), stats
