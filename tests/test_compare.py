@@ -275,6 +275,39 @@ def test_generator_checkpointing_keeps_less_and_gives_the_same_gradients():
         torch.testing.assert_close(a, b)
 
 
+def test_checkpoint_generator_on_a_diffusers_unet_keeps_less_and_gives_the_same_gradients():
+    """`checkpoint_generator` reaches a diffusers UNet's blocks through our adapter; a network
+    without activation checkpointing (EDM2's UNet) is refused in one line."""
+    from sd_assets import HIDDEN, MAX_TOKENS, tiny_unet_config
+    from sida.errors import ConfigError
+    from sida.nets.diffusers_text import DiffusersTextPrecond
+    from sida.nets.precond import EDM2Precond
+    from sida.train.nets import checkpoint_blocks
+
+    torch.manual_seed(0)
+    alphas = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0).tolist()
+    nets = [DiffusersTextPrecond(tiny_unet_config(1), alphas, cond_shape=(MAX_TOKENS, HIDDEN), img_resolution=8,
+                                 img_channels=1) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    checkpoint_blocks(nets[1])
+    x, sigma = torch.randn(4, 1, 8, 8), torch.rand(4) + 0.5
+    cond = torch.randn(4, MAX_TOKENS, HIDDEN)
+    grads, kept = [], []
+    for net in nets:
+        net.train().requires_grad_(True)
+        out = {}
+        kept.append(_saved_bytes(lambda: out.setdefault("y", net(x, sigma, cond))))
+        grads.append(torch.autograd.grad((out["y"] * x).sum(), list(net.parameters())))
+    assert kept[1] < 0.7 * kept[0]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    edm2 = EDM2Precond(img_resolution=8, img_channels=1, label_dim=0, use_fp16=False, model_channels=8,
+                       channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
+    with pytest.raises(ConfigError, match=r"^distill\.checkpoint_generator: the generator's \w+ has no activation "
+                                          r"checkpointing .*set it false$"):
+        checkpoint_blocks(edm2)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
 def test_compare_on_cuda_without_a_gpu_is_one_error_line():
     out = subprocess.run([sys.executable, "-m", "bench.compare", "--device", "cuda"], cwd=ROOT, capture_output=True,

@@ -72,6 +72,25 @@ def init_nets(teacher: torch.nn.Module, dropout: float | None, init_state: dict 
     return Nets(teacher=teacher, G=G.requires_grad_(True), G_ema=G_ema, fake=fake, head=head)
 
 
+def checkpoint_blocks(net: torch.nn.Module) -> None:
+    """Activation checkpointing of `net`'s UNet blocks whenever a graph is built: our SongUNet /
+    DhariwalUNet (`checkpoint_blocks`) and diffusers UNets (their own gradient checkpointing,
+    which their blocks honour under our adapter too). Other networks (EDM2's UNet) have none: one
+    line rather than a setting that silently does nothing."""
+    from ..errors import ConfigError
+    from ..nets.networks import DhariwalUNet, SongUNet
+
+    model = getattr(net, "model", net)
+    unet = getattr(model, "unet", None)
+    if unet is not None and hasattr(unet, "enable_gradient_checkpointing"):
+        unet.enable_gradient_checkpointing()
+    elif isinstance(model, (SongUNet, DhariwalUNet)):
+        model.checkpoint_blocks = True
+    else:
+        raise ConfigError(f"distill.checkpoint_generator: the generator's {type(model).__name__} has no activation "
+                          f"checkpointing (SongUNet, DhariwalUNet and diffusers UNets have): set it false")
+
+
 def prepare_networks(nets: Nets, rc: dict) -> None:
     """Everything a run does to its networks before the first iteration, from its settings."""
     apply_precision(nets, rc["precision"])
@@ -91,7 +110,7 @@ def prepare_networks(nets: Nets, rc: dict) -> None:
     # Activation checkpointing of the generator's blocks in the generator step (a memory option
     # for large networks on a GPU: the block forwards run twice).
     if rc.get("checkpoint_generator"):
-        getattr(nets.G, "model", nets.G).checkpoint_blocks = True
+        checkpoint_blocks(nets.G)
     if rc.get("compile"):
         # torch.compile of the networks an iteration runs (G_ema only samples). In place, so
         # state-dict keys stay as they are; static shapes: each call site (batch, return flag,
