@@ -39,21 +39,26 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ACTIVATIONS = REPO / "bench" / "data" / "sd_activations.json"
+SDXL_ACTIVATIONS = REPO / "bench" / "data" / "sdxl_activations.json"  # --measure --res 128 --versions sdxl
 GIB = 1024 ** 3
 TEXT_PRESETS = {"sid-lsg-sd15": "sd15", "sid-lsg-sd21base": "sd21base", "dmd2-sd15": "sd15", "sida-sd15": "sd15"}
 
 
 def build(version: str, device: str = "meta") -> dict[str, torch.nn.Module]:
-    """The UNet, text encoder and VAE of `version` (a key of bench.sd_configs.CONFIGS) on `device`."""
+    """The UNet, text encoder(s) and VAE of `version` (a key of bench.sd_configs.CONFIGS) on `device`
+    (SDXL's second text encoder, with its projection, as `text_encoder_2`)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from bench.sd_configs import CONFIGS
 
     cfg = CONFIGS[version]
     with torch.device(device):
-        return {"unet": UNet2DConditionModel(**cfg["unet"]), "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
-                "vae": AutoencoderKL(**cfg["vae"])}
+        nets = {"unet": UNet2DConditionModel(**cfg["unet"]), "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))}
+        if "text_encoder_2" in cfg:
+            nets["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"]))
+        nets["vae"] = AutoencoderKL(**cfg["vae"])
+        return nets
 
 
 def param_counts(version: str) -> dict[str, int]:
@@ -94,22 +99,47 @@ class SavedBytes:
 
 def measure_unet(unet: torch.nn.Module, batch: int, res: int, text_dim: int, precision: str,
                  frozen: bool) -> dict[str, int]:
-    """Saved-for-backward bytes of one UNet forward of `batch` samples: {'full', 'encoder'}."""
+    """Saved-for-backward bytes of one UNet forward of `batch` samples: {'full', 'encoder' (up to the
+    end of the mid block), 'max_block' (the largest of one down / mid / up block), 'outside_blocks'
+    (the embeddings, conv_in / conv_out), 'block_inputs' (the distinct tensors those blocks take,
+    skip connections included: what activation checkpointing of the blocks keeps)}."""
     for p in unet.parameters():
         p.requires_grad_(not frozen)
     x = torch.randn(batch, 4, res, res, requires_grad=frozen)
     t = torch.full((batch,), 625)
     text = torch.randn(batch, 77, text_dim)
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and the six time_ids
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, unet.config.projection_class_embeddings_input_dim
+                                                                 - 6 * unet.config.addition_time_embed_dim),
+                                      "time_ids": torch.tensor([[8.0 * res, 8.0 * res, 0, 0, 8.0 * res, 8.0 * res]] * batch)}
     counter = SavedBytes(unet.parameters())
-    hook = unet.mid_block.register_forward_hook(lambda *a: counter.mark())
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]  # sida.train.sharding's FSDP units
+    inputs: dict[int, int] = {}  # storage -> bytes of every block's tensor inputs (skip connections included)
+    spans: list[int] = []
+
+    def pre(_module, args, kwargs) -> None:
+        for v in [*args, *kwargs.values()]:
+            for t in (v if isinstance(v, tuple) else (v,)):
+                if isinstance(t, torch.Tensor):
+                    inputs[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        spans.append(counter.total)
+
+    def post(*_args) -> None:
+        spans.append(counter.total - spans.pop())
+
+    hooks = [h for b in blocks for h in (b.register_forward_pre_hook(pre, with_kwargs=True), b.register_forward_hook(post))]
+    hooks.append(unet.mid_block.register_forward_hook(lambda *a: counter.mark()))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     try:
         with counter, autocast:
-            out = unet(x, t, encoder_hidden_states=text).sample
+            out = unet(x, t, encoder_hidden_states=text, **extra).sample
     finally:
-        hook.remove()
+        for h in hooks:
+            h.remove()
     del out
-    return {"full": counter.total, "encoder": counter.marks[0]}
+    return {"full": counter.total, "encoder": counter.marks[0], "max_block": max(spans),
+            "outside_blocks": counter.total - sum(spans), "block_inputs": sum(inputs.values())}
 
 
 def linear_fit(unet, res: int, text_dim: int, precision: str, frozen: bool) -> dict[str, dict[str, int]]:
@@ -131,7 +161,7 @@ def extrapolate(points: dict[int, float], res: int) -> float:
     return float(c[0] + c[1] * res * res + c[2] * float(res) ** 4)
 
 
-def measure(res: int = 64, small: tuple[int, ...] = (8, 16, 32)) -> dict:
+def measure(res: int = 64, small: tuple[int, ...] = (8, 16, 32), versions: tuple[str, ...] = ("sd15", "sd21base")) -> dict:
     """Per-call and per-sample saved bytes at `res`. fp32: per-sample bytes measured at batch 1 at
     the `small` resolutions (less the per-call bytes of a batch-1/2 fit at the smallest) and
     extrapolated to `res` (`extrapolate`). bf16 autocast (slow on the CPU): per-call bytes from the
@@ -139,10 +169,8 @@ def measure(res: int = 64, small: tuple[int, ...] = (8, 16, 32)) -> dict:
     ratio of per-sample bytes there."""
     import subprocess
 
-    from bench.sd_configs import CONFIGS
-
     results, raw = {}, {}
-    for version in CONFIGS:
+    for version in versions:
         for mode in ("trained", "frozen"):
             # one process per network and mode: the CPU allocator keeps what a forward freed
             out = subprocess.run([sys.executable, "-m", "bench.memory", "--measure-one", version, mode,
@@ -151,7 +179,7 @@ def measure(res: int = 64, small: tuple[int, ...] = (8, 16, 32)) -> dict:
             fit32, fit16, points = json.loads(out.stdout.strip().splitlines()[-1])
             points = {int(r): v for r, v in points.items()}
             per32 = {k: round(extrapolate({r: v[k] - fit32["per_call"][k] for r, v in points.items()}, res))
-                     for k in ("full", "encoder")}
+                     for k in fit32["per_call"]}
             results.setdefault(version, {})[f"fp32_{mode}"] = {"per_sample": per32, "per_call": fit32["per_call"]}
             results[version][f"bf16_{mode}"] = {
                 "per_sample": {k: round(per32[k] * fit16["per_sample"][k] / fit32["per_sample"][k]) for k in per32},
@@ -159,7 +187,7 @@ def measure(res: int = 64, small: tuple[int, ...] = (8, 16, 32)) -> dict:
             raw.setdefault(version, {})[mode] = {"fp32_fit": fit32, "bf16_fit": fit16, "fp32_batch1": points}
     return {"res": res, "small": list(small), "torch": torch.__version__,
             "machine": f"{platform.machine()} CPU ({platform.node()}), 2 threads",
-            "date": datetime.date.today().isoformat(), "command": f"python -m bench.memory --measure --res {res}",
+            "date": datetime.date.today().isoformat(), "command": f"python -m bench.memory --measure --res {res} --versions {','.join(versions)}",
             "bytes": results, "measured": raw}
 
 
@@ -256,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--measure-one", nargs=2, metavar=("VERSION", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--small", default="8,16,32")
+    ap.add_argument("--versions", default="sd15,sd21base", help="networks to measure (sdxl: into SDXL_ACTIVATIONS)")
     args = ap.parse_args(argv)
     if args.params:
         from bench.sd_configs import CONFIGS
@@ -266,9 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(2)
         print(json.dumps(measure_one(*args.measure_one, small)))
     if args.measure:
-        result = measure(args.res, small)
-        ACTIVATIONS.parent.mkdir(exist_ok=True)
-        ACTIVATIONS.write_text(json.dumps(result, indent=1) + "\n")
+        versions = tuple(args.versions.split(","))
+        result = measure(args.res, small, versions)
+        path = SDXL_ACTIVATIONS if versions == ("sdxl",) else ACTIVATIONS
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result, indent=1))
     if args.table:
         print(table())
