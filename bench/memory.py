@@ -2,7 +2,9 @@
 
     python -m bench.memory --params            # parameter counts (networks built on the meta device)
     python -m bench.memory --measure [--res 64] # activations: one forward on the CPU, written to
-                                                # bench/data/sd_activations.json
+                                                # bench/data/sd_activations.json (--versions sdxl
+                                                # --res 128: bench/data/sdxl_activations.json,
+                                                # for bench/memory_sdxl.py's DDP / FSDP2 table)
     python -m bench.memory --table              # the table of docs/memory.md, from the presets and that file
 
 Parameters: the Stable Diffusion UNet, CLIP text encoder and VAE of each preset's teacher, built

@@ -10,9 +10,12 @@ from bench import memory
 
 # Published counts: diffusers' ModelMixin.num_parameters docstring (SD 1.5 UNet 859,520,964); the
 # SD 1.5 CLIP ViT-L/14 text encoder 123,060,480 and VAE 83,653,863 and the SD 2.x UNet 865,910,724
-# and OpenCLIP-H text encoder (23 layers) 340,387,840 as third-party code reports them (docs/memory.md).
+# and OpenCLIP-H text encoder (23 layers) 340,387,840, and SDXL's UNet 2,567,463,684 and OpenCLIP-bigG
+# text encoder with projection 694,659,840, as third-party code reports them (docs/memory.md).
 PUBLISHED = {"sd15": {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863},
-             "sd21base": {"unet": 865_910_724, "text_encoder": 340_387_840, "vae": 83_653_863}}
+             "sd21base": {"unet": 865_910_724, "text_encoder": 340_387_840, "vae": 83_653_863},
+             "sdxl": {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840,
+                      "vae": 83_653_863}}
 
 
 @pytest.mark.parametrize("version", sorted(PUBLISHED))
