@@ -2,9 +2,7 @@
 
     python -m bench.memory --params            # parameter counts (networks built on the meta device)
     python -m bench.memory --measure [--res 64] # activations: one forward on the CPU, written to
-                                                # bench/data/sd_activations.json (--versions sdxl
-                                                # --res 128: bench/data/sdxl_activations.json,
-                                                # for bench/memory_sdxl.py's DDP / FSDP2 table)
+                                                # bench/data/sd_activations.json (SDXL's: bench/memory_sdxl.py)
     python -m bench.memory --table              # the table of docs/memory.md, from the presets and that file
 
 Parameters: the Stable Diffusion UNet, CLIP text encoder and VAE of each preset's teacher, built
@@ -41,7 +39,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ACTIVATIONS = REPO / "bench" / "data" / "sd_activations.json"
-SDXL_ACTIVATIONS = REPO / "bench" / "data" / "sdxl_activations.json"  # --measure --res 128 --versions sdxl
 GIB = 1024 ** 3
 TEXT_PRESETS = {"sid-lsg-sd15": "sd15", "sid-lsg-sd21base": "sd21base", "dmd2-sd15": "sd15", "sida-sd15": "sd15"}
 
@@ -163,7 +160,7 @@ def extrapolate(points: dict[int, float], res: int) -> float:
     return float(c[0] + c[1] * res * res + c[2] * float(res) ** 4)
 
 
-def measure(res: int = 64, small: tuple[int, ...] = (8, 16, 32), versions: tuple[str, ...] = ("sd15", "sd21base")) -> dict:
+def measure(res: int = 64, small: tuple[int, ...] = (8, 16, 32)) -> dict:
     """Per-call and per-sample saved bytes at `res`. fp32: per-sample bytes measured at batch 1 at
     the `small` resolutions (less the per-call bytes of a batch-1/2 fit at the smallest) and
     extrapolated to `res` (`extrapolate`). bf16 autocast (slow on the CPU): per-call bytes from the
@@ -172,7 +169,7 @@ def measure(res: int = 64, small: tuple[int, ...] = (8, 16, 32), versions: tuple
     import subprocess
 
     results, raw = {}, {}
-    for version in versions:
+    for version in ("sd15", "sd21base"):  # SDXL's: bench/memory_sdxl.py
         for mode in ("trained", "frozen"):
             # one process per network and mode: the CPU allocator keeps what a forward freed
             out = subprocess.run([sys.executable, "-m", "bench.memory", "--measure-one", version, mode,
@@ -189,7 +186,7 @@ def measure(res: int = 64, small: tuple[int, ...] = (8, 16, 32), versions: tuple
             raw.setdefault(version, {})[mode] = {"fp32_fit": fit32, "bf16_fit": fit16, "fp32_batch1": points}
     return {"res": res, "small": list(small), "torch": torch.__version__,
             "machine": f"{platform.machine()} CPU ({platform.node()}), 2 threads",
-            "date": datetime.date.today().isoformat(), "command": f"python -m bench.memory --measure --res {res} --versions {','.join(versions)}",
+            "date": datetime.date.today().isoformat(), "command": f"python -m bench.memory --measure --res {res}",
             "bytes": results, "measured": raw}
 
 
@@ -197,8 +194,12 @@ def measure_one(version: str, mode: str, small: tuple[int, ...]) -> list:
     from bench.sd_configs import CONFIGS
 
     torch.manual_seed(0)
-    unet = build(version, "cpu")["unet"]
-    text_dim, frozen, lo = CONFIGS[version]["unet"]["cross_attention_dim"], mode == "frozen", min(small)
+    return fits(build(version, "cpu")["unet"], CONFIGS[version]["unet"]["cross_attention_dim"], mode == "frozen", small)
+
+
+def fits(unet: torch.nn.Module, text_dim: int, frozen: bool, small: tuple[int, ...]) -> list:
+    """[fp32 batch-1/2 fit, bf16 batch-1/2 fit] at the smallest of `small`, and {res: fp32 batch-1 bytes}."""
+    lo = min(small)
     fit32 = linear_fit(unet, lo, text_dim, "fp32", frozen)
     fit16 = linear_fit(unet, lo, text_dim, "bf16", frozen)
     return [fit32, fit16, {r: measure_unet(unet, 1, r, text_dim, "fp32", frozen) for r in small}]
@@ -286,7 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--measure-one", nargs=2, metavar=("VERSION", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--small", default="8,16,32")
-    ap.add_argument("--versions", default="sd15,sd21base", help="networks to measure (sdxl: into SDXL_ACTIVATIONS)")
     args = ap.parse_args(argv)
     if args.params:
         from bench.sd_configs import CONFIGS
@@ -297,11 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(2)
         print(json.dumps(measure_one(*args.measure_one, small)))
     if args.measure:
-        versions = tuple(args.versions.split(","))
-        result = measure(args.res, small, versions)
-        path = SDXL_ACTIVATIONS if versions == ("sdxl",) else ACTIVATIONS
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        result = measure(args.res, small)
+        ACTIVATIONS.parent.mkdir(exist_ok=True)
+        ACTIVATIONS.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result, indent=1))
     if args.table:
         print(table())

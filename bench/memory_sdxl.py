@@ -1,14 +1,20 @@
 """Per-GPU memory of the SDXL presets at 8 / 16 / 64 GPUs, DDP against FSDP2, activation
 checkpointing off and on, bf16: computed without a GPU.
 
-    python -m bench.memory --measure --res 128 --versions sdxl   # activations -> bench/data/sdxl_activations.json
-    python -m bench.memory_sdxl                                  # the SDXL table of docs/memory.md
+    python -m bench.memory_sdxl --measure   # activations -> bench/data/sdxl_activations.json
+    python -m bench.memory_sdxl             # the SDXL table of docs/memory.md
 
 Parameters: SDXL base 1.0's UNet, two text encoders and VAE from their public configs
 (bench/sd_configs.py) on the meta device. Activations: measured as bench.memory's docstring says
 for SD (saved-for-backward bytes on the CPU at 8x8, 16x16, 32x32 latents, extrapolated by the
 quadratic in the pixel count to SDXL's 128x128; bf16 from the bf16 / fp32 ratio at 8x8), with the
-blocks' shares (`bench.memory.measure_unet`). Assumptions, each a choice of this model:
+blocks' shares (`bench.memory.measure_unet`), on SDXL's UNet at 1/5 and 2/5 of its width (channels
+and attention heads; head size 64 kept): SDXL's 10 GB of fp32 weights do not fit this shared 23 GB
+CPU beside a forward. Saved bytes are linear in the width (every saved tensor has the channels as
+a factor but the text embedding each cross-attention takes, the same at every width: 2/5 gives
+2.0x 1/5's bytes, the block inputs 1/5's plus that constant), so full width = w1 + 4 (w2 - w1)
+(`widen`); per-call bytes (autocast's weight copies) scale with the parameter count.
+Assumptions, each a choice of this model:
 
 - bf16 = fp32 master parameters with bf16 compute (autocast under DDP; FSDP2's
   MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) under FSDP, sida/train/sharding.py).
@@ -35,6 +41,7 @@ blocks' shares (`bench.memory.measure_unet`). Assumptions, each a choice of this
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -46,6 +53,7 @@ from bench import memory
 GIB = 1024 ** 3
 SDXL_PRESETS = ("sid-lsg-sdxl", "sida-sdxl", "dmd2-sdxl")
 WORLD_SIZES = (8, 16, 64)
+ACTIVATIONS = memory.REPO / "bench" / "data" / "sdxl_activations.json"
 
 
 def largest_unit(unet: torch.nn.Module) -> int:
@@ -89,7 +97,64 @@ def per_gpu(params: dict[str, int], unit: int, rc: dict, acts: dict, world: int,
     return out
 
 
-def table(act_file: Path = memory.SDXL_ACTIVATIONS) -> str:
+def thin_unet(fifths: int) -> torch.nn.Module:
+    """SDXL's UNet at `fifths`/5 of its channels and attention heads, on the CPU."""
+    from diffusers import UNet2DConditionModel
+
+    from bench.sd_configs import CONFIGS
+
+    cfg = dict(CONFIGS["sdxl"]["unet"])
+    cfg["block_out_channels"] = [c * fifths // 5 for c in cfg["block_out_channels"]]
+    cfg["attention_head_dim"] = [h * fifths // 5 for h in cfg["attention_head_dim"]]
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**cfg)
+
+
+def widen(one: float, two: float) -> float:
+    """The width-linear bytes a + b w through w = 1 (1/5 width) and w = 2, at full width w = 5."""
+    return one + 4 * (two - one)
+
+
+def measure(res: int = 128, small: tuple[int, ...] = (8, 16, 32)) -> dict:
+    """bench.memory.measure's numbers for SDXL at `res`, from the 1/5 and 2/5 width UNets."""
+    import datetime
+    import platform
+    import subprocess
+
+    params = memory.param_counts("sdxl")["unet"]
+    results, raw = {}, {}
+    for mode in ("trained", "frozen"):
+        runs = []
+        for fifths in (1, 2):  # one process each: the CPU allocator keeps what a forward freed
+            out = subprocess.run([sys.executable, "-m", "bench.memory_sdxl", "--measure-one", str(fifths), mode,
+                                  ",".join(map(str, small))], check=True, capture_output=True, text=True, cwd=memory.REPO)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        (f32a, f16a, pa, na), (f32b, f16b, pb, nb) = runs
+        keys = list(f32a["per_call"])
+        fit32 = {part: {k: widen(f32a[part][k], f32b[part][k]) for k in keys} for part in f32a}
+        fit16 = {part: {k: widen(f16a[part][k], f16b[part][k]) for k in keys} for part in f16a}
+        points = {int(r): {k: widen(pa[r][k], pb[r][k]) - fit32["per_call"][k] for k in keys} for r in pa}
+        per32 = {k: round(memory.extrapolate({r: v[k] for r, v in points.items()}, res)) for k in keys}
+        copies = params / na  # per-call bytes: autocast's weight copies, in proportion to the parameters
+        results[f"fp32_{mode}"] = {"per_sample": per32, "per_call": {k: 0 for k in keys}}
+        results[f"bf16_{mode}"] = {"per_sample": {k: round(per32[k] * fit16["per_sample"][k] / fit32["per_sample"][k])
+                                                  for k in keys},
+                                   "per_call": {k: round(f16a["per_call"][k] * copies) for k in keys}}
+        raw[mode] = {"fifths_1": runs[0], "fifths_2": runs[1]}
+    return {"res": res, "small": list(small), "torch": torch.__version__, "widths": "1/5, 2/5",
+            "machine": f"{platform.machine()} CPU ({platform.node()}), 2 threads",
+            "date": datetime.date.today().isoformat(), "command": "python -m bench.memory_sdxl --measure",
+            "bytes": {"sdxl": results}, "measured": raw}
+
+
+def measure_one(fifths: int, mode: str, small: tuple[int, ...]) -> list:
+    torch.set_num_threads(2)
+    unet = thin_unet(fifths)
+    out = memory.fits(unet, 2048, mode == "frozen", small)
+    return [*out, sum(p.numel() for p in unet.parameters())]
+
+
+def table(act_file: Path = ACTIVATIONS) -> str:
     from sida.run.config import load_config, run_config
 
     acts = json.loads(act_file.read_text())["bytes"]["sdxl"]
@@ -114,6 +179,22 @@ def table(act_file: Path = memory.SDXL_ACTIVATIONS) -> str:
     return "\n".join(rows)
 
 
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--measure", action="store_true")
+    ap.add_argument("--measure-one", nargs=3, metavar=("FIFTHS", "MODE", "SMALL"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.measure_one:
+        fifths, mode, small = args.measure_one
+        print(json.dumps(measure_one(int(fifths), mode, tuple(int(r) for r in small.split(",")))))
+    elif args.measure:
+        result = measure()
+        ACTIVATIONS.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result["bytes"], indent=1))
+    else:
+        print(table())
+    return 0
+
+
 if __name__ == "__main__":
-    print(table())
-    sys.exit(0)
+    sys.exit(main())

@@ -120,3 +120,10 @@ def test_block_shares_of_a_tiny_sdxl_style_unet():
     m = memory.measure_unet(unet, 1, 8, 8, "fp32", frozen=False)
     assert 0 < m["max_block"] < m["full"] - m["outside_blocks"] and m["encoder"] < m["full"]
     assert 0 < m["block_inputs"] < m["full"]
+
+
+def test_widening_is_exact_for_bytes_linear_in_the_width():
+    from bench import memory_sdxl
+
+    f = lambda w: 630_784 + 533_504 * w  # noqa: E731  (a constant text embedding + bytes per fifth of the width)
+    assert memory_sdxl.widen(f(1), f(2)) == f(5)
