@@ -127,3 +127,13 @@ def test_widening_is_exact_for_bytes_linear_in_the_width():
 
     f = lambda w: 630_784 + 533_504 * w  # noqa: E731  (a constant text embedding + bytes per fifth of the width)
     assert memory_sdxl.widen(f(1), f(2)) == f(5)
+
+
+def test_the_sdxl_table_names_every_sdxl_preset_at_every_gpu_count():
+    pytest.importorskip("diffusers")
+    from bench import memory_sdxl
+
+    text = memory_sdxl.table()
+    for preset in memory_sdxl.SDXL_PRESETS:
+        for world in memory_sdxl.WORLD_SIZES:
+            assert f"| {preset} |" in text and f"| {world} | fsdp | on |" in text
