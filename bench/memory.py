@@ -253,8 +253,18 @@ def step_memory(params: dict[str, int], rc: dict, acts: dict, precision: str) ->
     return out
 
 
+def group_runs(cfg: dict, key) -> dict[tuple, list[str]]:
+    """The runs of `cfg` grouped by `key(run config)`: runs with the same numbers share a table row."""
+    from sida.run.config import run_config
+
+    groups: dict[tuple, list[str]] = {}
+    for run in cfg["distill"]["runs"]:
+        groups.setdefault(key(run_config(cfg, run)), []).append(run)
+    return groups
+
+
 def table(act_file: Path = ACTIVATIONS) -> str:
-    from sida.run.config import load_config, run_config
+    from sida.run.config import load_config
 
     data = json.loads(act_file.read_text())
     acts = data["bytes"]
@@ -264,11 +274,9 @@ def table(act_file: Path = ACTIVATIONS) -> str:
         cfg = load_config(REPO / "config" / f"{preset}.yaml")
         params = param_counts(version)
         counts = " / ".join(f"{params[k] / 1e6:.1f}M" for k in ("unet", "text_encoder", "vae"))
-        groups: dict[tuple, list[str]] = {}
-        for run in cfg["distill"]["runs"]:
-            rc = run_config(cfg, run)
-            ms = tuple(tuple(step_memory(params, rc, acts[version], p).items()) for p in ("fp32", "bf16"))
-            groups.setdefault((ms, rc["batch_per_proc"], rc["precision"]), []).append(run)
+        groups = group_runs(cfg, lambda rc: (
+            tuple(tuple(step_memory(params, rc, acts[version], p).items()) for p in ("fp32", "bf16")),
+            rc["batch_per_proc"], rc["precision"]))
         for (ms, bpp, own), runs in groups.items():
             for precision, m in zip(("fp32", "bf16"), map(dict, ms)):
                 cells = [f"{m[k] / GIB:.1f}" for k in ("weights", "grads", "adam", "activations", "total")]

@@ -155,7 +155,7 @@ def measure_one(fifths: int, mode: str, small: tuple[int, ...]) -> list:
 
 
 def table(act_file: Path = ACTIVATIONS) -> str:
-    from sida.run.config import load_config, run_config
+    from sida.run.config import load_config
 
     acts = json.loads(act_file.read_text())["bytes"]["sdxl"]
     params = memory.param_counts("sdxl")
@@ -165,12 +165,9 @@ def table(act_file: Path = ACTIVATIONS) -> str:
             "|---" * (6 + len(keys)) + "|"]
     for preset in SDXL_PRESETS:
         cfg = load_config(memory.REPO / "config" / f"{preset}.yaml")
-        groups: dict[tuple, list[str]] = {}
-        for run in cfg["distill"]["runs"]:
-            rc = run_config(cfg, run)
-            key = tuple((w, par, ck, tuple(per_gpu(params, unit, rc, acts, w, par, ck).values()))
-                        for w in WORLD_SIZES for par in ("ddp", "fsdp") for ck in (False, True))
-            groups.setdefault((key, rc["batch_per_proc"]), []).append(run)
+        groups = memory.group_runs(cfg, lambda rc: (
+            tuple((w, par, ck, tuple(per_gpu(params, unit, rc, acts, w, par, ck).values()))
+                  for w in WORLD_SIZES for par in ("ddp", "fsdp") for ck in (False, True)), rc["batch_per_proc"]))
         for (key, bpp), runs in groups.items():
             for w, par, ck, values in key:
                 cells = [f"{v / GIB:.1f}" for v in values]
