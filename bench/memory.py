@@ -2,7 +2,7 @@
 
     python -m bench.memory --params            # parameter counts (networks built on the meta device)
     python -m bench.memory --measure [--res 64] # activations: one forward on the CPU, written to
-                                                # bench/data/sd_activations.json
+                                                # bench/data/sd_activations.json (SDXL's: bench/memory_sdxl.py)
     python -m bench.memory --table              # the table of docs/memory.md, from the presets and that file
 
 Parameters: the Stable Diffusion UNet, CLIP text encoder and VAE of each preset's teacher, built
@@ -44,16 +44,20 @@ TEXT_PRESETS = {"sid-lsg-sd15": "sd15", "sid-lsg-sd21base": "sd21base", "dmd2-sd
 
 
 def build(version: str, device: str = "meta") -> dict[str, torch.nn.Module]:
-    """The UNet, text encoder and VAE of `version` (a key of bench.sd_configs.CONFIGS) on `device`."""
+    """The UNet, text encoder(s) and VAE of `version` (a key of bench.sd_configs.CONFIGS) on `device`
+    (SDXL's second text encoder, with its projection, as `text_encoder_2`)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from bench.sd_configs import CONFIGS
 
     cfg = CONFIGS[version]
     with torch.device(device):
-        return {"unet": UNet2DConditionModel(**cfg["unet"]), "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
-                "vae": AutoencoderKL(**cfg["vae"])}
+        nets = {"unet": UNet2DConditionModel(**cfg["unet"]), "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))}
+        if "text_encoder_2" in cfg:
+            nets["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"]))
+        nets["vae"] = AutoencoderKL(**cfg["vae"])
+        return nets
 
 
 def param_counts(version: str) -> dict[str, int]:
@@ -94,22 +98,47 @@ class SavedBytes:
 
 def measure_unet(unet: torch.nn.Module, batch: int, res: int, text_dim: int, precision: str,
                  frozen: bool) -> dict[str, int]:
-    """Saved-for-backward bytes of one UNet forward of `batch` samples: {'full', 'encoder'}."""
+    """Saved-for-backward bytes of one UNet forward of `batch` samples: {'full', 'encoder' (up to the
+    end of the mid block), 'max_block' (the largest of one down / mid / up block), 'outside_blocks'
+    (the embeddings, conv_in / conv_out), 'block_inputs' (the distinct tensors those blocks take,
+    skip connections included: what activation checkpointing of the blocks keeps)}."""
     for p in unet.parameters():
         p.requires_grad_(not frozen)
     x = torch.randn(batch, 4, res, res, requires_grad=frozen)
     t = torch.full((batch,), 625)
     text = torch.randn(batch, 77, text_dim)
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and the six time_ids
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, unet.config.projection_class_embeddings_input_dim
+                                                                 - 6 * unet.config.addition_time_embed_dim),
+                                      "time_ids": torch.tensor([[8.0 * res, 8.0 * res, 0, 0, 8.0 * res, 8.0 * res]] * batch)}
     counter = SavedBytes(unet.parameters())
-    hook = unet.mid_block.register_forward_hook(lambda *a: counter.mark())
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]  # sida.train.sharding's FSDP units
+    inputs: dict[int, int] = {}  # storage -> bytes of every block's tensor inputs (skip connections included)
+    spans: list[int] = []
+
+    def pre(_module, args, kwargs) -> None:
+        for v in [*args, *kwargs.values()]:
+            for t in (v if isinstance(v, tuple) else (v,)):
+                if isinstance(t, torch.Tensor):
+                    inputs[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        spans.append(counter.total)
+
+    def post(*_args) -> None:
+        spans.append(counter.total - spans.pop())
+
+    hooks = [h for b in blocks for h in (b.register_forward_pre_hook(pre, with_kwargs=True), b.register_forward_hook(post))]
+    hooks.append(unet.mid_block.register_forward_hook(lambda *a: counter.mark()))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     try:
         with counter, autocast:
-            out = unet(x, t, encoder_hidden_states=text).sample
+            out = unet(x, t, encoder_hidden_states=text, **extra).sample
     finally:
-        hook.remove()
+        for h in hooks:
+            h.remove()
     del out
-    return {"full": counter.total, "encoder": counter.marks[0]}
+    return {"full": counter.total, "encoder": counter.marks[0], "max_block": max(spans),
+            "outside_blocks": counter.total - sum(spans), "block_inputs": sum(inputs.values())}
 
 
 def linear_fit(unet, res: int, text_dim: int, precision: str, frozen: bool) -> dict[str, dict[str, int]]:
@@ -139,10 +168,8 @@ def measure(res: int = 64, small: tuple[int, ...] = (8, 16, 32)) -> dict:
     ratio of per-sample bytes there."""
     import subprocess
 
-    from bench.sd_configs import CONFIGS
-
     results, raw = {}, {}
-    for version in CONFIGS:
+    for version in ("sd15", "sd21base"):  # SDXL's: bench/memory_sdxl.py
         for mode in ("trained", "frozen"):
             # one process per network and mode: the CPU allocator keeps what a forward freed
             out = subprocess.run([sys.executable, "-m", "bench.memory", "--measure-one", version, mode,
@@ -151,7 +178,7 @@ def measure(res: int = 64, small: tuple[int, ...] = (8, 16, 32)) -> dict:
             fit32, fit16, points = json.loads(out.stdout.strip().splitlines()[-1])
             points = {int(r): v for r, v in points.items()}
             per32 = {k: round(extrapolate({r: v[k] - fit32["per_call"][k] for r, v in points.items()}, res))
-                     for k in ("full", "encoder")}
+                     for k in fit32["per_call"]}
             results.setdefault(version, {})[f"fp32_{mode}"] = {"per_sample": per32, "per_call": fit32["per_call"]}
             results[version][f"bf16_{mode}"] = {
                 "per_sample": {k: round(per32[k] * fit16["per_sample"][k] / fit32["per_sample"][k]) for k in per32},
@@ -167,8 +194,12 @@ def measure_one(version: str, mode: str, small: tuple[int, ...]) -> list:
     from bench.sd_configs import CONFIGS
 
     torch.manual_seed(0)
-    unet = build(version, "cpu")["unet"]
-    text_dim, frozen, lo = CONFIGS[version]["unet"]["cross_attention_dim"], mode == "frozen", min(small)
+    return fits(build(version, "cpu")["unet"], CONFIGS[version]["unet"]["cross_attention_dim"], mode == "frozen", small)
+
+
+def fits(unet: torch.nn.Module, text_dim: int, frozen: bool, small: tuple[int, ...]) -> list:
+    """[fp32 batch-1/2 fit, bf16 batch-1/2 fit] at the smallest of `small`, and {res: fp32 batch-1 bytes}."""
+    lo = min(small)
     fit32 = linear_fit(unet, lo, text_dim, "fp32", frozen)
     fit16 = linear_fit(unet, lo, text_dim, "bf16", frozen)
     return [fit32, fit16, {r: measure_unet(unet, 1, r, text_dim, "fp32", frozen) for r in small}]
@@ -222,8 +253,18 @@ def step_memory(params: dict[str, int], rc: dict, acts: dict, precision: str) ->
     return out
 
 
+def group_runs(cfg: dict, key) -> dict[tuple, list[str]]:
+    """The runs of `cfg` grouped by `key(run config)`: runs with the same numbers share a table row."""
+    from sida.run.config import run_config
+
+    groups: dict[tuple, list[str]] = {}
+    for run in cfg["distill"]["runs"]:
+        groups.setdefault(key(run_config(cfg, run)), []).append(run)
+    return groups
+
+
 def table(act_file: Path = ACTIVATIONS) -> str:
-    from sida.run.config import load_config, run_config
+    from sida.run.config import load_config
 
     data = json.loads(act_file.read_text())
     acts = data["bytes"]
@@ -233,11 +274,9 @@ def table(act_file: Path = ACTIVATIONS) -> str:
         cfg = load_config(REPO / "config" / f"{preset}.yaml")
         params = param_counts(version)
         counts = " / ".join(f"{params[k] / 1e6:.1f}M" for k in ("unet", "text_encoder", "vae"))
-        groups: dict[tuple, list[str]] = {}
-        for run in cfg["distill"]["runs"]:
-            rc = run_config(cfg, run)
-            ms = tuple(tuple(step_memory(params, rc, acts[version], p).items()) for p in ("fp32", "bf16"))
-            groups.setdefault((ms, rc["batch_per_proc"], rc["precision"]), []).append(run)
+        groups = group_runs(cfg, lambda rc: (
+            tuple(tuple(step_memory(params, rc, acts[version], p).items()) for p in ("fp32", "bf16")),
+            rc["batch_per_proc"], rc["precision"]))
         for (ms, bpp, own), runs in groups.items():
             for precision, m in zip(("fp32", "bf16"), map(dict, ms)):
                 cells = [f"{m[k] / GIB:.1f}" for k in ("weights", "grads", "adam", "activations", "total")]

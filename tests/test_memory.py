@@ -10,9 +10,12 @@ from bench import memory
 
 # Published counts: diffusers' ModelMixin.num_parameters docstring (SD 1.5 UNet 859,520,964); the
 # SD 1.5 CLIP ViT-L/14 text encoder 123,060,480 and VAE 83,653,863 and the SD 2.x UNet 865,910,724
-# and OpenCLIP-H text encoder (23 layers) 340,387,840 as third-party code reports them (docs/memory.md).
+# and OpenCLIP-H text encoder (23 layers) 340,387,840, and SDXL's UNet 2,567,463,684 and OpenCLIP-bigG
+# text encoder with projection 694,659,840, as third-party code reports them (docs/memory.md).
 PUBLISHED = {"sd15": {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863},
-             "sd21base": {"unet": 865_910_724, "text_encoder": 340_387_840, "vae": 83_653_863}}
+             "sd21base": {"unet": 865_910_724, "text_encoder": 340_387_840, "vae": 83_653_863},
+             "sdxl": {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840,
+                      "vae": 83_653_863}}
 
 
 @pytest.mark.parametrize("version", sorted(PUBLISHED))
@@ -76,3 +79,61 @@ def test_the_table_names_every_text_preset():
 def test_extrapolation_is_exact_for_a_quadratic_in_the_pixel_count():
     f = lambda r: 7 + 3 * r * r + 0.5 * r ** 4  # noqa: E731
     assert memory.extrapolate({r: f(r) for r in (8, 16, 32)}, 64) == pytest.approx(f(64))
+
+
+XL_ACTS = {f"bf16_{m}": {"per_call": {"full": 1000, "encoder": 500},
+                         "per_sample": {"full": f, "encoder": f // 2, "outside_blocks": o, "block_inputs": i, "max_block": b}}
+           for m, f, o, i, b in (("trained", 100, 10, 20, 30), ("frozen", 80, 6, 12, 25))}
+XL_PARAMS = {"unet": 16, "text_encoder": 3, "text_encoder_2": 5, "vae": 2}
+
+
+def test_fsdp_per_gpu_memory_is_the_hand_count():
+    from bench import memory_sdxl
+
+    rc = _rc(batch_per_proc=1)  # SiD, guided (kappa 1.5): teacher and fake score calls of 2 samples
+    m = memory_sdxl.per_gpu(XL_PARAMS, 4, rc, XL_ACTS, 4, "fsdp", False)
+    # 4 UNets of 16 sharded over 4 GPUs, text encoders and VAE (10) whole; G's and the fake score's
+    # gradients and two Adam moments sharded; one unit of 4 gathered: bf16 params + bf16 and fp32 grads
+    assert (m["weights"], m["grads"], m["adam"], m["gathered"]) == (4 * (16 + 10), 4 * 8, 8 * 8, 8 * 4)
+    # generator step, no weight copies under FSDP: G (1 sample) + teacher and fake score (2 each)
+    assert m["activations"] == 100 + 2 * 80 + 2 * 80
+    ck = memory_sdxl.per_gpu(XL_PARAMS, 4, rc, XL_ACTS, 4, "fsdp", True)
+    # checkpointed: each call keeps (outside + block inputs) per sample; one block (the largest call's) recomputed
+    assert ck["activations"] == 1 * (10 + 20) + 2 * (6 + 12) + 2 * (6 + 12) + 2 * 25
+    ddp = memory_sdxl.per_gpu(XL_PARAMS, 4, rc, XL_ACTS, 4, "ddp", False)
+    assert (ddp["weights"], ddp["grads"], ddp["adam"], ddp["gathered"]) == (4 * (64 + 10), 4 * 32, 8 * 32, 0)
+    assert ddp["activations"] == 3 * 1000 + 100 + 2 * 80 + 2 * 80  # autocast's weight copies per call
+    assert ddp["total"] == sum(v for k, v in ddp.items() if k != "total")
+
+
+def test_block_shares_of_a_tiny_sdxl_style_unet():
+    """measure_unet on an SDXL-style UNet (text_time added conditions): the blocks' spans and the
+    root's share add up to the whole, and the checkpointed inputs are fewer bytes than the whole."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                                          cross_attention_dim=8, attention_head_dim=2,
+                                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                          addition_embed_type="text_time", addition_time_embed_dim=4,
+                                          projection_class_embeddings_input_dim=6 * 4 + 8)
+    m = memory.measure_unet(unet, 1, 8, 8, "fp32", frozen=False)
+    assert 0 < m["max_block"] < m["full"] - m["outside_blocks"] and m["encoder"] < m["full"]
+    assert 0 < m["block_inputs"] < m["full"]
+
+
+def test_widening_is_exact_for_bytes_linear_in_the_width():
+    from bench import memory_sdxl
+
+    f = lambda w: 630_784 + 533_504 * w  # noqa: E731  (a constant text embedding + bytes per fifth of the width)
+    assert memory_sdxl.widen(f(1), f(2)) == f(5)
+
+
+def test_the_sdxl_table_names_every_sdxl_preset_at_every_gpu_count():
+    pytest.importorskip("diffusers")
+    from bench import memory_sdxl
+
+    text = memory_sdxl.table()
+    for preset in memory_sdxl.SDXL_PRESETS:
+        for world in memory_sdxl.WORLD_SIZES:
+            assert f"| {preset} |" in text and f"| {world} | fsdp | on |" in text

@@ -1,4 +1,5 @@
-"""The text-to-image presets (config/sid-lsg-sd15.yaml, sid-lsg-sd21base, dmd2-sd15, sida-sd15) carry
+"""The text-to-image presets (config/sid-lsg-sd15.yaml, sid-lsg-sd21base, dmd2-sd15, sida-sd15 and the
+SDXL ones: sid-lsg-sdxl, sida-sdxl, dmd2-sdxl) carry
 the authors' settings, checked against tables of their launch scripts' values, and share the
 zero-shot COCO evaluation of config/snippets/coco-zero-shot.yaml."""
 
@@ -12,8 +13,10 @@ import yaml
 from sida.run.config import load_config, run_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
-TEXT_PRESETS = ("sid-lsg-sd15", "sid-lsg-sd21base", "dmd2-sd15", "sida-sd15")
+SDXL_PRESETS = ("sid-lsg-sdxl", "sida-sdxl", "dmd2-sdxl")
+TEXT_PRESETS = ("sid-lsg-sd15", "sid-lsg-sd21base", "dmd2-sd15", "sida-sd15", *SDXL_PRESETS)
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # runwayml/stable-diffusion-v1-5's mirror on the hub
+SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 # github.com/mingyuanzhou/SiD-LSG: run -> (kappa1 = kappa2 = kappa3 = kappa4, kimg of the released
 # checkpoint batch512[_sd21]_cfg<k><k><k>_t625_<kimg>_v2.pkl named in generate_onestep.py)
@@ -94,6 +97,50 @@ def test_sida_sd15_says_its_settings_are_ours():
     for rc in (sida, sid2a):
         assert [p["kind"] for p in rc["phases"]] == ["warmup", "sid", "sida"]
         assert (rc["batch"], rc["lr_g"], rc["init_timestep"], rc["precision"]) == (512, 1e-6, 625, "fp32")
+
+
+@pytest.mark.parametrize("name", SDXL_PRESETS)
+def test_sdxl_presets_shard_in_bf16_with_resources_from_the_memory_table(name):
+    cfg = _load(name)
+    assert cfg["teacher"]["hub"] == SDXL and cfg["teacher"]["source"] == "diffusers"
+    assert (cfg["data"]["resolution"], cfg["data"]["channels"], cfg["data"]["label_dim"]) == (128, 4, 0)
+    assert cfg["num_procs"] == 8 and cfg["resources"]["distill"]["mem_mb"] >= 8 * 45_000
+    for run in cfg["distill"]["runs"]:
+        rc = run_config(cfg, run)
+        assert (rc["parallel"], rc["precision"], rc["activation_checkpointing"]) == ("fsdp", "bf16", False)
+    header = " ".join(_header(name).replace("#", " ").split())
+    assert "docs/memory.md" in header and "SLURM resources" in header
+
+
+def test_sid_lsg_and_sida_sdxl_say_they_are_ours_with_sid_lsg_settings():
+    for name in ("sid-lsg-sdxl", "sida-sdxl"):
+        assert "OURS" in _header(name) and "run_sid.sh L61-92" in " ".join(_header(name).replace("#", " ").split())
+        cfg = _load(name)
+        for run in cfg["distill"]["runs"]:
+            rc = run_config(cfg, run)
+            assert (rc["batch"], rc["batch_per_proc"], rc["lr_g"], rc["lr_fake"], rc["init_timestep"]) == (512, 1, 1e-6, 1e-6, 625)
+            assert (rc["optimizer"], rc["beta1_g"], rc["beta2"], rc["alpha"], rc["empty_prompt_ratio"]) == ("adam", 0, 0.999, 1.0, 0.1)
+    assert {r: run_config(_load("sid-lsg-sdxl"), r)["phases"] for r in ("kappa1.5", "kappa4.5")} == \
+        {"kappa1.5": [{"kind": "sid", "kimg": 8806}], "kappa4.5": [{"kind": "sid", "kimg": 8380}]}
+    sida = _load("sida-sdxl")
+    assert sida["data"]["kind"] == "captioned_images" and sida["data"]["image_resolution"] == 1024
+    assert run_config(sida, "sid2a")["init_generator"] == "sid" and run_config(sida, "sida")["discriminator"] is True
+
+
+def test_dmd2_sdxl_is_the_published_one_step_recipe():
+    """experiments/sdxl/sdxl_cond399_8node_lr5e-7_1step_..._noode.sh at tianweiy/DMD2@8d8fa55."""
+    cfg = _load("dmd2-sdxl")
+    rc = run_config(cfg, "dmd2")
+    assert (cfg["num_procs"], cfg["nodes"], cfg["seed"]) == (8, 8, 10)
+    assert (rc["batch"], rc["batch_per_proc"], rc["lr_g"], rc["lr_fake"]) == (128, 2, 5e-7, 5e-7)
+    assert (rc["optimizer"], rc["beta1_g"], rc["beta2"], rc["weight_decay"], rc["grad_clip"], rc["ema"]) == \
+        ("adamw", 0.9, 0.999, 0.01, 10, False)
+    assert (rc["guidance_teacher"], rc["guidance_fake"], rc["critic_ratio"]) == (8, 1, 5)
+    assert (rc["init_timestep"], rc["timestep_range"], rc["lambda_gan"], rc["lambda_cls"]) == (399, [20, 981], 5e-3, 1e-2)
+    assert rc["lr_warmup_kimg"] == pytest.approx(500 / 64 * 128 / 1000)  # 500 scheduler steps / 64 processes
+    assert rc["discriminator"] == "dmd2_head" and rc["phases"] == [{"kind": "dmd2", "kimg": 24000 * 128 / 1000}]
+    header = " ".join(_header("dmd2-sdxl").replace("#", " ").split())
+    assert "tianweiy/DMD2" in header and "sdxl_cond399_8node_lr5e-7_1step" in header and "OURS" in header
 
 
 @pytest.mark.parametrize("name", TEXT_PRESETS)
