@@ -30,7 +30,7 @@ Assumptions, each a choice of this model:
   weight copies (the gathered parameters already are bf16).
 - Activations: the calls alive together in the larger half of an iteration (bench.memory.passes).
   Without checkpointing: the measured per-sample bytes. With checkpointing of the same blocks
-  (`activation_checkpointing: true`): per call, what the root saves (`outside_blocks`) plus the
+  (activation checkpointing of every network, which the loop does not offer yet): per call, what the root saves (`outside_blocks`) plus the
   blocks' inputs (`block_inputs`, skip connections included) per sample, plus one block's
   recomputed activations (`max_block` of the largest call) during the backward; an encoder-only
   call (the discriminators) scaled by its measured encoder / full ratio. Under DDP the per-call
