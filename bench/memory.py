@@ -237,6 +237,13 @@ def call_bytes(acts: dict, precision: str, pass_name: str, samples: float) -> fl
     return entry["per_call"][key] + samples * entry["per_sample"][key]
 
 
+def peak_activations(rc: dict, step_bytes) -> float:
+    """The largest `step_bytes(calls)` over the update halves of every phase of run config `rc`
+    (`passes`: the calls alive together in one half, as (name, samples per sample of the batch))."""
+    return max((step_bytes(step) for phase in rc["phases"] for step in passes(rc, phase["kind"]).values()),
+               default=0.0)
+
+
 def step_memory(params: dict[str, int], rc: dict, acts: dict, precision: str) -> dict[str, float]:
     """Bytes per GPU of one iteration of run config `rc` (its largest phase) at its per-GPU batch."""
     unet = params["unet"]
@@ -244,10 +251,7 @@ def step_memory(params: dict[str, int], rc: dict, acts: dict, precision: str) ->
     nets = 3 + (1 if rc["ema"] else 0)  # teacher, G, fake score (+ G's EMA)
     weights = 4 * (nets * unet + params["text_encoder"] + params["vae"])
     bpp = rc["batch_per_proc"] or rc["batch"]
-    act = 0.0
-    for phase in rc["phases"]:
-        for step in passes(rc, phase["kind"]).values():
-            act = max(act, sum(call_bytes(acts, precision, name, bpp * n) for name, n in step))
+    act = peak_activations(rc, lambda step: sum(call_bytes(acts, precision, name, bpp * n) for name, n in step))
     out = {"weights": weights, "grads": 4 * trained, "adam": 8 * trained, "activations": act}
     out["total"] = sum(out.values())
     return out

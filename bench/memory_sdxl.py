@@ -86,11 +86,12 @@ def per_gpu(params: dict[str, int], unit: int, rc: dict, acts: dict, world: int,
     shard = world if parallel == "fsdp" else 1
     nets = 3 + (1 if rc["ema"] else 0)
     bpp = rc["batch_per_proc"] or rc["batch"]
-    act = 0.0
-    for phase in rc["phases"]:
-        for step in memory.passes(rc, phase["kind"]).values():
-            calls = [call_bytes(acts, name, bpp * n, parallel, checkpointing) for name, n in step]
-            act = max(act, sum(kept for kept, _ in calls) + max((r for _, r in calls), default=0.0))
+
+    def step_bytes(step: list) -> float:  # what every call keeps, plus one recomputed block at a time
+        calls = [call_bytes(acts, name, bpp * n, parallel, checkpointing) for name, n in step]
+        return sum(kept for kept, _ in calls) + max((r for _, r in calls), default=0.0)
+
+    act = memory.peak_activations(rc, step_bytes)
     out = {"weights": 4 * (nets * unet / shard + frozen_whole), "grads": 4 * 2 * unet / shard,
            "adam": 8 * 2 * unet / shard, "gathered": 8 * unit if parallel == "fsdp" else 0.0, "activations": act}
     out["total"] = sum(out.values())
