@@ -332,7 +332,7 @@ def build_report(cfg: dict, out: Path, evaluations: Sequence[str], jsonls: Seque
     try:
         models = group_models([_read_json(Path(p)) for p in evaluations])
     except ValueError as exc:
-        raise DataError(f"evaluations: {exc}: pass each metrics.json once") from None
+        raise DataError(f"evaluations: {exc}") from None
     rows, comps, spread = results_rows(models), comparisons(models), evaluation_spread(models)
     curves: dict = {}
     for p in jsonls:

@@ -201,6 +201,19 @@ def test_report_missing_input_is_one_error_line(tmp_path):
     assert not (tmp_path / "r" / "report.md").exists()
 
 
+def test_report_refuses_a_model_evaluated_with_and_without_training_seeds(tmp_path):
+    """An unseeded run's evaluation left beside a seeded sweep's (seeds added to a finished folder):
+    one line naming the model, not a mean over both (it used to fail on int('None'))."""
+    from sida.errors import DataError
+
+    evals, jsonls, grids = _inputs(tmp_path)
+    seeded = tmp_path / "evaluate" / "seed0" / "sid" / "metrics.json"
+    _evaluation(seeded, "sid", "generator", 1, [2.0, 2.1, 2.0], train_seed=0)
+    with pytest.raises(DataError, match="sid has evaluations with and without a training seed"):
+        _report(tmp_path, [*evals, seeded], jsonls, grids)
+    assert not (tmp_path / "report" / "report.md").exists()
+
+
 def test_quality_plot_names_runs_by_their_labels(tmp_path, monkeypatch):
     """The FD-vs-images legend says 'DMD2 (mean of 2 seeds, ...)', not the run's file name."""
     from sida.eval import plots

@@ -67,8 +67,12 @@ def group_models(evaluations: list[dict]) -> list[Model]:
         model = models.setdefault(m["name"], Model(m["name"], m["kind"]))
         seed = m.get("train_seed")
         if seed in model.evals:
-            raise ValueError(f"two evaluations of {m['name']} with training seed {seed}")
+            raise ValueError(f"two evaluations of {m['name']} with training seed {seed}: pass each metrics.json once")
         model.evals[seed] = m
+        if None in model.evals and len(model.evals) > 1:
+            # e.g. an unseeded run's evaluation left beside a seeded sweep's: a mean over both would mix protocols
+            raise ValueError(f"{m['name']} has evaluations with and without a training seed: pass only one "
+                             "kind (evaluate/<run>/ or evaluate/seed<k>/<run>/)")
     return sorted(models.values(), key=lambda md: (md.kind != "teacher", md.name))
 
 
