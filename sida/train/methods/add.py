@@ -50,21 +50,23 @@ def add_distill_term(teacher: Net, x_hat: torch.Tensor, sigma_t: torch.Tensor, e
 
 
 def add_logits(features: Net, heads: Net, x: torch.Tensor, labels: Optional[torch.Tensor],
-               cond: Optional[torch.Tensor]) -> torch.Tensor:
+               cond: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ADD's discriminator logits [B, sum_k N_k] of images x: frozen features (given the teacher's
-    `labels`, which a teacher-encoder feature network reads), trainable heads projected on `cond`.
-    Gradients reach x (the student's adversarial loss) and the heads' parameters."""
-    return heads(features(x, labels), cond)
+    `labels`, which a teacher-encoder feature network reads), trainable heads projected on `cond`
+    (None: on the labels, the class projection; unprojected heads read neither). Gradients reach x
+    (the student's adversarial loss) and the heads' parameters."""
+    return heads(features(x, labels), labels if cond is None else cond)
 
 
 def add_real_logits_with_r1(features: Net, heads: Net, x0: torch.Tensor, labels: Optional[torch.Tensor],
-                            cond: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                            cond: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [B, sum N_k], R1 [B]) of real images, R1 taken on the heads' inputs (the frozen
-    features of x0, ADD Section 3.2), not on the pixels, the condition or the heads' parameters."""
+    features of x0, ADD Section 3.2), not on the pixels, the condition or the heads' parameters;
+    `cond` as in `add_logits`."""
     with torch.no_grad():
         feats = [f.detach() for f in features(x0, labels)]
     feats = [f.requires_grad_(True) for f in feats]
-    logits = heads(feats, cond)
+    logits = heads(feats, labels if cond is None else cond)
     return logits, r1_penalty(logits, feats)
 
 
