@@ -221,3 +221,21 @@ def test_a_class_teacher_refuses_text_conditioning():
 
     with pytest.raises(ConfigError, match="add_conditioning"):
         class_loop("add", add_conditioning=["text"])
+
+
+def test_sdxl_text_embedding_is_the_pooled_row_of_the_packed_condition():
+    """SDXL's c_text: the pooled, projected embedding of its second encoder (the packed condition's
+    last row), not a token mean; other text teachers: the token mean."""
+    from sida.nets.diffusers_sdxl import pack_sdxl_condition
+    from sida.train.methods.add import text_embedding, text_embedding_dim
+
+    class SDXL(torch.nn.Module):
+        pooled_dim, cond_shape = 6, (5, 10)
+
+    class SD(torch.nn.Module):
+        cond_shape = (4, 10)
+
+    hidden, pooled = torch.randn(3, 4, 10), torch.randn(3, 6)
+    torch.testing.assert_close(text_embedding(pack_sdxl_condition(hidden, pooled), SDXL()), pooled)
+    torch.testing.assert_close(text_embedding(hidden, SD()), hidden.mean(dim=1))
+    assert (text_embedding_dim(SDXL()), text_embedding_dim(SD())) == (6, 10)
