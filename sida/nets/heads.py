@@ -10,7 +10,8 @@
   group of one channel would normalise every value to 0).
 - ``FeatureHead`` / ``ADDHeads``: ADD's discriminator heads, in StyleGAN-T's design (1-D convs
   over the feature tokens: a 1x1 block, a residual kernel-9 circular block, a 1x1 output conv, and
-  projection conditioning logit = <cls(h), cmap(c)> / sqrt(cmap_dim)), with GroupNorm in place of
+  projection conditioning logit = <cls(h), cmap(c)> / sqrt(cmap_dim), c the class labels or, on
+  text teachers, ADD's [c_text, c_img] built by `sida.train.methods.add`), with GroupNorm in place of
   StyleGAN-T's batch statistics (so a sample's logits do not depend on its batch-mates and a
   split batch gives the same result) and without spectral normalisation (its power iteration
   updates a buffer on every training forward, so the state would depend on how many micro-
@@ -225,7 +226,11 @@ def dmd2_head_for(fake: torch.nn.Module, image_shape: Sequence[int], label_dim: 
 
 
 def add_heads_for(features: FeatureNet, image_shape: Sequence[int], label_dim: int, cmap_dim: int, seed: int,
-                  device: torch.device | str = "cpu") -> ADDHeads:
-    """ADD's heads sized for every level of a feature network, with weights drawn from `seed`."""
+                  device: torch.device | str = "cpu", cond_dim: Optional[int] = None) -> ADDHeads:
+    """ADD's heads sized for every level of a feature network, with weights drawn from `seed`.
+    `label_dim`: the class labels the feature network is probed with; `cond_dim`: the width of
+    the vector the heads are projected on (default `label_dim`: class projection; a text run's
+    [c_text, c_img])."""
     channels, tokens = probe_features(features, image_shape, label_dim, device)
-    return seeded(lambda: ADDHeads(channels, tokens, label_dim, cmap_dim), seed).to(device)
+    width = label_dim if cond_dim is None else cond_dim
+    return seeded(lambda: ADDHeads(channels, tokens, width, cmap_dim), seed).to(device)

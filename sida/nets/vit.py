@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from ..errors import AssetError, CheckpointError, ConfigError, brief_reason
 
 __all__ = ["DINOV2_ARCHS", "DINOV2_URL", "DINOV2_RESOLUTION", "DINOV2_PATCH", "IMAGENET_MEAN", "IMAGENET_STD",
-           "imagenet_normalize", "build_dinov2", "dinov2_pos_embed_at", "dinov2_timm_state", "DINOv2Features"]
+           "imagenet_normalize", "build_dinov2", "dinov2_pos_embed_at", "dinov2_timm_state", "DINOv2Features",
+           "PixelDecoder"]
 
 # arch -> (timm model name, class-token width). ViT-L/14 is what EDM2 reports; ViT-S/14 serves
 # lighter uses (e.g. a discriminator backbone).
@@ -92,31 +93,67 @@ def dinov2_timm_state(sd: dict, source: str = "DINOv2 checkpoint") -> dict:
     return out
 
 
+class PixelDecoder(torch.nn.Module):
+    """A latent teacher's frozen VAE decoder with gradients to the latents: UNet latents -> images
+    (about [-1, 1]), for ADD's DINOv2 discriminator, which reads pixels (ADD distils latent models
+    with a discriminator on decoded images). `vae` is a diffusers AutoencoderKL; not clamped, so
+    the student's adversarial gradient survives out-of-range pixels (ours)."""
+
+    def __init__(self, vae: torch.nn.Module, scaling_factor: float) -> None:
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.scaling_factor = float(scaling_factor)
+
+    def train(self, mode: bool = True) -> "PixelDecoder":
+        return super().train(False)  # frozen
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.float() / self.scaling_factor).sample
+
+
 class DINOv2Features(torch.nn.Module):
     """ADD's DINOv2 feature network: images in [-1, 1] -> the patch tokens [B, N, C] after each of
     the blocks `layers` (class token dropped; ViT-S/14 at 224x224: four [B, 256, 384] for blocks
     2, 5, 8, 11, what ADD's heads read). Preprocessing as DINOv2 was trained: (x + 1) / 2, gray
     images repeated to RGB, bicubic resize to 224x224, ImageNet mean/std; all differentiable, so
-    the student's adversarial loss reaches its pixels. The ViT is frozen and stays in eval mode;
-    labels are ignored (the heads are conditioned, the features are not)."""
+    the student's adversarial loss reaches its pixels. A latent teacher's inputs are decoded first
+    (`decoder`, a `PixelDecoder`). The ViT is frozen and stays in eval mode; labels are ignored
+    (the heads are conditioned, the features are not). `class_token` is ADD's image embedding
+    c_img: the final-norm class token, without gradient."""
 
-    def __init__(self, model: torch.nn.Module, layers: Sequence[int] = (2, 5, 8, 11)) -> None:
+    def __init__(self, model: torch.nn.Module, layers: Sequence[int] = (2, 5, 8, 11),
+                 decoder: Optional[torch.nn.Module] = None) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
+        self.decoder = decoder
         depth = len(getattr(model, "blocks", []))
         self.layers = [int(i) for i in layers]
         if depth and max(self.layers) >= depth:
             raise ConfigError(f"distill.add_features.layers: the ViT has {depth} blocks, no block {max(self.layers)}")
+        self.embed_dim = int(model.num_features)
 
     def train(self, mode: bool = True) -> "DINOv2Features":
         super().train(mode)
         self.model.eval()
+        if self.decoder is not None:
+            self.decoder.eval()
         return self
 
-    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (or latents, decoded) -> the ViT's normalised 224x224 RGB input."""
+        if self.decoder is not None:
+            x = self.decoder(x)
         x = (x.float() + 1) / 2
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
         x = F.interpolate(x, size=(DINOV2_RESOLUTION, DINOV2_RESOLUTION), mode="bicubic", align_corners=False)
-        return list(self.model.forward_intermediates(imagenet_normalize(x), indices=self.layers, output_fmt="NLC",
+        return imagenet_normalize(x)
+
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        return list(self.model.forward_intermediates(self.pixels(x), indices=self.layers, output_fmt="NLC",
                                                      intermediates_only=True))
+
+    @torch.no_grad()
+    def class_token(self, x: torch.Tensor) -> torch.Tensor:
+        """The final-norm class token [B, C] of images (or latents) x, no gradient: ADD's c_img."""
+        return self.model.forward_features(self.pixels(x))[:, 0].float()

@@ -347,16 +347,19 @@ def resolve_run(rc: dict, teacher: Any = None) -> dict:
         rc["adam_eps"] = 1e-6 if rc.get("precision") == "fp16" else 1e-8
     if teacher is not None and rc.get("init_timestep") is not None:
         rc["sigma_init"] = float(teacher.sigma_at(int(rc["init_timestep"])))
-    rc["gen_sigmas"] = generation_sigmas(rc)
+    rc["gen_sigmas"] = generation_sigmas(rc, teacher)
     rc["sigma_init"] = rc["gen_sigmas"][0]
     return rc
 
 
-def generation_sigmas(rc: dict) -> list[float]:
+def generation_sigmas(rc: dict, teacher: Any = None) -> list[float]:
     """The generation sigmas of a run, recorded in its network file and read by generate and
     evaluate: [sigma_init] (SiD family 2.5, DMD2 80), or ADD's student levels, largest first
-    (one-step sampling starts from the first, k-step sampling visits k of them)."""
+    (one-step sampling starts from the first, k-step sampling visits k of them): steps of the
+    Karras grid, or a diffusers text teacher's own discrete timesteps (ADD's 999/749/499/249)."""
     if any(p["kind"] == "add" for p in rc["phases"]):
+        if teacher is not None and hasattr(teacher, "uncond") and hasattr(teacher, "sigma_at"):
+            return [float(teacher.sigma_at(int(k))) for k in rc["add_student_steps"]]
         from ..nets.sampler import add_student_sigmas  # late: torch only for ADD runs
 
         return add_student_sigmas(rc["add_student_steps"])

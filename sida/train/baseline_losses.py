@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .losses import pixel_count, sid_weight_factor
 
-ADD_WEIGHTINGS = ("exponential", "sds")
+ADD_WEIGHTINGS = ("exponential", "alpha_bar", "sds")
 
 
 def dmd_gradient(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor) -> torch.Tensor:
@@ -98,11 +98,16 @@ def r1_penalty(logits: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Te
 
 
 def add_distill_weight(sigma: torch.Tensor, kind: str = "exponential") -> torch.Tensor:
-    """ADD's distillation weighting c(t) in EDM's sigma (ADD Section 3.2):
+    """ADD's distillation weighting c(t) in EDM's sigma (ADD Section 3.2, "exponential weighting
+    c(t) = alpha_bar_t, higher noise levels contribute less", or SDS weighting):
 
-    - "exponential": c = alpha_t, which for an EDM (variance-exploding) sigma is the
-      variance-preserving alpha_t = 1 / sqrt(1 + sigma^2) (x_VP = alpha_t (x_0 + sigma eps));
-      higher noise levels contribute less.
+    - "alpha_bar": c = alpha_bar_t = 1 / (1 + sigma^2), the paper's formula with alpha_bar the
+      cumulative product of the VP schedule (x_VP = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps,
+      sigma^2 = (1 - alpha_bar) / alpha_bar). For a diffusers teacher, whose sigmas are its discrete
+      steps' sigma_k, this is exactly its scheduler's alphas_cumprod[k].
+    - "exponential": c = alpha_t = sqrt(alpha_bar_t) = 1 / sqrt(1 + sigma^2), the VP signal scale:
+      our earlier reading, kept as the default so the class-conditional EDM runs stay as they were
+      (it decays more slowly than the paper's alpha_bar_t).
     - "sds": the c that makes the gradient of c ||x_hat - sg(D(x_hat_t))||^2 equal to the SDS
       gradient w(t) (eps_hat - eps) (Poole et al. 2022): eps_hat - eps = (alpha_t / sigma_t^VP)
       (x_hat - D), so c = w(t) alpha_t / (2 sigma_t^VP); with DreamFusion's w(t) = (sigma_t^VP)^2
@@ -111,6 +116,8 @@ def add_distill_weight(sigma: torch.Tensor, kind: str = "exponential") -> torch.
     sigma = torch.as_tensor(sigma).float()
     if kind == "exponential":
         return 1 / (1 + sigma ** 2).sqrt()
+    if kind == "alpha_bar":
+        return 1 / (1 + sigma ** 2)
     if kind == "sds":
         return sigma / (2 * (1 + sigma ** 2))
     raise ValueError(f"ADD weighting must be one of {ADD_WEIGHTINGS}, got {kind!r}")
