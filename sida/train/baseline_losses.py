@@ -106,7 +106,7 @@ def add_distill_weight(sigma: torch.Tensor, kind: str = "exponential") -> torch.
       sigma^2 = (1 - alpha_bar) / alpha_bar). For a diffusers teacher, whose sigmas are its discrete
       steps' sigma_k, this is exactly its scheduler's alphas_cumprod[k].
     - "exponential": c = alpha_t = sqrt(alpha_bar_t) = 1 / sqrt(1 + sigma^2), the VP signal scale:
-      our earlier reading, kept as the default so the class-conditional EDM runs stay as they were
+      our earlier reading, kept as the schema default so the embedded digits ADD run stays as measured
       (it decays more slowly than the paper's alpha_bar_t).
     - "sds": the c that makes the gradient of c ||x_hat - sg(D(x_hat_t))||^2 equal to the SDS
       gradient w(t) (eps_hat - eps) (Poole et al. 2022): eps_hat - eps = (alpha_t / sigma_t^VP)
