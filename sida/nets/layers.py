@@ -264,10 +264,12 @@ class _GroupNormSiLU(torch.autograd.Function):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         n, c, hw = _group_norm_sizes(x)
         # The normalised tensor again, as ATen's kernel forms it (x * scale + shift per sample
-        # and channel), from the saved statistics: one elementwise pass, no reduction.
-        scale = (rstd.repeat_interleave(c // ctx.groups, dim=1) * weight).reshape(n, c, 1, 1)
-        shift = bias.reshape(1, c, 1, 1) - mean.repeat_interleave(c // ctx.groups, dim=1).reshape(n, c, 1, 1) * scale
-        y = torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+        # and channel), from the saved statistics: one elementwise pass, no reduction. The
+        # per-group statistics broadcast over their channels as [n, groups, c / groups] views
+        # (no repeat_interleave copies: fewer small ops, the same products).
+        scale = rstd.unsqueeze(-1) * weight.view(ctx.groups, -1)
+        shift = bias.view(ctx.groups, -1) - mean.unsqueeze(-1) * scale
+        y = torch.addcmul(shift.view(n, c, 1, 1).to(x.dtype), x, scale.view(n, c, 1, 1).to(x.dtype))
         g = torch.ops.aten.silu_backward(g, y).contiguous(memory_format=memory_format_of(x))
         gx, gw, gb = torch.ops.aten.native_group_norm_backward(
             g, x, mean, rstd, weight, n, c, hw, ctx.groups, list(ctx.needs_input_grad[:3]))
