@@ -184,7 +184,8 @@ def load_sharded(path: str | Path, entries: Entries, config_hash: str,
     return extra, meta
 
 
-def consolidated_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(net: torch.nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
     """The full, unsharded state dict of `net` on rank 0's CPU (a collective; the other processes
-    get an empty dict), see `sida.train.sharding.consolidated_network`."""
-    return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    get an empty dict), or with `everywhere` on every process's device; see
+    `sida.train.sharding.consolidated_network`."""
+    return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))

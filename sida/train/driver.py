@@ -20,11 +20,13 @@ import torch
 import torch.distributed as dist
 
 from ..io import checkpoints
+from ..io.sharded_checkpoint import load_sharded, save_sharded
 from ..run.dist import DistInfo, gather_objects
 from ..errors import CheckpointError, NonFiniteError
 from ..io.killpoint import kill_point
 from ..run import signals
 from .draws import capture_rng, restore_rng
+from .sharding import is_sharded, local_tensor, sharded_peak
 
 
 class Loop(Protocol):
@@ -60,18 +62,23 @@ class Stateful(Protocol):
 
 
 class Checkpointer:
-    """The resumable state of one stage in `<out>/work/state.pt` (atomic; rank 0 writes).
+    """The resumable state of one stage in `<out>/work/state.pt` (atomic; rank 0 writes), or, for
+    a sharded loop (`sharded`: `parallel: fsdp`), in the directory `<out>/work/state` that every
+    process writes its shards to (`sida.io.sharded_checkpoint`).
 
-    Holds whatever the loop's `state_dict` returns plus every rank's RNG states, the state of the
-    objects registered with `track` (e.g. the best-snapshot keeper), the loop driver's own
-    counters, and the config hash: resuming under a different config is refused rather than
-    silently mixed. Everything that steers what a run does next is in here, so a run killed at
-    any point resumes exactly where its last checkpoint stood.
+    Holds whatever the loop's `state_dict` returns (sharded: its `sharded_entries` and
+    `counters`) plus every rank's RNG states, the state of the objects registered with `track`
+    (e.g. the best-snapshot keeper), the loop driver's own counters, and the config hash:
+    resuming under a different config is refused rather than silently mixed. Everything that
+    steers what a run does next is in here, so a run killed at any point resumes exactly where
+    its last checkpoint stood. A sharded state also resumes at another process count: the
+    networks and optimisers reshard and each micro-batch slot's random streams move with it.
     """
 
-    def __init__(self, work_dir: Path, info: DistInfo, cfg_hash: str, stage: str) -> None:
+    def __init__(self, work_dir: Path, info: DistInfo, cfg_hash: str, stage: str, sharded: bool = False) -> None:
         self.work_dir = Path(work_dir)
-        self.path = self.work_dir / "state.pt"
+        self.sharded = sharded
+        self.path = self.work_dir / ("state" if sharded else "state.pt")
         self.info = info
         self.cfg_hash = cfg_hash
         self.stage = stage
@@ -85,22 +92,38 @@ class Checkpointer:
         self.tracked[name] = obj
 
     def save(self, loop: Loop, driver: dict | None = None) -> None:
-        """Gather RNG states from all ranks; rank 0 writes the checkpoint."""
+        """Gather RNG states from all ranks; rank 0 writes the checkpoint (sharded: every rank its shards)."""
         rngs = gather_objects(capture_rng(loop.gens))
-        if self.info.is_main:
+        meta = {"stage": self.stage, "config_hash": self.cfg_hash, "nimg": loop.nimg,
+                "world_size": self.info.world_size, "phase": loop.phase_name()}
+        if self.sharded:
+            extra = {**loop.counters(), "rng": rngs, "tracked": self._tracked_state(), "driver": driver or {}}
+            save_sharded(self.path, loop.sharded_entries(), extra, meta)
+        elif self.info.is_main:
             state = loop.state_dict()
-            state["rng"] = rngs
-            state["tracked"] = {name: obj.state_dict() for name, obj in self.tracked.items()}
-            state["driver"] = driver or {}
-            state["meta"] = {"stage": self.stage, "config_hash": self.cfg_hash, "nimg": loop.nimg,
-                             "world_size": self.info.world_size, "phase": loop.phase_name()}
+            state.update(rng=rngs, tracked=self._tracked_state(), driver=driver or {}, meta=meta)
             checkpoints.save_state(self.path, state)
         self.saved_nimg = loop.nimg
 
+    def _tracked_state(self) -> dict:
+        return {name: obj.state_dict() for name, obj in self.tracked.items()}
+
     def load_if_any(self, loop: Loop) -> bool:
         """Resume from the checkpoint if one exists; False when starting fresh."""
-        if not self.path.exists():
+        state = self._load_sharded(loop) if self.sharded else self._load_whole(loop)
+        if state is None:
             return False
+        tracked = state.get("tracked", {})
+        for name, obj in self.tracked.items():
+            if name in tracked:
+                obj.load_state_dict(tracked[name])
+        self.driver = state.get("driver", {})
+        self.saved_nimg = loop.nimg
+        return True
+
+    def _load_whole(self, loop: Loop) -> dict | None:
+        if not self.path.exists():
+            return None
         try:
             state = checkpoints.load_state(self.path)
         except CheckpointError as exc:  # say what this file is and how to get going again
@@ -116,13 +139,17 @@ class Checkpointer:
                                   f"this run has {self.info.world_size}: resume with the same process count")
         loop.load_state_dict(state)
         restore_rng(loop.gens, state["rng"][self.info.rank])
-        tracked = state.get("tracked", {})
-        for name, obj in self.tracked.items():
-            if name in tracked:
-                obj.load_state_dict(tracked[name])
-        self.driver = state.get("driver", {})
-        self.saved_nimg = loop.nimg
-        return True
+        return state
+
+    def _load_sharded(self, loop: Loop) -> dict | None:
+        loaded = load_sharded(self.path, loop.sharded_entries(), self.cfg_hash)
+        if loaded is None:
+            return None
+        extra, _ = loaded
+        loop.load_counters(extra)
+        restore_rng(loop.gens, slot_rng(extra["rng"], self.info.rank, self.info.world_size, list(loop.gens),
+                                         self.path))
+        return extra
 
     def where(self) -> str:
         """Which checkpoint a stopped run keeps, for error messages."""
@@ -134,6 +161,27 @@ class Checkpointer:
         """Remove the work dir once the stage's outputs are written: a forced rerun starts fresh."""
         if self.info.is_main:
             shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def slot_rng(rngs: list[dict], rank: int, world_size: int, names: list[str], path: Path) -> dict:
+    """Process `rank`'s RNG states (`capture_rng`) from a checkpoint's per-rank list, at this
+    run's process count: its own at the same count; at another, the streams of the micro-batch
+    slots it now runs (slot k * rounds + r, `make_generators`) and the global stream of the
+    process that had its first slot. The slot count (global batch / micro-batch) must stay.
+    `names`: this process's generators in `make_generators`' order, a noise and a data stream
+    per round, the order every process's states were captured in."""
+    if len(rngs) == world_size:
+        return rngs[rank]
+    rounds, old_rounds = len(names) // 2, len(rngs[0]["gens"]) // 2
+    if old_rounds * len(rngs) != rounds * world_size:
+        raise CheckpointError(f"checkpoint {path} has {old_rounds * len(rngs)} micro-batch slots ({len(rngs)} "
+                              f"processes x {old_rounds} rounds), this run has {rounds * world_size}: resume with "
+                              f"{len(rngs)} processes, or set batch_per_proc so the micro-batch stays the same")
+    gens = {}
+    for i, name in enumerate(names):
+        k, old_r = divmod(rank * rounds + i // 2, old_rounds)
+        gens[name] = list(rngs[k]["gens"].values())[2 * old_r + i % 2]
+    return {**rngs[rank * rounds // old_rounds], "gens": gens}
 
 
 class TickStats:
@@ -194,11 +242,14 @@ class NonFiniteGuard:
         self.budget = budget
         self.label = label
         self.flag: torch.Tensor | None = None
+        # Sharded networks: the peak over every process's shards (the same flag on every process).
+        self.sharded = any(is_sharded(net) for net in nets.values())
 
     @torch.no_grad()
     def after_update(self) -> None:
         if self.params:
-            peak = torch.nn.utils.get_total_norm(self.params, float("inf"))
+            peak = (sharded_peak(self.params) if self.sharded
+                    else torch.nn.utils.get_total_norm(self.params, float("inf")))
             self.flag = peak if self.flag is None else torch.maximum(self.flag, peak)
 
     def check_params(self, nimg: int, checkpointer: Checkpointer) -> None:
@@ -206,14 +257,19 @@ class NonFiniteGuard:
         flag, self.flag = self.flag, None
         if flag is None or bool(torch.isfinite(flag)):
             return
+        where = "a network"  # (sharded: the tensor is named by the process whose shard holds it)
         for net_name, net in self.nets.items():
-            bad = checkpoints.nonfinite_tensors({k: v.detach() for k, v in net.state_dict().items()})
+            bad = checkpoints.nonfinite_tensors({k: local_tensor(v) for k, v in net.state_dict().items()})
             if bad:
                 name, count = bad[0]
-                raise NonFiniteError(
-                    f"{self.label}training diverged: {net_name}.{name} holds {count} NaN/inf value(s) after the "
-                    f"updates up to {nimg / 1000:.3f} kimg; {checkpointer.where()} and no network was written: "
-                    f"lower the learning rate or check the inputs, then delete {checkpointer.work_dir} and rerun")
+                where = f"{net_name}.{name} holds {count} NaN/inf value(s)"
+                break
+        else:
+            where += " of another process's shard holds NaN/inf values"
+        raise NonFiniteError(
+            f"{self.label}training diverged: {where} after the updates up to {nimg / 1000:.3f} kimg; "
+            f"{checkpointer.where()} and no network was written: lower the learning rate or check the inputs, "
+            f"then delete {checkpointer.work_dir} and rerun")
 
     def end_tick(self, tick: TickStats, nimg: int, checkpointer: Checkpointer) -> None:
         """The checks of a tick's end: parameters, then the skipped-update budget."""
