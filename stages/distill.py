@@ -97,7 +97,8 @@ class BestKeeper:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             # A sharded G_ema is gathered whole on every process: the monitor splits its seeds
             # over processes unevenly, and a sharded forward needs every process in step.
-            G = consolidated_network(self.nets.G_ema, everywhere=True) if is_sharded(self.nets.G_ema) else self.nets.G_ema
+            G = self.nets.G_ema
+            G = consolidated_network(G, everywhere=True) if is_sharded(G) else G
             value = self.monitor(generate)
         key, v = self.monitor.key, value[self.monitor.key]
         best = self.record.get("best")

@@ -10,6 +10,7 @@ one line. This file doubles as the loop worker: `torchrun ... tests/test_fsdp_lo
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import PYTHON, REPO, env, tiny_config  # noqa: E402
+from helpers import (PYTHON, REPO, assert_same_run, env, error_lines, run_command, run_module,  # noqa: E402
+                     tiny_config)
 
 STEPS = 4  # warm-up, SiD, then two SiDA iterations of 16
 
@@ -35,7 +37,9 @@ def _whole_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     from sida.io.sharded_checkpoint import consolidated_state_dict
     from sida.train.sharding import is_sharded
 
-    return consolidated_state_dict(net) if is_sharded(net) else {k: v.detach().clone() for k, v in net.state_dict().items()}
+    if is_sharded(net):
+        return consolidated_state_dict(net)
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
 def worker(out: Path) -> None:
@@ -92,6 +96,115 @@ def test_two_fsdp_processes_equal_one_ddp_process(tmp_path):
         for k, v in single[step].items():
             mean = (ranks[0][step][k] + ranks[1][step][k]) / 2 if not k.startswith("nonfinite") else ranks[0][step][k]
             assert mean == pytest.approx(v, rel=1e-4, abs=1e-5), (step, k)
+
+
+def test_a_checkpoint_moves_its_slot_streams_to_another_process_count(tmp_path):
+    """Slot k * rounds + r of the old split is the same slot of the new one; another slot count
+    is refused in one line."""
+    from sida.errors import CheckpointError
+    from sida.train.checkpointer import slot_rng
+
+    from sida.train.draws import make_generators
+
+    def names(rounds: int) -> list[str]:  # a process's generators, as the loop makes them
+        return list(make_generators(0, 0, torch.device("cpu"), rounds))
+
+    def slot(k: int, name: str) -> str:  # a stand-in state naming its kind and global slot (2 rounds)
+        kind, _, r = name.partition("/")
+        return f"{kind}{2 * k + int(r or 0)}"
+
+    # 2 processes x 2 rounds
+    rngs = [{"gens": {n: slot(k, n) for n in names(2)}, "torch": f"torch{k}"} for k in range(2)]
+    assert slot_rng(rngs, 1, 2, names(2), tmp_path) is rngs[1]
+    four = [slot_rng(rngs, k, 4, names(1), tmp_path) for k in range(4)]
+    assert [s["gens"] for s in four] == [{"noise": f"noise{k}", "data": f"data{k}"} for k in range(4)]
+    assert [s["torch"] for s in four] == ["torch0", "torch0", "torch1", "torch1"]
+    one = slot_rng(rngs, 0, 1, names(4), tmp_path)["gens"]
+    assert one == {"noise": "noise0", "data": "data0", **{f"{kind}/{r}": f"{kind}{r}" for r in (1, 2, 3)
+                                                          for kind in ("noise", "data")}}
+    with pytest.raises(CheckpointError, match=r"has 4 micro-batch slots \(2 processes x 2 rounds\), this run has 3: "
+                                              r"resume with 2 processes, or set batch_per_proc") as e:
+        slot_rng(rngs, 0, 3, names(1), tmp_path)
+    assert "\n" not in str(e.value)
+
+
+# -- the stage: kill -9, a signal to one rank, bad input ------------------------------------------
+
+TORCHRUN = [PYTHON, "-m", "sida.run.torchrun", "--standalone", "--nproc-per-node", "2", "-m", "--"]
+
+
+def _stage_config() -> dict:
+    """The resume tests' run (warm-up, SiD, SiDA with dropout and augmentation: 10 iterations of
+    16, checkpoints every 2) sharded, with the in-training monitor on (network.pt its best)."""
+    from test_resume import _resume_config
+
+    cfg = _resume_config()
+    cfg["distill"]["parallel"] = "fsdp"
+    cfg["evaluate"] = {"labels": "balanced", "batch": 50, "classifier": {"epochs": 1},
+                       "during_training": {"every_kimg": 0.048, "num_samples": 100}}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory, stage_inputs):
+    """The config, teacher and an uninterrupted 2-process FSDP run of the stage."""
+    d = tmp_path_factory.mktemp("fsdp-stage")
+    cfg = _stage_config()
+    cfg["results_dir"] = str(d / "results")  # the monitor's classifier and reference, made once
+    config, teacher = stage_inputs(d, cfg)
+    args = ["stages.distill", "--config", str(config), "--run", "mixed", "--teacher", str(teacher), "--out"]
+    res = run_command([*TORCHRUN, *args, str(d / "ref")])
+    assert res.returncode == 0 and "8 x 1 rounds x 2 processes" in res.stderr, res.stderr[-3000:]
+    return {"args": args, "ref": d / "ref", "dir": d}
+
+
+def _assert_same_as_uninterrupted(stage, out: Path) -> None:
+    assert_same_run(stage["ref"], out, ["G", "G_ema", "fake"])
+    assert (stage["ref"] / "network.pt").read_bytes() == (out / "network.pt").read_bytes()
+    assert not (out / "work").exists()
+
+
+@pytest.mark.slow  # three 2-process stage runs (~2 min of wall time on a shared 2-core machine)
+def test_fsdp_stage_killed_resumes_bit_exactly_and_refuses_another_config(stage, tmp_path):
+    out = tmp_path / "out"
+    # kill -9 of rank 1 after iteration 5 (its last checkpoint at 4): torchrun ends both
+    res = run_command([*TORCHRUN, *stage["args"], str(out)], SIDA_KILL_AT="iteration:5", SIDA_KILL_RANK="1")
+    assert res.returncode != 0 and (out / "work" / "state" / "meta.json").is_file(), res.stderr[-3000:]
+    assert not (out / "network.pt").exists()
+    # the sharded checkpoint of this config, resumed under another: one line naming the fix
+    res = run_command([*TORCHRUN, *stage["args"], str(out), "--set", "seed=4"])
+    errors = error_lines(res.stderr)
+    assert res.returncode != 0 and errors, res.stderr[-3000:]
+    assert all(re.search(r"sharded checkpoint .*state was written with another config .*restore that config, or "
+                         r"delete .* to start this stage over", line) for line in errors), errors
+    res = run_command([*TORCHRUN, *stage["args"], str(out)])
+    assert res.returncode == 0 and "resuming from" in res.stderr and "at 0.06 kimg" in res.stderr, res.stderr[-3000:]
+    _assert_same_as_uninterrupted(stage, out)
+
+
+@pytest.mark.slow  # two 2-process stage runs
+def test_fsdp_stage_signal_to_one_rank_checkpoints_and_resumes(stage, tmp_path):
+    out = tmp_path / "out"
+    res = run_command([*TORCHRUN, *stage["args"], str(out)], SIDA_KILL_AT="iteration:3", SIDA_KILL_SIGNAL="USR1",
+                      SIDA_KILL_RANK="1")
+    assert res.returncode == 75, res.stderr[-3000:]
+    lines = [line for line in res.stderr.splitlines() if "stopped: " in line]
+    assert len(lines) == 2 and all("stopped by" in line and "at 0.048 kimg" in line for line in lines), res.stderr
+    assert "[rank 1] received SIGUSR1" in res.stderr and "error:" not in res.stderr
+    res = run_command([*TORCHRUN, *stage["args"], str(out)])
+    assert res.returncode == 0 and "resuming" in res.stderr, res.stderr[-3000:]
+    _assert_same_as_uninterrupted(stage, out)
+
+
+def test_fsdp_with_one_process_is_refused_at_stage_level(tmp_path, stage_inputs):
+    config, teacher = stage_inputs(tmp_path, tiny_config(parallel="fsdp"))
+    res = run_module("stages.distill", "--config", str(config), "--run", "warmup", "--teacher", str(teacher),
+                     "--out", str(tmp_path / "out"))
+    assert res.returncode != 0
+    assert [line for line in res.stderr.splitlines() if line.strip()][-1:] == error_lines(res.stderr)[-1:]
+    (line,) = error_lines(res.stderr)
+    assert re.search(r"parallel: fsdp shards the networks over processes, but this run has 1 process\(es\): "
+                     r"set parallel: ddp, or launch 2 or more processes", line), res.stderr[-3000:]
 
 
 if __name__ == "__main__":
