@@ -188,9 +188,10 @@ def sharded_peak(params: Iterable[torch.nn.Parameter], group: object = None) -> 
 
 def plain_module(net: torch.nn.Module) -> torch.nn.Module:
     """A fresh, unsharded network of sharded `net`'s class, from its `init_kwargs` (fully_shard
-    gives `net` a subclass FSDP<name> of its class, which `network_record` cannot store)."""
+    gives `net` a subclass FSDP<name> of its class, which `network_record` cannot store), in eval
+    mode and frozen: it samples and is stored, never trained (no dropout in the monitor's samples)."""
     cls = next(c for c in type(net).__mro__ if not issubclass(c, FSDPModule))
-    return cls(**net.init_kwargs)
+    return cls(**net.init_kwargs).eval().requires_grad_(False)
 
 
 def consolidated_network(net: torch.nn.Module, everywhere: bool = False) -> torch.nn.Module | None:
