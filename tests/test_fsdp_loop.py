@@ -20,16 +20,17 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import (PYTHON, REPO, assert_same_run, env, error_lines, run_command, run_module,  # noqa: E402
-                     tiny_config)
+from helpers import PYTHON, REPO, baseline_runs, env, error_lines, run_command, run_module, tiny_config  # noqa: E402
+from test_signals import TORCHRUN, _assert_same_outputs, _config as signals_config  # noqa: E402
 
-STEPS = 4  # warm-up, SiD, then two SiDA iterations of 16
+STEPS = 4  # iterations of 16: mixed's warm-up, SiD and two SiDA; a baseline's warm-up and three of its own
 
 
 def _loop_config(parallel: str) -> dict:
     cfg = tiny_config(batch_per_proc=4, parallel=parallel)
     cfg["distill"]["runs"]["mixed"]["phases"] = [{"kind": "warmup", "kimg": 0.016}, {"kind": "sid", "kimg": 0.016},
                                                  {"kind": "sida", "kimg": 0.032}]
+    cfg["distill"]["runs"].update(baseline_runs(iters=(1, STEPS - 1)))  # DMD2 / ADD heads: sharded too
     return cfg
 
 
@@ -42,9 +43,9 @@ def _whole_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def worker(out: Path) -> None:
-    """STEPS iterations of the tiny mixed run, FSDP under torchrun (2 processes) or DDP (1);
-    rank 0 saves the networks' whole weights and every rank's stats."""
+def worker(out: Path, run: str) -> None:
+    """STEPS iterations of the tiny `run`, FSDP under torchrun (2 processes) or DDP (1); rank 0
+    saves the networks' whole weights and every rank's stats."""
     from sida.io.data import open_dataset
     from sida.nets.build import network_from_config
     from sida.run import dist
@@ -56,13 +57,14 @@ def worker(out: Path) -> None:
     cfg = validate(_loop_config("fsdp" if info.world_size > 1 else "ddp"))
     torch.manual_seed(0)
     teacher = network_from_config(cfg).requires_grad_(False)
-    rc = run_config(cfg, "mixed")
+    rc = run_config(cfg, run)
     loop = DistillLoop(rc, init_nets(teacher, rc["dropout"]), open_dataset(cfg["data"]), info, seed=0)
     stats = []
     for _ in range(STEPS):
         stats.append({k: float(v) for k, v in loop.step().items()})
         loop.nimg += loop.batch
-    nets = {name: _whole_state(getattr(loop.nets, name)) for name in ("G", "G_ema", "fake", "teacher")}
+    nets = {name: _whole_state(getattr(loop.nets, name)) for name in ("G", "G_ema", "fake", "head", "teacher")
+            if getattr(loop.nets, name) is not None}
     every = dist.gather_objects(stats)
     if info.is_main:
         torch.save({"nets": nets, "stats": every, "sharded": loop.mesh is not None}, out / f"loop{info.world_size}.pt")
@@ -76,26 +78,43 @@ def _run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
     return res
 
 
-def test_two_fsdp_processes_equal_one_ddp_process(tmp_path):
+def _fsdp_equals_ddp(tmp_path: Path, run: str) -> None:
+    from sida.train.methods.base import is_count
+
     torchrun = shutil.which("torchrun", path=str(Path(PYTHON).parent)) or "torchrun"
-    _run([torchrun, "--standalone", "--nproc-per-node", "2", str(Path(__file__)), str(tmp_path)])
-    _run([PYTHON, str(Path(__file__)), str(tmp_path)])
+    _run([torchrun, "--standalone", "--nproc-per-node", "2", str(Path(__file__)), str(tmp_path), run])
+    _run([PYTHON, str(Path(__file__)), str(tmp_path), run])
     two, one = torch.load(tmp_path / "loop2.pt"), torch.load(tmp_path / "loop1.pt")
     assert two["sharded"] and not one["sharded"]
-    for name in ("G", "G_ema", "fake"):
+    assert two["nets"].keys() == one["nets"].keys() and ("head" in one["nets"]) == (run != "mixed")
+    for name in two["nets"]:
         for key, a in two["nets"][name].items():
             torch.testing.assert_close(a, one["nets"][name][key], rtol=1e-4, atol=1e-5, msg=f"{name}.{key}")
     # the generator moved from the teacher it started as (the comparison can fail)
     start = one["nets"]["teacher"]
     assert any(not torch.allclose(a, start[k], rtol=1e-4, atol=1e-5) for k, a in one["nets"]["G"].items())
-    # stats: each process's are means over its half of the batch; their mean is the whole batch's
+    # stats: each process's are means over its half of the batch (their mean is the whole
+    # batch's) or counts over it (their sum); non-finite counts are already the job's
     ranks, (single,) = two["stats"], one["stats"]
-    assert len(single) == STEPS and {"nonfinite_g", "nonfinite_fake"} <= set(single[-1])
+    assert len(single) == STEPS and any(k.startswith("nonfinite_g") for k in single[-1])
     for step in range(STEPS):
         assert ranks[0][step].keys() == single[step].keys()
         for k, v in single[step].items():
-            mean = (ranks[0][step][k] + ranks[1][step][k]) / 2 if not k.startswith("nonfinite") else ranks[0][step][k]
-            assert mean == pytest.approx(v, rel=1e-4, abs=1e-5), (step, k)
+            a, b = ranks[0][step][k], ranks[1][step][k]
+            both = a if k.startswith("nonfinite") else a + b if is_count(k) else (a + b) / 2
+            assert both == pytest.approx(v, rel=1e-4, abs=1e-5), (step, k)
+
+
+def test_two_fsdp_processes_equal_one_ddp_process(tmp_path):
+    """Warm-up, SiD and SiDA (the fake score's gradients clipped by value)."""
+    _fsdp_equals_ddp(tmp_path, "mixed")
+
+
+@pytest.mark.slow  # two more torchrun jobs each (~80 s of wall time on a shared 2-core machine)
+@pytest.mark.parametrize("run", ["dmd2", "add"])
+def test_two_fsdp_processes_equal_one_ddp_process_with_a_head(tmp_path, run):
+    """DMD2 (AdamW, lr warm-up, clipping by norm, critic ratio 2, no EMA) and ADD (its heads, R1)."""
+    _fsdp_equals_ddp(tmp_path, run)
 
 
 def test_a_checkpoint_moves_its_slot_streams_to_another_process_count(tmp_path):
@@ -130,38 +149,20 @@ def test_a_checkpoint_moves_its_slot_streams_to_another_process_count(tmp_path):
 
 # -- the stage: kill -9, a signal to one rank, bad input ------------------------------------------
 
-TORCHRUN = [PYTHON, "-m", "sida.run.torchrun", "--standalone", "--nproc-per-node", "2", "-m", "--"]
-
-
-def _stage_config() -> dict:
-    """The resume tests' run (warm-up, SiD, SiDA with dropout and augmentation: 10 iterations of
-    16, checkpoints every 2) sharded, with the in-training monitor on (network.pt its best)."""
-    from test_resume import _resume_config
-
-    cfg = _resume_config()
-    cfg["distill"]["parallel"] = "fsdp"
-    cfg["evaluate"] = {"labels": "balanced", "batch": 50, "classifier": {"epochs": 1},
-                       "during_training": {"every_kimg": 0.048, "num_samples": 100}}
-    return cfg
-
-
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory, stage_inputs):
-    """The config, teacher and an uninterrupted 2-process FSDP run of the stage."""
+    """The config, teacher and an uninterrupted 2-process FSDP run of the signal tests' stage run
+    (warm-up, SiD, SiDA with dropout and augmentation: 10 iterations of 16, checkpoints every 2,
+    the in-training monitor on: network.pt is its best generator), sharded."""
     d = tmp_path_factory.mktemp("fsdp-stage")
-    cfg = _stage_config()
+    cfg = signals_config()
+    cfg["distill"]["parallel"] = "fsdp"
     cfg["results_dir"] = str(d / "results")  # the monitor's classifier and reference, made once
     config, teacher = stage_inputs(d, cfg)
     args = ["stages.distill", "--config", str(config), "--run", "mixed", "--teacher", str(teacher), "--out"]
     res = run_command([*TORCHRUN, *args, str(d / "ref")])
     assert res.returncode == 0 and "8 x 1 rounds x 2 processes" in res.stderr, res.stderr[-3000:]
     return {"args": args, "ref": d / "ref", "dir": d}
-
-
-def _assert_same_as_uninterrupted(stage, out: Path) -> None:
-    assert_same_run(stage["ref"], out, ["G", "G_ema", "fake"])
-    assert (stage["ref"] / "network.pt").read_bytes() == (out / "network.pt").read_bytes()
-    assert not (out / "work").exists()
 
 
 @pytest.mark.slow  # three 2-process stage runs (~2 min of wall time on a shared 2-core machine)
@@ -179,7 +180,7 @@ def test_fsdp_stage_killed_resumes_bit_exactly_and_refuses_another_config(stage,
                          r"delete .* to start this stage over", line) for line in errors), errors
     res = run_command([*TORCHRUN, *stage["args"], str(out)])
     assert res.returncode == 0 and "resuming from" in res.stderr and "at 0.06 kimg" in res.stderr, res.stderr[-3000:]
-    _assert_same_as_uninterrupted(stage, out)
+    _assert_same_outputs(stage["ref"], out)
 
 
 @pytest.mark.slow  # two 2-process stage runs
@@ -193,7 +194,7 @@ def test_fsdp_stage_signal_to_one_rank_checkpoints_and_resumes(stage, tmp_path):
     assert "[rank 1] received SIGUSR1" in res.stderr and "error:" not in res.stderr
     res = run_command([*TORCHRUN, *stage["args"], str(out)])
     assert res.returncode == 0 and "resuming" in res.stderr, res.stderr[-3000:]
-    _assert_same_as_uninterrupted(stage, out)
+    _assert_same_outputs(stage["ref"], out)
 
 
 def test_fsdp_with_one_process_is_refused_at_stage_level(tmp_path, stage_inputs):
@@ -208,4 +209,4 @@ def test_fsdp_with_one_process_is_refused_at_stage_level(tmp_path, stage_inputs)
 
 
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]))
+    worker(Path(sys.argv[1]), sys.argv[2])
