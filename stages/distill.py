@@ -30,6 +30,7 @@ from sida.io.data import open_dataset
 from sida.io.latents import codec_from_config, decoder_from_config
 from sida.train.loop import DistillLoop
 from sida.train.nets import init_nets
+from sida.train.sharding import consolidated_network, is_sharded, plain_module
 from sida.io.text_run import is_text_network, open_run_text_dataset, vae_of
 from sida.eval.prompting import grid_prompts
 from sida.nets.heads import head_record
@@ -82,7 +83,6 @@ class BestKeeper:
         every = int(self.monitor.every_kimg * 1000)
         if nimg // every == self.record.get("last_nimg", 0) // every:
             return {}
-        G = self.nets.G_ema
         # The training streams must not move: the monitor's first call builds its extractor (module
         # constructors draw from torch's global RNG), and only some processes make that call
         # first (a resumed one), so a draw here would split resumed runs from uninterrupted ones.
@@ -95,6 +95,10 @@ class BestKeeper:
             return x if decode is None else decode(x)
 
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            # A sharded G_ema is gathered whole on every process: the monitor splits its seeds
+            # over processes unevenly, and a sharded forward needs every process in step.
+            G = self.nets.G_ema
+            G = consolidated_network(G, everywhere=True) if is_sharded(G) else G
             value = self.monitor(generate)
         key, v = self.monitor.key, value[self.monitor.key]
         best = self.record.get("best")
@@ -111,7 +115,8 @@ class BestKeeper:
         """A copy of G_ema with the best weights seen (None before any evaluation)."""
         if self.best is None:
             return None
-        net = copy.deepcopy(self.nets.G_ema)
+        G = self.nets.G_ema
+        net = plain_module(G) if is_sharded(G) else copy.deepcopy(G)
         net.load_state_dict(self.best)
         return net
 
@@ -185,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     loop = DistillLoop(rc, nets, dataset, info, sigma_data=getattr(teacher, "sigma_data", 0.5), seed=ctx.seed)
     rc = loop.rc  # with what the loop resolves from the teacher (sigma_init of an init_timestep)
     loop.features_sha256 = features_sha
-    ckpt = Checkpointer(ctx.work, info, ctx.cfg_hash, f"distill/{args.run}")
+    sharded = loop.mesh is not None
+    ckpt = Checkpointer(ctx.work, info, ctx.cfg_hash, f"distill/{args.run}", sharded=sharded)
     noise = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
     monitor = TrainingMonitor(with_data_of(cfg, "evaluate"), info.device, info, noise)
     keeper = BestKeeper(monitor, ctx, nets, rc["sigma_init"], text)
@@ -200,12 +206,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     grid = rc["grid_size"]
 
     def write_grid(path: Path) -> None:
-        save_grid(grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"], decode=decode,
-                               prompts=text and text[0]), path, grid)
+        """Rank 0 writes the grid; a sharded G_ema samples it on every process (its forward is a collective)."""
+        if info.is_main or sharded:
+            images = grid_samples(nets.G_ema, grid, cfg["seed"], sigma_init=rc["sigma_init"], decode=decode,
+                                  prompts=text and text[0])
+        if info.is_main:
+            save_grid(images, path, grid)
 
     def snapshot() -> None:
-        if info.is_main:
-            write_grid(ctx.work / "samples.png")
+        write_grid(ctx.work / "samples.png")
 
     def on_tick(row: dict) -> None:
         with timings("evaluation"):
@@ -220,21 +229,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         on_snapshot=snapshot, label=f"{args.run}: ", watch=watch, nonfinite_budget=rc["nonfinite_budget"],
         timings=timings)
     with timings("checkpoint"):  # the final writes, timed apart like the checkpoints
+        # What is stored is whole: sharded networks are gathered on rank 0 (a collective).
+        G, G_ema, fake, head = (consolidated_network(n) if sharded and n is not None else n
+                                for n in (nets.G, nets.G_ema, nets.fake, nets.head))
+        write_grid(ctx.out / "samples.png")
         if info.is_main:
             meta = {"stage": "distill", "run": args.run, "kimg": loop.nimg / 1000, "config_hash": ctx.cfg_hash,
                     "experiment": cfg["experiment"], "sigma_init": rc["sigma_init"], "gen_sigmas": rc["gen_sigmas"],
                     "method": loop.method_name, "ema": rc["ema"], "one_step": True}
-            final = {"G": checkpoints.network_record(nets.G), "G_ema": checkpoints.network_record(nets.G_ema),
-                     "fake": checkpoints.network_record(nets.fake), "meta": meta}
-            if nets.head is not None:
-                final["head"] = head_record(nets.head)
+            final = {"G": checkpoints.network_record(G), "G_ema": checkpoints.network_record(G_ema),
+                     "fake": checkpoints.network_record(fake), "meta": meta}
+            if head is not None:
+                final["head"] = head_record(head)
             checkpoints.save_state(ctx.out / "state.pt", final)
-            write_grid(ctx.out / "samples.png")
             best = keeper.best_network()
             if best is not None:
                 # The papers report their lowest-FID snapshot: network.pt is the best generator the
                 # in-training metric saw, the final one stays as last.pt.
-                checkpoints.save_network(ctx.out / "last.pt", nets.G_ema, meta=meta)
+                checkpoints.save_network(ctx.out / "last.pt", G_ema, meta=meta)
                 meta.update(selected=f"lowest {keeper.record['key']} during training", kimg=keeper.record["best_kimg"],
                             **{keeper.record["key"]: keeper.record["best"]})
                 checkpoints.save_network(ctx.out / "network.pt", best, meta=meta)
@@ -242,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         f"{keeper.record['best']:.4f} at {keeper.record['best_kimg']:.2f} kimg); "
                         "the final one is last.pt")
             else:
-                checkpoints.save_network(ctx.out / "network.pt", nets.G_ema, meta=meta)
+                checkpoints.save_network(ctx.out / "network.pt", G_ema, meta=meta)
     ctx.log(f"{args.run}: {timings.line()}")
     tracker.summary({"kimg": loop.nimg / 1000, **{f"time/{k}": v for k, v in timings.report().items()}})
     ctx.finish(tracker, ckpt, ctx.out / "network.pt")

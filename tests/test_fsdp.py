@@ -395,15 +395,3 @@ def test_blocks_rule_finds_the_unet_blocks():
 if __name__ == "__main__":
     {"fsdp": _fsdp_worker, "plain": _plain_worker}[sys.argv[1]](Path(sys.argv[2]))
 
-
-def test_the_loop_refuses_fsdp_until_it_shards():
-    """`distill.parallel: fsdp` is a schema value the loop does not run yet: one line, before
-    anything is built, naming the setting and the fix."""
-    from sida.errors import ConfigError
-    from sida.run.config import distill_defaults
-    from sida.train.run_checks import check_run
-
-    rc = {**distill_defaults(), "parallel": "fsdp", "discriminator": False, "phases": [{"kind": "sid", "kimg": 1}]}
-    with pytest.raises(ConfigError, match=r"^distill\.parallel: fsdp: .*set parallel: ddp$"):
-        check_run(rc, _nets(), None)
-    check_run({**rc, "parallel": "ddp"}, _nets(), None)

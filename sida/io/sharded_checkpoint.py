@@ -77,19 +77,39 @@ def _collect(entries: Entries, stepped: set[str]) -> dict[str, dict]:
 
 
 @contextmanager
-def _trainable(entries: Entries) -> Iterator[None]:
+def _trainable(entries: Entries, stateful: dict[str, set[str]] | None = None) -> Iterator[None]:
     """The optimisers' parameters made trainable for the duration: DCP skips the state of frozen
     parameters (when it loads it, and when it gives a fresh optimiser its state to load into), and
-    the loop keeps its networks frozen between updates."""
-    params = [p for _, opt in entries.values() if opt is not None for g in opt.param_groups for p in g["params"]]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
+    the loop keeps its networks frozen between updates. `stateful` (a load): per entry, the names
+    of the parameters whose optimiser state the checkpoint holds; the others stay frozen, since
+    DCP would give them a state (a step on zero gradients) the checkpoint cannot fill, e.g. a
+    generator's augmentation-label weights that never get a gradient."""
+    params, flags = [], []
+    for name, (module, opt) in entries.items():
+        if opt is None:
+            continue
+        in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+        for pname, p in module.named_parameters():
+            if id(p) in in_opt:
+                params.append(p)
+                flags.append(p.requires_grad)
+                p.requires_grad_(stateful is None or pname in stateful[name])
     try:
         yield
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
+
+
+def _stateful_parameters(directory: Path, entries: Entries) -> dict[str, set[str]]:
+    """Per entry, the parameters whose optimiser state the sharded state in `directory` holds
+    (from DCP's metadata: keys `<entry>.optim.state.<parameter>.<state>`)."""
+    keys = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+    out = {}
+    for name in entries:
+        prefix = f"{name}.optim.state."
+        out[name] = {k[len(prefix):].rsplit(".", 1)[0] for k in keys if k.startswith(prefix)}
+    return out
 
 
 def save_sharded(path: str | Path, entries: Entries, extra: dict[str, Any], meta: dict[str, Any],
@@ -167,14 +187,18 @@ def load_sharded(path: str | Path, entries: Entries, config_hash: str,
                               f"{meta.get('config_hash')} vs {config_hash}): restore that config, or delete "
                               f"{directory} to start this stage over")
     stepped = set(meta.get("stepped", ()))
-    with _trainable(entries):
+    damaged = f"sharded checkpoint {directory} is damaged ({{}}): delete {directory} to start the stage over"
+    try:
+        stateful = _stateful_parameters(directory, entries)
+    except Exception as exc:  # noqa: BLE001 - no or a truncated .metadata
+        raise CheckpointError(damaged.format(brief_reason(exc))) from None
+    with _trainable(entries, stateful):
         state = _collect(entries, stepped)
         try:
             dcp.load(state, checkpoint_id=directory, process_group=group)
             extra = torch.load(directory / EXTRA, map_location="cpu", weights_only=True)
         except Exception as exc:  # DCP wraps every rank's failure (missing or truncated shards, mismatched keys)
-            raise CheckpointError(f"sharded checkpoint {directory} is damaged ({brief_reason(exc)}): delete "
-                                  f"{directory} to start the stage over") from None
+            raise CheckpointError(damaged.format(brief_reason(exc))) from None
         for name, (module, opt) in entries.items():
             if name not in stepped:  # (an optimiser that had not stepped keeps its fresh state)
                 set_model_state_dict(module, state[name]["model"])
@@ -184,7 +208,8 @@ def load_sharded(path: str | Path, entries: Entries, config_hash: str,
     return extra, meta
 
 
-def consolidated_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(net: torch.nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
     """The full, unsharded state dict of `net` on rank 0's CPU (a collective; the other processes
-    get an empty dict), see `sida.train.sharding.consolidated_network`."""
-    return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    get an empty dict), or with `everywhere` on every process's device; see
+    `sida.train.sharding.consolidated_network`."""
+    return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))

@@ -1,6 +1,6 @@
 """The driver shared by the teacher and the distillation loops: `run` takes a loop from its image
-count to the end, with progress ticks, snapshots, checkpoint/resume (`Checkpointer`, which keeps
-every rank's RNG states, `sida.train.draws`), non-finite guards and time accounting.
+count to the end, with progress ticks, snapshots, checkpoint/resume (`sida.train.checkpointer`,
+which keeps every rank's RNG states, `sida.train.draws`), non-finite guards and time accounting.
 
 The loops themselves (`sida.train.teacher`, `sida.train.loop`) say what one iteration does;
 the pieces of an update (gradient sync, optimisers, EMA) are in `sida.train.updates`.
@@ -9,22 +9,21 @@ the pieces of an update (gradient sync, optimisers, EMA) are in `sida.train.upda
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
 
 from ..io import checkpoints
-from ..run.dist import DistInfo, gather_objects
-from ..errors import CheckpointError, NonFiniteError
+from ..run.dist import DistInfo
+from ..errors import NonFiniteError
 from ..io.killpoint import kill_point
 from ..run import signals
-from .draws import capture_rng, restore_rng
+from .checkpointer import Checkpointer
+from .sharding import is_sharded, local_tensor, sharded_peak
 
 
 class Loop(Protocol):
@@ -50,90 +49,6 @@ def format_eta(seconds: float) -> str:
     if s >= 60:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s}s"
-
-
-class Stateful(Protocol):
-    """Anything whose state belongs in the resume checkpoint beside the loop's."""
-
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-class Checkpointer:
-    """The resumable state of one stage in `<out>/work/state.pt` (atomic; rank 0 writes).
-
-    Holds whatever the loop's `state_dict` returns plus every rank's RNG states, the state of the
-    objects registered with `track` (e.g. the best-snapshot keeper), the loop driver's own
-    counters, and the config hash: resuming under a different config is refused rather than
-    silently mixed. Everything that steers what a run does next is in here, so a run killed at
-    any point resumes exactly where its last checkpoint stood.
-    """
-
-    def __init__(self, work_dir: Path, info: DistInfo, cfg_hash: str, stage: str) -> None:
-        self.work_dir = Path(work_dir)
-        self.path = self.work_dir / "state.pt"
-        self.info = info
-        self.cfg_hash = cfg_hash
-        self.stage = stage
-        self.tracked: dict[str, Stateful] = {}
-        self.driver: dict = {}  # `run`'s counters from the checkpoint resumed from
-        self.saved_nimg: int | None = None  # the image count of the checkpoint on disk
-
-    def track(self, name: str, obj: Stateful) -> None:
-        """Save `obj.state_dict()` with every checkpoint and restore it on resume (register
-        before `load_if_any`)."""
-        self.tracked[name] = obj
-
-    def save(self, loop: Loop, driver: dict | None = None) -> None:
-        """Gather RNG states from all ranks; rank 0 writes the checkpoint."""
-        rngs = gather_objects(capture_rng(loop.gens))
-        if self.info.is_main:
-            state = loop.state_dict()
-            state["rng"] = rngs
-            state["tracked"] = {name: obj.state_dict() for name, obj in self.tracked.items()}
-            state["driver"] = driver or {}
-            state["meta"] = {"stage": self.stage, "config_hash": self.cfg_hash, "nimg": loop.nimg,
-                             "world_size": self.info.world_size, "phase": loop.phase_name()}
-            checkpoints.save_state(self.path, state)
-        self.saved_nimg = loop.nimg
-
-    def load_if_any(self, loop: Loop) -> bool:
-        """Resume from the checkpoint if one exists; False when starting fresh."""
-        if not self.path.exists():
-            return False
-        try:
-            state = checkpoints.load_state(self.path)
-        except CheckpointError as exc:  # say what this file is and how to get going again
-            raise CheckpointError(f"{exc}; it is this stage's resume checkpoint: delete {self.path} to "
-                                  f"start the stage over") from None
-        meta = state["meta"]
-        if meta.get("config_hash") != self.cfg_hash:
-            raise CheckpointError(f"checkpoint {self.path} was written with another config (hash "
-                                  f"{meta.get('config_hash')} vs {self.cfg_hash}): restore that config, "
-                                  f"or delete {self.work_dir} to start this stage over")
-        if meta.get("world_size") != self.info.world_size:
-            raise CheckpointError(f"checkpoint {self.path} was written by {meta.get('world_size')} processes, "
-                                  f"this run has {self.info.world_size}: resume with the same process count")
-        loop.load_state_dict(state)
-        restore_rng(loop.gens, state["rng"][self.info.rank])
-        tracked = state.get("tracked", {})
-        for name, obj in self.tracked.items():
-            if name in tracked:
-                obj.load_state_dict(tracked[name])
-        self.driver = state.get("driver", {})
-        self.saved_nimg = loop.nimg
-        return True
-
-    def where(self) -> str:
-        """Which checkpoint a stopped run keeps, for error messages."""
-        if self.saved_nimg is None:
-            return "no checkpoint had been written yet"
-        return f"the last good checkpoint {self.path} ({self.saved_nimg / 1000:.3f} kimg) is kept"
-
-    def clear(self) -> None:
-        """Remove the work dir once the stage's outputs are written: a forced rerun starts fresh."""
-        if self.info.is_main:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
 class TickStats:
@@ -194,11 +109,14 @@ class NonFiniteGuard:
         self.budget = budget
         self.label = label
         self.flag: torch.Tensor | None = None
+        # Sharded networks: the peak over every process's shards (the same flag on every process).
+        self.sharded = any(is_sharded(net) for net in nets.values())
 
     @torch.no_grad()
     def after_update(self) -> None:
         if self.params:
-            peak = torch.nn.utils.get_total_norm(self.params, float("inf"))
+            peak = (sharded_peak(self.params) if self.sharded
+                    else torch.nn.utils.get_total_norm(self.params, float("inf")))
             self.flag = peak if self.flag is None else torch.maximum(self.flag, peak)
 
     def check_params(self, nimg: int, checkpointer: Checkpointer) -> None:
@@ -206,14 +124,19 @@ class NonFiniteGuard:
         flag, self.flag = self.flag, None
         if flag is None or bool(torch.isfinite(flag)):
             return
+        where = "a network"  # (sharded: the tensor is named by the process whose shard holds it)
         for net_name, net in self.nets.items():
-            bad = checkpoints.nonfinite_tensors({k: v.detach() for k, v in net.state_dict().items()})
+            bad = checkpoints.nonfinite_tensors({k: local_tensor(v) for k, v in net.state_dict().items()})
             if bad:
                 name, count = bad[0]
-                raise NonFiniteError(
-                    f"{self.label}training diverged: {net_name}.{name} holds {count} NaN/inf value(s) after the "
-                    f"updates up to {nimg / 1000:.3f} kimg; {checkpointer.where()} and no network was written: "
-                    f"lower the learning rate or check the inputs, then delete {checkpointer.work_dir} and rerun")
+                where = f"{net_name}.{name} holds {count} NaN/inf value(s)"
+                break
+        else:
+            where += " of another process's shard holds NaN/inf values"
+        raise NonFiniteError(
+            f"{self.label}training diverged: {where} after the updates up to {nimg / 1000:.3f} kimg; "
+            f"{checkpointer.where()} and no network was written: lower the learning rate or check the inputs, "
+            f"then delete {checkpointer.work_dir} and rerun")
 
     def end_tick(self, tick: TickStats, nimg: int, checkpointer: Checkpointer) -> None:
         """The checks of a tick's end: parameters, then the skipped-update budget."""

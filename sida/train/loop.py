@@ -18,6 +18,8 @@ false` keeps G_ema equal to G), and the checkpoint state. What the official SiD 
 this one does too: G and f_psi carry `dropout` and train in train mode (the teacher and G_ema
 never do); labels of class-conditional runs come from dataset samples; `precision: fp16` runs
 EDM's fp16 path in all networks (no gradient scaler; Adam eps 1e-6).
+`parallel: fsdp` shards the networks over the processes (`sida.train.sharding`) once they are
+built; the iteration is the same, with FSDP's averaged gradients in place of `sync_gradients`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..io.data import ImageDataset
 from ..run.config import discriminator_kind, distill_defaults, resolve_run, run_method
 from ..run.dist import DistInfo
 from ..errors import CheckpointError
+from ..io.sharded_checkpoint import Entries
 from ..nets.edm2 import force_weight_norm_
 from .augment import AugmentPipe
 from .draws import Draws, make_generators
@@ -38,6 +41,7 @@ from .methods import method_class
 from .methods.base import Slot, Stats, freeze, is_count, unfreeze
 from .nets import Nets, prepare_networks
 from .run_checks import check_run
+from .sharding import shard_run, sync_sharded_gradients
 from .updates import accumulation, ema_update, generator_turn, run_optimizers, set_lr, sync_gradients, warmup_lr
 
 
@@ -58,6 +62,23 @@ def build_phases(phases: list[dict]) -> list[Phase]:
     return out
 
 
+def run_settings(rc: dict, nets: Nets, dataset: ImageDataset | None) -> dict:
+    """A run's settings with the schema's defaults (for a hand-made rc: tests, benchmarks),
+    checked against its networks and data, and what follows from its teacher resolved."""
+    rc = {**distill_defaults(), **rc}
+    check_run(rc, nets, dataset)
+    return resolve_run(rc, nets.teacher)
+
+
+def run_draws(rc: dict, teacher: torch.nn.Module, gens: dict[str, torch.Generator], rounds: int, micro: int,
+              device: torch.device, dataset: ImageDataset | None) -> Draws:
+    """The run's random draws, shaped by its teacher (images, labels; prompts of a text teacher)."""
+    shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
+    augment = AugmentPipe(rc["augment"]) if rc["augment"] > 0 else None
+    return Draws(gens, rounds, micro, device, dataset, shape, teacher.label_dim, hasattr(teacher, "uncond"),
+                 rc["precision"], augment)
+
+
 class DistillLoop:
     """One distillation iteration per `step`; state for checkpoints in `state_dict`.
 
@@ -68,40 +89,45 @@ class DistillLoop:
     def __init__(self, rc: dict, nets: Nets, dataset: ImageDataset | None, info: DistInfo,
                  gens: dict[str, torch.Generator] | None = None, sigma_data: float = 0.5,
                  seed: int = 0, fused_optimizer: bool = True) -> None:
-        rc = {**distill_defaults(), **rc}  # a hand-made rc (tests, benchmarks) gets the schema's defaults
-        check_run(rc, nets, dataset)
-        self.rc = rc = resolve_run(rc, nets.teacher)
+        self.rc = rc = run_settings(rc, nets, dataset)
         self.nets, self.dataset, self.info, self.device = nets, dataset, info, info.device
         self.sigma_data, self.gen_sigmas, self.batch = sigma_data, rc["gen_sigmas"], rc["batch"]
         self.phases = build_phases(rc["phases"])
         self.total_nimg = self.phases[-1].end_nimg
         # The method (sid, dmd, add) decides what an iteration does; the discriminator kind what
         # the critic trains besides (or, for ADD, instead of) the fake score.
-        self.method_name = run_method(rc["phases"])
-        self.disc = discriminator_kind(rc["discriminator"])
-        # The official SiDA loop clips the fake score's gradients in every phase of a run that
-        # trains the discriminator (warm-up and SiD stretch included); the SiD loop never clips.
-        self.fake_clip = rc["fake_clip"] if self.disc == "sida" else None
-        self.force_wn = bool(rc["force_weight_norm"])
+        self.method_name, self.disc = run_method(rc["phases"]), discriminator_kind(rc["discriminator"])
         self.micro, self.rounds = accumulation(self.batch, rc["batch_per_proc"], info.world_size)
         self.gens = gens if gens is not None else make_generators(seed, info.rank, info.device, self.rounds)
-        t = nets.teacher
-        self.img_shape, self.label_dim = (t.img_channels, t.img_resolution, t.img_resolution), t.label_dim
-        augment = AugmentPipe(rc["augment"]) if rc["augment"] > 0 else None
         prepare_networks(nets, rc)
-        self.draws = Draws(self.gens, self.rounds, self.micro, self.device, dataset, self.img_shape, self.label_dim,
-                           hasattr(t, "uncond"), rc["precision"], augment)
+        self.draws = run_draws(rc, nets.teacher, self.gens, self.rounds, self.micro, info.device, dataset)
         cls = method_class(self.method_name)
         self.method = cls(nets, self.draws, cls.Settings.from_run(rc), self.disc, sigma_data, self.gen_sigmas)
         # The critic's extra network (DMD2's head, ADD's heads), unless the run starts from a state
         # that holds one (`init_nets`). Weights from a private seed, so every process builds the
         # same head and the global RNG does not move.
-        self.method.build_head(seed + 7, self.img_shape, self.label_dim, self.device)
+        self.method.build_head(seed + 7, self.draws.img_shape, self.draws.label_dim, self.device)
+        # `parallel: fsdp`: sharded once every network exists, before the optimisers take their parameters.
+        self.mesh = shard_run(nets, rc, info.world_size, info.device)
         self.features_sha256: str | None = None  # ADD's DINOv2 weights (set by the stage), checked on resume
         # The critic: the fake score (SiD family, DMD) with DMD2's head, or ADD's heads alone.
         self.g_params, self.critic_params = list(nets.G.parameters()), self.method.critic_params()
         self.opt_g, self.opt_critic = run_optimizers(rc, self.g_params, self.critic_params, fused_optimizer)
         self.nimg = 0
+
+    @property
+    def img_shape(self) -> tuple[int, int, int]:
+        return self.draws.img_shape
+
+    @property
+    def label_dim(self) -> int:
+        return self.draws.label_dim
+
+    @property
+    def fake_clip(self) -> float | None:
+        """The official SiDA loop clips the fake score's gradients in every phase of a run that
+        trains the discriminator (warm-up and SiD stretch included); the SiD loop never clips."""
+        return self.rc["fake_clip"] if self.disc == "sida" else None
 
     # -- schedule ---------------------------------------------------------------------------------
     def phase(self) -> Phase:
@@ -188,7 +214,9 @@ class DistillLoop:
         """One optimiser step on accumulated gradients: average over processes (non-finite entries
         counted and replaced), clip by value (`fake_clip`) then by norm (`grad_clip`), step, and
         the networks' post-step (EDM2's forced weight norm). Returns the non-finite count."""
-        bad = sync_gradients(params, self.info.group)
+        # FSDP's backward already averaged the sharded gradients: only the non-finite ones remain.
+        bad = (sync_gradients(params, self.info.group) if self.mesh is None
+               else sync_sharded_gradients(params, self.mesh.get_group()))
         if value_clip is not None:
             torch.nn.utils.clip_grad_value_(params, value_clip)
         if self.rc["grad_clip"] is not None:
@@ -212,10 +240,31 @@ class DistillLoop:
 
     def _post_step(self, net: torch.nn.Module) -> None:
         """After an optimiser step: forced weight normalisation of EDM2 layers (a no-op elsewhere)."""
-        if self.force_wn:
+        if self.rc["force_weight_norm"]:
             force_weight_norm_(net)
 
     # -- checkpoint state -------------------------------------------------------------------------
+    def counters(self) -> dict:
+        """The state besides networks and optimisers: the image count and ADD's feature weights' hash."""
+        out: dict = {"nimg": self.nimg}
+        if self.features_sha256 is not None:
+            out["features_sha256"] = self.features_sha256
+        return out
+
+    def load_counters(self, state: dict) -> None:
+        if state.get("features_sha256") != self.features_sha256:
+            raise CheckpointError(f"the checkpoint was written with ADD features of sha256 {state.get('features_sha256')}, "
+                                  f"this run's are {self.features_sha256}: restore those weights, or delete the "
+                                  f"stage's work dir to start over")
+        self.nimg = int(state["nimg"])
+
+    def sharded_entries(self) -> Entries:
+        """The networks and optimisers of a sharded checkpoint (`sida.io.sharded_checkpoint`): one
+        module per optimiser, so the critic's fake score and head go together."""
+        n = self.nets
+        critic = torch.nn.ModuleDict({"fake": n.fake, **({"head": n.head} if n.head is not None else {})})
+        return {"G": (n.G, self.opt_g), "G_ema": (n.G_ema, None), "critic": (critic, self.opt_critic)}
+
     def state_dict(self) -> dict:
         n = self.nets
         state = {"G": n.G.state_dict(), "G_ema": n.G_ema.state_dict(), "fake": n.fake.state_dict(),
@@ -224,16 +273,11 @@ class DistillLoop:
             state["opt_f"] = self.opt_critic.state_dict()
         if n.head is not None:
             state["head"] = n.head.state_dict()
-        if self.features_sha256 is not None:
-            state["features_sha256"] = self.features_sha256
-        return state
+        return {**state, **self.counters()}
 
     def load_state_dict(self, state: dict) -> None:
         n = self.nets
-        if state.get("features_sha256") != self.features_sha256:
-            raise CheckpointError(f"the checkpoint was written with ADD features of sha256 {state.get('features_sha256')}, "
-                                  f"this run's are {self.features_sha256}: restore those weights, or delete the "
-                                  f"stage's work dir to start over")
+        self.load_counters(state)
         n.G.load_state_dict(state["G"])
         n.G_ema.load_state_dict(state["G_ema"])
         n.fake.load_state_dict(state["fake"])
@@ -242,4 +286,3 @@ class DistillLoop:
         self.opt_g.load_state_dict(state["opt_g"])
         if self.opt_critic is not None:
             self.opt_critic.load_state_dict(state["opt_f"])
-        self.nimg = int(state["nimg"])

@@ -108,8 +108,9 @@ def prepare_networks(nets: Nets, rc: dict) -> None:
         force_weight_norm_(nets.G)
         force_weight_norm_(nets.fake)
     # Activation checkpointing of the generator's blocks in the generator step (a memory option
-    # for large networks on a GPU: the block forwards run twice).
-    if rc.get("checkpoint_generator"):
+    # for large networks on a GPU: the block forwards run twice). Under `parallel: fsdp` the
+    # sharding checkpoints the blocks itself (`sida.train.sharding.shard_run`).
+    if rc.get("checkpoint_generator") and rc.get("parallel") != "fsdp":
         checkpoint_blocks(nets.G)
     if rc.get("compile"):
         # torch.compile of the networks an iteration runs (G_ema only samples). In place, so

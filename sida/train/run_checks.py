@@ -14,12 +14,8 @@ from .nets import Nets
 
 def check_run(rc: dict, nets: Nets, dataset: ImageDataset | None) -> None:
     """Real images for a discriminator or ADD; augmentation labels in the fake score for
-    `augment`; an uncertainty head for `logvar`; a text / diffusers teacher for the text settings;
-    `parallel: ddp` (FSDP's sharding is not in the loop yet)."""
-    if rc["parallel"] != "ddp":
-        raise ConfigError(f"distill.parallel: {rc['parallel']}: the distillation loop does not shard its networks yet "
-                          f"(FSDP2 sharding and sharded checkpoints are in sida/train/sharding.py and "
-                          f"sida/io/sharded_checkpoint.py, not yet wired in): set parallel: ddp")
+    `augment`; an uncertainty head for `logvar`; a text / diffusers teacher for the text settings.
+    One-process `parallel: fsdp` is refused where the process count is known (`shard_run`)."""
     disc = discriminator_kind(rc["discriminator"])
     if (disc != "none" or run_method(rc["phases"]) == "add") and dataset is None:
         raise ConfigError(f"a run with discriminator {disc} or ADD phases needs real images: configure `data`")

@@ -26,7 +26,9 @@ counts and replaces the non-finite entries, on each process's shard. FSDP shards
 parameter (EDM2's gains): those stay whole on every process and are averaged as without FSDP.
 `clip_grad_value_`, `clip_grad_norm_` and the optimiser work on the sharded (DTensor) gradients,
 mixed with the whole ones, as they are; the non-finite guard's peak needs `sharded_peak`.
-`consolidated_network` gives rank 0 the unsharded network to export.
+`consolidated_network` gives rank 0 (or every process) the unsharded network: to export, and for
+the work that does not run the same forwards on every process (the in-training monitor splits its
+seeds over processes unevenly).
 
 Every call into a sharded network must go through its `forward` (module call): FSDP gathers the
 parameters in forward hooks.
@@ -47,6 +49,11 @@ from ..errors import ConfigError
 from ..io.sharded_checkpoint import consolidated_state_dict
 from .nets import Nets
 from .updates import GRAD_NAN, GRAD_NEGINF, GRAD_POSINF, sync_gradients
+
+
+def is_sharded(net: torch.nn.Module) -> bool:
+    """Whether `fully_shard` made `net` a sharded module."""
+    return isinstance(net, FSDPModule)
 
 
 def check_fsdp(world_size: int) -> None:
@@ -123,6 +130,18 @@ def shard_networks(nets: Nets, mesh: DeviceMesh, precision: str, activation_chec
         shard_network(nets.teacher, mesh, policy, activation_checkpointing)
 
 
+def shard_run(nets: Nets, rc: dict, world_size: int, device: torch.device) -> DeviceMesh | None:
+    """A run's sharding (`parallel: fsdp`): the mesh its networks are now sharded over, or None
+    (`ddp`). `checkpoint_generator` becomes the blocks' activation checkpointing of every network
+    a backward runs through (`prepare_networks` leaves the generator's own to it)."""
+    if rc["parallel"] != "fsdp":
+        return None
+    check_fsdp(world_size)
+    mesh = fsdp_mesh(device, world_size)
+    shard_networks(nets, mesh, rc["precision"], activation_checkpointing=bool(rc["checkpoint_generator"]))
+    return mesh
+
+
 def sync_sharded_gradients(params: Iterable[torch.nn.Parameter], group: object = None) -> torch.Tensor:
     """What replaces `sync_gradients` under FSDP, after the backward (whose reduce-scatter already
     averaged the sharded gradients over processes): count the non-finite entries of every
@@ -149,12 +168,17 @@ def sync_sharded_gradients(params: Iterable[torch.nn.Parameter], group: object =
     return bad + sync_gradients(whole, group).to(device) if whole else bad
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of `t` (its shard of a DTensor), detached."""
+    return t.detach().to_local() if isinstance(t, DTensor) else t.detach()
+
+
 def sharded_peak(params: Iterable[torch.nn.Parameter], group: object = None) -> torch.Tensor:
     """The largest |value| of `params` over every process's shards (inf if any is NaN or inf), the
     same on every process: the loop's non-finite guard on sharded networks, whose
     `get_total_norm(params, inf)` fails on a process whose shard of a small tensor is empty. A
     collective."""
-    local = [t for t in (p.detach().to_local() if isinstance(p, DTensor) else p.detach() for p in params) if t.numel()]
+    local = [t for t in map(local_tensor, params) if t.numel()]
     peak = torch.stack(torch._foreach_norm(local, float("inf"))).max() if local else torch.zeros(())
     # NaN does not survive a MAX reduction reliably: it becomes inf first.
     peak = torch.where(peak.isfinite(), peak, torch.full_like(peak, float("inf")))
@@ -162,15 +186,21 @@ def sharded_peak(params: Iterable[torch.nn.Parameter], group: object = None) -> 
     return peak
 
 
-def consolidated_network(net: torch.nn.Module) -> torch.nn.Module | None:
-    """An unsharded copy of sharded `net` on rank 0's CPU, built from its class and `init_kwargs`
-    and holding the full weights: what `network_record` stores as network.pt (the sharded module
-    cannot: its class is FSDP<name> and its tensors are shards). A collective; None elsewhere."""
-    state = consolidated_state_dict(net)
-    if dist.get_rank() != 0:
-        return None
-    # fully_shard gives `net` a subclass FSDP<name> of its class: build the class itself.
+def plain_module(net: torch.nn.Module) -> torch.nn.Module:
+    """A fresh, unsharded network of sharded `net`'s class, from its `init_kwargs` (fully_shard
+    gives `net` a subclass FSDP<name> of its class, which `network_record` cannot store), in eval
+    mode and frozen: it samples and is stored, never trained (no dropout in the monitor's samples)."""
     cls = next(c for c in type(net).__mro__ if not issubclass(c, FSDPModule))
-    plain = cls(**net.init_kwargs)
+    return cls(**net.init_kwargs).eval().requires_grad_(False)
+
+
+def consolidated_network(net: torch.nn.Module, everywhere: bool = False) -> torch.nn.Module | None:
+    """An unsharded copy of sharded `net` holding the full weights: on rank 0's CPU (what
+    `network_record` stores as network.pt), None elsewhere; with `everywhere`, on every process's
+    device. A collective."""
+    state = consolidated_state_dict(net, everywhere)
+    if not everywhere and dist.get_rank() != 0:
+        return None
+    plain = plain_module(net)
     plain.load_state_dict(state)
-    return plain
+    return plain.to(next(iter(state.values())).device) if state else plain
