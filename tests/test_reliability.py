@@ -811,3 +811,24 @@ def test_teacher_killed_while_writing_resumes_bit_identically(kill_setup, tmp_pa
     out = tmp_path / "out"
     _kill_then_resume("stages.teacher", ["--config", str(kill_setup["config"])], out, point)
     assert_same_run(kill_setup["teacher_ref"], out, [])
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_resume_checkpoint_of_the_other_parallel_kind_is_refused(tmp_path, sharded):
+    """A run whose distill.parallel changed would otherwise start fresh beside the other kind's
+    checkpoint (work/state.pt for ddp, the directory work/state for fsdp) and drop its work."""
+    from sida.errors import CheckpointError
+    from sida.run.dist import DistInfo
+    from sida.train.checkpointer import Checkpointer
+
+    work = tmp_path / "work"
+    work.mkdir()
+    if sharded:
+        (work / "state.pt").write_bytes(b"")
+    else:
+        (work / "state").mkdir()
+    ckpt = Checkpointer(work, DistInfo(0, 1, 0, torch.device("cpu")), "h", "sida", sharded=sharded)
+    was = "ddp" if sharded else "fsdp"
+    with pytest.raises(CheckpointError, match=f"written by a `parallel: {was}` run.*set distill.parallel back to {was}"):
+        ckpt.load_if_any(None)
+    assert sorted(p.name for p in work.iterdir()) == ["state.pt" if sharded else "state"]

@@ -76,6 +76,12 @@ class Checkpointer:
 
     def load_if_any(self, loop: Loop) -> bool:
         """Resume from the checkpoint if one exists; False when starting fresh."""
+        other = self.work_dir / ("state.pt" if self.sharded else "state")
+        if other.exists():  # starting fresh beside it would silently drop the work it holds
+            was, now = ("ddp", "fsdp") if self.sharded else ("fsdp", "ddp")
+            raise CheckpointError(f"{other} was written by a `parallel: {was}` run and this run is `parallel: "
+                                  f"{now}`: set distill.parallel back to {was} to resume it, or delete "
+                                  f"{self.work_dir} to start this stage over")
         state = self._load_sharded(loop) if self.sharded else self._load_whole(loop)
         if state is None:
             return False
