@@ -60,7 +60,7 @@ import torch.distributed as dist
 
 from bench.authors import FETCH_HINT, check_checkout, fail
 from bench.authors_iteration import AuthorsIteration
-from bench.step import MemoryDataset, build_teacher, run_config
+from bench.step import MemoryDataset, build_teacher, network_line, run_config
 from bench.procs import gathered, launch, timed_together
 from sida.run.dist import init as dist_init, launched
 from sida.train.loop import DistillLoop
@@ -379,9 +379,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    print(f"[bench.compare] {args.preset} {args.phase}: {args.res}x{args.res}x{args.channels}, batch {args.batch}, "
-          f"model_channels {args.model_channels}, mult {args.channel_mult}, blocks {args.num_blocks}, "
-          f"attn {args.attn_res}, labels {args.label_dim}; {info.device}, threads {args.threads}"
+    print(f"[bench.compare] {args.preset} {args.phase}: {network_line(args)}; {info.device}, threads {args.threads}"
           f"{f' ({procs} processes for -p{procs})' if procs > 1 else ''}; ours: {', '.join(args.ours)}",
           file=out, flush=True)
     result = measure(args, info, out)

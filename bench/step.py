@@ -71,6 +71,12 @@ class MemoryDataset:
         return self.images[idx], self.onehot[idx]
 
 
+def network_line(args: argparse.Namespace) -> str:
+    """The benchmark network's settings, for a benchmark's first line."""
+    return (f"{args.res}x{args.res}x{args.channels}, batch {args.batch}, model_channels {args.model_channels}, "
+            f"mult {args.channel_mult}, blocks {args.num_blocks}, attn {args.attn_res}, labels {args.label_dim}")
+
+
 def build_teacher(args: argparse.Namespace) -> torch.nn.Module:
     """A random EDMPrecond SongUNet with EDM's DDPM++ settings at the requested size."""
     torch.manual_seed(0)
@@ -351,9 +357,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     args.threads = args.threads or torch.get_num_threads()
     info = dist_init("cpu", max(args.threads // max(args.procs, 1), 1))
     out = sys.stdout if info.is_main else open(os.devnull, "w")
-    print(f"[bench.step] phase {args.phase}, {args.res}x{args.res}x{args.channels}, batch {args.batch}, "
-          f"model_channels {args.model_channels}, mult {args.channel_mult}, attn {args.attn_res}, "
-          f"blocks {args.num_blocks}, labels {args.label_dim}, threads {args.threads} "
+    print(f"[bench.step] phase {args.phase}, {network_line(args)}, threads {args.threads} "
           f"({info.world_size} process(es) x {torch.get_num_threads()}), channels_last {args.channels_last}",
           file=out, flush=True)
     result = measure(args, info, out)
