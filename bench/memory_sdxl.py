@@ -2,6 +2,7 @@
 checkpointing off and on, bf16: computed without a GPU.
 
     python -m bench.memory_sdxl --measure   # activations -> bench/data/sdxl_activations.json
+    python -m bench.memory_sdxl --measure-add   # ADD-XL's others -> bench/data/sdxl_add_activations.json
     python -m bench.memory_sdxl             # the SDXL table of docs/memory.md
 
 Parameters: SDXL base 1.0's UNet, two text encoders and VAE from their public configs
@@ -35,8 +36,17 @@ Assumptions, each a choice of this model:
   recomputed activations (`max_block` of the largest call) during the backward; an encoder-only
   call (the discriminators) scaled by its measured encoder / full ratio. Under DDP the per-call
   weight copies are counted as without checkpointing (an upper bound).
+- ADD-XL (add-xl-sdxl; bench.memory.add_passes, unet_copies): no fake score is trained or called,
+  but the loop holds the clone `init_nets` makes for every method (weights only); G and the heads
+  train (gradients, Adam); DINOv2 ViT-S/14 (224 px) is frozen and whole beside the text encoders
+  and VAE. The generator half keeps G's forward, the VAE decoder's at 1024 px and DINOv2's (the
+  adversarial gradient runs x_hat -> decode -> DINOv2 -> heads) and the heads'; the teacher's call
+  is under no_grad. Decoder, DINOv2 and heads are not checkpointed; the decoder and DINOv2 are
+  not sharded (their bf16 weight copies count under FSDP too), the heads are (as G). Measured (`measure_add`): the decoder at full width on
+  latents 4x4, 16x16, 32x32 extrapolated to 128x128 as the UNets; DINOv2 and the heads directly.
 - Not counted, as for SD: the CUDA context, fragmentation, kernel workspaces, DDP's buckets,
-  the heads (small), temporaries of the EMA update.
+  SiDA's and DMD2's heads (small), temporaries of the EMA update, the transient
+  buffers of a backward (large for the decoder at 1024 px: a 128 x 1024 x 1024 gradient is 0.5 GB fp32).
 """
 
 from __future__ import annotations
@@ -68,11 +78,13 @@ def largest_unit(unet: torch.nn.Module) -> int:
 
 def call_bytes(acts: dict, pass_name: str, samples: float, parallel: str, checkpointing: bool) -> float:
     """Saved bytes (bf16) of one call of `samples` samples, and that call's recomputed block when
-    its blocks are checkpointed: (kept, recomputed). ADD's networks (`ADD_NETS`) are neither
-    sharded nor checkpointed (sida.train.sharding): their weight copies count under FSDP too."""
+    its blocks are checkpointed: (kept, recomputed). ADD's networks (`ADD_NETS`) are not
+    checkpointed; the decoder and DINOv2 are not sharded either (sida.train.sharding), so their
+    weight copies count under FSDP too (the heads', sharded, are gathered in bf16 instead)."""
     if pass_name in ADD_NETS:
         entry = acts[f"bf16_{pass_name}"]
-        return entry["per_call"]["full"] + samples * entry["per_sample"]["full"], 0.0
+        whole = pass_name in ("decoder", "dinov2") or parallel == "ddp"
+        return (entry["per_call"]["full"] if whole else 0.0) + samples * entry["per_sample"]["full"], 0.0
     kind, _, part = pass_name.partition("_")
     entry = acts[f"bf16_{kind}"]
     per, copies = entry["per_sample"], entry["per_call"]["encoder" if part else "full"]

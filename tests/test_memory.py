@@ -160,12 +160,14 @@ def test_add_per_gpu_memory_is_the_hand_count():
     # held: teacher, G, G's EMA and the idle fake-score clone (4 x 16) + the heads (4), sharded over 4;
     # whole: text encoders, VAE, DINOv2 (16). Trained: G and the heads only (a SiD run: G + fake = 32)
     assert (m["weights"], m["grads"], m["adam"]) == (4 * (68 / 4 + 16), 4 * 20 / 4, 8 * 20 / 4)
-    # generator half: G (2 samples) + decoder, DINOv2 and heads, unsharded: their weight copies
-    # count under FSDP; it outweighs the heads' half (2 x 9 + 1)
-    assert m["activations"] == 2 * 100 + (7 + 2 * 50) + (3 + 2 * 20) + (1 + 2 * 5)
+    # generator half: G (2 samples) + decoder and DINOv2, unsharded (their weight copies count
+    # under FSDP) + the sharded heads; it outweighs the heads' half (2 x 9)
+    assert m["activations"] == 2 * 100 + (7 + 2 * 50) + (3 + 2 * 20) + 2 * 5
     ck = memory_sdxl.per_gpu(ADD_PARAMS, 4, rc, ADD_ACTS, 4, "fsdp", True)
     # only G's blocks are checkpointed: kept (outside + inputs) per sample and one recomputed block
-    assert ck["activations"] == 2 * (10 + 20) + 2 * 30 + (7 + 2 * 50) + (3 + 2 * 20) + (1 + 2 * 5)
+    assert ck["activations"] == 2 * (10 + 20) + 2 * 30 + (7 + 2 * 50) + (3 + 2 * 20) + 2 * 5
+    ddp = memory_sdxl.per_gpu(ADD_PARAMS, 4, rc, ADD_ACTS, 4, "ddp", False)
+    assert ddp["activations"] == (1000 + 2 * 100) + (7 + 2 * 50) + (3 + 2 * 20) + (1 + 2 * 5)
     warm = memory.passes(_add_rc(phases=[{"kind": "warmup", "kimg": 1}, {"kind": "add", "kimg": 1}]), "warmup")
     assert warm == {"generator": [], "critic": [("discriminator", 1.0)]}
     with pytest.raises(ValueError, match="teacher_encoder"):
