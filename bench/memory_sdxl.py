@@ -42,11 +42,13 @@ Assumptions, each a choice of this model:
   and VAE. The generator half keeps G's forward, the VAE decoder's at 1024 px and DINOv2's (the
   adversarial gradient runs x_hat -> decode -> DINOv2 -> heads) and the heads'; the teacher's call
   is under no_grad. Decoder, DINOv2 and heads are not checkpointed; the decoder and DINOv2 are
-  not sharded (their bf16 weight copies count under FSDP too), the heads are (as G). Measured (`measure_add`): the decoder at full width on
-  latents 4x4, 16x16, 32x32 extrapolated to 128x128 as the UNets; DINOv2 and the heads directly.
+  not sharded (their bf16 weight copies count under FSDP too), the heads are (as G). Measured
+  (`measure_add`): the decoder at full width on latents 4x4, 16x16, 32x32 extrapolated to 128x128
+  as the UNets; DINOv2 and the heads directly. The CPU's bf16 autocast keeps GroupNorm in bf16
+  (CUDA's runs it in fp32), so the decoder's GPU bytes may be up to a third more.
 - Not counted, as for SD: the CUDA context, fragmentation, kernel workspaces, DDP's buckets,
-  SiDA's and DMD2's heads (small), temporaries of the EMA update, the transient
-  buffers of a backward (large for the decoder at 1024 px: a 128 x 1024 x 1024 gradient is 0.5 GB fp32).
+  SiDA's and DMD2's heads (small), temporaries of the EMA update, a backward's transient buffers
+  (large for the decoder at 1024 px: a 128 x 1024 x 1024 gradient is 0.5 GB in fp32).
 """
 
 from __future__ import annotations
