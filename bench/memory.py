@@ -34,6 +34,7 @@ import json
 import platform
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -141,11 +142,21 @@ def measure_unet(unet: torch.nn.Module, batch: int, res: int, text_dim: int, pre
             "outside_blocks": counter.total - sum(spans), "block_inputs": sum(inputs.values())}
 
 
-def linear_fit(unet, res: int, text_dim: int, precision: str, frozen: bool) -> dict[str, dict[str, int]]:
+def linear_fit(saved: Callable[[int], dict[str, int]]) -> dict[str, dict[str, int]]:
     """Per-sample bytes (slope) and per-call bytes (intercept: bf16 autocast's weight copies) from
-    batches 1 and 2."""
-    one, two = (measure_unet(unet, b, res, text_dim, precision, frozen) for b in (1, 2))
+    `saved(batch)` at batches 1 and 2."""
+    one, two = saved(1), saved(2)
     return {"per_sample": {k: two[k] - one[k] for k in one}, "per_call": {k: 2 * one[k] - two[k] for k in one}}
+
+
+def at_resolution(fit32: dict, fit16: dict, points: dict[int, dict[str, int]], res: int) -> tuple[dict, dict]:
+    """(fp32, bf16) {'per_sample', 'per_call'} at `res`: fp32 per-sample bytes are the batch-1
+    `points` {r: bytes} less fp32's per-call bytes, extrapolated (`extrapolate`); bf16's are those
+    times the bf16 / fp32 per-sample ratio of the fits (made at the smallest resolution)."""
+    per32 = {k: round(extrapolate({r: v[k] - fit32["per_call"][k] for r, v in points.items()}, res))
+             for k in fit32["per_call"]}
+    bf16 = {k: round(per32[k] * fit16["per_sample"][k] / fit32["per_sample"][k]) for k in per32}
+    return {"per_sample": per32, "per_call": fit32["per_call"]}, {"per_sample": bf16, "per_call": fit16["per_call"]}
 
 
 def extrapolate(points: dict[int, float], res: int) -> float:
@@ -176,13 +187,8 @@ def measure(res: int = 64, small: tuple[int, ...] = (8, 16, 32)) -> dict:
                                   "--small", ",".join(map(str, small))], check=True, capture_output=True, text=True,
                                  cwd=REPO)
             fit32, fit16, points = json.loads(out.stdout.strip().splitlines()[-1])
-            points = {int(r): v for r, v in points.items()}
-            per32 = {k: round(extrapolate({r: v[k] - fit32["per_call"][k] for r, v in points.items()}, res))
-                     for k in fit32["per_call"]}
-            results.setdefault(version, {})[f"fp32_{mode}"] = {"per_sample": per32, "per_call": fit32["per_call"]}
-            results[version][f"bf16_{mode}"] = {
-                "per_sample": {k: round(per32[k] * fit16["per_sample"][k] / fit32["per_sample"][k]) for k in per32},
-                "per_call": fit16["per_call"]}
+            fp32, bf16 = at_resolution(fit32, fit16, {int(r): v for r, v in points.items()}, res)
+            results.setdefault(version, {}).update({f"fp32_{mode}": fp32, f"bf16_{mode}": bf16})
             raw.setdefault(version, {})[mode] = {"fp32_fit": fit32, "bf16_fit": fit16, "fp32_batch1": points}
     return {"res": res, "small": list(small), "torch": torch.__version__,
             "machine": f"{platform.machine()} CPU ({platform.node()}), 2 threads",
@@ -200,8 +206,7 @@ def measure_one(version: str, mode: str, small: tuple[int, ...]) -> list:
 def fits(unet: torch.nn.Module, text_dim: int, frozen: bool, small: tuple[int, ...]) -> list:
     """[fp32 batch-1/2 fit, bf16 batch-1/2 fit] at the smallest of `small`, and {res: fp32 batch-1 bytes}."""
     lo = min(small)
-    fit32 = linear_fit(unet, lo, text_dim, "fp32", frozen)
-    fit16 = linear_fit(unet, lo, text_dim, "bf16", frozen)
+    fit32, fit16 = (linear_fit(lambda b, p=p: measure_unet(unet, b, lo, text_dim, p, frozen)) for p in ("fp32", "bf16"))
     return [fit32, fit16, {r: measure_unet(unet, 1, r, text_dim, "fp32", frozen) for r in small}]
 
 
@@ -213,6 +218,8 @@ def passes(rc: dict, kind: str) -> dict[str, list[tuple[str, float]]]:
     being 'trained' (parameters train), 'frozen' (input requires grad) or its '_encoder' share.
     A guided call runs the conditional and the empty prompt as one pass of twice the batch."""
     g = lambda scale: 2.0 if scale != 1 else 1.0  # noqa: E731
+    if is_add(rc):
+        return add_passes(rc, kind)
     if kind in ("sid", "sida", "warmup"):
         gen = [("trained", 1.0), ("frozen", g(rc["guidance_teacher"])), ("frozen", g(rc["guidance_fake"]))]
         critic = [("trained", g(rc["guidance_fake_train"]))]
@@ -228,6 +235,35 @@ def passes(rc: dict, kind: str) -> dict[str, list[tuple[str, float]]]:
         return {"generator": [("trained", 1.0)] + ([("frozen_encoder", 1.0)] if gan else []),
                 "critic": [("trained", 1.0)] + ([("trained_encoder", 2.0)] if gan else [])}
     raise ValueError(f"no memory model for phase kind {kind!r}")
+
+
+def is_add(rc: dict) -> bool:
+    """Whether run config `rc` is an ADD run (its phases `add`, and `warmup` besides)."""
+    return any(p["kind"] == "add" for p in rc["phases"])
+
+
+def add_passes(rc: dict, kind: str) -> dict[str, list[tuple[str, float]]]:
+    """`passes` of an ADD run (sida/train/methods/add.py), on a latent teacher with DINOv2 features.
+    No fake score; the teacher's call is under no_grad (it saves nothing). The generator half keeps
+    G's forward and, with the discriminator, the frozen VAE decoder's and DINOv2's (the adversarial
+    gradient reaches x_hat through them: 'decoder', 'dinov2') and the heads' ('heads'). The heads'
+    half decodes and runs DINOv2 without a graph (real images under no_grad, the detached x_hat
+    with nothing requiring grad), so it keeps the heads' calls on real and generated features and
+    R1's double-backward graph ('discriminator')."""
+    if rc["discriminator"] != "add":
+        return {"generator": [] if kind == "warmup" else [("trained", 1.0)], "critic": []}
+    if rc["add_features"]["kind"] != "dinov2":
+        raise ValueError(f"no memory model for ADD features {rc['add_features']['kind']!r} (DINOv2 only)")
+    gen = [] if kind == "warmup" else [("trained", 1.0), ("decoder", 1.0), ("dinov2", 1.0), ("heads", 1.0)]
+    return {"generator": gen, "critic": [("discriminator", 1.0)]}
+
+
+def unet_copies(rc: dict) -> tuple[int, int]:
+    """(UNet copies a process holds, copies trained) in run `rc`: the teacher, G, the fake score and
+    G's EMA where the run keeps one; G and the fake score train. ADD trains G alone; its fake score
+    is still held: `init_nets` clones it from the teacher for every method (never called in ADD)."""
+    held = 3 + (1 if rc["ema"] else 0)
+    return held, 1 if is_add(rc) else 2
 
 
 def call_bytes(acts: dict, precision: str, pass_name: str, samples: float) -> float:
@@ -247,8 +283,8 @@ def peak_activations(rc: dict, step_bytes) -> float:
 def step_memory(params: dict[str, int], rc: dict, acts: dict, precision: str) -> dict[str, float]:
     """Bytes per GPU of one iteration of run config `rc` (its largest phase) at its per-GPU batch."""
     unet = params["unet"]
-    trained = 2 * unet  # G and the fake score (discriminator heads not counted)
-    nets = 3 + (1 if rc["ema"] else 0)  # teacher, G, fake score (+ G's EMA)
+    nets, n_trained = unet_copies(rc)  # discriminator heads not counted
+    trained = n_trained * unet
     weights = 4 * (nets * unet + params["text_encoder"] + params["vae"])
     bpp = rc["batch_per_proc"] or rc["batch"]
     act = peak_activations(rc, lambda step: sum(call_bytes(acts, precision, name, bpp * n) for name, n in step))

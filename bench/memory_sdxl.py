@@ -2,6 +2,7 @@
 checkpointing off and on, bf16: computed without a GPU.
 
     python -m bench.memory_sdxl --measure   # activations -> bench/data/sdxl_activations.json
+    python -m bench.memory_sdxl --measure-add   # ADD-XL's others -> bench/data/sdxl_add_activations.json
     python -m bench.memory_sdxl             # the SDXL table of docs/memory.md
 
 Parameters: SDXL base 1.0's UNet, two text encoders and VAE from their public configs
@@ -35,8 +36,19 @@ Assumptions, each a choice of this model:
   recomputed activations (`max_block` of the largest call) during the backward; an encoder-only
   call (the discriminators) scaled by its measured encoder / full ratio. Under DDP the per-call
   weight copies are counted as without checkpointing (an upper bound).
+- ADD-XL (add-xl-sdxl; bench.memory.add_passes, unet_copies): no fake score is trained or called,
+  but the loop holds the clone `init_nets` makes for every method (weights only); G and the heads
+  train (gradients, Adam); DINOv2 ViT-S/14 (224 px) is frozen and whole beside the text encoders
+  and VAE. The generator half keeps G's forward, the VAE decoder's at 1024 px and DINOv2's (the
+  adversarial gradient runs x_hat -> decode -> DINOv2 -> heads) and the heads'; the teacher's call
+  is under no_grad. Decoder, DINOv2 and heads are not checkpointed; the decoder and DINOv2 are
+  not sharded (their bf16 weight copies count under FSDP too), the heads are (as G). Measured
+  (`measure_add`): the decoder at full width on latents 4x4, 16x16, 32x32 extrapolated to 128x128
+  as the UNets; DINOv2 and the heads directly. The CPU's bf16 autocast keeps GroupNorm in bf16
+  (CUDA's runs it in fp32), so the decoder's GPU bytes may be up to a third more.
 - Not counted, as for SD: the CUDA context, fragmentation, kernel workspaces, DDP's buckets,
-  the heads (small), temporaries of the EMA update.
+  SiDA's and DMD2's heads (small), temporaries of the EMA update, a backward's transient buffers
+  (large for the decoder at 1024 px: a 128 x 1024 x 1024 gradient is 0.5 GB in fp32).
 """
 
 from __future__ import annotations
@@ -51,9 +63,11 @@ import torch
 from bench import memory
 
 GIB = 1024 ** 3
-SDXL_PRESETS = ("sid-lsg-sdxl", "sida-sdxl", "dmd2-sdxl")
+SDXL_PRESETS = ("sid-lsg-sdxl", "sida-sdxl", "dmd2-sdxl", "add-xl-sdxl")
+ADD_NETS = ("decoder", "dinov2", "heads", "discriminator")  # bench.memory.add_passes' calls
 WORLD_SIZES = (8, 16, 64)
 ACTIVATIONS = memory.REPO / "bench" / "data" / "sdxl_activations.json"
+ADD_ACTIVATIONS = memory.REPO / "bench" / "data" / "sdxl_add_activations.json"
 
 
 def largest_unit(unet: torch.nn.Module) -> int:
@@ -66,7 +80,13 @@ def largest_unit(unet: torch.nn.Module) -> int:
 
 def call_bytes(acts: dict, pass_name: str, samples: float, parallel: str, checkpointing: bool) -> float:
     """Saved bytes (bf16) of one call of `samples` samples, and that call's recomputed block when
-    its blocks are checkpointed: (kept, recomputed)."""
+    its blocks are checkpointed: (kept, recomputed). ADD's networks (`ADD_NETS`) are not
+    checkpointed; the decoder and DINOv2 are not sharded either (sida.train.sharding), so their
+    weight copies count under FSDP too (the heads', sharded, are gathered in bf16 instead)."""
+    if pass_name in ADD_NETS:
+        entry = acts[f"bf16_{pass_name}"]
+        whole = pass_name in ("decoder", "dinov2") or parallel == "ddp"
+        return (entry["per_call"]["full"] if whole else 0.0) + samples * entry["per_sample"]["full"], 0.0
     kind, _, part = pass_name.partition("_")
     entry = acts[f"bf16_{kind}"]
     per, copies = entry["per_sample"], entry["per_call"]["encoder" if part else "full"]
@@ -81,10 +101,11 @@ def call_bytes(acts: dict, pass_name: str, samples: float, parallel: str, checkp
 def per_gpu(params: dict[str, int], unit: int, rc: dict, acts: dict, world: int, parallel: str,
             checkpointing: bool) -> dict[str, float]:
     """Bytes per GPU of one iteration of run config `rc` (its largest phase, bf16) on `world` GPUs."""
-    unet = params["unet"]
-    frozen_whole = sum(n for k, n in params.items() if k != "unet")  # text encoders, VAE
+    unet, heads = params["unet"], params.get("heads", 0)  # ADD's heads: trained and sharded as G
+    frozen_whole = sum(n for k, n in params.items() if k not in ("unet", "heads"))  # text encoders, VAE (, DINOv2)
     shard = world if parallel == "fsdp" else 1
-    nets = 3 + (1 if rc["ema"] else 0)
+    nets, n_trained = memory.unet_copies(rc)
+    trained = n_trained * unet + heads
     bpp = rc["batch_per_proc"] or rc["batch"]
 
     def step_bytes(step: list) -> float:  # what every call keeps, plus one recomputed block at a time
@@ -92,8 +113,8 @@ def per_gpu(params: dict[str, int], unit: int, rc: dict, acts: dict, world: int,
         return sum(kept for kept, _ in calls) + max((r for _, r in calls), default=0.0)
 
     act = memory.peak_activations(rc, step_bytes)
-    out = {"weights": 4 * (nets * unet / shard + frozen_whole), "grads": 4 * 2 * unet / shard,
-           "adam": 8 * 2 * unet / shard, "gathered": 8 * unit if parallel == "fsdp" else 0.0, "activations": act}
+    out = {"weights": 4 * ((nets * unet + heads) / shard + frozen_whole), "grads": 4 * trained / shard,
+           "adam": 8 * trained / shard, "gathered": 8 * unit if parallel == "fsdp" else 0.0, "activations": act}
     out["total"] = sum(out.values())
     return out
 
@@ -155,20 +176,124 @@ def measure_one(fifths: int, mode: str, small: tuple[int, ...]) -> list:
     return [*out, sum(p.numel() for p in unet.parameters())]
 
 
-def table(act_file: Path = ACTIVATIONS) -> str:
+# --- ADD's networks ------------------------------------------------------------------------------
+
+def add_run() -> dict:
+    """The run config of add-xl-sdxl's ADD run."""
+    from sida.run.config import load_config, run_config
+
+    return run_config(load_config(memory.REPO / "config" / "add-xl-sdxl.yaml"), "add")
+
+
+def add_networks(rc: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """ADD run `rc`'s frozen DINOv2 feature network (random weights, no decoder) and its trained
+    heads, as sida/train/methods/add.py builds them on SDXL: projected on c_text (the pooled
+    embedding of the second text encoder) and c_img (DINOv2's class token), per `add_conditioning`."""
+    from bench.sd_configs import CONFIGS
+    from sida.nets.heads import add_heads_for
+    from sida.nets.vit import DINOV2_RESOLUTION, DINOv2Features, build_dinov2
+
+    spec, parts = rc["add_features"], rc["add_conditioning"] or ("text", "image")
+    torch.manual_seed(0)
+    features = DINOv2Features(build_dinov2(spec["arch"]), spec["layers"])
+    cond_dim = ((CONFIGS["sdxl"]["text_encoder_2"]["projection_dim"] if "text" in parts else 0)
+                + (features.embed_dim if "image" in parts else 0))
+    heads = add_heads_for(features, (3, DINOV2_RESOLUTION, DINOV2_RESOLUTION), 0, rc["add_cmap_dim"], 0, "cpu",
+                          cond_dim or None)
+    return features, heads
+
+
+def add_param_counts(rc: dict) -> dict[str, int]:
+    """{'dinov2', 'heads'}: the parameters ADD run `rc` adds to the SDXL pipeline's."""
+    return {k: sum(p.numel() for p in net.parameters()) for k, net in zip(("dinov2", "heads"), add_networks(rc))}
+
+
+def add_saved(rc: dict, batch: int, precision: str, names: tuple[str, ...], latent_res: int = 0) -> dict[str, int]:
+    """Saved-for-backward bytes of `batch` samples through each of ADD's networks `names` (of
+    `ADD_NETS`), as add.py runs them: SDXL's VAE decoder (`PixelDecoder`) on latents of
+    `latent_res` requiring grad; DINOv2 on 1024 px images requiring grad (its bicubic resize to
+    224 px saves nothing); the heads on features requiring grad, with the hinge loss; the heads'
+    update ('discriminator': hinge on real and generated images, R1 on the real ones' features)."""
+    from diffusers import AutoencoderKL
+
+    from bench.sd_configs import CONFIGS
+    from sida.nets.vit import PixelDecoder
+    from sida.train.baseline_losses import hinge_discriminator_loss, hinge_generator_loss
+    from sida.train.methods.add import add_logits, add_real_logits_with_r1
+
+    vae_cfg, calls = CONFIGS["sdxl"]["vae"], {}
+    if "decoder" in names:
+        decoder = PixelDecoder(AutoencoderKL(**vae_cfg), vae_cfg["scaling_factor"])
+        z = torch.randn(batch, 4, latent_res, latent_res, requires_grad=True)
+        calls["decoder"] = (decoder, lambda: decoder(z))
+    if set(names) - {"decoder"}:
+        features, heads = add_networks(rc)
+        cond = torch.randn(batch, heads.init_kwargs["label_dim"])
+        x = torch.rand(batch, 3, vae_cfg["sample_size"], vae_cfg["sample_size"]).mul(2).sub(1).requires_grad_(True)
+        with torch.no_grad():
+            feats = [f.requires_grad_(True) for f in features(x)]
+
+        def critic() -> torch.Tensor:
+            real, r1 = add_real_logits_with_r1(features, heads, x.detach(), None, cond)
+            return hinge_discriminator_loss(real, add_logits(features, heads, x.detach(), None, cond)) + r1
+
+        calls.update({"dinov2": (features, lambda: features(x)), "discriminator": (heads, critic),
+                      "heads": (heads, lambda: hinge_generator_loss(heads(feats, cond)))})
+    out = {}
+    for name in names:
+        net, call = calls[name]
+        with memory.SavedBytes(net.parameters()) as counter, torch.autocast("cpu", torch.bfloat16,
+                                                                            enabled=precision == "bf16"):
+            result = call()
+        del result
+        out[name] = counter.total
+    return out
+
+
+def measure_add(rc: dict, res: int = 128, small: tuple[int, ...] = (4, 16, 32)) -> dict:
+    """Per-call and per-sample bytes of ADD's networks (`add_saved`), in bench.memory.measure's
+    form: DINOv2 and the heads measured at their full size (batches 1 and 2, fp32 and bf16); the
+    decoder as the UNets, fp32 at latents `small` extrapolated by the pixel count to `res`
+    (SDXL's 128: 1024 px images), bf16 from the ratio at the smallest (bf16 convolutions are
+    slow on this CPU: minutes at 8x8)."""
+    import datetime
+    import platform
+
+    torch.set_num_threads(2)
+    lo, rest, entry = min(small), ADD_NETS[1:], lambda fit, name: {part: {"full": fit[part][name]} for part in fit}
+    dec32, dec16 = (memory.linear_fit(lambda b, p=p: add_saved(rc, b, p, ("decoder",), lo)) for p in ("fp32", "bf16"))
+    points = {r: add_saved(rc, 1, "fp32", ("decoder",), r) for r in small}
+    fp32, bf16 = memory.at_resolution(entry(dec32, "decoder"), entry(dec16, "decoder"),
+                                      {r: {"full": v["decoder"]} for r, v in points.items()}, res)
+    results = {"fp32_decoder": fp32, "bf16_decoder": bf16}
+    fits = {p: memory.linear_fit(lambda b, p=p: add_saved(rc, b, p, rest)) for p in ("fp32", "bf16")}
+    results.update({f"{p}_{name}": entry(fits[p], name) for name in rest for p in fits})
+    return {"res": res, "small": list(small), "torch": torch.__version__,
+            "machine": f"{platform.machine()} CPU ({platform.node()}), 2 threads",
+            "date": datetime.date.today().isoformat(), "command": "python -m bench.memory_sdxl --measure-add",
+            "params": add_param_counts(rc), "bytes": results,
+            "measured": {"decoder_fp32_fit": dec32, "decoder_bf16_fit": dec16, "decoder_fp32_batch1": points,
+                         "fp32_fit": fits["fp32"], "bf16_fit": fits["bf16"]}}
+
+
+def table(act_file: Path = ACTIVATIONS, add_file: Path = ADD_ACTIVATIONS) -> str:
     from sida.run.config import load_config
 
-    acts = json.loads(act_file.read_text())["bytes"]["sdxl"]
-    params = memory.param_counts("sdxl")
+    acts = {**json.loads(act_file.read_text())["bytes"]["sdxl"], **json.loads(add_file.read_text())["bytes"]}
+    sdxl = memory.param_counts("sdxl")
     unit = largest_unit(memory.build("sdxl")["unet"])
+
+    def per_run(rc: dict) -> tuple:  # every (GPUs, parallel, act. ckpt) row of run config `rc`
+        params = {**sdxl, **add_param_counts(rc)} if memory.is_add(rc) else sdxl
+        return tuple((w, par, ck, tuple(per_gpu(params, unit, rc, acts, w, par, ck).values()))
+                     for w in WORLD_SIZES for par in ("ddp", "fsdp") for ck in (False, True))
+
     keys = ("weights", "grads", "adam", "gathered", "activations", "total")
     rows = ["| preset | runs | per-GPU batch | GPUs | parallel | act. ckpt | " + " | ".join(keys) + " (GiB) |",
             "|---" * (6 + len(keys)) + "|"]
     for preset in SDXL_PRESETS:
         cfg = load_config(memory.REPO / "config" / f"{preset}.yaml")
-        groups = memory.group_runs(cfg, lambda rc: (
-            tuple((w, par, ck, tuple(per_gpu(params, unit, rc, acts, w, par, ck).values()))
-                  for w in WORLD_SIZES for par in ("ddp", "fsdp") for ck in (False, True)), rc["batch_per_proc"]))
+        groups = memory.group_runs(cfg, lambda rc: (per_run(rc), rc["batch_per_proc"]))
         for (key, bpp), runs in groups.items():
             for w, par, ck, values in key:
                 cells = [f"{v / GIB:.1f}" for v in values]
@@ -180,11 +305,17 @@ def table(act_file: Path = ACTIVATIONS) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--measure", action="store_true")
+    ap.add_argument("--measure-add", action="store_true", help="ADD-XL's decoder, DINOv2 and heads -> "
+                    "bench/data/sdxl_add_activations.json")
     ap.add_argument("--measure-one", nargs=3, metavar=("FIFTHS", "MODE", "SMALL"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.measure_one:
         fifths, mode, small = args.measure_one
         print(json.dumps(measure_one(int(fifths), mode, tuple(int(r) for r in small.split(",")))))
+    elif args.measure_add:
+        result = measure_add(add_run())
+        ADD_ACTIVATIONS.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result["bytes"], indent=1))
     elif args.measure:
         result = measure()
         ACTIVATIONS.write_text(json.dumps(result, indent=1) + "\n")

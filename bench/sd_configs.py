@@ -61,6 +61,6 @@ CONFIGS = {
         "text_encoder_2": {"vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120,
                            "num_hidden_layers": 32, "num_attention_heads": 20, "max_position_embeddings": 77,
                            "hidden_act": "gelu", "projection_dim": 1280},
-        "vae": {**VAE, "sample_size": 1024},
+        "vae": {**VAE, "sample_size": 1024, "scaling_factor": 0.13025},
     },
 }

@@ -137,3 +137,57 @@ def test_the_sdxl_table_names_every_sdxl_preset_at_every_gpu_count():
     for preset in memory_sdxl.SDXL_PRESETS:
         for world in memory_sdxl.WORLD_SIZES:
             assert f"| {preset} |" in text and f"| {world} | fsdp | on |" in text
+
+
+ADD_ACTS = {**XL_ACTS, **{f"bf16_{n}": {"per_call": {"full": c}, "per_sample": {"full": f}}
+                          for n, c, f in (("decoder", 7, 50), ("dinov2", 3, 20), ("heads", 1, 5),
+                                          ("discriminator", 1, 9))}}
+ADD_PARAMS = {**XL_PARAMS, "dinov2": 6, "heads": 4}
+
+
+def _add_rc(**kw) -> dict:
+    add = {"batch_per_proc": 2, "discriminator": "add", "guidance_teacher": 1.0, "guidance_fake": 1.0,
+           "guidance_fake_train": 1.0, "add_features": {"kind": "dinov2", "arch": "vits14", "layers": [2, 5, 8, 11]},
+           "phases": [{"kind": "add", "kimg": 1}]}
+    return _rc(**{**add, **kw})
+
+
+def test_add_per_gpu_memory_is_the_hand_count():
+    from bench import memory_sdxl
+
+    rc = _add_rc()
+    m = memory_sdxl.per_gpu(ADD_PARAMS, 4, rc, ADD_ACTS, 4, "fsdp", False)
+    # held: teacher, G, G's EMA and the idle fake-score clone (4 x 16) + the heads (4), sharded over 4;
+    # whole: text encoders, VAE, DINOv2 (16). Trained: G and the heads only (a SiD run: G + fake = 32)
+    assert (m["weights"], m["grads"], m["adam"]) == (4 * (68 / 4 + 16), 4 * 20 / 4, 8 * 20 / 4)
+    # generator half: G (2 samples) + decoder and DINOv2, unsharded (their weight copies count
+    # under FSDP) + the sharded heads; it outweighs the heads' half (2 x 9)
+    assert m["activations"] == 2 * 100 + (7 + 2 * 50) + (3 + 2 * 20) + 2 * 5
+    ck = memory_sdxl.per_gpu(ADD_PARAMS, 4, rc, ADD_ACTS, 4, "fsdp", True)
+    # only G's blocks are checkpointed: kept (outside + inputs) per sample and one recomputed block
+    assert ck["activations"] == 2 * (10 + 20) + 2 * 30 + (7 + 2 * 50) + (3 + 2 * 20) + 2 * 5
+    ddp = memory_sdxl.per_gpu(ADD_PARAMS, 4, rc, ADD_ACTS, 4, "ddp", False)
+    assert ddp["activations"] == (1000 + 2 * 100) + (7 + 2 * 50) + (3 + 2 * 20) + (1 + 2 * 5)
+    warm = memory.passes(_add_rc(phases=[{"kind": "warmup", "kimg": 1}, {"kind": "add", "kimg": 1}]), "warmup")
+    assert warm == {"generator": [], "critic": [("discriminator", 1.0)]}
+    with pytest.raises(ValueError, match="teacher_encoder"):
+        memory.passes(_add_rc(add_features={"kind": "teacher_encoder"}), "add")
+
+
+def test_add_xl_at_8_gpus_trains_g_and_the_heads_from_the_parameter_counts():
+    pytest.importorskip("diffusers")
+    pytest.importorskip("timm")
+    from bench import memory_sdxl
+
+    rc = memory_sdxl.add_run()
+    extra = memory_sdxl.add_param_counts(rc)
+    # torch hub's dinov2_vits14 has 22,056,576 parameters (as third-party code reports it): with the
+    # mask token (384, dropped by sida.nets.vit) and a position embedding for 37x37 patches (518 px);
+    # at 224 px it is 16x16
+    assert extra["dinov2"] == 22_056_576 - 384 - (37 * 37 - 16 * 16) * 384
+    params = {**PUBLISHED["sdxl"], **extra}
+    m = memory_sdxl.per_gpu(params, 1, rc, ADD_ACTS, 8, "fsdp", False)
+    unet, heads = 2_567_463_684, extra["heads"]
+    frozen = 123_060_480 + 694_659_840 + 83_653_863 + extra["dinov2"]
+    assert m["weights"] == 4 * ((4 * unet + heads) / 8 + frozen)
+    assert (m["grads"], m["adam"]) == (4 * (unet + heads) / 8, 8 * (unet + heads) / 8)
