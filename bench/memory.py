@@ -303,6 +303,11 @@ def group_runs(cfg: dict, key) -> dict[tuple, list[str]]:
     return groups
 
 
+def markdown_row(cells: list[str]) -> str:
+    """One row of a markdown table."""
+    return "| " + " | ".join(cells) + " |"
+
+
 def table(act_file: Path = ACTIVATIONS) -> str:
     from sida.run.config import load_config
 
@@ -322,8 +327,7 @@ def table(act_file: Path = ACTIVATIONS) -> str:
                 cells = [f"{m[k] / GIB:.1f}" for k in ("weights", "grads", "adam", "activations", "total")]
                 if precision == own:
                     cells[-1] = f"**{cells[-1]}**"
-                rows.append(f"| {preset} | {', '.join(runs)} | {version} | {counts} | {bpp} | {precision} | "
-                            + " | ".join(cells) + " |")
+                rows.append(markdown_row([preset, ", ".join(runs), version, counts, str(bpp), precision, *cells]))
     return "\n".join(rows)
 
 

@@ -297,8 +297,8 @@ def table(act_file: Path = ACTIVATIONS, add_file: Path = ADD_ACTIVATIONS) -> str
         for (key, bpp), runs in groups.items():
             for w, par, ck, values in key:
                 cells = [f"{v / GIB:.1f}" for v in values]
-                rows.append(f"| {preset} | {', '.join(runs)} | {bpp} | {w} | {par} | {'on' if ck else 'off'} | "
-                            + " | ".join(cells) + " |")
+                rows.append(memory.markdown_row([preset, ", ".join(runs), str(bpp), str(w), par, "on" if ck else "off",
+                                                 *cells]))
     return "\n".join(rows)
 
 
