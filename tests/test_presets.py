@@ -475,7 +475,7 @@ def test_baseline_presets_with_our_settings_say_so(name):
     if name.startswith("add"):
         # ADD's method: the paper's weights and levels, DINOv2 ViT-S/14 from the fetch stage
         assert rc["discriminator"] == "add" and rc["eval_steps"] == [1, 4]
-        assert (rc["lambda_distill"], rc["r1_gamma"], rc["add_weighting"]) == (2.5, 1e-5, "exponential")
+        assert (rc["lambda_distill"], rc["r1_gamma"], rc["add_weighting"]) == (2.5, 1e-5, "alpha_bar")
         assert rc["add_student_steps"] == [999, 749, 499, 249] and rc["add_features"]["kind"] == "dinov2"
         assert rc["add_features"]["arch"] == "vits14" and rc["add_features"]["weights"] is None
         assets = pytest.importorskip("sida.io.assets")
