@@ -215,6 +215,10 @@ def test_compare_prints_ratios_and_memory_json(tmp_path):
         if sys.platform.startswith("linux"):
             assert row["peak_memory_mb"] > 0
     assert result["variants"]["authors"]["speedup_vs_authors"] == 1.0
+    one, two = result["goals"]  # issue 33's verdict: this run has no two-process variant
+    assert one["procs"] == 1 and one["variant"] in ("ours-fp32", "ours-fp32-cl") and one["met"] in (True, False)
+    assert two["procs"] == 2 and two["variant"] is None and two["met"] is None
+    assert any(ln.startswith("goal, 1 process, fp32") for ln in lines[:-1])
 
 
 def test_compare_without_the_authors_checkout_is_one_line(tmp_path):

@@ -1,0 +1,50 @@
+"""Issue 33's speed and memory goals, read off one `bench.compare` run.
+
+At the authors' precision (fp32 variants only), against the authors' loop in the same run:
+the fastest one-process variant must reach 1.0x their median img/s, the fastest two-process
+variant 1.5x, and each of them hold at most 0.8x their peak memory (per process). A run that
+lacks one of the two layouts, or the memory pass, says so instead of a verdict.
+"""
+
+from __future__ import annotations
+
+GOALS = {1: 1.0, 2: 1.5}  # processes -> img/s ratio to the authors' loop
+MEMORY_GOAL = 0.8  # peak memory per process, ratio to the authors' loop
+
+
+def _precision(name: str) -> str:
+    return name.removeprefix("ours-").split("-")[0]
+
+
+def verdict(rows: dict[str, dict]) -> list[dict]:
+    """One entry per layout of `GOALS`: {procs, goal, variant, speedup, memory, met}, `variant`
+    None when the run had no fp32 variant with that many processes (then `met` is None), `memory`
+    None without a memory pass (`met` then judges the speed alone)."""
+    out = []
+    for procs, goal in GOALS.items():
+        mine = {n: r for n, r in rows.items()
+                if n != "authors" and r["procs"] == procs and _precision(n) == "fp32"}
+        if not mine:
+            out.append({"procs": procs, "goal": goal, "variant": None, "speedup": None, "memory": None, "met": None})
+            continue
+        name = max(mine, key=lambda n: mine[n]["speedup_vs_authors"])
+        row = mine[name]
+        memory = row.get("peak_memory_vs_authors")
+        met = row["speedup_vs_authors"] >= goal and (memory is None or memory <= MEMORY_GOAL)
+        out.append({"procs": procs, "goal": goal, "variant": name, "speedup": row["speedup_vs_authors"],
+                    "memory": memory, "met": met})
+    return out
+
+
+def verdict_lines(entries: list[dict]) -> list[str]:
+    """The verdict as printed lines, one per layout."""
+    lines = []
+    for e in entries:
+        head = f"goal, {e['procs']} process{'es' if e['procs'] > 1 else ''}, fp32: >= {e['goal']:.2f}x authors"
+        if e["variant"] is None:
+            lines.append(f"{head}, memory <= {MEMORY_GOAL:.2f}x: no fp32 variant with {e['procs']} process(es) in this run")
+            continue
+        mem = (f", memory {e['memory']:.2f}x (<= {MEMORY_GOAL:.2f}x)" if e["memory"] is not None
+               else " (no memory pass: speed only)")
+        lines.append(f"{head}: {e['variant']} {e['speedup']:.2f}x{mem}: {'met' if e['met'] else 'NOT met'}")
+    return lines
