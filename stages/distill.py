@@ -30,6 +30,7 @@ from sida.io.data import open_dataset
 from sida.io.latents import codec_from_config, decoder_from_config
 from sida.train.loop import DistillLoop
 from sida.train.nets import init_nets
+from sida.train.run_checks import precision_warning
 from sida.train.sharding import consolidated_network, is_sharded, plain_module
 from sida.io.text_run import is_text_network, open_run_text_dataset, vae_of
 from sida.eval.prompting import grid_prompts
@@ -202,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         phases = ", ".join(f"{p['kind']} {p['kimg']:g} kimg" for p in rc["phases"])
         ctx.log(f"{args.run}: {phases}; batch {rc['batch']} ({loop.micro} x {loop.rounds} rounds x "
                 f"{info.world_size} processes) on {info.device}")
+    slow_precision = precision_warning(rc["precision"], info.device)
+    if slow_precision:
+        ctx.log(slow_precision)
     tracker = ctx.tracker("distill", run_name=args.run, resume_kimg=loop.nimg / 1000 if loop.nimg else None)
     grid = rc["grid_size"]
 

@@ -354,3 +354,17 @@ def test_fp32_runs_a_teacher_published_with_use_fp16_in_fp32():
     loop = _loop(cfg, teacher=teacher)
     assert teacher.compute_dtype == torch.float32 and teacher.use_fp16  # the teacher's own flag untouched
     assert loop.nets.G.init_kwargs["use_fp16"] is False
+
+
+@pytest.mark.parametrize("bf16_instructions", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_one_warning_line(monkeypatch, bf16_instructions):
+    from sida.train.run_checks import precision_warning
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: bf16_instructions)
+    line = precision_warning("bf16", torch.device("cpu"))
+    if bf16_instructions:
+        assert line is None
+    else:
+        assert line.startswith("warning: distill.precision bf16") and "precision: fp32" in line and "\n" not in line
+    assert precision_warning("fp32", torch.device("cpu")) is None
+    assert precision_warning("bf16", torch.device("cuda")) is None  # GPUs: autocast bf16 is their fast path
