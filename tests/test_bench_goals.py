@@ -34,3 +34,9 @@ def test_without_a_memory_pass_the_speed_alone_is_judged():
     one, _ = verdict({"authors": row(1, 1.0), "ours-fp32": row(1, 1.01)})
     assert one["met"] is True and one["memory"] is None
     assert "no memory pass" in verdict_lines([one])[0]
+
+
+def test_a_slower_variant_within_the_memory_goal_is_the_one_that_meets_it():
+    rows = {"authors": row(1, 1.0, 1.0), "ours-fp32": row(1, 1.3, 0.9), "ours-fp32-cl": row(1, 1.1, 0.7)}
+    one, _ = verdict(rows)
+    assert (one["variant"], one["met"]) == ("ours-fp32-cl", True)
