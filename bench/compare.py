@@ -19,8 +19,7 @@ variant, in an order that rotates from round to round, so load drift on a shared
 all of them alike; `--warmup` rounds are untimed. Reported per variant: median and best
 iteration time and images/s, the ratio to the authors' loop (their time / ours: > 1 means
 ours is faster; also in process CPU time, which a loaded machine distorts less when one thread
-runs), and the peak memory of one iteration (see `PeakMemory`); then issue 33's goals, met or
-not, for the fastest fp32 variant with one and with two processes (`bench.goals`).
+runs), the peak memory of one iteration (`PeakMemory`), then issue 33's verdict (`bench.goals`).
 
 Variant names: `<precision>[-cl][-compile][-pN]` with precision fp32, bf16 (autocast) or fp16
 (EDM's fp16 path, as `precision: fp16` runs it; CUDA only). `-cl` runs our networks channels-last
@@ -61,7 +60,7 @@ import torch.distributed as dist
 
 from bench.authors import FETCH_HINT, check_checkout, fail
 from bench.authors_iteration import AuthorsIteration
-from bench.goals import verdict, verdict_lines
+from bench.goals import print_verdict
 from bench.step import MemoryDataset, build_teacher, network_line, run_config
 from bench.procs import gathered, launch, timed_together
 from sida.run.dist import init as dist_init, launched
@@ -296,8 +295,7 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
                   f"{', '.join(f'{t:.2f}' for t in c.first_s)} s", file=out)
     print(f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end, on {os.cpu_count()} CPUs "
           f"({cpu_name()})", file=out)
-    goals = verdict(rows)
-    print("\n".join(verdict_lines(goals)), file=out)
+    goals = print_verdict(rows, out)
     return {
         "preset": args.preset, "phase": args.phase, "res": args.res, "channels": args.channels, "batch": args.batch,
         "model_channels": args.model_channels, "channel_mult": args.channel_mult, "num_blocks": args.num_blocks,
@@ -306,8 +304,7 @@ def measure(args: argparse.Namespace, info, out=sys.stdout) -> dict:
         "cpus": os.cpu_count(), "threads": args.threads, "interop_threads": torch.get_num_interop_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup, "first": args.first,
-        "load_avg_start": load0[0], "load_avg_end": load1[0], "variants": rows, "goals": goals,
-        "profile_ms": prof,
+        "load_avg_start": load0[0], "load_avg_end": load1[0], "variants": rows, "goals": goals, "profile_ms": prof,
     }
 
 

@@ -9,6 +9,8 @@ memory pass, says so instead of a verdict.
 
 from __future__ import annotations
 
+from typing import TextIO
+
 GOALS = {1: 1.0, 2: 1.5}  # processes -> img/s ratio to the authors' loop
 MEMORY_GOAL = 0.8  # peak memory per process, ratio to the authors' loop
 
@@ -49,3 +51,10 @@ def verdict_lines(entries: list[dict]) -> list[str]:
                else " (no memory pass: speed only)")
         lines.append(f"{head}: {e['variant']} {e['speedup']:.2f}x{mem}: {'met' if e['met'] else 'NOT met'}")
     return lines
+
+
+def print_verdict(rows: dict[str, dict], out: TextIO) -> list[dict]:
+    """Print the verdict of a run's `rows` to `out`; return its entries (for the run's JSON)."""
+    entries = verdict(rows)
+    print("\n".join(verdict_lines(entries)), file=out)
+    return entries
