@@ -219,7 +219,7 @@ def add_saved(rc: dict, batch: int, precision: str, names: tuple[str, ...], late
     from bench.sd_configs import CONFIGS
     from sida.nets.vit import PixelDecoder
     from sida.train.baseline_losses import hinge_discriminator_loss, hinge_generator_loss
-    from sida.train.methods.add import add_logits, add_real_logits_with_r1
+    from sida.train.methods.add import add_logits, add_real_logits_with_r1, real_features
 
     vae_cfg, calls = CONFIGS["sdxl"]["vae"], {}
     if "decoder" in names:
@@ -234,7 +234,7 @@ def add_saved(rc: dict, batch: int, precision: str, names: tuple[str, ...], late
             feats = [f.requires_grad_(True) for f in features(x)]
 
         def critic() -> torch.Tensor:
-            real, r1 = add_real_logits_with_r1(features, heads, x.detach(), None, cond)
+            real, r1 = add_real_logits_with_r1(heads, real_features(features, x.detach(), None, False)[0], None, cond)
             return hinge_discriminator_loss(real, add_logits(features, heads, x.detach(), None, cond)) + r1
 
         calls.update({"dinov2": (features, lambda: features(x)), "discriminator": (heads, critic),

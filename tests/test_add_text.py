@@ -132,7 +132,7 @@ def test_swapping_the_prompts_changes_the_logits(text_setup):
     swapped = labels[[1, 0, *range(2, len(labels))]]
     with torch.no_grad():
         logits = add_logits(nets.features, nets.head, x0, labels, slot["cond"])
-        cond_sw = head_condition(loop.method.parts, swapped, x0, nets.features, nets.teacher)
+        cond_sw = head_condition(loop.method.parts, swapped, nets.features.with_class_token(x0)[1], nets.teacher)
         logits_sw = add_logits(nets.features, nets.head, x0, swapped, cond_sw)
     assert not torch.allclose(logits[:2], logits_sw[:2], atol=1e-5)
     torch.testing.assert_close(logits[2:], logits_sw[2:])
@@ -239,3 +239,19 @@ def test_sdxl_text_embedding_is_the_pooled_row_of_the_packed_condition():
     torch.testing.assert_close(text_embedding(pack_sdxl_condition(hidden, pooled), SDXL()), pooled)
     torch.testing.assert_close(text_embedding(hidden, SD()), hidden.mean(dim=1))
     assert (text_embedding_dim(SDXL()), text_embedding_dim(SD())) == (6, 10)
+
+
+def test_real_images_pass_the_decoder_and_dinov2_once_per_iteration(text_setup):
+    loop = _loop(text_setup)
+    m, f = loop.method, loop.nets.features
+    seen = []
+    pixels = f.pixels
+    f.pixels = lambda x: (seen.append(x), pixels(x))[1]
+    slot = m.slot(0)
+    assert len(seen) == 1 and seen[0] is slot["x0"]  # the heads' real features and c_img: one pass
+    with torch.no_grad():
+        for kept, again in zip(slot["real_feats"], f(slot["x0"])):
+            torch.testing.assert_close(kept, again)
+    m.generator_loss("add", slot, 0)
+    m.critic_loss(slot, 0)
+    assert len(seen) == 4 and all(x is not slot["x0"] for x in seen[2:])  # then only the student's outputs

@@ -11,7 +11,7 @@ import torch
 from sida.nets.heads import ADDHeads, DMD2Head, TeacherFeatures, probe_features, seeded
 from sida.nets.precond import EDMPrecond
 from sida.nets.sampler import add_student_sigmas
-from sida.train.methods.add import add_logits, add_real_logits_with_r1, add_student_sigma
+from sida.train.methods.add import add_logits, add_real_logits_with_r1, add_student_sigma, real_features
 from sida.train.methods.dmd import dmd2_head_logits, dmd_denoising_term
 from sida.train.updates import generator_turn, make_optimizer, warmup_lr
 from sida.train.baseline_losses import (add_discriminator_objective, dmd2_critic_objective, hinge_discriminator_loss,
@@ -85,7 +85,7 @@ def test_add_r1_is_on_head_inputs_and_trains_only_the_heads():
     channels, tokens = probe_features(features, (1, 8, 8), label_dim=10)
     heads = seeded(lambda: ADDHeads(channels, tokens, label_dim=10), seed=2).train()
     x0 = torch.randn(4, 1, 8, 8)
-    logits, r1 = add_real_logits_with_r1(features, heads, x0, _labels(4))
+    logits, r1 = add_real_logits_with_r1(heads, real_features(features, x0, _labels(4), False)[0], _labels(4))
     assert logits.shape == (4, sum(tokens)) and r1.shape == (4,)
     assert torch.allclose(logits, add_logits(features, heads, x0, _labels(4)), atol=1e-6)
     # by hand: gradient of the summed logits w.r.t. the detached feature maps
@@ -112,7 +112,8 @@ def test_add_discriminator_gradient_does_not_depend_on_the_batch_split():
     def accumulate(chunks):
         heads.zero_grad()
         for sl in chunks:
-            lr_, r1 = add_real_logits_with_r1(features, heads, real[sl], labels[sl])
+            feats, _ = real_features(features, real[sl], labels[sl], False)
+            lr_, r1 = add_real_logits_with_r1(heads, feats, labels[sl])
             lf = add_logits(features, heads, fake[sl], labels[sl])
             add_discriminator_objective(hinge_discriminator_loss(lr_, lf), r1, batch_total=4, gamma=0.1).backward()
         return _grads(heads.parameters())

@@ -118,8 +118,8 @@ class DINOv2Features(torch.nn.Module):
     images repeated to RGB, bicubic resize to 224x224, ImageNet mean/std; all differentiable, so
     the student's adversarial loss reaches its pixels. A latent teacher's inputs are decoded first
     (`decoder`, a `PixelDecoder`). The ViT is frozen and stays in eval mode; labels are ignored
-    (the heads are conditioned, the features are not). `class_token` is ADD's image embedding
-    c_img: the final-norm class token, without gradient."""
+    (the heads are conditioned, the features are not). `with_class_token` also gives ADD's image
+    embedding c_img: the final-norm class token, without gradient."""
 
     def __init__(self, model: torch.nn.Module, layers: Sequence[int] = (2, 5, 8, 11),
                  decoder: Optional[torch.nn.Module] = None) -> None:
@@ -154,6 +154,9 @@ class DINOv2Features(torch.nn.Module):
                                                      intermediates_only=True))
 
     @torch.no_grad()
-    def class_token(self, x: torch.Tensor) -> torch.Tensor:
-        """The final-norm class token [B, C] of images (or latents) x, no gradient: ADD's c_img."""
-        return self.model.forward_features(self.pixels(x))[:, 0].float()
+    def with_class_token(self, x: torch.Tensor) -> tuple[List[torch.Tensor], torch.Tensor]:
+        """(`forward(x)`, the final-norm class token [B, C]) of images (or latents) x from one pass,
+        no gradient: a real image's features for the heads and ADD's c_img together."""
+        final, feats = self.model.forward_intermediates(self.pixels(x), indices=self.layers, output_fmt="NLC",
+                                                        intermediates_only=False)
+        return list(feats), final[:, 0].float()

@@ -58,14 +58,24 @@ def add_logits(features: Net, heads: Net, x: torch.Tensor, labels: Optional[torc
     return heads(features(x, labels), labels if cond is None else cond)
 
 
-def add_real_logits_with_r1(features: Net, heads: Net, x0: torch.Tensor, labels: Optional[torch.Tensor],
-                            cond: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits [B, sum N_k], R1 [B]) of real images, R1 taken on the heads' inputs (the frozen
-    features of x0, ADD Section 3.2), not on the pixels, the condition or the heads' parameters;
-    `cond` as in `add_logits`."""
+def real_features(features: Net, x0: torch.Tensor, labels: Optional[torch.Tensor],
+                  class_token: bool) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+    """The frozen features of real images x0 (the heads' inputs, no gradient) and, with
+    `class_token`, DINOv2's class token of the same forward pass (ADD's c_img): one decode and one
+    ViT pass per real image and iteration."""
     with torch.no_grad():
-        feats = [f.detach() for f in features(x0, labels)]
-    feats = [f.requires_grad_(True) for f in feats]
+        if class_token:
+            feats, token = features.with_class_token(x0)
+            return [f.detach() for f in feats], token
+        return [f.detach() for f in features(x0, labels)], None
+
+
+def add_real_logits_with_r1(heads: Net, feats: Sequence[torch.Tensor], labels: Optional[torch.Tensor],
+                            cond: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [B, sum N_k], R1 [B]) of real images from their frozen features (`real_features`),
+    R1 taken on the heads' inputs (ADD Section 3.2), not on the pixels, the condition or the
+    heads' parameters; `cond` as in `add_logits`."""
+    feats = [f.detach().requires_grad_(True) for f in feats]
     logits = heads(feats, labels if cond is None else cond)
     return logits, r1_penalty(logits, feats)
 
@@ -89,18 +99,18 @@ def text_embedding_dim(teacher: torch.nn.Module) -> int:
     return int(getattr(teacher, "pooled_dim", None) or teacher.cond_shape[1])
 
 
-def head_condition(parts: Optional[Sequence[str]], labels: Optional[torch.Tensor], x0: torch.Tensor,
-                   features: torch.nn.Module, teacher: torch.nn.Module) -> Optional[torch.Tensor]:
+def head_condition(parts: Optional[Sequence[str]], labels: Optional[torch.Tensor], c_img: Optional[torch.Tensor],
+                   teacher: torch.nn.Module) -> Optional[torch.Tensor]:
     """What ADD's heads are projected on for one slot: the class labels (`parts` None), or the
     concatenation of c_text (`text`) and c_img (`image`: the DINOv2 class token of the real
-    images x0, no gradient) in that order; None when `parts` is empty (unconditional heads)."""
+    images, `real_features`) in that order; None when `parts` is empty (unconditional heads)."""
     if parts is None:
         return labels
     vecs = []
     if "text" in parts:
         vecs.append(text_embedding(labels, teacher))
     if "image" in parts:
-        vecs.append(features.class_token(x0))
+        vecs.append(c_img)
     return torch.cat(vecs, dim=1) if vecs else None
 
 
@@ -185,9 +195,14 @@ class ADD(Method):
         d, nets = self.draws, self.nets
         x0, labels = d.real(d.micro, r)
         sigma_s = add_student_sigma(d.randint(len(self.gen_sigmas), (d.micro,), r), self.gen_sigmas)
-        cond = None if nets.head is None else head_condition(self.parts, labels, x0, nets.features, nets.teacher)
-        return {"x0": x0, "labels": labels, "cond": cond, "x_s": x0 + sigma_s * d.randn(x0.shape, r),
+        slot = {"x0": x0, "labels": labels, "cond": None, "x_s": x0 + sigma_s * d.randn(x0.shape, r),
                 "sigma_s": sigma_s}
+        if nets.head is not None:  # the real images' features (and c_img) once, for the heads' turn
+            with d.autocast():
+                slot["real_feats"], c_img = real_features(nets.features, x0, labels,
+                                                          self.parts is not None and "image" in self.parts)
+            slot["cond"] = head_condition(self.parts, labels, c_img, nets.teacher)
+        return slot
 
     def _distill_sigma(self, r: int) -> torch.Tensor:
         s = self.settings
@@ -216,14 +231,14 @@ class ADD(Method):
     def critic_loss(self, slot: Slot, r: int) -> tuple[torch.Tensor, Stats]:
         """Hinge loss of the heads on real images vs the detached student outputs, + gamma R1 on
         the real images' head inputs (the frozen features)."""
-        d, nets, x0, labels, cond = self.draws, self.nets, slot["x0"], slot["labels"], slot["cond"]
+        d, nets, labels, cond = self.draws, self.nets, slot["labels"], slot["cond"]
         gamma = self.settings.r1_gamma
         x_hat = self.generated(slot, lambda: nets.G(slot["x_s"], slot["sigma_s"].flatten(), labels))
         with d.autocast():
             if gamma > 0:
-                logits_real, r1 = add_real_logits_with_r1(nets.features, nets.head, x0, labels, cond)
+                logits_real, r1 = add_real_logits_with_r1(nets.head, slot["real_feats"], labels, cond)
             else:
-                logits_real, r1 = add_logits(nets.features, nets.head, x0, labels, cond), None
+                logits_real, r1 = nets.head(slot["real_feats"], labels if cond is None else cond), None
             logits_fake = add_logits(nets.features, nets.head, x_hat, labels, cond)
             l_hinge = hinge_discriminator_loss(logits_real, logits_fake)
         stats = {"loss_d": l_hinge.sum(), **disc_accuracy(logits_real, logits_fake)}
