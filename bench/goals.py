@@ -16,7 +16,11 @@ MEMORY_GOAL = 0.8  # peak memory per process, ratio to the authors' loop
 
 
 def _precision(name: str) -> str:
-    return name.removeprefix("ours-").split("-")[0]
+    """A contestant's precision, read by `bench.compare`'s own variant parser (imported here, not
+    at the top: bench.compare imports this module)."""
+    from bench.compare import parse_variant
+
+    return parse_variant(name.removeprefix("ours-"))["precision"]
 
 
 def verdict(rows: dict[str, dict]) -> list[dict]:
