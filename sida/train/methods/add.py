@@ -65,9 +65,8 @@ def real_features(features: Net, x0: torch.Tensor, labels: Optional[torch.Tensor
     ViT pass per real image and iteration."""
     with torch.no_grad():
         if class_token:
-            feats, token = features.with_class_token(x0)
-            return [f.detach() for f in feats], token
-        return [f.detach() for f in features(x0, labels)], None
+            return features.with_class_token(x0)
+        return features(x0, labels), None
 
 
 def add_real_logits_with_r1(heads: Net, feats: Sequence[torch.Tensor], labels: Optional[torch.Tensor],
